@@ -1,0 +1,405 @@
+//! The launch spec: everything `warden-launch` needs to build one worker's
+//! sandbox, fully resolved (no variables, no profile lookups, the seccomp
+//! program already compiled). The daemon writes it as JSON to an inherited
+//! fd; it is never passed in argv or the environment.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::PolicyError;
+use crate::names;
+use crate::profile::{Access, FsRule, NetworkMode, Profile};
+use crate::seccomp::{self, Arch};
+
+/// Bumped whenever the launcher cannot read an older spec correctly.
+pub const SPEC_VERSION: u32 = 1;
+
+/// What the daemon asks for: who, where, what to run.
+#[derive(Debug, Clone)]
+pub struct SpawnRequest {
+    pub worker_id: String,
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub project: String,
+    pub argv: Vec<String>,
+    /// Variables the client asked for; each must be in the profile's `pass` list.
+    pub env: BTreeMap<String, String>,
+    /// The user's home and project workspace on the host (already created).
+    pub home_dir: PathBuf,
+    pub workspace_dir: PathBuf,
+    /// `cgroup.procs` files the launcher joins before anything else runs.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Host paths no profile may expose (warden's state dir, its socket dir).
+    pub protected: Vec<PathBuf>,
+}
+
+/// A host path made visible inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub target: String,
+    pub access: Access,
+    /// A profile path missing on this host is skipped; the user's own
+    /// directories must exist.
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub name: String,
+    /// `None`: unlimited.
+    pub value: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LandlockSpec {
+    /// Refuse to start the worker if the kernel offers less.
+    pub min_abi: u32,
+    /// Paths inside the sandbox and their rights.
+    pub rules: Vec<FsRule>,
+    /// Restrict TCP bind/connect to these ports (network mode "tcp").
+    pub restrict_tcp: bool,
+    pub tcp_connect: Vec<u16>,
+    pub tcp_bind: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompSpec {
+    pub arch: String,
+    /// The resolved allowlist, for reports and `profile explain`.
+    pub allowed: Vec<String>,
+    /// The BPF program as (code, jt, jf, k).
+    pub program: Vec<(u16, u8, u8, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub version: u32,
+    pub worker_id: String,
+    pub profile: String,
+    /// sha256 of the resolved profile, so an event can say which policy ran.
+    pub policy_digest: String,
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub hostname: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub network: NetworkMode,
+    pub binds: Vec<Bind>,
+    pub tmp_size: u64,
+    pub passwd: String,
+    pub group: String,
+    pub rlimits: Vec<Rlimit>,
+    pub landlock: LandlockSpec,
+    pub seccomp: SeccompSpec,
+    pub timeout_secs: Option<u64>,
+    pub cgroup_procs: Vec<PathBuf>,
+}
+
+/// Paths the launcher builds itself rather than binding from the host.
+const SYNTHESIZED: &[&str] = &["/dev", "/proc", "/tmp"];
+
+fn substitute(s: &str, vars: &BTreeMap<&str, String>) -> String {
+    let mut out = s.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("${{{k}}}"), v);
+    }
+    out
+}
+
+fn is_beneath(path: &str, dir: &str) -> bool {
+    path == dir || path.starts_with(&format!("{dir}/"))
+}
+
+/// Digest of a resolved profile (stable: serde_json of a struct with
+/// ordered collections).
+pub fn policy_digest(profile: &Profile) -> String {
+    let json = serde_json::to_vec(profile).unwrap_or_default();
+    let hash = Sha256::digest(&json);
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compiles `profile` for `req` into a launch spec for `arch`.
+pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<LaunchSpec, PolicyError> {
+    let bad = |m: String| PolicyError::Request(m);
+    names::check_user(&req.user).map_err(|e| bad(e.to_string()))?;
+    names::check_project(&req.project).map_err(|e| bad(e.to_string()))?;
+    if req.uid == 0 || req.gid == 0 {
+        return Err(bad("a worker never runs as uid or gid 0".into()));
+    }
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(bad("the command is empty".into()));
+    }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(bad("an argument contains NUL".into()));
+    }
+
+    let home = format!("/home/{}", req.user);
+    let workspace = format!("/workspace/{}", req.project);
+    let vars: BTreeMap<&str, String> = BTreeMap::from([
+        ("HOME", home.clone()),
+        ("WORKSPACE", workspace.clone()),
+        ("TMP", "/tmp".to_string()),
+        ("USER", req.user.clone()),
+    ]);
+
+    // Landlock rules: every profile path, variables resolved.
+    let rules: Vec<FsRule> = profile
+        .filesystem
+        .iter()
+        .map(|r| FsRule {
+            path: substitute(&r.path, &vars),
+            access: r.access,
+        })
+        .collect();
+
+    // Mounts: the user's directories, then every profile path that is not
+    // inside them or synthesized by the launcher.
+    let mut binds = vec![
+        Bind {
+            source: req.home_dir.clone(),
+            target: home.clone(),
+            access: Access {
+                read: true,
+                write: true,
+                exec: rules.iter().any(|r| is_beneath(&home, &r.path) && r.access.exec),
+            },
+            required: true,
+        },
+        Bind {
+            source: req.workspace_dir.clone(),
+            target: workspace.clone(),
+            access: Access {
+                read: true,
+                write: true,
+                exec: rules.iter().any(|r| is_beneath(&workspace, &r.path) && r.access.exec),
+            },
+            required: true,
+        },
+    ];
+    for r in &rules {
+        let inside_own = [home.as_str(), workspace.as_str()]
+            .iter()
+            .chain(SYNTHESIZED)
+            .any(|d| is_beneath(&r.path, d));
+        if inside_own {
+            continue;
+        }
+        for p in &req.protected {
+            let p = p.to_string_lossy();
+            if is_beneath(&p, &r.path) || is_beneath(&r.path, &p) {
+                return Err(bad(format!(
+                    "profile {} grants {} which would expose warden's own {}",
+                    profile.name, r.path, p
+                )));
+            }
+        }
+        binds.push(Bind {
+            source: PathBuf::from(&r.path),
+            target: r.path.clone(),
+            access: r.access,
+            required: false,
+        });
+    }
+    binds.sort_by(|a, b| a.target.cmp(&b.target));
+
+    // Environment: fixed values, then what the client may pass, then the
+    // identity warden guarantees.
+    let mut env: BTreeMap<String, String> = profile
+        .environment
+        .set
+        .iter()
+        .map(|(k, v)| (k.clone(), substitute(v, &vars)))
+        .collect();
+    for (k, v) in &req.env {
+        if !profile.environment.pass.contains(k) {
+            return Err(bad(format!(
+                "environment variable {k} is not allowed by profile {}",
+                profile.name
+            )));
+        }
+        if v.contains('\0') {
+            return Err(bad(format!("environment variable {k} contains NUL")));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    env.insert("HOME".into(), home.clone());
+    env.insert("USER".into(), req.user.clone());
+    env.insert("LOGNAME".into(), req.user.clone());
+    env.insert("PWD".into(), workspace.clone());
+    env.entry("TMPDIR".into()).or_insert_with(|| "/tmp".into());
+
+    let passwd = format!(
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n{u}:x:{uid}:{gid}:warden user {u}:{home}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        u = req.user,
+        uid = req.uid,
+        gid = req.gid,
+    );
+    let group = format!(
+        "root:x:0:\n{u}:x:{gid}:\nnogroup:x:65534:\n",
+        u = req.user,
+        gid = req.gid
+    );
+
+    let allowed = seccomp::allowed_calls(&profile.seccomp);
+    let program = seccomp::compile(&allowed, profile.network.udp, arch)?
+        .into_iter()
+        .map(|i| (i.code, i.jt, i.jf, i.k))
+        .collect();
+
+    Ok(LaunchSpec {
+        version: SPEC_VERSION,
+        worker_id: req.worker_id.clone(),
+        profile: profile.name.clone(),
+        policy_digest: policy_digest(profile),
+        user: req.user.clone(),
+        uid: req.uid,
+        gid: req.gid,
+        hostname: format!("warden-{}", req.user),
+        argv: req.argv.clone(),
+        env: env.into_iter().collect(),
+        cwd: workspace,
+        network: profile.network.mode,
+        binds,
+        tmp_size: profile.limits.tmpfs_size,
+        passwd,
+        group,
+        rlimits: profile
+            .limits
+            .rlimits
+            .iter()
+            .map(|(name, value)| Rlimit {
+                name: name.clone(),
+                value: *value,
+            })
+            .collect(),
+        landlock: LandlockSpec {
+            min_abi: profile.landlock_min_abi,
+            rules,
+            restrict_tcp: profile.network.mode == NetworkMode::Tcp,
+            tcp_connect: profile.network.tcp_connect.iter().copied().collect(),
+            tcp_bind: profile.network.tcp_bind.iter().copied().collect(),
+        },
+        seccomp: SeccompSpec {
+            arch: arch.name().to_string(),
+            allowed,
+            program,
+        },
+        timeout_secs: profile.limits.timeout_secs,
+        cgroup_procs: req.cgroup_procs.clone(),
+    })
+}
+
+impl LaunchSpec {
+    /// The spec as the launcher reads it.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// Is `path` (inside the sandbox) one of the worker's own writable places?
+    pub fn is_own(&self, path: &Path) -> bool {
+        let p = path.to_string_lossy();
+        is_beneath(&p, &self.cwd) || is_beneath(&p, &format!("/home/{}", self.user))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ProfileSet;
+
+    fn req() -> SpawnRequest {
+        SpawnRequest {
+            worker_id: "w1".into(),
+            user: "alice".into(),
+            uid: 200_001,
+            gid: 200_001,
+            project: "demo".into(),
+            argv: vec!["/bin/true".into()],
+            env: BTreeMap::new(),
+            home_dir: "/var/lib/warden/users/alice/home".into(),
+            workspace_dir: "/var/lib/warden/users/alice/workspace/demo".into(),
+            cgroup_procs: vec![],
+            protected: vec!["/var/lib/warden".into(), "/run/warden".into()],
+        }
+    }
+
+    /// Every shipped profile loads, resolves and compiles for both
+    /// architectures into a non-trivial, enforcing policy.
+    #[test]
+    fn every_shipped_profile_compiles_for_x86_64_and_aarch64() {
+        let set = ProfileSet::embedded().unwrap();
+        let names: Vec<&str> = set.names().collect();
+        assert_eq!(names, ["base", "claude-code", "offline", "strict"]);
+        for profile in set.iter() {
+            for arch in Arch::ALL {
+                let spec = compile(profile, &req(), arch)
+                    .unwrap_or_else(|e| panic!("{} on {}: {e}", profile.name, arch.name()));
+                assert!(spec.seccomp.program.len() > 100, "{}", profile.name);
+                assert!(!spec.landlock.rules.is_empty());
+                assert!(spec.landlock.min_abi >= 1);
+                assert!(!spec.seccomp.allowed.iter().any(|c| c == "ptrace"));
+                assert!(spec.binds.iter().any(|b| b.target == "/workspace/demo"));
+                let back = LaunchSpec::from_json(&spec.to_json()).unwrap();
+                assert_eq!(back, spec);
+            }
+        }
+    }
+
+    #[test]
+    fn variables_resolve_and_env_is_filtered() {
+        let set = ProfileSet::embedded().unwrap();
+        let p = set.get("claude-code").unwrap();
+        let spec = compile(p, &req(), Arch::X86_64).unwrap();
+        assert!(spec.landlock.rules.iter().any(|r| r.path == "/workspace/demo" && r.access.write));
+        assert!(spec.landlock.rules.iter().any(|r| r.path == "/home/alice" && r.access.write));
+        let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
+        assert_eq!(env["HOME"], "/home/alice");
+        assert_eq!(spec.cwd, "/workspace/demo");
+        assert!(spec.passwd.contains("alice:x:200001:200001:"));
+
+        let mut r = req();
+        r.env.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+        let e = compile(p, &r, Arch::X86_64).unwrap_err().to_string();
+        assert!(e.contains("LD_PRELOAD is not allowed"), "{e}");
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let set = ProfileSet::embedded().unwrap();
+        let p = set.get("base").unwrap();
+        let mut r = req();
+        r.user = "../root".into();
+        assert!(compile(p, &r, Arch::X86_64).is_err());
+        let mut r = req();
+        r.uid = 0;
+        assert!(compile(p, &r, Arch::X86_64).is_err());
+        let mut r = req();
+        r.argv.clear();
+        assert!(compile(p, &r, Arch::X86_64).is_err());
+    }
+
+    #[test]
+    fn a_profile_may_not_expose_wardens_state() {
+        let set = ProfileSet::embedded().unwrap();
+        let p = set
+            .check(crate::Source {
+                name: "leaky".into(),
+                origin: "leaky.toml".into(),
+                text: "extends = \"base\"\n[filesystem]\nread_only = [\"/var\"]\n".into(),
+            })
+            .unwrap();
+        let e = compile(&p, &req(), Arch::X86_64).unwrap_err().to_string();
+        assert!(e.contains("would expose warden's own /var/lib/warden"), "{e}");
+    }
+}
