@@ -21,6 +21,7 @@ pub use profile::{
     SeccompPolicy, Source, EMBEDDED_PROFILES,
 };
 pub use spec::{
-    compile, Bind, LandlockSpec, LaunchSpec, Rlimit, SeccompSpec, SpawnRequest, SPEC_VERSION,
+    compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Rlimit,
+    SeccompSpec, SpawnRequest, SPEC_VERSION,
 };
 pub use units::{parse_cpu_quota, parse_duration, parse_size};

@@ -19,6 +19,7 @@ use crate::error::PolicyError;
 
 /// A named group: what it is for, and its calls with a note where the
 /// reason to allow a call is not obvious.
+#[derive(Debug)]
 pub struct Group {
     pub name: &'static str,
     pub about: &'static str,

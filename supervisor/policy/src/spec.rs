@@ -403,3 +403,42 @@ mod tests {
         assert!(e.contains("would expose warden's own /var/lib/warden"), "{e}");
     }
 }
+
+/// What `warden-launch` writes on its report pipe: zero or more records, one
+/// JSON object per line. EOF with no `Failed` record means the worker was
+/// exec'd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LaunchReport {
+    /// The sandbox is in place: what was actually enforced.
+    Enforced(Enforced),
+    /// Setup failed at `stage`; the worker never ran.
+    Failed {
+        stage: String,
+        errno: i32,
+        message: String,
+    },
+}
+
+/// The sandbox as the kernel enforces it, reported just before exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforced {
+    pub landlock_abi: u32,
+    pub landlock_fs: bool,
+    pub landlock_tcp: bool,
+    pub landlock_scoped: bool,
+    pub seccomp_filter_len: usize,
+    pub namespaces: Vec<String>,
+    pub no_new_privs: bool,
+    pub capabilities_empty: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl LaunchReport {
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}

@@ -1,0 +1,29 @@
+//! wardend's domain: the host-side pieces that surround every worker.
+//!
+//! - [`users`]: warden user and project names, their dedicated uids and their
+//!   per-user directories.
+//! - [`cgroups`]: one cgroup per worker under warden's own subtree, with
+//!   limits, usage and a kill that reaches every process.
+//! - [`launcher`]: starts `warden-launch` with a compiled spec and reads its
+//!   typed report.
+
+#![forbid(unsafe_code)]
+
+pub mod cgroups;
+pub mod launcher;
+pub mod users;
+
+/// For tests that need root, namespaces and cgroups: true when they can run.
+/// Without privilege they skip with a message, unless
+/// `WARDEN_REQUIRE_PRIVILEGED=1` (CI), where a skip would hide an untested
+/// sandbox, so it panics instead.
+pub fn privileged(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("WARDEN_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("WARDEN_REQUIRE_PRIVILEGED=1 but this test cannot run without root: {why}");
+    }
+    eprintln!("skipped (needs root: {why})");
+    false
+}

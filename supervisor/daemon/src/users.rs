@@ -1,0 +1,359 @@
+//! warden users: their names, their dedicated uid/gid, their directories.
+//!
+//! Owns: validating user and project names; allocating each warden user a
+//! uid (and equal gid) from the configured range, persisted in
+//! `<state>/uids.json` so it never changes across restarts; creating
+//! `<state>/users/<user>/{home,workspace/<project>}` owned by that uid.
+//!
+//! Must never: hand out uid 0 or a uid/gid that `/etc/passwd` or `/etc/group`
+//! already names; follow a symlink while creating or chowning a user's
+//! directories (every step is an `openat(O_NOFOLLOW)` relative to the
+//! verified parent, so a planted link is an error, not a chown of its target).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::RangeInclusive;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::errno::Errno;
+use nix::fcntl::{open, openat, OFlag};
+use nix::sys::stat::{fchmod, fstat, mkdirat, Mode};
+use nix::unistd::{fchown, Gid, Uid};
+use serde::{Deserialize, Serialize};
+use warden_policy::names::{self, NameError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("The uid range {start}..={end} is invalid: it must not include 0 and start <= end")]
+    BadRange { start: u32, end: u32 },
+    #[error("No free uid left in {start}..={end}")]
+    Exhausted { start: u32, end: u32 },
+    #[error("The uid {uid} of warden user {user} is now also used in {file}")]
+    Collision { user: String, uid: u32, file: &'static str },
+    #[error("Cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The uid map {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("Cannot save the uid map {path}")]
+    Save {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is a symlink or not a directory; refusing to use it")]
+    NotADirectory { path: PathBuf },
+    #[error("Cannot prepare {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error("The state directory {path} must be owned by root and not writable by others")]
+    UnsafeStateDir { path: PathBuf },
+}
+
+/// A warden user's identity on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A user's directories on the host, ready to bind into a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDirs {
+    pub home: PathBuf,
+    pub workspace: PathBuf,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UidMap {
+    version: u32,
+    users: BTreeMap<String, u32>,
+}
+
+/// The registry of warden users under one state directory.
+#[derive(Debug)]
+pub struct Users {
+    state_dir: PathBuf,
+    range: RangeInclusive<u32>,
+    map: Mutex<UidMap>,
+    /// The host's account databases (parametrized for tests).
+    passwd: PathBuf,
+    group: PathBuf,
+}
+
+const MAP_FILE: &str = "uids.json";
+
+impl Users {
+    /// Opens (and creates) the registry in `state_dir` with uids from `range`.
+    pub fn open(state_dir: &Path, range: RangeInclusive<u32>) -> Result<Self, UserError> {
+        Self::open_with(state_dir, range, Path::new("/etc/passwd"), Path::new("/etc/group"))
+    }
+
+    pub fn open_with(state_dir: &Path, range: RangeInclusive<u32>, passwd: &Path, group: &Path) -> Result<Self, UserError> {
+        if *range.start() == 0 || range.start() > range.end() {
+            return Err(UserError::BadRange {
+                start: *range.start(),
+                end: *range.end(),
+            });
+        }
+        std::fs::create_dir_all(state_dir).map_err(|source| UserError::Read {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let dir = open(state_dir, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|source| UserError::Dir { path: state_dir.to_path_buf(), source })?;
+        let st = fstat(dir.as_fd()).map_err(|source| UserError::Dir { path: state_dir.to_path_buf(), source })?;
+        if st.st_uid != 0 || st.st_mode & 0o002 != 0 {
+            return Err(UserError::UnsafeStateDir {
+                path: state_dir.to_path_buf(),
+            });
+        }
+        let path = state_dir.join(MAP_FILE);
+        let map = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str::<UidMap>(&text).map_err(|e| UserError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => UidMap { version: 1, users: BTreeMap::new() },
+            Err(source) => return Err(UserError::Read { path, source }),
+        };
+        Ok(Users {
+            state_dir: state_dir.to_path_buf(),
+            range,
+            map: Mutex::new(map),
+            passwd: passwd.to_path_buf(),
+            group: group.to_path_buf(),
+        })
+    }
+
+    /// The ids the host's account files use.
+    fn host_ids(&self, path: &Path) -> Result<Vec<u32>, UserError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(UserError::Read { path: path.to_path_buf(), source }),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+            .collect())
+    }
+
+    /// The identity of `user`, allocating and persisting one on first use.
+    pub fn identity(&self, user: &str) -> Result<Identity, UserError> {
+        names::check_user(user)?;
+        let taken_uids = self.host_ids(&self.passwd)?;
+        let taken_gids = self.host_ids(&self.group)?;
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&uid) = map.users.get(user) {
+            // An admin may have created an account with our uid since.
+            for (ids, file) in [(&taken_uids, "/etc/passwd"), (&taken_gids, "/etc/group")] {
+                if ids.contains(&uid) {
+                    return Err(UserError::Collision { user: user.to_string(), uid, file });
+                }
+            }
+            return Ok(Identity { uid, gid: uid });
+        }
+        let used: Vec<u32> = map.users.values().copied().collect();
+        let uid = self
+            .range
+            .clone()
+            .find(|id| !used.contains(id) && !taken_uids.contains(id) && !taken_gids.contains(id))
+            .ok_or(UserError::Exhausted {
+                start: *self.range.start(),
+                end: *self.range.end(),
+            })?;
+        map.users.insert(user.to_string(), uid);
+        if let Err(e) = self.save(&map) {
+            map.users.remove(user);
+            return Err(e);
+        }
+        Ok(Identity { uid, gid: uid })
+    }
+
+    /// Writes the map atomically: a crash leaves the old or the new file.
+    fn save(&self, map: &UidMap) -> Result<(), UserError> {
+        let path = self.state_dir.join(MAP_FILE);
+        let tmp = self.state_dir.join(format!("{MAP_FILE}.tmp"));
+        let err = |source| UserError::Save { path: path.clone(), source };
+        let json = serde_json::to_vec_pretty(map).map_err(|e| err(e.into()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode_0600()
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(&json).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        Ok(())
+    }
+
+    /// Creates (or checks) the user's directories for `project` and returns
+    /// their host paths. Idempotent.
+    pub fn prepare(&self, user: &str, project: &str) -> Result<UserDirs, UserError> {
+        names::check_project(project)?;
+        let id = self.identity(user)?;
+        let state = open(&self.state_dir, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|source| UserError::Dir { path: self.state_dir.clone(), source })?;
+        let root = (0, 0);
+        let own = (id.uid, id.gid);
+        let mut path = self.state_dir.clone();
+        let users = step(&state, &mut path, "users", root)?;
+        let user_dir = step(&users, &mut path, user, own)?;
+        let mut home_path = path.clone();
+        step(&user_dir, &mut home_path, "home", own)?;
+        let ws = step(&user_dir, &mut path, "workspace", own)?;
+        step(&ws, &mut path, project, own)?;
+        Ok(UserDirs {
+            home: home_path,
+            workspace: path,
+        })
+    }
+}
+
+/// One step down: `mkdirat` (if missing), open without following a symlink,
+/// check it is a directory, then fix owner and mode through the fd.
+fn step(parent: &OwnedFd, path: &mut PathBuf, name: &str, (uid, gid): (u32, u32)) -> Result<OwnedFd, UserError> {
+    path.push(name);
+    match mkdirat(parent, name, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(source) => return Err(UserError::Dir { path: path.clone(), source }),
+    }
+    let fd = match openat(parent, name, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(UserError::NotADirectory { path: path.clone() }),
+        Err(source) => return Err(UserError::Dir { path: path.clone(), source }),
+    };
+    fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|source| UserError::Dir { path: path.clone(), source })?;
+    fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(|source| UserError::Dir { path: path.clone(), source })?;
+    Ok(fd)
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new(passwd: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("passwd"), passwd).unwrap();
+            std::fs::write(dir.path().join("group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+            std::fs::create_dir(dir.path().join("state")).unwrap();
+            Fixture { dir }
+        }
+        fn users(&self, range: RangeInclusive<u32>) -> Result<Users, UserError> {
+            Users::open_with(&self.dir.path().join("state"), range, &self.dir.path().join("passwd"), &self.dir.path().join("group"))
+        }
+    }
+
+    #[test]
+    fn uids_skip_host_accounts_and_persist() {
+        if !crate::privileged("creates root-owned state and chowns to worker uids") {
+            return;
+        }
+        let f = Fixture::new("root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n");
+        let users = f.users(999..=1002).unwrap();
+        assert_eq!(users.identity("bob").unwrap(), Identity { uid: 999, gid: 999 });
+        assert_eq!(users.identity("carol").unwrap().uid, 1001, "1000 is in /etc/passwd");
+        assert_eq!(users.identity("bob").unwrap().uid, 999, "stable");
+        drop(users);
+        let again = f.users(999..=1002).unwrap();
+        assert_eq!(again.identity("carol").unwrap().uid, 1001, "persisted across restarts");
+        assert_eq!(again.identity("dave").unwrap().uid, 1002);
+        assert!(matches!(again.identity("erin"), Err(UserError::Exhausted { .. })));
+        assert!(matches!(again.identity("../x"), Err(UserError::Name(_))));
+        // An admin later creates an account with dave's uid: refuse, do not share.
+        std::fs::write(f.dir.path().join("passwd"), "x:x:1002:1002::/:/bin/sh\n").unwrap();
+        assert!(matches!(again.identity("dave"), Err(UserError::Collision { uid: 1002, .. })));
+    }
+
+    #[test]
+    fn range_must_exclude_root() {
+        let f = Fixture::new("");
+        assert!(matches!(f.users(0..=10), Err(UserError::BadRange { .. })));
+    }
+
+    #[test]
+    fn directories_are_created_owned_and_private() {
+        if !crate::privileged("creates root-owned state and chowns to worker uids") {
+            return;
+        }
+        let f = Fixture::new("");
+        let users = f.users(300_000..=300_010).unwrap();
+        let dirs = users.prepare("alice", "demo").unwrap();
+        let state = f.dir.path().join("state");
+        assert_eq!(dirs.home, state.join("users/alice/home"));
+        assert_eq!(dirs.workspace, state.join("users/alice/workspace/demo"));
+        for p in [state.join("users/alice"), dirs.home.clone(), dirs.workspace.clone()] {
+            let m = std::fs::metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (300_000, 300_000, 0o700), "{}", p.display());
+        }
+        let users_dir = std::fs::metadata(state.join("users")).unwrap();
+        assert_eq!((users_dir.uid(), users_dir.mode() & 0o777), (0, 0o700));
+        assert_eq!(users.prepare("alice", "demo").unwrap(), dirs, "idempotent");
+        assert!(matches!(users.prepare("alice", ".."), Err(UserError::Name(_))));
+        assert!(matches!(users.prepare("alice", "a/b"), Err(UserError::Name(_))));
+    }
+
+    #[test]
+    fn a_planted_symlink_is_an_error_not_a_chown_of_its_target() {
+        if !crate::privileged("creates root-owned state and chowns to worker uids") {
+            return;
+        }
+        let f = Fixture::new("");
+        let users = f.users(300_000..=300_010).unwrap();
+        users.prepare("alice", "demo").unwrap();
+        let victim = f.dir.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        let ws = f.dir.path().join("state/users/alice/workspace");
+        // The user (who owns workspace/) replaces a project dir with a link.
+        std::os::unix::fs::symlink(&victim, ws.join("evil")).unwrap();
+        let e = users.prepare("alice", "evil").unwrap_err();
+        assert!(matches!(e, UserError::NotADirectory { .. }), "{e}");
+        assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0, "target untouched");
+        // Higher up too: home replaced by a link.
+        std::fs::remove_dir(f.dir.path().join("state/users/alice/home")).unwrap();
+        std::os::unix::fs::symlink(&victim, f.dir.path().join("state/users/alice/home")).unwrap();
+        assert!(matches!(users.prepare("alice", "demo"), Err(UserError::NotADirectory { .. })));
+        assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
+    }
+
+    #[test]
+    fn a_world_writable_state_dir_is_refused() {
+        if !crate::privileged("creates root-owned state and chowns to worker uids") {
+            return;
+        }
+        let f = Fixture::new("");
+        let state = f.dir.path().join("state");
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        assert!(matches!(f.users(300_000..=300_010), Err(UserError::UnsafeStateDir { .. })));
+    }
+}

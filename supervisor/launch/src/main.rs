@@ -1,0 +1,216 @@
+//! warden-launch: applies one worker's sandbox and runs it.
+//!
+//! wardend starts this binary with a cleared environment, the worker's stdio
+//! on fds 0/1/2, the LaunchSpec (JSON) on `--spec-fd` and a close-on-exec
+//! report pipe on `--report-fd`. It is small, synchronous and single-threaded
+//! on purpose: no async runtime, no logging framework, nothing between the
+//! privileged setup and the reader.
+//!
+//! Three processes:
+//! - the outer launcher (this process, in the host PID namespace): joins the
+//!   worker's cgroup, creates the namespaces, forks the init and then only
+//!   forwards signals to it and exits with its status;
+//! - the init (PID 1 of the new PID namespace): builds the sandbox in
+//!   [`sandbox::setup`], forks the worker, reaps zombies, forwards signals and
+//!   exits with the worker's status (128+signal when it was killed);
+//! - the worker, exec'd by the init's child.
+//!
+//! Any setup failure is written to the report pipe as a typed record (stage,
+//! errno, message) and the worker never runs. EOF on the pipe without a
+//! failure record means the worker was exec'd.
+
+#![deny(unsafe_code)]
+
+mod sandbox;
+#[allow(unsafe_code)]
+mod sys;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, getpid, ForkResult, Pid};
+use warden_policy::{LaunchReport, LaunchSpec, NetworkMode, SPEC_VERSION};
+
+use sandbox::{SetupError, Stage};
+
+/// Exit status when the sandbox could not be built (the worker never ran).
+pub const EXIT_SETUP_FAILED: i32 = 125;
+
+/// Signals the launcher and the init pass on to the worker.
+pub const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+fn usage() -> ! {
+    eprintln!("usage: warden-launch --spec-fd N --report-fd N\n(started by wardend; not meant to be run by hand)");
+    std::process::exit(64);
+}
+
+fn parse_fd(v: Option<String>) -> RawFd {
+    match v.and_then(|s| s.parse::<RawFd>().ok()) {
+        Some(fd) if fd > 2 => fd,
+        _ => usage(),
+    }
+}
+
+/// Writes a failure record (best effort: a vanished daemon cannot be told)
+/// and exits.
+fn fail(report: &mut File, e: &SetupError) -> ! {
+    let rec = LaunchReport::Failed {
+        stage: e.stage.name().to_string(),
+        errno: e.errno as i32,
+        message: e.message.clone(),
+    };
+    let _ = report.write_all(&rec.to_line());
+    std::process::exit(EXIT_SETUP_FAILED);
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut spec_fd, mut report_fd) = (None, None);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--spec-fd" => spec_fd = Some(parse_fd(args.next())),
+            "--report-fd" => report_fd = Some(parse_fd(args.next())),
+            _ => usage(),
+        }
+    }
+    let (Some(spec_fd), Some(report_fd)) = (spec_fd, report_fd) else {
+        usage()
+    };
+    if spec_fd == report_fd {
+        usage();
+    }
+    // SAFETY: wardend passes this descriptor to us and nothing else in this
+    // process uses it; it is closed when the File drops.
+    #[allow(unsafe_code)]
+    let mut spec_file = unsafe { File::from_raw_fd(spec_fd) };
+    let mut bytes = Vec::new();
+    let read = spec_file.read_to_end(&mut bytes);
+    drop(spec_file);
+
+    // The report pipe lives on fd 3 from here on, close-on-exec, so that one
+    // close_range() call can drop everything else we inherited.
+    let mut report = match sys::adopt_fd_as(report_fd, 3) {
+        Ok(f) => f,
+        Err(_) => std::process::exit(EXIT_SETUP_FAILED),
+    };
+    if let Err(e) = read {
+        fail(&mut report, &SetupError::io(Stage::Spec, &e, "Cannot read the launch spec"));
+    }
+    let spec = match LaunchSpec::from_json(&bytes) {
+        Ok(s) if s.version == SPEC_VERSION => s,
+        Ok(s) => fail(
+            &mut report,
+            &SetupError::new(
+                Stage::Spec,
+                Errno::EINVAL,
+                format!("Launch spec version {} is not {SPEC_VERSION}", s.version),
+            ),
+        ),
+        Err(e) => fail(
+            &mut report,
+            &SetupError::new(Stage::Spec, Errno::EINVAL, format!("Cannot parse the launch spec: {e}")),
+        ),
+    };
+
+    match outer(&spec) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => fail(&mut report, &e),
+    }
+}
+
+/// The outer launcher: everything before the PID namespace exists, then a
+/// signal-forwarding wait for the init.
+fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
+    // Nothing the daemon (or whoever started us) had open may reach the
+    // worker: keep 0, 1, 2 and the report pipe on 3.
+    sys::close_from(4).map_err(|e| SetupError::new(Stage::Fds, e, "Cannot close inherited file descriptors"))?;
+
+    // Join the worker's cgroups before anything else is forked, so that every
+    // process of the worker is accounted and limited from its first instruction.
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, getpid().to_string())
+            .map_err(|e| SetupError::io(Stage::Cgroup, &e, format!("Cannot join cgroup {}", procs.display())))?;
+    }
+
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    if spec.network == NetworkMode::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(|e| SetupError::new(Stage::Namespaces, e, format!("Cannot create namespaces {flags:?}")))?;
+
+    // Signals are handled synchronously: block them before the fork so that
+    // none is lost between fork and the wait loop (the init inherits the mask).
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot block signals"))?;
+
+    // SAFETY: this process is single-threaded, so the child may do anything.
+    #[allow(unsafe_code)]
+    let fork_result = unsafe { fork() };
+    match fork_result.map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot fork the worker's init"))? {
+        ForkResult::Child => {
+            // SAFETY: fd 3 is the report pipe, owned by this process alone now.
+            #[allow(unsafe_code)]
+            let report = unsafe { File::from_raw_fd(3) };
+            sandbox::init(spec, report)
+        }
+        ForkResult::Parent { child } => {
+            // Only the init and the worker write reports from here on.
+            let _ = nix::unistd::close(3);
+            Ok(forward_until_exit(child, &set))
+        }
+    }
+}
+
+/// Forwards signals to `child` until it exits; returns its status as an exit
+/// code (128+signal when it was killed).
+pub fn forward_until_exit(child: Pid, set: &SigSet) -> i32 {
+    loop {
+        match sys::wait_signal(set, None) {
+            Some(sig) if sig == libc::SIGCHLD => {
+                if let Some(code) = reap(child) {
+                    return code;
+                }
+            }
+            Some(sig) => {
+                if let Ok(s) = Signal::try_from(sig) {
+                    let _ = kill(child, s);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// Reaps every exited child; returns the exit code if `main` was among them.
+pub fn reap(main: Pid) -> Option<i32> {
+    let mut result = None;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == main => result = Some(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => result = Some(128 + sig as i32),
+            Ok(WaitStatus::StillAlive) | Err(_) => return result,
+            Ok(_) => {}
+        }
+    }
+}

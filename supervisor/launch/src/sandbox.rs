@@ -1,0 +1,592 @@
+//! The init of the worker's PID namespace: builds the sandbox in one
+//! straight-line function ([`setup`]), in the order DESIGN.md gives, then
+//! forks and execs the worker and stays as its reaper.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use landlock::{
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd,
+    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+};
+use nix::errno::Errno;
+use nix::fcntl::{open, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::stat::Mode;
+use nix::unistd::{
+    chdir, execve, fork, pivot_root, setgroups, setresgid, setresuid, sethostname, setsid,
+    ForkResult, Gid, Pid, Uid,
+};
+use warden_policy::{Enforced, LaunchReport, LaunchSpec, NetworkMode};
+
+use crate::sys;
+
+/// The steps of the setup, in order; a failure names the one that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Spec,
+    Fds,
+    Cgroup,
+    Namespaces,
+    Hostname,
+    Mounts,
+    Network,
+    Rlimits,
+    Identity,
+    Capabilities,
+    NoNewPrivs,
+    Landlock,
+    Seccomp,
+    Spawn,
+    Exec,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Spec => "spec",
+            Stage::Fds => "fds",
+            Stage::Cgroup => "cgroup",
+            Stage::Namespaces => "namespaces",
+            Stage::Hostname => "hostname",
+            Stage::Mounts => "mounts",
+            Stage::Network => "network",
+            Stage::Rlimits => "rlimits",
+            Stage::Identity => "identity",
+            Stage::Capabilities => "capabilities",
+            Stage::NoNewPrivs => "no_new_privs",
+            Stage::Landlock => "landlock",
+            Stage::Seccomp => "seccomp",
+            Stage::Spawn => "spawn",
+            Stage::Exec => "exec",
+        }
+    }
+}
+
+/// A failed setup step: which, the errno, and what was being done to what.
+#[derive(Debug)]
+pub struct SetupError {
+    pub stage: Stage,
+    pub errno: Errno,
+    pub message: String,
+}
+
+impl SetupError {
+    pub fn new(stage: Stage, errno: Errno, message: impl Into<String>) -> Self {
+        SetupError {
+            stage,
+            errno,
+            message: message.into(),
+        }
+    }
+
+    pub fn io(stage: Stage, e: &std::io::Error, message: impl Into<String>) -> Self {
+        let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        Self::new(stage, errno, format!("{}: {e}", message.into()))
+    }
+}
+
+/// Shorthand for mapping a nix result to a setup error.
+trait At<T> {
+    fn at(self, stage: Stage, what: impl FnOnce() -> String) -> Result<T, SetupError>;
+}
+
+impl<T> At<T> for nix::Result<T> {
+    fn at(self, stage: Stage, what: impl FnOnce() -> String) -> Result<T, SetupError> {
+        self.map_err(|e| SetupError::new(stage, e, what()))
+    }
+}
+
+impl<T> At<T> for std::io::Result<T> {
+    fn at(self, stage: Stage, what: impl FnOnce() -> String) -> Result<T, SetupError> {
+        self.map_err(|e| SetupError::io(stage, &e, what()))
+    }
+}
+
+/// Where the host's root is while the new root is assembled.
+const OLD: &str = "/oldroot";
+/// Where the new root is assembled.
+const NEW: &str = "/newroot";
+
+/// Runs as PID 1 of the new PID namespace. Never returns.
+pub fn init(spec: &LaunchSpec, mut report: File) -> ! {
+    let worker = match setup(spec, &mut report) {
+        Ok(pid) => pid,
+        Err(e) => {
+            let rec = LaunchReport::Failed {
+                stage: e.stage.name().to_string(),
+                errno: e.errno as i32,
+                message: e.message,
+            };
+            let _ = report.write_all(&rec.to_line());
+            std::process::exit(crate::EXIT_SETUP_FAILED);
+        }
+    };
+    // The worker (or its failed exec) holds the other end of the report now.
+    drop(report);
+    std::process::exit(reaper(worker, spec.timeout_secs.map(Duration::from_secs)));
+}
+
+/// Builds the sandbox around this process, then forks and execs the worker.
+/// Each step is here, in the order it happens; returns the worker's PID.
+fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
+    // If the outer launcher dies, so does this namespace: no orphaned workers.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).at(Stage::Namespaces, || "Cannot set the parent-death signal".into())?;
+
+    sethostname(&spec.hostname).at(Stage::Hostname, || format!("Cannot set hostname {}", spec.hostname))?;
+
+    // --- Mount namespace: a new root that holds only what the spec lists. ---
+    // Nothing we mount may propagate back to the host.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .at(Stage::Mounts, || "Cannot make / private".into())?;
+    // A scratch tmpfs (over /tmp, in this namespace only) becomes the root for
+    // a moment; the host root stays reachable under OLD until the end.
+    let scratch = "/tmp";
+    mount(Some("tmpfs"), scratch, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("size=1m,mode=0700"))
+        .at(Stage::Mounts, || "Cannot mount the scratch tmpfs".into())?;
+    for d in ["oldroot", "newroot"] {
+        std::fs::create_dir(format!("{scratch}/{d}")).at(Stage::Mounts, || format!("Cannot create {scratch}/{d}"))?;
+    }
+    pivot_root(scratch, &format!("{scratch}/oldroot")[..]).at(Stage::Mounts, || "Cannot pivot into the scratch tmpfs".into())?;
+    chdir("/").at(Stage::Mounts, || "Cannot chdir to /".into())?;
+    mount(Some("tmpfs"), NEW, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("size=1m,mode=0755"))
+        .at(Stage::Mounts, || format!("Cannot mount the new root tmpfs at {NEW}"))?;
+
+    // Host paths: the user's own directories (never through a symlink) and
+    // every profile path, read-only unless the profile grants write.
+    for bind in &spec.binds {
+        bind_host_path(&bind.source, &bind.target, bind.access, bind.required)?;
+    }
+
+    // A fresh /proc of this PID namespace: no host process is visible.
+    make_dir(&new_path("/proc"))?;
+    mount(Some("proc"), &new_path("/proc"), Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+        .at(Stage::Mounts, || "Cannot mount /proc".into())?;
+
+    // A minimal /dev.
+    build_dev(spec.tmp_size)?;
+
+    // A private, size-limited /tmp.
+    let tmp = new_path("/tmp");
+    make_dir(&tmp)?;
+    let tmp_exec = spec.landlock.rules.iter().any(|r| r.path == "/tmp" && r.access.exec);
+    let mut tmp_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !tmp_exec {
+        tmp_flags |= MsFlags::MS_NOEXEC;
+    }
+    mount(Some("tmpfs"), &tmp, Some("tmpfs"), tmp_flags, Some(format!("size={},mode=1777", spec.tmp_size).as_str()))
+        .at(Stage::Mounts, || "Cannot mount /tmp".into())?;
+
+    // /etc/passwd and /etc/group naming only root, the worker and nobody.
+    for (name, content) in [("passwd", &spec.passwd), ("group", &spec.group)] {
+        let staged = PathBuf::from(format!("/{name}"));
+        std::fs::write(&staged, content).at(Stage::Mounts, || format!("Cannot write {}", staged.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644)).at(Stage::Mounts, || format!("Cannot chmod {}", staged.display()))?;
+        let target = new_path(&format!("/etc/{name}"));
+        make_mountpoint(&target, false)?;
+        bind_tree(&staged, &target, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC)?;
+    }
+
+    // Hidden by construction: /run, /home (but the user's own), /root and
+    // warden's state dir are empty or absent. /run exists because programs
+    // expect it.
+    make_dir(&new_path("/run"))?;
+
+    if spec.network == NetworkMode::None {
+        sys::loopback_up().map_err(|e| SetupError::new(Stage::Network, e, "Cannot bring up the loopback interface"))?;
+    }
+
+    // Switch to the new root and drop the host's root and the scratch tmpfs.
+    chdir(NEW).at(Stage::Mounts, || format!("Cannot chdir to {NEW}"))?;
+    pivot_root(".", ".").at(Stage::Mounts, || "Cannot pivot into the new root".into())?;
+    umount2(".", MntFlags::MNT_DETACH).at(Stage::Mounts, || "Cannot detach the old root".into())?;
+    chdir("/").at(Stage::Mounts, || "Cannot chdir to /".into())?;
+    // The root directory itself is read-only: a worker creates files only
+    // where the profile lets it.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>)
+        .at(Stage::Mounts, || "Cannot remount / read-only".into())?;
+    chdir(spec.cwd.as_str()).at(Stage::Mounts, || format!("Cannot chdir to {}", spec.cwd))?;
+
+    // --- Resource limits. ---
+    for rl in &spec.rlimits {
+        let res = rlimit_resource(&rl.name)
+            .ok_or_else(|| SetupError::new(Stage::Rlimits, Errno::EINVAL, format!("Unknown rlimit {}", rl.name)))?;
+        let v = rl.value.unwrap_or(libc::RLIM_INFINITY);
+        setrlimit(res, v, v).at(Stage::Rlimits, || format!("Cannot set rlimit {} to {v}", rl.name))?;
+    }
+
+    // --- Identity: the worker's uid/gid, no supplementary groups. ---
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    if spec.uid == 0 || spec.gid == 0 {
+        return Err(SetupError::new(Stage::Identity, Errno::EPERM, "Refusing to run a worker as root"));
+    }
+    setgroups(&[gid]).at(Stage::Identity, || format!("Cannot set groups to [{gid}]"))?;
+    setresgid(gid, gid, gid).at(Stage::Identity, || format!("Cannot set gid {gid}"))?;
+    // The bounding set can only be emptied while we still have CAP_SETPCAP.
+    caps::clear(None, caps::CapSet::Bounding)
+        .map_err(|e| SetupError::new(Stage::Capabilities, Errno::EPERM, format!("Cannot empty the capability bounding set: {e}")))?;
+    setresuid(uid, uid, uid).at(Stage::Identity, || format!("Cannot set uid {uid}"))?;
+    for set in [caps::CapSet::Inheritable, caps::CapSet::Ambient, caps::CapSet::Effective, caps::CapSet::Permitted] {
+        caps::clear(None, set)
+            .map_err(|e| SetupError::new(Stage::Capabilities, Errno::EPERM, format!("Cannot clear capability set {set:?}: {e}")))?;
+    }
+    let caps_empty = [caps::CapSet::Inheritable, caps::CapSet::Ambient, caps::CapSet::Effective, caps::CapSet::Permitted, caps::CapSet::Bounding]
+        .into_iter()
+        .all(|set| caps::read(None, set).map(|c| c.is_empty()).unwrap_or(false));
+    if !caps_empty {
+        return Err(SetupError::new(Stage::Capabilities, Errno::EPERM, "A capability set is not empty after dropping privileges"));
+    }
+
+    // --- no_new_privs: setuid binaries and file capabilities grant nothing. ---
+    nix::sys::prctl::set_no_new_privs().at(Stage::NoNewPrivs, || "Cannot set no_new_privs".into())?;
+
+    // --- Landlock: file system, TCP ports, scoping. Fails closed. ---
+    let (landlock_abi, landlock_scoped) = restrict_landlock(spec)?;
+
+    // --- seccomp, last: from here on only the allowlist can be called. ---
+    sys::install_seccomp(&spec.seccomp.program).at(Stage::Seccomp, || "Cannot install the seccomp filter".into())?;
+
+    let enforced = Enforced {
+        landlock_abi,
+        landlock_fs: true,
+        landlock_tcp: spec.landlock.restrict_tcp,
+        landlock_scoped,
+        seccomp_filter_len: spec.seccomp.program.len(),
+        namespaces: namespaces(spec),
+        no_new_privs: true,
+        capabilities_empty: caps_empty,
+        uid: spec.uid,
+        gid: spec.gid,
+    };
+    report
+        .write_all(&LaunchReport::Enforced(enforced).to_line())
+        .at(Stage::Spawn, || "Cannot write the enforced-policy report".into())?;
+
+    // --- The worker. ---
+    // SAFETY: this process is single-threaded; the child only execs.
+    #[allow(unsafe_code)]
+    let forked = unsafe { fork() };
+    match forked.at(Stage::Spawn, || "Cannot fork the worker".into())? {
+        ForkResult::Child => exec_worker(spec, report),
+        ForkResult::Parent { child } => Ok(child),
+    }
+}
+
+fn new_path(p: &str) -> PathBuf {
+    PathBuf::from(format!("{NEW}{p}"))
+}
+
+fn make_dir(p: &Path) -> Result<(), SetupError> {
+    match std::fs::create_dir(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(SetupError::io(Stage::Mounts, &e, format!("Cannot create {}", p.display()))),
+    }
+}
+
+/// Creates the directories leading to `target` and the mountpoint itself
+/// (a directory, or an empty file for a file bind).
+fn make_mountpoint(target: &Path, dir: bool) -> Result<(), SetupError> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).at(Stage::Mounts, || format!("Cannot create {}", parent.display()))?;
+    }
+    if target.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    if dir {
+        make_dir(target)
+    } else {
+        File::create(target).map(drop).at(Stage::Mounts, || format!("Cannot create {}", target.display()))
+    }
+}
+
+/// Mounts a detached copy of `source` at `target` with `attrs` (recursive).
+fn bind_tree(source: &Path, target: &Path, attrs: u64) -> Result<(), SetupError> {
+    let fd: OwnedFd = open(source, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+        .at(Stage::Mounts, || format!("Cannot open {}", source.display()))?;
+    bind_fd(&fd, source, target, attrs)
+}
+
+fn bind_fd(fd: &OwnedFd, source: &Path, target: &Path, attrs: u64) -> Result<(), SetupError> {
+    let tree = sys::clone_tree(fd).at(Stage::Mounts, || format!("Cannot clone the mount at {}", source.display()))?;
+    sys::set_tree_attrs(&tree, attrs, 0).at(Stage::Mounts, || format!("Cannot set mount attributes on {}", source.display()))?;
+    sys::attach_tree(&tree, target).at(Stage::Mounts, || format!("Cannot mount {} at {}", source.display(), target.display()))
+}
+
+/// Makes one host path visible inside. A host symlink is recreated as the
+/// same symlink (Debian's /bin -> usr/bin); a missing optional path is
+/// skipped; the user's own directories are opened without following any
+/// symlink, so a planted link cannot redirect the bind.
+fn bind_host_path(source: &Path, target: &str, access: warden_policy::Access, required: bool) -> Result<(), SetupError> {
+    let host = PathBuf::from(format!("{OLD}{}", source.display()));
+    let inside = new_path(target);
+    let fd: OwnedFd = if required {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        openat2(nix::fcntl::AT_FDCWD, &host, how).at(Stage::Mounts, || format!("Cannot open {} without following symlinks", source.display()))?
+    } else {
+        match std::fs::symlink_metadata(&host) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(SetupError::io(Stage::Mounts, &e, format!("Cannot stat {}", source.display()))),
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&host).at(Stage::Mounts, || format!("Cannot read link {}", source.display()))?;
+                if let Some(parent) = inside.parent() {
+                    std::fs::create_dir_all(parent).at(Stage::Mounts, || format!("Cannot create {}", parent.display()))?;
+                }
+                if inside.symlink_metadata().is_err() {
+                    symlink(&link, &inside).at(Stage::Mounts, || format!("Cannot create symlink {target}"))?;
+                }
+                return Ok(());
+            }
+            Ok(_) => open(&host, OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW, Mode::empty())
+                .at(Stage::Mounts, || format!("Cannot open {}", source.display()))?,
+        }
+    };
+    let is_dir = nix::sys::stat::fstat(fd.as_fd()).map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR).unwrap_or(false);
+    make_mountpoint(&inside, is_dir)?;
+    let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    if !access.write {
+        attrs |= sys::MOUNT_ATTR_RDONLY;
+    }
+    if !access.exec {
+        attrs |= sys::MOUNT_ATTR_NOEXEC;
+    }
+    bind_fd(&fd, source, &inside, attrs)
+}
+
+/// /dev with the harmless character devices, a private devpts and /dev/shm.
+fn build_dev(shm_size: u64) -> Result<(), SetupError> {
+    let dev = new_path("/dev");
+    make_dir(&dev)?;
+    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("size=64k,mode=0755"))
+        .at(Stage::Mounts, || "Cannot mount /dev".into())?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(node);
+        make_mountpoint(&target, false)?;
+        bind_tree(&PathBuf::from(format!("{OLD}/dev/{node}")), &target, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC)?;
+    }
+    let pts = dev.join("pts");
+    make_dir(&pts)?;
+    // newinstance: the worker's ptys are its own, not the host's.
+    mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))
+        .at(Stage::Mounts, || "Cannot mount /dev/pts".into())?;
+    symlink("pts/ptmx", dev.join("ptmx")).at(Stage::Mounts, || "Cannot create /dev/ptmx".into())?;
+    let shm = dev.join("shm");
+    make_dir(&shm)?;
+    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some(format!("size={shm_size},mode=1777").as_str()))
+        .at(Stage::Mounts, || "Cannot mount /dev/shm".into())?;
+    for (name, to) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+        symlink(to, dev.join(name)).at(Stage::Mounts, || format!("Cannot create /dev/{name}"))?;
+    }
+    mount(None::<&str>, &dev, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, None::<&str>)
+        .at(Stage::Mounts, || "Cannot remount /dev read-only".into())
+}
+
+fn rlimit_resource(name: &str) -> Option<Resource> {
+    Some(match name {
+        "as" => Resource::RLIMIT_AS,
+        "core" => Resource::RLIMIT_CORE,
+        "cpu" => Resource::RLIMIT_CPU,
+        "data" => Resource::RLIMIT_DATA,
+        "fsize" => Resource::RLIMIT_FSIZE,
+        "locks" => Resource::RLIMIT_LOCKS,
+        "memlock" => Resource::RLIMIT_MEMLOCK,
+        "msgqueue" => Resource::RLIMIT_MSGQUEUE,
+        "nice" => Resource::RLIMIT_NICE,
+        "nofile" => Resource::RLIMIT_NOFILE,
+        "nproc" => Resource::RLIMIT_NPROC,
+        "rss" => Resource::RLIMIT_RSS,
+        "rtprio" => Resource::RLIMIT_RTPRIO,
+        "rttime" => Resource::RLIMIT_RTTIME,
+        "sigpending" => Resource::RLIMIT_SIGPENDING,
+        "stack" => Resource::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+fn namespaces(spec: &LaunchSpec) -> Vec<String> {
+    let mut v: Vec<String> = ["mnt", "pid", "ipc", "uts", "cgroup"].iter().map(|s| (*s).to_string()).collect();
+    if spec.network == NetworkMode::None {
+        v.push("net".into());
+    }
+    v
+}
+
+fn abi_of(n: u32) -> ABI {
+    match n {
+        0 => ABI::Unsupported,
+        1 => ABI::V1,
+        2 => ABI::V2,
+        3 => ABI::V3,
+        4 => ABI::V4,
+        5 => ABI::V5,
+        6 => ABI::V6,
+        // The newest ABI this build was tested with; a newer kernel is used at it.
+        _ => ABI::V7,
+    }
+}
+
+/// Applies the landlock rules with every requested feature a hard
+/// requirement. Returns the ABI used and whether scoping is on.
+fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
+    let l = &spec.landlock;
+    let kernel = sys::landlock_abi();
+    if kernel < l.min_abi {
+        return Err(SetupError::new(
+            Stage::Landlock,
+            Errno::EOPNOTSUPP,
+            format!("The kernel offers landlock ABI {kernel}; profile {} requires at least {}", spec.profile, l.min_abi),
+        ));
+    }
+    let used = kernel.min(warden_policy_max_abi());
+    let abi = abi_of(used);
+    let err = |what: &str, e: landlock::RulesetError| SetupError::new(Stage::Landlock, Errno::EINVAL, format!("{what}: {e}"));
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(|e| err("Cannot handle file system accesses", e))?;
+    if l.restrict_tcp {
+        ruleset = ruleset
+            .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
+            .map_err(|e| err("Cannot handle TCP accesses", e))?;
+    }
+    let scoped = used >= 6;
+    if scoped {
+        ruleset = ruleset.scope(Scope::from_all(abi)).map_err(|e| err("Cannot scope signals and abstract sockets", e))?;
+    }
+    let mut created = ruleset.create().map_err(|e| err("Cannot create the landlock ruleset", e))?;
+    let write = AccessFs::from_write(abi) & !(AccessFs::MakeChar | AccessFs::MakeBlock);
+    for rule in &l.rules {
+        let fd = match PathFd::new(&rule.path) {
+            Ok(fd) => fd,
+            // A profile path missing on this host grants nothing.
+            Err(_) if std::fs::symlink_metadata(&rule.path).is_err() => continue,
+            Err(e) => return Err(SetupError::new(Stage::Landlock, Errno::EINVAL, format!("Cannot open {}: {e}", rule.path))),
+        };
+        let mut access: BitFlags<AccessFs> = BitFlags::empty();
+        if rule.access.read {
+            access |= AccessFs::ReadFile | AccessFs::ReadDir;
+        }
+        if rule.access.write {
+            access |= write;
+        }
+        if rule.access.exec {
+            access |= AccessFs::Execute;
+        }
+        if !Path::new(&rule.path).is_dir() {
+            access &= AccessFs::from_file(abi);
+        }
+        created = created
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(|e| err(&format!("Cannot add the landlock rule for {}", rule.path), e))?;
+    }
+    if l.restrict_tcp {
+        for &port in &l.tcp_connect {
+            created = created.add_rule(NetPort::new(port, AccessNet::ConnectTcp)).map_err(|e| err(&format!("Cannot allow TCP connect to port {port}"), e))?;
+        }
+        for &port in &l.tcp_bind {
+            created = created.add_rule(NetPort::new(port, AccessNet::BindTcp)).map_err(|e| err(&format!("Cannot allow TCP bind to port {port}"), e))?;
+        }
+    }
+    let status = created.restrict_self().map_err(|e| err("Cannot enforce the landlock ruleset", e))?;
+    if status.ruleset != RulesetStatus::FullyEnforced {
+        return Err(SetupError::new(
+            Stage::Landlock,
+            Errno::EOPNOTSUPP,
+            format!("The landlock ruleset is {:?}, not fully enforced", status.ruleset),
+        ));
+    }
+    Ok((used, scoped))
+}
+
+fn warden_policy_max_abi() -> u32 {
+    7
+}
+
+/// In the forked child: becomes the worker. Never returns.
+fn exec_worker(spec: &LaunchSpec, report: &mut File) -> ! {
+    // No controlling terminal shared with anyone outside.
+    let _ = setsid();
+    sys::reset_signal_dispositions();
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+
+    let to_c = |s: &str| CString::new(s).unwrap_or_default();
+    let argv: Vec<CString> = spec.argv.iter().map(|a| to_c(a)).collect();
+    let envp: Vec<CString> = spec.env.iter().map(|(k, v)| to_c(&format!("{k}={v}"))).collect();
+    let program = &spec.argv[0];
+    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map_or("/usr/bin:/bin", |(_, v)| v.as_str());
+    let candidates: Vec<String> = if program.contains('/') {
+        vec![program.clone()]
+    } else {
+        path_var.split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{program}")).collect()
+    };
+    let mut last = Errno::ENOENT;
+    for c in &candidates {
+        let e = match execve(&to_c(c), &argv, &envp) {
+            Err(e) => e,
+            Ok(never) => match never {},
+        };
+        // Keep the most telling error: "permission denied" beats "not found".
+        if last == Errno::ENOENT || e == Errno::EACCES {
+            last = e;
+        }
+    }
+    let rec = LaunchReport::Failed {
+        stage: Stage::Exec.name().to_string(),
+        errno: last as i32,
+        message: format!("Cannot execute {program}: {}", last.desc()),
+    };
+    let _ = report.write_all(&rec.to_line());
+    std::process::exit(if last == Errno::ENOENT { 127 } else { 126 });
+}
+
+/// PID 1's loop: forward signals to the worker, reap every zombie, enforce
+/// the wall-clock timeout, exit with the worker's status.
+fn reaper(worker: Pid, timeout: Option<Duration>) -> i32 {
+    let mut set = SigSet::empty();
+    for s in crate::FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut killing_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let wake = match (deadline, killing_at) {
+            (_, Some(k)) => Some(k.saturating_duration_since(now)),
+            (Some(d), None) => Some(d.saturating_duration_since(now)),
+            (None, None) => None,
+        };
+        match sys::wait_signal(&set, wake) {
+            Some(sig) if sig == libc::SIGCHLD => {
+                if let Some(code) = crate::reap(worker) {
+                    return code;
+                }
+            }
+            Some(sig) => {
+                if let Ok(s) = Signal::try_from(sig) {
+                    let _ = kill(worker, s);
+                }
+            }
+            None => {
+                let now = Instant::now();
+                if killing_at.is_some_and(|k| now >= k) {
+                    // Grace is over: kill everything in the namespace but us.
+                    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+                    killing_at = None;
+                } else if deadline.is_some_and(|d| now >= d) && killing_at.is_none() {
+                    let _ = kill(worker, Signal::SIGTERM);
+                    killing_at = Some(now + Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
