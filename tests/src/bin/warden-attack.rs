@@ -1,0 +1,249 @@
+//! warden-attack: one attack (or one probe) per invocation, run inside a
+//! sandboxed worker by the escape suite. Prints exactly one line
+//! `RESULT <value>`: `OK` when the operation succeeded, else the errno name
+//! (`EPERM`, `EACCES`, ...), so that tests assert the specific denial.
+//!
+//! This is deliberately raw libc: each attack is the system call an attacker
+//! would make, not a library's idea of it.
+
+#![allow(clippy::print_stdout)]
+
+use std::ffi::CString;
+use std::io::Read;
+
+fn errno_name(e: i32) -> String {
+    format!("{:?}", nix::errno::Errno::from_raw(e))
+}
+
+fn last() -> String {
+    errno_name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+/// A syscall's result as OK or its errno name.
+fn res(ret: libc::c_long) -> String {
+    if ret < 0 {
+        last()
+    } else {
+        "OK".into()
+    }
+}
+
+fn io_res<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "OK".into(),
+        Err(e) => errno_name(e.raw_os_error().unwrap_or(0)),
+    }
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).expect("no NUL in arguments")
+}
+
+fn arg(args: &[String], i: usize) -> &str {
+    args.get(i).map(String::as_str).unwrap_or_else(|| {
+        eprintln!("missing argument {i}");
+        std::process::exit(2)
+    })
+}
+
+fn connect_unix(addr: &[u8]) -> String {
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return last();
+    }
+    // SAFETY: sockaddr_un is plain data.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in sa.sun_path.iter_mut().zip(addr) {
+        *d = *s as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + addr.len()) as libc::socklen_t;
+    // SAFETY: sa is a valid sockaddr_un of at least `len` bytes.
+    res(libc::c_long::from(unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_un).cast(), len) }))
+}
+
+#[allow(clippy::too_many_lines)]
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let what = arg(&args, 1);
+    let result: String = match what {
+        "read" => io_res(std::fs::File::open(arg(&args, 2)).and_then(|mut f| {
+            let mut s = Vec::new();
+            f.read_to_end(&mut s)
+        })),
+        "write" => io_res(std::fs::write(arg(&args, 2), "pwned\n")),
+        "list" => io_res(std::fs::read_dir(arg(&args, 2)).and_then(|d| d.collect::<Result<Vec<_>, _>>())),
+        "ptrace" => {
+            let pid: libc::pid_t = arg(&args, 2).parse().unwrap_or(1);
+            // SAFETY: PTRACE_ATTACH takes no pointers.
+            res(unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0usize, 0usize) })
+        }
+        "vm_readv" => {
+            let pid: libc::pid_t = arg(&args, 2).parse().unwrap_or(1);
+            let mut buf = [0u8; 8];
+            let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
+            let remote = libc::iovec { iov_base: 0x400000 as *mut libc::c_void, iov_len: 8 };
+            // SAFETY: local points at our buffer; the kernel validates remote.
+            res(unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } as libc::c_long)
+        }
+        "mount" => {
+            // SAFETY: valid C strings.
+            res(libc::c_long::from(unsafe {
+                libc::mount(c("tmpfs").as_ptr(), c("/tmp").as_ptr(), c("tmpfs").as_ptr(), 0, std::ptr::null())
+            }))
+        }
+        "unshare_user" => res(libc::c_long::from(unsafe_unshare(libc::CLONE_NEWUSER))),
+        "unshare_mount" => res(libc::c_long::from(unsafe_unshare(libc::CLONE_NEWNS))),
+        "clone_newuser" => {
+            // The raw clone syscall with a namespace flag: seccomp checks the flags.
+            // SAFETY: with a NULL stack, clone behaves like fork; the child exits at once.
+            let r = unsafe { libc::syscall(libc::SYS_clone, (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+            if r == 0 {
+                // SAFETY: in the child, leave immediately.
+                unsafe { libc::_exit(0) };
+            }
+            res(r)
+        }
+        "setns" => {
+            let fd = match std::fs::File::open("/proc/self/ns/uts") {
+                Ok(f) => f,
+                Err(e) => return print_result(&io_res::<()>(Err(e))),
+            };
+            // SAFETY: fd is a valid namespace fd.
+            res(libc::c_long::from(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), 0) }))
+        }
+        "chroot" => {
+            // SAFETY: valid C string.
+            res(libc::c_long::from(unsafe { libc::chroot(c("/tmp").as_ptr()) }))
+        }
+        "io_uring_setup" => {
+            let mut params = [0u8; 120];
+            // SAFETY: params is a zeroed io_uring_params-sized buffer.
+            res(unsafe { libc::syscall(libc::SYS_io_uring_setup, 8u32, params.as_mut_ptr()) })
+        }
+        "bpf" => {
+            let mut attr = [0u8; 128];
+            // SAFETY: BPF_MAP_CREATE (0) with a zeroed attribute buffer.
+            res(unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), attr.len()) })
+        }
+        "perf_event_open" => {
+            let mut attr = [0u8; 128];
+            attr[4..8].copy_from_slice(&128u32.to_ne_bytes()); // attr.size
+            // SAFETY: a zeroed perf_event_attr with its size set.
+            res(unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_mut_ptr(), 0, -1, -1, 0) })
+        }
+        "keyctl" => {
+            // SAFETY: KEYCTL_GET_KEYRING_ID (0) of the session keyring (-3).
+            res(unsafe { libc::syscall(libc::SYS_keyctl, 0, -3i32, 0) })
+        }
+        "add_key" => {
+            // SAFETY: valid C strings and a 1-byte payload.
+            res(unsafe { libc::syscall(libc::SYS_add_key, c("user").as_ptr(), c("warden").as_ptr(), c("x").as_ptr(), 1usize, -3i32) })
+        }
+        "userfaultfd" => {
+            // SAFETY: no pointers.
+            res(unsafe { libc::syscall(libc::SYS_userfaultfd, 0) })
+        }
+        "open_by_handle_at" => {
+            let mut handle = [0u8; 136];
+            handle[0..4].copy_from_slice(&128u32.to_ne_bytes()); // handle_bytes
+            // SAFETY: a zeroed file_handle with room for its bytes.
+            res(unsafe { libc::syscall(libc::SYS_open_by_handle_at, libc::AT_FDCWD, handle.as_mut_ptr(), 0) })
+        }
+        "tiocsti" => {
+            let ch: libc::c_char = b'x' as libc::c_char;
+            // SAFETY: TIOCSTI reads one char from the pointer.
+            res(libc::c_long::from(unsafe { libc::ioctl(0, libc::TIOCSTI, &ch) }))
+        }
+        "kill" => {
+            let pid: libc::pid_t = arg(&args, 2).parse().unwrap_or(1);
+            // SAFETY: no pointers.
+            res(libc::c_long::from(unsafe { libc::kill(pid, libc::SIGKILL) }))
+        }
+        "abstract" => {
+            let mut name = vec![0u8];
+            name.extend_from_slice(arg(&args, 2).as_bytes());
+            connect_unix(&name)
+        }
+        "unix" => connect_unix(arg(&args, 2).as_bytes()),
+        "tcp" => {
+            let port: u16 = arg(&args, 2).parse().unwrap_or(1);
+            io_res(std::net::TcpStream::connect(("127.0.0.1", port)))
+        }
+        "ids" => {
+            // SAFETY: no arguments.
+            let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+            format!("uid={uid} euid={euid}")
+        }
+        "fds" => {
+            let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+                .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+                .unwrap_or_default();
+            fds.sort_unstable();
+            // The last one is read_dir's own descriptor.
+            fds.pop();
+            fds.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        }
+        "status" => {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            s.lines()
+                .filter(|l| l.starts_with("NoNewPrivs:") || l.starts_with("Seccomp:") || l.starts_with("CapEff:") || l.starts_with("CapBnd:"))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join(";")
+        }
+        "forkbomb" => forkbomb(),
+        "memhog" => {
+            let mb: usize = arg(&args, 2).parse().unwrap_or(1024);
+            let mut chunks: Vec<Vec<u8>> = Vec::new();
+            for i in 0..mb {
+                chunks.push(vec![(i % 251) as u8 + 1; 1 << 20]);
+            }
+            format!("ALLOCATED {}", chunks.len())
+        }
+        other => {
+            eprintln!("unknown attack {other}");
+            std::process::exit(2)
+        }
+    };
+    print_result(&result);
+}
+
+fn print_result(r: &str) {
+    println!("RESULT {r}");
+}
+
+fn unsafe_unshare(flags: libc::c_int) -> libc::c_int {
+    // SAFETY: unshare takes no pointers.
+    unsafe { libc::unshare(flags) }
+}
+
+/// Every process forks as fast as it can; the first failure in the original
+/// process is reported (EAGAIN when pids.max stops it). Children keep trying
+/// for a few seconds, then everyone exits.
+fn forkbomb() -> String {
+    let start = std::time::Instant::now();
+    let mut first_error = None;
+    let mut is_child = false;
+    while start.elapsed() < std::time::Duration::from_secs(3) {
+        // SAFETY: this program is single-threaded.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            is_child = true;
+            continue;
+        }
+        if pid < 0 && first_error.is_none() {
+            first_error = Some(last());
+            if !is_child {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    if is_child {
+        // SAFETY: leave without running destructors in a forked child.
+        unsafe { libc::_exit(0) };
+    }
+    first_error.unwrap_or_else(|| "NO_LIMIT_HIT".into())
+}

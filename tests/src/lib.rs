@@ -1,0 +1,223 @@
+//! Test harness: a real host-side setup (users, cgroups, profiles, the real
+//! `warden-launch` binary) in a temporary state directory, for tests that
+//! run workers in real sandboxes. Needs root; see
+//! [`warden_daemon::privileged`].
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use warden_daemon::cgroups::{CgroupLimits, Cgroups, Usage, WorkerCgroup};
+use warden_daemon::launcher::{launch, LaunchError, Launched};
+use warden_daemon::users::{UserDirs, Users};
+use warden_policy::seccomp::Arch;
+use warden_policy::{Enforced, ProfileSet, Source, SpawnRequest};
+
+pub use warden_daemon::privileged;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The uid range test users get (distinct from any real account here).
+pub const TEST_UIDS: std::ops::RangeInclusive<u32> = 210_000..=219_999;
+
+/// The directory holding this build's binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The real launcher binary of this build.
+pub fn launcher_path() -> PathBuf {
+    let p = bin_dir().join("warden-launch");
+    assert!(p.exists(), "{} is missing: build it with `cargo build --workspace --bins`", p.display());
+    p
+}
+
+/// One test's host: its own state dir, cgroup parent and profile set.
+#[derive(Debug)]
+pub struct Host {
+    pub state: tempfile::TempDir,
+    pub users: Users,
+    pub cgroups: Cgroups,
+    pub profiles: ProfileSet,
+    cgroup_parents: Vec<PathBuf>,
+}
+
+/// The result of a finished worker.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub usage: Usage,
+    pub enforced: Enforced,
+    pub timed_out: bool,
+}
+
+impl Outcome {
+    /// The value of the `RESULT` line a warden-attack run printed.
+    pub fn result(&self) -> &str {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .unwrap_or_else(|| panic!("no RESULT line; exit {} stdout {:?} stderr {:?}", self.code, self.stdout, self.stderr))
+    }
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct Running {
+    pub launched: Launched,
+    pub cgroup: WorkerCgroup,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+fn drain(r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut r = r;
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+impl Host {
+    /// A host with the shipped profiles plus `extra` (name, TOML) ones.
+    pub fn new(extra: &[(&str, &str)]) -> Host {
+        let state = tempfile::Builder::new().prefix("warden-test-").tempdir().expect("tempdir");
+        let users = Users::open(state.path(), TEST_UIDS).expect("users");
+        let name = format!("warden-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let cgroups = Cgroups::detect(&name).expect("cgroups");
+        let cgroup_parents = if cgroups.is_v2() {
+            vec![]
+        } else {
+            ["memory", "pids", "cpu", "cpuacct", "freezer"]
+                .iter()
+                .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}/{name}")))
+                .collect()
+        };
+        let mut profiles = ProfileSet::embedded().expect("shipped profiles");
+        if !extra.is_empty() {
+            let mut sources: Vec<Source> = warden_policy::EMBEDDED_PROFILES
+                .iter()
+                .map(|(n, t)| Source { name: (*n).into(), origin: format!("embedded:{n}"), text: (*t).into() })
+                .collect();
+            sources.extend(extra.iter().map(|(n, t)| Source { name: (*n).into(), origin: format!("test:{n}"), text: (*t).into() }));
+            profiles = ProfileSet::from_sources(sources).expect("test profiles");
+        }
+        Host { state, users, cgroups, profiles, cgroup_parents }
+    }
+
+    pub fn prepare(&self, user: &str, project: &str) -> UserDirs {
+        self.users.prepare(user, project).expect("prepare user dirs")
+    }
+
+    /// Copies the warden-attack binary into the user's workspace, owned by
+    /// the user; returns its path inside the sandbox.
+    pub fn install_attack(&self, user: &str, project: &str) -> String {
+        let dirs = self.prepare(user, project);
+        let id = self.users.identity(user).expect("identity");
+        let dst = dirs.workspace.join("warden-attack");
+        std::fs::copy(bin_dir().join("warden-attack"), &dst).expect("copy warden-attack");
+        std::os::unix::fs::chown(&dst, Some(id.uid), Some(id.gid)).expect("chown");
+        format!("/workspace/{project}/warden-attack")
+    }
+
+    /// Starts a worker; stdin is /dev/null, stdout and stderr are collected.
+    pub fn spawn(&self, user: &str, project: &str, profile: &str, argv: &[&str]) -> Result<Running, LaunchError> {
+        let profile = self.profiles.get(profile).expect("profile");
+        let dirs = self.prepare(user, project);
+        let id = self.users.identity(user).expect("identity");
+        let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
+        let cgroup = self.cgroups.create(&worker_id, &CgroupLimits::from(&profile.limits)).expect("cgroup");
+        let req = SpawnRequest {
+            worker_id,
+            user: user.into(),
+            uid: id.uid,
+            gid: id.gid,
+            project: project.into(),
+            argv: argv.iter().map(|s| (*s).to_string()).collect(),
+            env: Default::default(),
+            home_dir: dirs.home,
+            workspace_dir: dirs.workspace,
+            cgroup_procs: cgroup.procs_files(),
+            protected: vec![self.state.path().to_path_buf()],
+        };
+        let spec = warden_policy::compile(profile, &req, Arch::host().expect("supported arch")).expect("compile");
+        let mut launched = match launch(&launcher_path(), &spec, Stdio::null(), Stdio::piped(), Stdio::piped()) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = cgroup.kill_all(Duration::from_secs(5));
+                let _ = cgroup.remove();
+                return Err(e);
+            }
+        };
+        let out = drain(launched.child.stdout.take().expect("stdout"));
+        let err = drain(launched.child.stderr.take().expect("stderr"));
+        Ok(Running { launched, cgroup, out, err })
+    }
+
+    /// Runs a worker to completion (killing it after `timeout`).
+    pub fn run(&self, user: &str, project: &str, profile: &str, argv: &[&str]) -> Outcome {
+        let w = self.spawn(user, project, profile, argv).unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
+        w.wait(Duration::from_secs(60))
+    }
+}
+
+impl Running {
+    /// Waits for the worker (its whole cgroup is killed after `timeout`),
+    /// reads usage, then removes its cgroup.
+    pub fn wait(mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(s) = self.launched.child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                timed_out = true;
+                let _ = self.cgroup.kill_all(Duration::from_secs(5));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let usage = self.cgroup.usage();
+        self.cgroup.kill_all(Duration::from_secs(5)).expect("kill leftovers");
+        self.cgroup.remove().expect("remove cgroup");
+        use std::os::unix::process::ExitStatusExt;
+        let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        Outcome {
+            code,
+            stdout: self.out.join().unwrap_or_default(),
+            stderr: self.err.join().unwrap_or_default(),
+            usage,
+            enforced: self.launched.enforced,
+            timed_out,
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for id in self.cgroups.existing() {
+            let cg = self.cgroups.open(&id);
+            let _ = cg.kill_all(Duration::from_secs(5));
+            let _ = cg.remove();
+        }
+        for p in &self.cgroup_parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// Is `path` owned by `uid` on the host?
+pub fn owner(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.uid()).unwrap_or(u32::MAX)
+}
