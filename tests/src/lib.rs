@@ -132,6 +132,11 @@ impl Host {
 
     /// Starts a worker; stdin is /dev/null, stdout and stderr are collected.
     pub fn spawn(&self, user: &str, project: &str, profile: &str, argv: &[&str]) -> Result<Running, LaunchError> {
+        self.spawn_with_stdin(user, project, profile, argv, Stdio::null())
+    }
+
+    /// Like [`spawn`](Self::spawn) with a given stdin (a pty, say).
+    pub fn spawn_with_stdin(&self, user: &str, project: &str, profile: &str, argv: &[&str], stdin: Stdio) -> Result<Running, LaunchError> {
         let profile = self.profiles.get(profile).expect("profile");
         let dirs = self.prepare(user, project);
         let id = self.users.identity(user).expect("identity");
@@ -151,7 +156,7 @@ impl Host {
             protected: vec![self.state.path().to_path_buf()],
         };
         let spec = warden_policy::compile(profile, &req, Arch::host().expect("supported arch")).expect("compile");
-        let mut launched = match launch(&launcher_path(), &spec, Stdio::null(), Stdio::piped(), Stdio::piped()) {
+        let mut launched = match launch(&launcher_path(), &spec, stdin, Stdio::piped(), Stdio::piped()) {
             Ok(l) => l,
             Err(e) => {
                 let _ = cgroup.kill_all(Duration::from_secs(5));

@@ -1,0 +1,248 @@
+//! The escape suite: each attack runs as a sandboxed worker under the
+//! `claude-code` profile (or a test profile that extends it with tighter
+//! limits) and must fail with the specific error the sandbox layer that
+//! stops it produces. Needs root: it builds real namespaces, cgroups,
+//! landlock rulesets and seccomp filters.
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::process::Stdio;
+use std::time::Duration;
+
+use warden_tests::*;
+
+const PROFILE: &str = "claude-code";
+
+/// claude-code with limits small enough to hit quickly.
+const TIGHT: &str = r#"
+extends = "claude-code"
+[limits]
+memory = "64M"
+memory_swap = "64M"
+pids = 32
+"#;
+
+fn host() -> Option<Host> {
+    privileged("builds namespaces, cgroups, landlock and seccomp sandboxes").then(|| Host::new(&[("tight", TIGHT)]))
+}
+
+/// Runs `warden-attack ARGS` as alice under `profile`; returns its RESULT.
+fn attack_as(host: &Host, profile: &str, args: &[&str]) -> String {
+    let bin = host.install_attack("alice", "demo");
+    let mut argv = vec![bin.as_str()];
+    argv.extend_from_slice(args);
+    let out = host.run("alice", "demo", profile, &argv);
+    out.result().to_string()
+}
+
+fn attack(host: &Host, args: &[&str]) -> String {
+    attack_as(host, PROFILE, args)
+}
+
+#[test]
+fn etc_shadow_does_not_exist_inside() {
+    let Some(h) = host() else { return };
+    assert_eq!(attack(&h, &["read", "/etc/shadow"]), "ENOENT");
+    assert_eq!(attack(&h, &["read", "/etc/sudoers"]), "ENOENT");
+    // What is granted is readable: the synthesized passwd names the worker.
+    assert_eq!(attack(&h, &["read", "/etc/passwd"]), "OK");
+}
+
+#[test]
+fn writing_to_etc_fails_read_only() {
+    let Some(h) = host() else { return };
+    assert_eq!(attack(&h, &["write", "/etc/warden-escape"]), "EROFS");
+    assert_eq!(attack(&h, &["write", "/etc/passwd"]), "EROFS");
+    assert!(!std::path::Path::new("/etc/warden-escape").exists());
+}
+
+#[test]
+fn tmp_is_private() {
+    let Some(h) = host() else { return };
+    let name = format!("/tmp/warden-escape-{}", std::process::id());
+    // The write succeeds, into the worker's own tmpfs; the host never sees it.
+    assert_eq!(attack(&h, &["write", &name]), "OK");
+    assert!(!std::path::Path::new(&name).exists());
+}
+
+#[test]
+fn another_users_directories_are_invisible() {
+    let Some(h) = host() else { return };
+    let bob = h.prepare("bob", "demo");
+    std::fs::write(bob.workspace.join("secret"), "bob's").unwrap();
+    let bob_ws = bob.workspace.display().to_string();
+    let bob_home = bob.home.display().to_string();
+    let bob_user_dir = bob.home.parent().unwrap().display().to_string();
+    assert_eq!(attack(&h, &["read", &format!("{bob_ws}/secret")]), "ENOENT");
+    assert_eq!(attack(&h, &["write", &format!("{bob_ws}/planted")]), "ENOENT");
+    assert_eq!(attack(&h, &["write", &format!("{bob_home}/.bashrc")]), "ENOENT");
+    assert_eq!(attack(&h, &["list", &bob_user_dir]), "ENOENT");
+    assert_eq!(attack(&h, &["list", "/home/bob"]), "ENOENT");
+    assert!(!bob.workspace.join("planted").exists());
+    // warden's state dir as a whole is not there either.
+    assert_eq!(attack(&h, &["list", &h.state.path().display().to_string()]), "ENOENT");
+}
+
+#[test]
+fn ptrace_and_process_vm_readv_are_denied_by_seccomp() {
+    let Some(h) = host() else { return };
+    let me = std::process::id().to_string();
+    assert_eq!(attack(&h, &["ptrace", &me]), "EPERM");
+    assert_eq!(attack(&h, &["ptrace", "1"]), "EPERM");
+    assert_eq!(attack(&h, &["vm_readv", "1"]), "EPERM");
+}
+
+#[test]
+fn mount_namespace_and_root_changes_are_denied() {
+    let Some(h) = host() else { return };
+    for a in ["mount", "unshare_user", "unshare_mount", "clone_newuser", "setns", "chroot"] {
+        assert_eq!(attack(&h, &[a]), "EPERM", "{a}");
+    }
+}
+
+#[test]
+fn kernel_attack_surface_calls_are_denied() {
+    let Some(h) = host() else { return };
+    for a in ["io_uring_setup", "bpf", "perf_event_open", "keyctl", "add_key", "userfaultfd", "open_by_handle_at"] {
+        assert_eq!(attack(&h, &[a]), "EPERM", "{a}");
+    }
+}
+
+#[test]
+fn tiocsti_on_a_terminal_is_denied() {
+    let Some(h) = host() else { return };
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let bin = h.install_attack("alice", "demo");
+    let stdin = Stdio::from(std::fs::File::from(pty.slave));
+    let w = h.spawn_with_stdin("alice", "demo", PROFILE, &[&bin, "tiocsti"], stdin).unwrap();
+    let out = w.wait(Duration::from_secs(30));
+    assert_eq!(out.result(), "EPERM");
+    // Nothing was pushed into the terminal's input queue.
+    nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::fs::File::from(pty.master).read(&mut buf).unwrap_or(0);
+    assert!(!buf[..n].contains(&b'x'));
+}
+
+#[test]
+fn processes_outside_cannot_be_signalled() {
+    let Some(h) = host() else { return };
+    // A host process: not visible in the worker's PID namespace.
+    let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let r = attack(&h, &["kill", &victim.id().to_string()]);
+    assert_eq!(r, "ESRCH");
+    assert!(victim.try_wait().unwrap().is_none(), "the host process survived");
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+}
+
+#[test]
+fn abstract_unix_sockets_outside_are_scoped_away() {
+    let Some(h) = host() else { return };
+    let name = format!("warden-escape-{}", std::process::id());
+    let addr = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = UnixListener::bind_addr(&addr).unwrap();
+    // Landlock's abstract-socket scope (ABI 6) refuses the connect.
+    assert_eq!(attack(&h, &["abstract", &name]), "EPERM");
+}
+
+#[test]
+fn pathname_sockets_outside_are_invisible() {
+    let Some(h) = host() else { return };
+    let path = format!("/run/warden-escape-{}.sock", std::process::id());
+    let _ = std::fs::remove_file(&path);
+    let _listener = UnixListener::bind(&path).unwrap();
+    assert_eq!(attack(&h, &["unix", &path]), "ENOENT");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn tcp_to_a_port_the_profile_does_not_allow_is_denied() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let allowing = format!("extends = \"claude-code\"\n[network]\ntcp_connect = [{port}]\n");
+    if !privileged("builds sandboxes") {
+        return;
+    }
+    let h = Host::new(&[("allow-port", &allowing)]);
+    assert_eq!(attack(&h, &["tcp", &port.to_string()]), "EACCES");
+    // The same connect succeeds where the profile lists the port.
+    assert_eq!(attack_as(&h, "allow-port", &["tcp", &port.to_string()]), "OK");
+}
+
+#[test]
+fn a_setuid_root_binary_does_not_raise_privileges() {
+    let Some(h) = host() else { return };
+    let dirs = h.prepare("alice", "demo");
+    let suid = dirs.workspace.join("suid-attack");
+    std::fs::copy(bin_dir().join("warden-attack"), &suid).unwrap();
+    std::os::unix::fs::chown(&suid, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&suid, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let uid = h.users.identity("alice").unwrap().uid;
+    let out = h.run("alice", "demo", PROFILE, &["/workspace/demo/suid-attack", "ids"]);
+    assert_eq!(out.result(), format!("uid={uid} euid={uid}"));
+}
+
+#[test]
+fn proc_sys_and_cgroupfs_are_not_writable() {
+    let Some(h) = host() else { return };
+    assert_eq!(attack(&h, &["write", "/proc/sys/kernel/hostname"]), "EACCES");
+    assert_eq!(attack(&h, &["write", "/proc/sys/vm/overcommit_memory"]), "EACCES");
+    let cgroup_file = if std::path::Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists() {
+        "/sys/fs/cgroup/pids/cgroup.procs"
+    } else {
+        "/sys/fs/cgroup/cgroup.procs"
+    };
+    assert_eq!(attack(&h, &["write", cgroup_file]), "EROFS");
+}
+
+#[test]
+fn the_hosts_proc_1_environ_is_unreachable() {
+    let Some(h) = host() else { return };
+    // /proc/1 inside is the worker's own init, which dropped privileges and
+    // is not dumpable: even its environment is closed to the worker.
+    assert_eq!(attack(&h, &["read", "/proc/1/environ"]), "EACCES");
+}
+
+#[test]
+fn fds_opened_by_the_parent_are_not_inherited() {
+    let Some(h) = host() else { return };
+    // Opened without O_CLOEXEC, so a plain fork+exec would pass it on.
+    let leaked = nix::fcntl::open("/etc/hostname", nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty()).unwrap();
+    let r = attack(&h, &["fds"]);
+    drop(leaked);
+    assert_eq!(r, "0,1,2");
+}
+
+#[test]
+fn a_fork_bomb_stops_at_pids_max_and_the_host_stays_responsive() {
+    let Some(h) = host() else { return };
+    let bin = h.install_attack("alice", "demo");
+    let w = h.spawn("alice", "demo", "tight", &[&bin, "forkbomb"]).unwrap();
+    // While the bomb runs, the host still starts and reaps processes.
+    let ok = std::process::Command::new("true").status().unwrap();
+    assert!(ok.success());
+    let out = w.wait(Duration::from_secs(60));
+    assert_eq!(out.result(), "EAGAIN");
+    assert!(out.usage.pids_max_hits > 0, "pids.events shows the limit was hit: {:?}", out.usage);
+}
+
+#[test]
+fn a_memory_hog_is_oom_killed_and_the_kill_is_seen_in_the_cgroup() {
+    let Some(h) = host() else { return };
+    let bin = h.install_attack("alice", "demo");
+    let out = h.run("alice", "demo", "tight", &[&bin, "memhog", "1024"]);
+    assert_eq!(out.code, 128 + libc::SIGKILL, "{out:?}");
+    assert!(out.usage.oom_kills >= 1, "{:?}", out.usage);
+    assert!(!out.stdout.contains("ALLOCATED"));
+}
+
+#[test]
+fn proc_self_status_shows_the_sandbox() {
+    let Some(h) = host() else { return };
+    let r = attack(&h, &["status"]);
+    assert!(r.contains("NoNewPrivs: 1"), "{r}");
+    assert!(r.contains("Seccomp: 2"), "{r}");
+    assert!(r.contains("CapEff: 0000000000000000"), "{r}");
+    assert!(r.contains("CapBnd: 0000000000000000"), "{r}");
+}
