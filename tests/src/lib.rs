@@ -35,7 +35,11 @@ pub fn bin_dir() -> PathBuf {
 /// The real launcher binary of this build.
 pub fn launcher_path() -> PathBuf {
     let p = bin_dir().join("warden-launch");
-    assert!(p.exists(), "{} is missing: build it with `cargo build --workspace --bins`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins`",
+        p.display()
+    );
     p
 }
 
@@ -66,7 +70,12 @@ impl Outcome {
         self.stdout
             .lines()
             .find_map(|l| l.strip_prefix("RESULT "))
-            .unwrap_or_else(|| panic!("no RESULT line; exit {} stdout {:?} stderr {:?}", self.code, self.stdout, self.stderr))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no RESULT line; exit {} stdout {:?} stderr {:?}",
+                    self.code, self.stdout, self.stderr
+                )
+            })
     }
 }
 
@@ -91,9 +100,16 @@ fn drain(r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 impl Host {
     /// A host with the shipped profiles plus `extra` (name, TOML) ones.
     pub fn new(extra: &[(&str, &str)]) -> Host {
-        let state = tempfile::Builder::new().prefix("warden-test-").tempdir().expect("tempdir");
+        let state = tempfile::Builder::new()
+            .prefix("warden-test-")
+            .tempdir()
+            .expect("tempdir");
         let users = Users::open(state.path(), TEST_UIDS).expect("users");
-        let name = format!("warden-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "warden-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         let cgroups = Cgroups::detect(&name).expect("cgroups");
         let cgroup_parents = if cgroups.is_v2() {
             vec![]
@@ -107,12 +123,26 @@ impl Host {
         if !extra.is_empty() {
             let mut sources: Vec<Source> = warden_policy::EMBEDDED_PROFILES
                 .iter()
-                .map(|(n, t)| Source { name: (*n).into(), origin: format!("embedded:{n}"), text: (*t).into() })
+                .map(|(n, t)| Source {
+                    name: (*n).into(),
+                    origin: format!("embedded:{n}"),
+                    text: (*t).into(),
+                })
                 .collect();
-            sources.extend(extra.iter().map(|(n, t)| Source { name: (*n).into(), origin: format!("test:{n}"), text: (*t).into() }));
+            sources.extend(extra.iter().map(|(n, t)| Source {
+                name: (*n).into(),
+                origin: format!("test:{n}"),
+                text: (*t).into(),
+            }));
             profiles = ProfileSet::from_sources(sources).expect("test profiles");
         }
-        Host { state, users, cgroups, profiles, cgroup_parents }
+        Host {
+            state,
+            users,
+            cgroups,
+            profiles,
+            cgroup_parents,
+        }
     }
 
     pub fn prepare(&self, user: &str, project: &str) -> UserDirs {
@@ -136,12 +166,22 @@ impl Host {
     }
 
     /// Like [`spawn`](Self::spawn) with a given stdin (a pty, say).
-    pub fn spawn_with_stdin(&self, user: &str, project: &str, profile: &str, argv: &[&str], stdin: Stdio) -> Result<Running, LaunchError> {
+    pub fn spawn_with_stdin(
+        &self,
+        user: &str,
+        project: &str,
+        profile: &str,
+        argv: &[&str],
+        stdin: Stdio,
+    ) -> Result<Running, LaunchError> {
         let profile = self.profiles.get(profile).expect("profile");
         let dirs = self.prepare(user, project);
         let id = self.users.identity(user).expect("identity");
         let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
-        let cgroup = self.cgroups.create(&worker_id, &CgroupLimits::from(&profile.limits)).expect("cgroup");
+        let cgroup = self
+            .cgroups
+            .create(&worker_id, &CgroupLimits::from(&profile.limits))
+            .expect("cgroup");
         let req = SpawnRequest {
             worker_id,
             user: user.into(),
@@ -166,12 +206,19 @@ impl Host {
         };
         let out = drain(launched.child.stdout.take().expect("stdout"));
         let err = drain(launched.child.stderr.take().expect("stderr"));
-        Ok(Running { launched, cgroup, out, err })
+        Ok(Running {
+            launched,
+            cgroup,
+            out,
+            err,
+        })
     }
 
     /// Runs a worker to completion (killing it after `timeout`).
     pub fn run(&self, user: &str, project: &str, profile: &str, argv: &[&str]) -> Outcome {
-        let w = self.spawn(user, project, profile, argv).unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
+        let w = self
+            .spawn(user, project, profile, argv)
+            .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
         w.wait(Duration::from_secs(60))
     }
 }

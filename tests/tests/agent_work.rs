@@ -12,7 +12,10 @@ fn host() -> Option<Host> {
 
 fn sh(host: &Host, user: &str, script: &str) -> Outcome {
     let out = host.run(user, "demo", PROFILE, &["/bin/sh", "-c", script]);
-    eprintln!("--- {user}: {script}\nexit {}\nstdout:\n{}\nstderr:\n{}", out.code, out.stdout, out.stderr);
+    eprintln!(
+        "--- {user}: {script}\nexit {}\nstdout:\n{}\nstderr:\n{}",
+        out.code, out.stdout, out.stderr
+    );
     out
 }
 
@@ -59,7 +62,11 @@ fn run_a_python3_script() {
 fn files_belong_to_the_user_and_are_shared_by_its_workers_only() {
     let Some(h) = host() else { return };
     let uid = h.users.identity("alice").unwrap().uid;
-    let out = sh(&h, "alice", "echo data > made-inside && mkdir -p sub && echo x > sub/y && id -u && whoami");
+    let out = sh(
+        &h,
+        "alice",
+        "echo data > made-inside && mkdir -p sub && echo x > sub/y && id -u && whoami",
+    );
     assert_eq!(out.code, 0);
     assert_eq!(out.stdout, format!("{uid}\nalice\n"));
     let ws = h.prepare("alice", "demo").workspace;
@@ -81,7 +88,11 @@ fn files_belong_to_the_user_and_are_shared_by_its_workers_only() {
 #[test]
 fn home_is_writable_and_persists_across_workers() {
     let Some(h) = host() else { return };
-    let out = sh(&h, "alice", "mkdir -p ~/.claude && echo '{}' > ~/.claude/settings.json && echo $HOME");
+    let out = sh(
+        &h,
+        "alice",
+        "mkdir -p ~/.claude && echo '{}' > ~/.claude/settings.json && echo $HOME",
+    );
     assert_eq!(out.stdout.trim(), "/home/alice");
     let again = sh(&h, "alice", "cat ~/.claude/settings.json");
     assert_eq!(again.stdout.trim(), "{}");

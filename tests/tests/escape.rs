@@ -95,7 +95,14 @@ fn ptrace_and_process_vm_readv_are_denied_by_seccomp() {
 #[test]
 fn mount_namespace_and_root_changes_are_denied() {
     let Some(h) = host() else { return };
-    for a in ["mount", "unshare_user", "unshare_mount", "clone_newuser", "setns", "chroot"] {
+    for a in [
+        "mount",
+        "unshare_user",
+        "unshare_mount",
+        "clone_newuser",
+        "setns",
+        "chroot",
+    ] {
         assert_eq!(attack(&h, &[a]), "EPERM", "{a}");
     }
 }
@@ -103,7 +110,15 @@ fn mount_namespace_and_root_changes_are_denied() {
 #[test]
 fn kernel_attack_surface_calls_are_denied() {
     let Some(h) = host() else { return };
-    for a in ["io_uring_setup", "bpf", "perf_event_open", "keyctl", "add_key", "userfaultfd", "open_by_handle_at"] {
+    for a in [
+        "io_uring_setup",
+        "bpf",
+        "perf_event_open",
+        "keyctl",
+        "add_key",
+        "userfaultfd",
+        "open_by_handle_at",
+    ] {
         assert_eq!(attack(&h, &[a]), "EPERM", "{a}");
     }
 }
@@ -114,11 +129,17 @@ fn tiocsti_on_a_terminal_is_denied() {
     let pty = nix::pty::openpty(None, None).unwrap();
     let bin = h.install_attack("alice", "demo");
     let stdin = Stdio::from(std::fs::File::from(pty.slave));
-    let w = h.spawn_with_stdin("alice", "demo", PROFILE, &[&bin, "tiocsti"], stdin).unwrap();
+    let w = h
+        .spawn_with_stdin("alice", "demo", PROFILE, &[&bin, "tiocsti"], stdin)
+        .unwrap();
     let out = w.wait(Duration::from_secs(30));
     assert_eq!(out.result(), "EPERM");
     // Nothing was pushed into the terminal's input queue.
-    nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    nix::fcntl::fcntl(
+        &pty.master,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
     let mut buf = [0u8; 16];
     let n = std::fs::File::from(pty.master).read(&mut buf).unwrap_or(0);
     assert!(!buf[..n].contains(&b'x'));
@@ -140,7 +161,9 @@ fn processes_outside_cannot_be_signalled() {
 fn abstract_unix_sockets_outside_are_scoped_away() {
     let Some(h) = host() else { return };
     let name = format!("warden-escape-{}", std::process::id());
-    let addr = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes()).unwrap();
+    let addr =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes())
+            .unwrap();
     let _listener = UnixListener::bind_addr(&addr).unwrap();
     // Landlock's abstract-socket scope (ABI 6) refuses the connect.
     assert_eq!(attack(&h, &["abstract", &name]), "EPERM");
@@ -208,7 +231,12 @@ fn the_hosts_proc_1_environ_is_unreachable() {
 fn fds_opened_by_the_parent_are_not_inherited() {
     let Some(h) = host() else { return };
     // Opened without O_CLOEXEC, so a plain fork+exec would pass it on.
-    let leaked = nix::fcntl::open("/etc/hostname", nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty()).unwrap();
+    let leaked = nix::fcntl::open(
+        "/etc/hostname",
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
     let r = attack(&h, &["fds"]);
     drop(leaked);
     assert_eq!(r, "0,1,2");
@@ -224,7 +252,11 @@ fn a_fork_bomb_stops_at_pids_max_and_the_host_stays_responsive() {
     assert!(ok.success());
     let out = w.wait(Duration::from_secs(60));
     assert_eq!(out.result(), "EAGAIN");
-    assert!(out.usage.pids_max_hits > 0, "pids.events shows the limit was hit: {:?}", out.usage);
+    assert!(
+        out.usage.pids_max_hits > 0,
+        "pids.events shows the limit was hit: {:?}",
+        out.usage
+    );
 }
 
 #[test]

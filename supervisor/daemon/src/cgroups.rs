@@ -215,11 +215,7 @@ fn make_cgroup(fs: Fs, path: &Path) -> Result<(), CgroupError> {
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 impl Cgroups {
@@ -239,7 +235,10 @@ impl Cgroups {
         let mounts = parse_mountinfo(&mountinfo);
         if let Some((root, _)) = mounts.iter().find(|(_, t)| t.is_none()) {
             let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-            if V2_CONTROLLERS.iter().all(|c| controllers.split_whitespace().any(|x| x == *c)) {
+            if V2_CONTROLLERS
+                .iter()
+                .all(|c| controllers.split_whitespace().any(|x| x == *c))
+            {
                 let rel = own
                     .lines()
                     .find_map(|l| l.strip_prefix("0::"))
@@ -253,7 +252,11 @@ impl Cgroups {
                 .iter()
                 .find(|(_, t)| t.as_deref().is_some_and(|opts| opts.split(',').any(|o| o == c)))
                 .map(|(p, _)| p.clone())
-                .ok_or_else(|| CgroupError::NoHierarchy(format!("no cgroup v1 mount with the {c} controller and no usable cgroup v2")))?;
+                .ok_or_else(|| {
+                    CgroupError::NoHierarchy(format!(
+                        "no cgroup v1 mount with the {c} controller and no usable cgroup v2"
+                    ))
+                })?;
             parents.insert(c, mount.join(name));
         }
         Self::v1(parents, Fs::Kernel)
@@ -280,10 +283,17 @@ impl Cgroups {
         make_cgroup(fs, &supervisor)?;
         // Every process of our own cgroup moves into the leaf (the daemon may
         // have helper threads' tgids listed once each).
-        for pid in read(&own_dir.join("cgroup.procs"))?.lines().filter(|l| !l.trim().is_empty()) {
+        for pid in read(&own_dir.join("cgroup.procs"))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
             write(&supervisor.join("cgroup.procs"), pid.trim())?;
         }
-        let enable = V2_CONTROLLERS.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+        let enable = V2_CONTROLLERS
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         write(&own_dir.join("cgroup.subtree_control"), &enable)?;
         let workers = own_dir.join("workers");
         make_cgroup(fs, &workers)?;
@@ -353,7 +363,9 @@ fn parse_mountinfo(text: &str) -> Vec<(PathBuf, Option<String>)> {
     let mut out = Vec::new();
     for line in text.lines() {
         // fields: id parent major:minor root mountpoint options ... - fstype source superoptions
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let mountpoint = left.split_whitespace().nth(4);
         let mut r = right.split_whitespace();
         let (fstype, _src, superopts) = (r.next(), r.next(), r.next());
@@ -598,7 +610,10 @@ mod tests {
         assert!(cg.is_v2());
         assert_eq!(read(&own.join("supervisor/cgroup.procs")).unwrap(), "4242");
         assert_eq!(read(&own.join("cgroup.subtree_control")).unwrap(), "+memory +pids +cpu");
-        assert_eq!(read(&own.join("workers/cgroup.subtree_control")).unwrap(), "+memory +pids +cpu");
+        assert_eq!(
+            read(&own.join("workers/cgroup.subtree_control")).unwrap(),
+            "+memory +pids +cpu"
+        );
 
         k.populate(&own.join("workers/w1"));
         let limits = CgroupLimits {
@@ -676,7 +691,10 @@ mod tests {
         k.populate(&own.join("workers"));
         let cg = Cgroups::v2_delegated(k.root.path(), "/svc", Fs::Fake).unwrap();
         for bad in ["", "../x", "a/b", "."] {
-            assert!(matches!(cg.create(bad, &CgroupLimits::default()), Err(CgroupError::BadId(_))));
+            assert!(matches!(
+                cg.create(bad, &CgroupLimits::default()),
+                Err(CgroupError::BadId(_))
+            ));
         }
     }
 

@@ -62,7 +62,13 @@ fn inheritable(fd: &OwnedFd) -> std::io::Result<()> {
 
 /// Starts `launcher` for `spec` with the given stdio and waits until the
 /// sandbox is built and the worker exec'd (or setup failed).
-pub fn launch(launcher: &Path, spec: &LaunchSpec, stdin: Stdio, stdout: Stdio, stderr: Stdio) -> Result<Launched, LaunchError> {
+pub fn launch(
+    launcher: &Path,
+    spec: &LaunchSpec,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<Launched, LaunchError> {
     let (spec_r, spec_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| LaunchError::Pipe(e.into()))?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| LaunchError::Pipe(e.into()))?;
     let mut child = {

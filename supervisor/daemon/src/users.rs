@@ -100,7 +100,12 @@ impl Users {
         Self::open_with(state_dir, range, Path::new("/etc/passwd"), Path::new("/etc/group"))
     }
 
-    pub fn open_with(state_dir: &Path, range: RangeInclusive<u32>, passwd: &Path, group: &Path) -> Result<Self, UserError> {
+    pub fn open_with(
+        state_dir: &Path,
+        range: RangeInclusive<u32>,
+        passwd: &Path,
+        group: &Path,
+    ) -> Result<Self, UserError> {
         if *range.start() == 0 || range.start() > range.end() {
             return Err(UserError::BadRange {
                 start: *range.start(),
@@ -111,9 +116,19 @@ impl Users {
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let dir = open(state_dir, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|source| UserError::Dir { path: state_dir.to_path_buf(), source })?;
-        let st = fstat(dir.as_fd()).map_err(|source| UserError::Dir { path: state_dir.to_path_buf(), source })?;
+        let dir = open(
+            state_dir,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| UserError::Dir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let st = fstat(dir.as_fd()).map_err(|source| UserError::Dir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
         if st.st_uid != 0 || st.st_mode & 0o002 != 0 {
             return Err(UserError::UnsafeStateDir {
                 path: state_dir.to_path_buf(),
@@ -125,7 +140,10 @@ impl Users {
                 path: path.clone(),
                 message: e.to_string(),
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => UidMap { version: 1, users: BTreeMap::new() },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => UidMap {
+                version: 1,
+                users: BTreeMap::new(),
+            },
             Err(source) => return Err(UserError::Read { path, source }),
         };
         Ok(Users {
@@ -142,12 +160,14 @@ impl Users {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(source) => return Err(UserError::Read { path: path.to_path_buf(), source }),
+            Err(source) => {
+                return Err(UserError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
-        Ok(text
-            .lines()
-            .filter_map(|l| l.split(':').nth(2)?.parse().ok())
-            .collect())
+        Ok(text.lines().filter_map(|l| l.split(':').nth(2)?.parse().ok()).collect())
     }
 
     /// The identity of `user`, allocating and persisting one on first use.
@@ -160,7 +180,11 @@ impl Users {
             // An admin may have created an account with our uid since.
             for (ids, file) in [(&taken_uids, "/etc/passwd"), (&taken_gids, "/etc/group")] {
                 if ids.contains(&uid) {
-                    return Err(UserError::Collision { user: user.to_string(), uid, file });
+                    return Err(UserError::Collision {
+                        user: user.to_string(),
+                        uid,
+                        file,
+                    });
                 }
             }
             return Ok(Identity { uid, gid: uid });
@@ -186,7 +210,10 @@ impl Users {
     fn save(&self, map: &UidMap) -> Result<(), UserError> {
         let path = self.state_dir.join(MAP_FILE);
         let tmp = self.state_dir.join(format!("{MAP_FILE}.tmp"));
-        let err = |source| UserError::Save { path: path.clone(), source };
+        let err = |source| UserError::Save {
+            path: path.clone(),
+            source,
+        };
         let json = serde_json::to_vec_pretty(map).map_err(|e| err(e.into()))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -206,8 +233,15 @@ impl Users {
     pub fn prepare(&self, user: &str, project: &str) -> Result<UserDirs, UserError> {
         names::check_project(project)?;
         let id = self.identity(user)?;
-        let state = open(&self.state_dir, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|source| UserError::Dir { path: self.state_dir.clone(), source })?;
+        let state = open(
+            &self.state_dir,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| UserError::Dir {
+            path: self.state_dir.clone(),
+            source,
+        })?;
         let root = (0, 0);
         let own = (id.uid, id.gid);
         let mut path = self.state_dir.clone();
@@ -230,15 +264,36 @@ fn step(parent: &OwnedFd, path: &mut PathBuf, name: &str, (uid, gid): (u32, u32)
     path.push(name);
     match mkdirat(parent, name, Mode::from_bits_truncate(0o700)) {
         Ok(()) | Err(Errno::EEXIST) => {}
-        Err(source) => return Err(UserError::Dir { path: path.clone(), source }),
+        Err(source) => {
+            return Err(UserError::Dir {
+                path: path.clone(),
+                source,
+            })
+        }
     }
-    let fd = match openat(parent, name, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+    let fd = match openat(
+        parent,
+        name,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
         Ok(fd) => fd,
         Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(UserError::NotADirectory { path: path.clone() }),
-        Err(source) => return Err(UserError::Dir { path: path.clone(), source }),
+        Err(source) => {
+            return Err(UserError::Dir {
+                path: path.clone(),
+                source,
+            })
+        }
     };
-    fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|source| UserError::Dir { path: path.clone(), source })?;
-    fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(|source| UserError::Dir { path: path.clone(), source })?;
+    fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|source| UserError::Dir {
+        path: path.clone(),
+        source,
+    })?;
+    fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(|source| UserError::Dir {
+        path: path.clone(),
+        source,
+    })?;
     Ok(fd)
 }
 
@@ -270,7 +325,12 @@ mod tests {
             Fixture { dir }
         }
         fn users(&self, range: RangeInclusive<u32>) -> Result<Users, UserError> {
-            Users::open_with(&self.dir.path().join("state"), range, &self.dir.path().join("passwd"), &self.dir.path().join("group"))
+            Users::open_with(
+                &self.dir.path().join("state"),
+                range,
+                &self.dir.path().join("passwd"),
+                &self.dir.path().join("group"),
+            )
         }
     }
 
@@ -292,7 +352,10 @@ mod tests {
         assert!(matches!(again.identity("../x"), Err(UserError::Name(_))));
         // An admin later creates an account with dave's uid: refuse, do not share.
         std::fs::write(f.dir.path().join("passwd"), "x:x:1002:1002::/:/bin/sh\n").unwrap();
-        assert!(matches!(again.identity("dave"), Err(UserError::Collision { uid: 1002, .. })));
+        assert!(matches!(
+            again.identity("dave"),
+            Err(UserError::Collision { uid: 1002, .. })
+        ));
     }
 
     #[test]
@@ -314,7 +377,12 @@ mod tests {
         assert_eq!(dirs.workspace, state.join("users/alice/workspace/demo"));
         for p in [state.join("users/alice"), dirs.home.clone(), dirs.workspace.clone()] {
             let m = std::fs::metadata(&p).unwrap();
-            assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (300_000, 300_000, 0o700), "{}", p.display());
+            assert_eq!(
+                (m.uid(), m.gid(), m.mode() & 0o7777),
+                (300_000, 300_000, 0o700),
+                "{}",
+                p.display()
+            );
         }
         let users_dir = std::fs::metadata(state.join("users")).unwrap();
         assert_eq!((users_dir.uid(), users_dir.mode() & 0o777), (0, 0o700));
@@ -342,7 +410,10 @@ mod tests {
         // Higher up too: home replaced by a link.
         std::fs::remove_dir(f.dir.path().join("state/users/alice/home")).unwrap();
         std::os::unix::fs::symlink(&victim, f.dir.path().join("state/users/alice/home")).unwrap();
-        assert!(matches!(users.prepare("alice", "demo"), Err(UserError::NotADirectory { .. })));
+        assert!(matches!(
+            users.prepare("alice", "demo"),
+            Err(UserError::NotADirectory { .. })
+        ));
         assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
     }
 
@@ -354,6 +425,9 @@ mod tests {
         let f = Fixture::new("");
         let state = f.dir.path().join("state");
         std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-        assert!(matches!(f.users(300_000..=300_010), Err(UserError::UnsafeStateDir { .. })));
+        assert!(matches!(
+            f.users(300_000..=300_010),
+            Err(UserError::UnsafeStateDir { .. })
+        ));
     }
 }

@@ -106,7 +106,10 @@ fn main() {
         Err(_) => std::process::exit(EXIT_SETUP_FAILED),
     };
     if let Err(e) = read {
-        fail(&mut report, &SetupError::io(Stage::Spec, &e, "Cannot read the launch spec"));
+        fail(
+            &mut report,
+            &SetupError::io(Stage::Spec, &e, "Cannot read the launch spec"),
+        );
     }
     let spec = match LaunchSpec::from_json(&bytes) {
         Ok(s) if s.version == SPEC_VERSION => s,

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use nix::errno::Errno;
 use nix::fcntl::{open, openat2, OFlag, OpenHow, ResolveFlag};
@@ -21,8 +21,7 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::stat::Mode;
 use nix::unistd::{
-    chdir, execve, fork, pivot_root, setgroups, setresgid, setresuid, sethostname, setsid,
-    ForkResult, Gid, Pid, Uid,
+    chdir, execve, fork, pivot_root, setgroups, sethostname, setresgid, setresuid, setsid, ForkResult, Gid, Pid, Uid,
 };
 use warden_policy::{Enforced, LaunchReport, LaunchSpec, NetworkMode};
 
@@ -138,26 +137,46 @@ pub fn init(spec: &LaunchSpec, mut report: File) -> ! {
 /// Each step is here, in the order it happens; returns the worker's PID.
 fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     // If the outer launcher dies, so does this namespace: no orphaned workers.
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).at(Stage::Namespaces, || "Cannot set the parent-death signal".into())?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .at(Stage::Namespaces, || "Cannot set the parent-death signal".into())?;
 
     sethostname(&spec.hostname).at(Stage::Hostname, || format!("Cannot set hostname {}", spec.hostname))?;
 
     // --- Mount namespace: a new root that holds only what the spec lists. ---
     // Nothing we mount may propagate back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .at(Stage::Mounts, || "Cannot make / private".into())?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .at(Stage::Mounts, || "Cannot make / private".into())?;
     // A scratch tmpfs (over /tmp, in this namespace only) becomes the root for
     // a moment; the host root stays reachable under OLD until the end.
     let scratch = "/tmp";
-    mount(Some("tmpfs"), scratch, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("size=1m,mode=0700"))
-        .at(Stage::Mounts, || "Cannot mount the scratch tmpfs".into())?;
+    mount(
+        Some("tmpfs"),
+        scratch,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=1m,mode=0700"),
+    )
+    .at(Stage::Mounts, || "Cannot mount the scratch tmpfs".into())?;
     for d in ["oldroot", "newroot"] {
         std::fs::create_dir(format!("{scratch}/{d}")).at(Stage::Mounts, || format!("Cannot create {scratch}/{d}"))?;
     }
-    pivot_root(scratch, &format!("{scratch}/oldroot")[..]).at(Stage::Mounts, || "Cannot pivot into the scratch tmpfs".into())?;
+    pivot_root(scratch, &format!("{scratch}/oldroot")[..])
+        .at(Stage::Mounts, || "Cannot pivot into the scratch tmpfs".into())?;
     chdir("/").at(Stage::Mounts, || "Cannot chdir to /".into())?;
-    mount(Some("tmpfs"), NEW, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("size=1m,mode=0755"))
-        .at(Stage::Mounts, || format!("Cannot mount the new root tmpfs at {NEW}"))?;
+    mount(
+        Some("tmpfs"),
+        NEW,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=1m,mode=0755"),
+    )
+    .at(Stage::Mounts, || format!("Cannot mount the new root tmpfs at {NEW}"))?;
 
     // Host paths: the user's own directories (never through a symlink) and
     // every profile path, read-only unless the profile grants write.
@@ -167,8 +186,14 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
 
     // A fresh /proc of this PID namespace: no host process is visible.
     make_dir(&new_path("/proc"))?;
-    mount(Some("proc"), &new_path("/proc"), Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-        .at(Stage::Mounts, || "Cannot mount /proc".into())?;
+    mount(
+        Some("proc"),
+        &new_path("/proc"),
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .at(Stage::Mounts, || "Cannot mount /proc".into())?;
 
     // A minimal /dev.
     build_dev(spec.tmp_size)?;
@@ -181,17 +206,28 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     if !tmp_exec {
         tmp_flags |= MsFlags::MS_NOEXEC;
     }
-    mount(Some("tmpfs"), &tmp, Some("tmpfs"), tmp_flags, Some(format!("size={},mode=1777", spec.tmp_size).as_str()))
-        .at(Stage::Mounts, || "Cannot mount /tmp".into())?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        tmp_flags,
+        Some(format!("size={},mode=1777", spec.tmp_size).as_str()),
+    )
+    .at(Stage::Mounts, || "Cannot mount /tmp".into())?;
 
     // /etc/passwd and /etc/group naming only root, the worker and nobody.
     for (name, content) in [("passwd", &spec.passwd), ("group", &spec.group)] {
         let staged = PathBuf::from(format!("/{name}"));
         std::fs::write(&staged, content).at(Stage::Mounts, || format!("Cannot write {}", staged.display()))?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644)).at(Stage::Mounts, || format!("Cannot chmod {}", staged.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644))
+            .at(Stage::Mounts, || format!("Cannot chmod {}", staged.display()))?;
         let target = new_path(&format!("/etc/{name}"));
         make_mountpoint(&target, false)?;
-        bind_tree(&staged, &target, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC)?;
+        bind_tree(
+            &staged,
+            &target,
+            sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC,
+        )?;
     }
 
     // Hidden by construction: /run, /home (but the user's own), /root and
@@ -210,8 +246,14 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     chdir("/").at(Stage::Mounts, || "Cannot chdir to /".into())?;
     // The root directory itself is read-only: a worker creates files only
     // where the profile lets it.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>)
-        .at(Stage::Mounts, || "Cannot remount / read-only".into())?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .at(Stage::Mounts, || "Cannot remount / read-only".into())?;
     chdir(spec.cwd.as_str()).at(Stage::Mounts, || format!("Cannot chdir to {}", spec.cwd))?;
 
     // --- Resource limits. ---
@@ -225,23 +267,52 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     // --- Identity: the worker's uid/gid, no supplementary groups. ---
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
     if spec.uid == 0 || spec.gid == 0 {
-        return Err(SetupError::new(Stage::Identity, Errno::EPERM, "Refusing to run a worker as root"));
+        return Err(SetupError::new(
+            Stage::Identity,
+            Errno::EPERM,
+            "Refusing to run a worker as root",
+        ));
     }
     setgroups(&[gid]).at(Stage::Identity, || format!("Cannot set groups to [{gid}]"))?;
     setresgid(gid, gid, gid).at(Stage::Identity, || format!("Cannot set gid {gid}"))?;
     // The bounding set can only be emptied while we still have CAP_SETPCAP.
-    caps::clear(None, caps::CapSet::Bounding)
-        .map_err(|e| SetupError::new(Stage::Capabilities, Errno::EPERM, format!("Cannot empty the capability bounding set: {e}")))?;
+    caps::clear(None, caps::CapSet::Bounding).map_err(|e| {
+        SetupError::new(
+            Stage::Capabilities,
+            Errno::EPERM,
+            format!("Cannot empty the capability bounding set: {e}"),
+        )
+    })?;
     setresuid(uid, uid, uid).at(Stage::Identity, || format!("Cannot set uid {uid}"))?;
-    for set in [caps::CapSet::Inheritable, caps::CapSet::Ambient, caps::CapSet::Effective, caps::CapSet::Permitted] {
-        caps::clear(None, set)
-            .map_err(|e| SetupError::new(Stage::Capabilities, Errno::EPERM, format!("Cannot clear capability set {set:?}: {e}")))?;
+    for set in [
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        caps::clear(None, set).map_err(|e| {
+            SetupError::new(
+                Stage::Capabilities,
+                Errno::EPERM,
+                format!("Cannot clear capability set {set:?}: {e}"),
+            )
+        })?;
     }
-    let caps_empty = [caps::CapSet::Inheritable, caps::CapSet::Ambient, caps::CapSet::Effective, caps::CapSet::Permitted, caps::CapSet::Bounding]
-        .into_iter()
-        .all(|set| caps::read(None, set).map(|c| c.is_empty()).unwrap_or(false));
+    let caps_empty = [
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Bounding,
+    ]
+    .into_iter()
+    .all(|set| caps::read(None, set).map(|c| c.is_empty()).unwrap_or(false));
     if !caps_empty {
-        return Err(SetupError::new(Stage::Capabilities, Errno::EPERM, "A capability set is not empty after dropping privileges"));
+        return Err(SetupError::new(
+            Stage::Capabilities,
+            Errno::EPERM,
+            "A capability set is not empty after dropping privileges",
+        ));
     }
 
     // --- no_new_privs: setuid binaries and file capabilities grant nothing. ---
@@ -287,7 +358,11 @@ fn make_dir(p: &Path) -> Result<(), SetupError> {
     match std::fs::create_dir(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(SetupError::io(Stage::Mounts, &e, format!("Cannot create {}", p.display()))),
+        Err(e) => Err(SetupError::io(
+            Stage::Mounts,
+            &e,
+            format!("Cannot create {}", p.display()),
+        )),
     }
 }
 
@@ -303,7 +378,9 @@ fn make_mountpoint(target: &Path, dir: bool) -> Result<(), SetupError> {
     if dir {
         make_dir(target)
     } else {
-        File::create(target).map(drop).at(Stage::Mounts, || format!("Cannot create {}", target.display()))
+        File::create(target)
+            .map(drop)
+            .at(Stage::Mounts, || format!("Cannot create {}", target.display()))
     }
 }
 
@@ -315,42 +392,69 @@ fn bind_tree(source: &Path, target: &Path, attrs: u64) -> Result<(), SetupError>
 }
 
 fn bind_fd(fd: &OwnedFd, source: &Path, target: &Path, attrs: u64) -> Result<(), SetupError> {
-    let tree = sys::clone_tree(fd).at(Stage::Mounts, || format!("Cannot clone the mount at {}", source.display()))?;
-    sys::set_tree_attrs(&tree, attrs, 0).at(Stage::Mounts, || format!("Cannot set mount attributes on {}", source.display()))?;
-    sys::attach_tree(&tree, target).at(Stage::Mounts, || format!("Cannot mount {} at {}", source.display(), target.display()))
+    let tree = sys::clone_tree(fd).at(Stage::Mounts, || {
+        format!("Cannot clone the mount at {}", source.display())
+    })?;
+    sys::set_tree_attrs(&tree, attrs, 0).at(Stage::Mounts, || {
+        format!("Cannot set mount attributes on {}", source.display())
+    })?;
+    sys::attach_tree(&tree, target).at(Stage::Mounts, || {
+        format!("Cannot mount {} at {}", source.display(), target.display())
+    })
 }
 
 /// Makes one host path visible inside. A host symlink is recreated as the
 /// same symlink (Debian's /bin -> usr/bin); a missing optional path is
 /// skipped; the user's own directories are opened without following any
 /// symlink, so a planted link cannot redirect the bind.
-fn bind_host_path(source: &Path, target: &str, access: warden_policy::Access, required: bool) -> Result<(), SetupError> {
+fn bind_host_path(
+    source: &Path,
+    target: &str,
+    access: warden_policy::Access,
+    required: bool,
+) -> Result<(), SetupError> {
     let host = PathBuf::from(format!("{OLD}{}", source.display()));
     let inside = new_path(target);
     let fd: OwnedFd = if required {
         let how = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY)
             .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        openat2(nix::fcntl::AT_FDCWD, &host, how).at(Stage::Mounts, || format!("Cannot open {} without following symlinks", source.display()))?
+        openat2(nix::fcntl::AT_FDCWD, &host, how).at(Stage::Mounts, || {
+            format!("Cannot open {} without following symlinks", source.display())
+        })?
     } else {
         match std::fs::symlink_metadata(&host) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(SetupError::io(Stage::Mounts, &e, format!("Cannot stat {}", source.display()))),
+            Err(e) => {
+                return Err(SetupError::io(
+                    Stage::Mounts,
+                    &e,
+                    format!("Cannot stat {}", source.display()),
+                ))
+            }
             Ok(m) if m.file_type().is_symlink() => {
-                let link = std::fs::read_link(&host).at(Stage::Mounts, || format!("Cannot read link {}", source.display()))?;
+                let link =
+                    std::fs::read_link(&host).at(Stage::Mounts, || format!("Cannot read link {}", source.display()))?;
                 if let Some(parent) = inside.parent() {
-                    std::fs::create_dir_all(parent).at(Stage::Mounts, || format!("Cannot create {}", parent.display()))?;
+                    std::fs::create_dir_all(parent)
+                        .at(Stage::Mounts, || format!("Cannot create {}", parent.display()))?;
                 }
                 if inside.symlink_metadata().is_err() {
                     symlink(&link, &inside).at(Stage::Mounts, || format!("Cannot create symlink {target}"))?;
                 }
                 return Ok(());
             }
-            Ok(_) => open(&host, OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW, Mode::empty())
-                .at(Stage::Mounts, || format!("Cannot open {}", source.display()))?,
+            Ok(_) => open(
+                &host,
+                OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+                Mode::empty(),
+            )
+            .at(Stage::Mounts, || format!("Cannot open {}", source.display()))?,
         }
     };
-    let is_dir = nix::sys::stat::fstat(fd.as_fd()).map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR).unwrap_or(false);
+    let is_dir = nix::sys::stat::fstat(fd.as_fd())
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        .unwrap_or(false);
     make_mountpoint(&inside, is_dir)?;
     let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
     if !access.write {
@@ -366,28 +470,61 @@ fn bind_host_path(source: &Path, target: &str, access: warden_policy::Access, re
 fn build_dev(shm_size: u64) -> Result<(), SetupError> {
     let dev = new_path("/dev");
     make_dir(&dev)?;
-    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("size=64k,mode=0755"))
-        .at(Stage::Mounts, || "Cannot mount /dev".into())?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+    )
+    .at(Stage::Mounts, || "Cannot mount /dev".into())?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(node);
         make_mountpoint(&target, false)?;
-        bind_tree(&PathBuf::from(format!("{OLD}/dev/{node}")), &target, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC)?;
+        bind_tree(
+            &PathBuf::from(format!("{OLD}/dev/{node}")),
+            &target,
+            sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC,
+        )?;
     }
     let pts = dev.join("pts");
     make_dir(&pts)?;
     // newinstance: the worker's ptys are its own, not the host's.
-    mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))
-        .at(Stage::Mounts, || "Cannot mount /dev/pts".into())?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .at(Stage::Mounts, || "Cannot mount /dev/pts".into())?;
     symlink("pts/ptmx", dev.join("ptmx")).at(Stage::Mounts, || "Cannot create /dev/ptmx".into())?;
     let shm = dev.join("shm");
     make_dir(&shm)?;
-    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some(format!("size={shm_size},mode=1777").as_str()))
-        .at(Stage::Mounts, || "Cannot mount /dev/shm".into())?;
-    for (name, to) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("size={shm_size},mode=1777").as_str()),
+    )
+    .at(Stage::Mounts, || "Cannot mount /dev/shm".into())?;
+    for (name, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         symlink(to, dev.join(name)).at(Stage::Mounts, || format!("Cannot create /dev/{name}"))?;
     }
-    mount(None::<&str>, &dev, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, None::<&str>)
-        .at(Stage::Mounts, || "Cannot remount /dev read-only".into())
+    mount(
+        None::<&str>,
+        &dev,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .at(Stage::Mounts, || "Cannot remount /dev read-only".into())
 }
 
 fn rlimit_resource(name: &str) -> Option<Resource> {
@@ -413,7 +550,10 @@ fn rlimit_resource(name: &str) -> Option<Resource> {
 }
 
 fn namespaces(spec: &LaunchSpec) -> Vec<String> {
-    let mut v: Vec<String> = ["mnt", "pid", "ipc", "uts", "cgroup"].iter().map(|s| (*s).to_string()).collect();
+    let mut v: Vec<String> = ["mnt", "pid", "ipc", "uts", "cgroup"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
     if spec.network == NetworkMode::None {
         v.push("net".into());
     }
@@ -443,12 +583,16 @@ fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
         return Err(SetupError::new(
             Stage::Landlock,
             Errno::EOPNOTSUPP,
-            format!("The kernel offers landlock ABI {kernel}; profile {} requires at least {}", spec.profile, l.min_abi),
+            format!(
+                "The kernel offers landlock ABI {kernel}; profile {} requires at least {}",
+                spec.profile, l.min_abi
+            ),
         ));
     }
     let used = kernel.min(warden_policy_max_abi());
     let abi = abi_of(used);
-    let err = |what: &str, e: landlock::RulesetError| SetupError::new(Stage::Landlock, Errno::EINVAL, format!("{what}: {e}"));
+    let err =
+        |what: &str, e: landlock::RulesetError| SetupError::new(Stage::Landlock, Errno::EINVAL, format!("{what}: {e}"));
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::HardRequirement)
         .handle_access(AccessFs::from_all(abi))
@@ -460,16 +604,26 @@ fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
     }
     let scoped = used >= 6;
     if scoped {
-        ruleset = ruleset.scope(Scope::from_all(abi)).map_err(|e| err("Cannot scope signals and abstract sockets", e))?;
+        ruleset = ruleset
+            .scope(Scope::from_all(abi))
+            .map_err(|e| err("Cannot scope signals and abstract sockets", e))?;
     }
-    let mut created = ruleset.create().map_err(|e| err("Cannot create the landlock ruleset", e))?;
+    let mut created = ruleset
+        .create()
+        .map_err(|e| err("Cannot create the landlock ruleset", e))?;
     let write = AccessFs::from_write(abi) & !(AccessFs::MakeChar | AccessFs::MakeBlock);
     for rule in &l.rules {
         let fd = match PathFd::new(&rule.path) {
             Ok(fd) => fd,
             // A profile path missing on this host grants nothing.
             Err(_) if std::fs::symlink_metadata(&rule.path).is_err() => continue,
-            Err(e) => return Err(SetupError::new(Stage::Landlock, Errno::EINVAL, format!("Cannot open {}: {e}", rule.path))),
+            Err(e) => {
+                return Err(SetupError::new(
+                    Stage::Landlock,
+                    Errno::EINVAL,
+                    format!("Cannot open {}: {e}", rule.path),
+                ))
+            }
         };
         let mut access: BitFlags<AccessFs> = BitFlags::empty();
         if rule.access.read {
@@ -490,13 +644,19 @@ fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
     }
     if l.restrict_tcp {
         for &port in &l.tcp_connect {
-            created = created.add_rule(NetPort::new(port, AccessNet::ConnectTcp)).map_err(|e| err(&format!("Cannot allow TCP connect to port {port}"), e))?;
+            created = created
+                .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
+                .map_err(|e| err(&format!("Cannot allow TCP connect to port {port}"), e))?;
         }
         for &port in &l.tcp_bind {
-            created = created.add_rule(NetPort::new(port, AccessNet::BindTcp)).map_err(|e| err(&format!("Cannot allow TCP bind to port {port}"), e))?;
+            created = created
+                .add_rule(NetPort::new(port, AccessNet::BindTcp))
+                .map_err(|e| err(&format!("Cannot allow TCP bind to port {port}"), e))?;
         }
     }
-    let status = created.restrict_self().map_err(|e| err("Cannot enforce the landlock ruleset", e))?;
+    let status = created
+        .restrict_self()
+        .map_err(|e| err("Cannot enforce the landlock ruleset", e))?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(SetupError::new(
             Stage::Landlock,
@@ -522,11 +682,19 @@ fn exec_worker(spec: &LaunchSpec, report: &mut File) -> ! {
     let argv: Vec<CString> = spec.argv.iter().map(|a| to_c(a)).collect();
     let envp: Vec<CString> = spec.env.iter().map(|(k, v)| to_c(&format!("{k}={v}"))).collect();
     let program = &spec.argv[0];
-    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map_or("/usr/bin:/bin", |(_, v)| v.as_str());
+    let path_var = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or("/usr/bin:/bin", |(_, v)| v.as_str());
     let candidates: Vec<String> = if program.contains('/') {
         vec![program.clone()]
     } else {
-        path_var.split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{program}")).collect()
+        path_var
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d}/{program}"))
+            .collect()
     };
     let mut last = Errno::ENOENT;
     for c in &candidates {

@@ -152,7 +152,9 @@ pub fn wait_signal(set: &SigSet, timeout: Option<std::time::Duration>) -> Option
 /// Brings the loopback interface of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
     // SAFETY: socket() has no memory arguments; we own the returned fd.
-    let fd = check(libc::c_long::from(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }))?;
+    let fd = check(libc::c_long::from(unsafe {
+        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+    }))?;
     // SAFETY: fresh descriptor, owned here.
     let sock = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     // SAFETY: ifreq is plain data; all-zero is a valid value.
@@ -161,11 +163,16 @@ pub fn loopback_up() -> Result<(), Errno> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS reads the name and writes ifru_flags of `req`.
-    check(libc::c_long::from(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) }))?;
+    check(libc::c_long::from(unsafe {
+        libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)
+    }))?;
     // SAFETY: reading and writing the flags member the kernel just filled.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: as above; the kernel reads `req`.
-    check(libc::c_long::from(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })).map(drop)
+    check(libc::c_long::from(unsafe {
+        libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req)
+    }))
+    .map(drop)
 }
 
 /// Resets every signal disposition to default (ignored signals survive exec
@@ -190,7 +197,9 @@ pub fn adopt_fd_as(fd: RawFd, to: RawFd) -> Result<std::fs::File, Errno> {
         unsafe { libc::close(fd) };
     } else {
         // SAFETY: F_SETFD on a descriptor we were handed.
-        check(libc::c_long::from(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) }))?;
+        check(libc::c_long::from(unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC)
+        }))?;
     }
     // SAFETY: `to` is now a valid descriptor owned only by the returned File.
     Ok(unsafe { std::fs::File::from_raw_fd(to) })

@@ -31,7 +31,11 @@ fn dirs() -> Dirs {
         std::fs::create_dir(d).unwrap();
         chown(d, Some(UID), Some(UID)).unwrap();
     }
-    Dirs { _tmp: tmp, home, workspace }
+    Dirs {
+        _tmp: tmp,
+        home,
+        workspace,
+    }
 }
 
 fn spec(d: &Dirs, argv: &[&str]) -> LaunchSpec {
@@ -53,7 +57,14 @@ fn spec(d: &Dirs, argv: &[&str]) -> LaunchSpec {
 }
 
 fn run(spec: &LaunchSpec) -> (i32, String) {
-    let mut l = launch(Path::new(LAUNCHER), spec, Stdio::null(), Stdio::piped(), Stdio::inherit()).unwrap();
+    let mut l = launch(
+        Path::new(LAUNCHER),
+        spec,
+        Stdio::null(),
+        Stdio::piped(),
+        Stdio::inherit(),
+    )
+    .unwrap();
     let mut out = String::new();
     l.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     let status = l.child.wait().unwrap();
@@ -62,8 +73,19 @@ fn run(spec: &LaunchSpec) -> (i32, String) {
 }
 
 fn setup_error(spec: &LaunchSpec) -> (String, String, String) {
-    match launch(Path::new(LAUNCHER), spec, Stdio::null(), Stdio::null(), Stdio::inherit()) {
-        Err(LaunchError::Setup { stage, errno_name, message, .. }) => (stage, errno_name, message),
+    match launch(
+        Path::new(LAUNCHER),
+        spec,
+        Stdio::null(),
+        Stdio::null(),
+        Stdio::inherit(),
+    ) {
+        Err(LaunchError::Setup {
+            stage,
+            errno_name,
+            message,
+            ..
+        }) => (stage, errno_name, message),
         Err(e) => panic!("expected a setup error, got {e}"),
         Ok(_) => panic!("expected a setup error, the worker started"),
     }
@@ -91,11 +113,22 @@ fn sigterm_to_the_launcher_reaches_the_worker() {
         return;
     }
     let d = dirs();
-    let s = spec(&d, &["/bin/sh", "-c", "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done"]);
+    let s = spec(
+        &d,
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done",
+        ],
+    );
     let mut l = launch(Path::new(LAUNCHER), &s, Stdio::null(), Stdio::piped(), Stdio::inherit()).unwrap();
     let mut lines = BufReader::new(l.child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(l.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(l.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "got-term");
     assert_eq!(l.child.wait().unwrap().code(), Some(42));
 }
@@ -162,7 +195,11 @@ fn a_symlinked_user_directory_is_refused() {
     let link = d.workspace.parent().unwrap().join("link");
     symlink("/etc", &link).unwrap();
     let mut s = spec(&d, &["/bin/true"]);
-    s.binds.iter_mut().find(|b| b.target.starts_with("/workspace")).unwrap().source = link;
+    s.binds
+        .iter_mut()
+        .find(|b| b.target.starts_with("/workspace"))
+        .unwrap()
+        .source = link;
     let (stage, errno, _) = setup_error(&s);
     assert_eq!((stage.as_str(), errno.as_str()), ("mounts", "ELOOP"));
 }
@@ -184,16 +221,21 @@ fn a_garbage_spec_is_a_typed_spec_failure() {
     if !root() {
         return;
     }
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
     let (spec_r, spec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
     let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
     // Only the launcher's ends are inherited.
     fcntl(&spec_r, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
     fcntl(&report_w, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
     let mut child = std::process::Command::new(LAUNCHER)
-        .args(["--spec-fd", &spec_r.as_raw_fd().to_string(), "--report-fd", &report_w.as_raw_fd().to_string()])
+        .args([
+            "--spec-fd",
+            &spec_r.as_raw_fd().to_string(),
+            "--report-fd",
+            &report_w.as_raw_fd().to_string(),
+        ])
         .spawn()
         .unwrap();
     drop(spec_r);
@@ -202,7 +244,10 @@ fn a_garbage_spec_is_a_typed_spec_failure() {
     let mut report = String::new();
     std::fs::File::from(report_r).read_to_string(&mut report).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(125));
-    assert!(report.contains(r#""kind":"failed","stage":"spec","errno":22"#), "{report}");
+    assert!(
+        report.contains(r#""kind":"failed","stage":"spec","errno":22"#),
+        "{report}"
+    );
 }
 
 #[test]

@@ -17,11 +17,11 @@ mod units;
 
 pub use error::{Location, PolicyError};
 pub use profile::{
-    Access, EnvPolicy, FsRule, Limits, NetworkMode, NetworkPolicy, Profile, ProfileSet,
-    SeccompPolicy, Source, EMBEDDED_PROFILES,
+    Access, EnvPolicy, FsRule, Limits, NetworkMode, NetworkPolicy, Profile, ProfileSet, SeccompPolicy, Source,
+    EMBEDDED_PROFILES,
 };
 pub use spec::{
-    compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Rlimit,
-    SeccompSpec, SpawnRequest, SPEC_VERSION,
+    compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Rlimit, SeccompSpec, SpawnRequest,
+    SPEC_VERSION,
 };
 pub use units::{parse_cpu_quota, parse_duration, parse_size};

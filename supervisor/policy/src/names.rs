@@ -62,7 +62,18 @@ mod tests {
         for ok in ["alice", "bob-2", "svc_web", "a.b"] {
             assert_eq!(check_user(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "..", ".", "-rf", "a/b", "a\0b", "Alice", "a b", "../etc", &"x".repeat(33)] {
+        for bad in [
+            "",
+            "..",
+            ".",
+            "-rf",
+            "a/b",
+            "a\0b",
+            "Alice",
+            "a b",
+            "../etc",
+            &"x".repeat(33),
+        ] {
             assert!(check_user(bad).is_err(), "{bad:?}");
         }
     }

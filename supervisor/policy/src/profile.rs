@@ -37,8 +37,22 @@ pub const VARIABLES: &[&str] = &["HOME", "WORKSPACE", "TMP", "USER"];
 pub const MAX_LANDLOCK_ABI: u32 = 7;
 
 const RLIMITS: &[&str] = &[
-    "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile",
-    "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
+    "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
 ];
 
 /// One profile file's text and where it came from.
@@ -257,11 +271,7 @@ impl Parsed {
 
 fn parse(source: Source) -> Result<Parsed, PolicyError> {
     let raw: RawProfile = toml::from_str(&source.text).map_err(|e| PolicyError::Invalid {
-        at: Location::from_offset(
-            &source.origin,
-            &source.text,
-            e.span().map_or(0, |s| s.start),
-        ),
+        at: Location::from_offset(&source.origin, &source.text, e.span().map_or(0, |s| s.start)),
         message: e.message().trim().to_string(),
     })?;
     let parsed = Parsed { source, raw };
@@ -436,10 +446,7 @@ fn validate_file(p: &Parsed) -> Result<(), PolicyError> {
         }
         if let RawRlimit::Word(w) = value.get_ref() {
             if w != "unlimited" {
-                return Err(p.invalid(
-                    value.span(),
-                    format!("expected a number or \"unlimited\", got {w:?}"),
-                ));
+                return Err(p.invalid(value.span(), format!("expected a number or \"unlimited\", got {w:?}")));
             }
         }
     }
@@ -524,13 +531,7 @@ fn merge(base: &mut Profile, r: &RawProfile) {
         ..Access::default()
     };
     add(&r.filesystem.read_only, ro);
-    add(
-        &r.filesystem.read_write,
-        Access {
-            write: true,
-            ..ro
-        },
-    );
+    add(&r.filesystem.read_write, Access { write: true, ..ro });
     add(&r.filesystem.exec, Access { exec: true, ..ro });
     if let Some(m) = &r.network.mode {
         base.network.mode = if m.get_ref() == "none" {
@@ -591,9 +592,7 @@ fn merge(base: &mut Profile, r: &RawProfile) {
         .pass
         .extend(r.environment.pass.iter().map(|n| n.get_ref().clone()));
     for (n, v) in &r.environment.set {
-        base.environment
-            .set
-            .insert(n.get_ref().clone(), v.get_ref().clone());
+        base.environment.set.insert(n.get_ref().clone(), v.get_ref().clone());
     }
 }
 
@@ -602,10 +601,7 @@ fn merge(base: &mut Profile, r: &RawProfile) {
 fn validate_resolved(p: &Parsed, prof: &Profile) -> Result<(), PolicyError> {
     let whole = 0..0;
     if prof.seccomp.groups.is_empty() && prof.seccomp.allow.is_empty() {
-        return Err(p.invalid(
-            whole,
-            "the seccomp allowlist is empty: list groups in [seccomp] groups",
-        ));
+        return Err(p.invalid(whole, "the seccomp allowlist is empty: list groups in [seccomp] groups"));
     }
     if !prof.filesystem.iter().any(|r| r.access.exec) {
         return Err(p.invalid(
@@ -615,12 +611,7 @@ fn validate_resolved(p: &Parsed, prof: &Profile) -> Result<(), PolicyError> {
     }
     if let (Some(m), Some(s)) = (prof.limits.memory, prof.limits.memory_swap) {
         if s < m {
-            let span = p
-                .raw
-                .limits
-                .memory_swap
-                .as_ref()
-                .map_or(0..0, |s| s.span());
+            let span = p.raw.limits.memory_swap.as_ref().map_or(0..0, |s| s.span());
             return Err(p.invalid(span, "memory_swap (memory plus swap) must be at least memory"));
         }
     }
@@ -649,10 +640,8 @@ impl ProfileSet {
     /// The embedded profiles, overridden and extended by the `*.toml` files
     /// of `dir` (a file named like an embedded profile replaces it).
     pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
-        let mut sources: BTreeMap<String, Source> = embedded_sources()
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
+        let mut sources: BTreeMap<String, Source> =
+            embedded_sources().into_iter().map(|s| (s.name.clone(), s)).collect();
         let entries = std::fs::read_dir(dir).map_err(|source| PolicyError::ReadDir {
             path: dir.to_path_buf(),
             source,
@@ -780,10 +769,7 @@ fn resolve(
             base = Some(p.clone());
             break;
         } else {
-            return Err(current.invalid(
-                parent.span(),
-                format!("profile extends unknown profile {pname:?}"),
-            ));
+            return Err(current.invalid(parent.span(), format!("profile extends unknown profile {pname:?}")));
         }
     }
     let mut prof = base.unwrap_or_else(|| empty_profile(name, &leaf.source.origin));
@@ -851,10 +837,7 @@ groups = ["default"]
             ("${NOPE}/x", "unknown variable ${NOPE}"),
             ("/", "whole host"),
         ] {
-            let e = err_of(vec![src(
-                "a",
-                &format!("[filesystem]\nread_only = [\"{bad}\"]\n"),
-            )]);
+            let e = err_of(vec![src("a", &format!("[filesystem]\nread_only = [\"{bad}\"]\n"))]);
             assert!(e.starts_with("a.toml:2:14:"), "{bad}: {e}");
             assert!(e.contains(msg), "{bad}: {e}");
         }
@@ -876,10 +859,7 @@ groups = ["default"]
         assert!(e.contains("seccomp allowlist is empty"), "{e}");
         let e = err_of(vec![src("a", "[seccomp]\ngroups = [\"default\"]\n")]);
         assert!(e.contains("no path is executable"), "{e}");
-        let e = err_of(vec![src(
-            "a",
-            &format!("{MINIMAL}[network]\nmode = \"tcp\"\n"),
-        )]);
+        let e = err_of(vec![src("a", &format!("{MINIMAL}[network]\nmode = \"tcp\"\n"))]);
         assert!(e.contains("landlock ABI 4"), "{e}");
     }
 
@@ -905,11 +885,11 @@ groups = ["default"]
     #[test]
     fn extends_errors() {
         let e = err_of(vec![src("a", "extends = \"ghost\"\n")]);
-        assert!(e.starts_with("a.toml:1:11: profile extends unknown profile \"ghost\""), "{e}");
-        let e = err_of(vec![
-            src("a", "extends = \"b\"\n"),
-            src("b", "extends = \"a\"\n"),
-        ]);
+        assert!(
+            e.starts_with("a.toml:1:11: profile extends unknown profile \"ghost\""),
+            "{e}"
+        );
+        let e = err_of(vec![src("a", "extends = \"b\"\n"), src("b", "extends = \"a\"\n")]);
         assert!(e.contains("extends itself"), "{e}");
     }
 
@@ -922,7 +902,9 @@ groups = ["default"]
         assert_eq!(p.limits.pids, Some(64));
         assert!(p.extends.contains(&"claude-code".to_string()));
         assert!(p.extends.contains(&"base".to_string()));
-        let e = set.check(src("mine", "extends = \"claude-code\"\nbogus = 1\n")).unwrap_err();
+        let e = set
+            .check(src("mine", "extends = \"claude-code\"\nbogus = 1\n"))
+            .unwrap_err();
         assert!(e.to_string().starts_with("mine.toml:2:1: unknown field `bogus`"), "{e}");
     }
 

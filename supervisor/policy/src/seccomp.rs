@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op,
-    SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
 use crate::error::PolicyError;
@@ -33,20 +33,69 @@ pub const GROUPS: &[Group] = &[
         about: "what every dynamically linked program needs to start and exit",
         calls: &[
             "arch_prctl", // x86_64 TLS setup by the dynamic loader
-            "brk", "exit", "exit_group", "getrandom", "mmap", "mprotect", "munmap", "mremap",
-            "madvise", "msync", "mincore", "membarrier", "rseq", "set_robust_list",
-            "get_robust_list", "set_tid_address", "futex", "futex_waitv", "futex_wait",
-            "futex_wake", "futex_requeue", "restart_syscall", "sched_yield", "sched_getaffinity",
-            "sched_setaffinity", "sched_getparam", "sched_getscheduler",
-            "sched_get_priority_min", "sched_get_priority_max", "sched_rr_get_interval",
-            "getcpu", "uname", "sysinfo", "getpid", "getppid", "gettid", "getuid", "geteuid",
-            "getgid", "getegid", "getresuid", "getresgid", "getgroups", "getrlimit",
+            "brk",
+            "exit",
+            "exit_group",
+            "getrandom",
+            "mmap",
+            "mprotect",
+            "munmap",
+            "mremap",
+            "madvise",
+            "msync",
+            "mincore",
+            "membarrier",
+            "rseq",
+            "set_robust_list",
+            "get_robust_list",
+            "set_tid_address",
+            "futex",
+            "futex_waitv",
+            "futex_wait",
+            "futex_wake",
+            "futex_requeue",
+            "restart_syscall",
+            "sched_yield",
+            "sched_getaffinity",
+            "sched_setaffinity",
+            "sched_getparam",
+            "sched_getscheduler",
+            "sched_get_priority_min",
+            "sched_get_priority_max",
+            "sched_rr_get_interval",
+            "getcpu",
+            "uname",
+            "sysinfo",
+            "getpid",
+            "getppid",
+            "gettid",
+            "getuid",
+            "geteuid",
+            "getgid",
+            "getegid",
+            "getresuid",
+            "getresgid",
+            "getgroups",
+            "getrlimit",
             "prlimit64", // lowering limits only: raising above the hard limit needs a capability
-            "setrlimit", "getrusage", "times", "capget",
+            "setrlimit",
+            "getrusage",
+            "times",
+            "capget",
             "prctl", // PR_SET_NAME, PR_SET_PDEATHSIG...; privileged options need capabilities
-            "pkey_alloc", "pkey_free", "pkey_mprotect", "mseal", "mlock", "mlock2", "munlock",
-            "mlockall", "munlockall", // bounded by RLIMIT_MEMLOCK
-            "get_mempolicy", "set_mempolicy", "mbind", "set_mempolicy_home_node",
+            "pkey_alloc",
+            "pkey_free",
+            "pkey_mprotect",
+            "mseal",
+            "mlock",
+            "mlock2",
+            "munlock",
+            "mlockall",
+            "munlockall", // bounded by RLIMIT_MEMLOCK
+            "get_mempolicy",
+            "set_mempolicy",
+            "mbind",
+            "set_mempolicy_home_node",
             "map_shadow_stack", // x86 CET shadow stacks for the process itself
         ],
     },
@@ -54,83 +103,247 @@ pub const GROUPS: &[Group] = &[
         name: "io",
         about: "reading and writing open files, pipes and polling",
         calls: &[
-            "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
-            "preadv2", "pwritev2", "lseek", "close", "close_range", "dup", "dup2", "dup3",
-            "pipe", "pipe2", "fcntl",
+            "read",
+            "write",
+            "readv",
+            "writev",
+            "pread64",
+            "pwrite64",
+            "preadv",
+            "pwritev",
+            "preadv2",
+            "pwritev2",
+            "lseek",
+            "close",
+            "close_range",
+            "dup",
+            "dup2",
+            "dup3",
+            "pipe",
+            "pipe2",
+            "fcntl",
             "ioctl", // only with safe requests: TIOCSTI and TIOCLINUX are refused by argument
-            "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1",
-            "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2",
-            "sendfile", "splice", "tee", "vmsplice", "copy_file_range", "fadvise64",
-            "readahead", "memfd_create", "memfd_secret",
+            "poll",
+            "ppoll",
+            "select",
+            "pselect6",
+            "epoll_create",
+            "epoll_create1",
+            "epoll_ctl",
+            "epoll_wait",
+            "epoll_pwait",
+            "epoll_pwait2",
+            "eventfd",
+            "eventfd2",
+            "sendfile",
+            "splice",
+            "tee",
+            "vmsplice",
+            "copy_file_range",
+            "fadvise64",
+            "readahead",
+            "memfd_create",
+            "memfd_secret",
             // Linux AIO (not io_uring): no kernel attack surface of note, used by databases
-            "io_setup", "io_destroy", "io_submit", "io_getevents", "io_pgetevents", "io_cancel",
+            "io_setup",
+            "io_destroy",
+            "io_submit",
+            "io_getevents",
+            "io_pgetevents",
+            "io_cancel",
         ],
     },
     Group {
         name: "file-system",
         about: "path-based file operations; landlock decides which paths",
         calls: &[
-            "open", "openat", "openat2", "creat", "stat", "lstat", "fstat", "newfstatat",
-            "statx", "statfs", "fstatfs", "access", "faccessat", "faccessat2", "readlink",
-            "readlinkat", "getdents", "getdents64", "mkdir", "mkdirat", "rmdir", "unlink",
-            "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "symlink",
-            "symlinkat", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown",
-            "fchownat", "lchown", "truncate", "ftruncate", "fallocate", "fsync", "fdatasync",
-            "sync", "syncfs", "sync_file_range", "utime", "utimes", "utimensat", "futimesat",
-            "getcwd", "chdir", "fchdir", "umask", "flock",
-            "mknod", "mknodat", // FIFOs and sockets; device nodes need CAP_MKNOD, which no worker has
-            "inotify_init", "inotify_init1", "inotify_add_watch", "inotify_rm_watch",
-            "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr",
-            "getxattrat", "listxattrat",
-            "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
-            "fremovexattr", "setxattrat", "removexattrat", // user.* only without capabilities
-            "file_getattr", "file_setattr",
+            "open",
+            "openat",
+            "openat2",
+            "creat",
+            "stat",
+            "lstat",
+            "fstat",
+            "newfstatat",
+            "statx",
+            "statfs",
+            "fstatfs",
+            "access",
+            "faccessat",
+            "faccessat2",
+            "readlink",
+            "readlinkat",
+            "getdents",
+            "getdents64",
+            "mkdir",
+            "mkdirat",
+            "rmdir",
+            "unlink",
+            "unlinkat",
+            "rename",
+            "renameat",
+            "renameat2",
+            "link",
+            "linkat",
+            "symlink",
+            "symlinkat",
+            "chmod",
+            "fchmod",
+            "fchmodat",
+            "fchmodat2",
+            "chown",
+            "fchown",
+            "fchownat",
+            "lchown",
+            "truncate",
+            "ftruncate",
+            "fallocate",
+            "fsync",
+            "fdatasync",
+            "sync",
+            "syncfs",
+            "sync_file_range",
+            "utime",
+            "utimes",
+            "utimensat",
+            "futimesat",
+            "getcwd",
+            "chdir",
+            "fchdir",
+            "umask",
+            "flock",
+            "mknod",
+            "mknodat", // FIFOs and sockets; device nodes need CAP_MKNOD, which no worker has
+            "inotify_init",
+            "inotify_init1",
+            "inotify_add_watch",
+            "inotify_rm_watch",
+            "getxattr",
+            "lgetxattr",
+            "fgetxattr",
+            "listxattr",
+            "llistxattr",
+            "flistxattr",
+            "getxattrat",
+            "listxattrat",
+            "setxattr",
+            "lsetxattr",
+            "fsetxattr",
+            "removexattr",
+            "lremovexattr",
+            "fremovexattr",
+            "setxattrat",
+            "removexattrat", // user.* only without capabilities
+            "file_getattr",
+            "file_setattr",
         ],
     },
     Group {
         name: "process",
         about: "creating, running and waiting for processes and threads",
         calls: &[
-            "fork", "vfork",
-            "clone", // only without namespace flags (checked by argument)
+            "fork",
+            "vfork",
+            "clone",  // only without namespace flags (checked by argument)
             "clone3", // always ENOSYS: its flags are in memory seccomp cannot read, so libc falls back to clone
-            "execve", "execveat", "wait4", "waitid", "kill", "tkill", "tgkill",
-            "getpgid", "setpgid", "getpgrp", "getsid", "setsid", "getpriority",
+            "execve",
+            "execveat",
+            "wait4",
+            "waitid",
+            "kill",
+            "tkill",
+            "tgkill",
+            "getpgid",
+            "setpgid",
+            "getpgrp",
+            "getsid",
+            "setsid",
+            "getpriority",
             "setpriority", // raising priority needs CAP_SYS_NICE
-            "sched_setparam", "sched_setscheduler", "sched_getattr", "sched_setattr",
-            "pidfd_open", "pidfd_send_signal", "ioprio_get", "ioprio_set",
+            "sched_setparam",
+            "sched_setscheduler",
+            "sched_getattr",
+            "sched_setattr",
+            "pidfd_open",
+            "pidfd_send_signal",
+            "ioprio_get",
+            "ioprio_set",
             // Changing to one's own ids: without capabilities nothing else is possible,
             // and tools such as sudo-less installers probe these.
-            "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-            "setgroups", "setfsuid", "setfsgid",
+            "setuid",
+            "setgid",
+            "setreuid",
+            "setregid",
+            "setresuid",
+            "setresgid",
+            "setgroups",
+            "setfsuid",
+            "setfsgid",
         ],
     },
     Group {
         name: "signal",
         about: "signal handling",
         calls: &[
-            "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigsuspend", "rt_sigpending",
-            "rt_sigtimedwait", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "sigaltstack", "pause",
-            "alarm", "signalfd", "signalfd4",
+            "rt_sigaction",
+            "rt_sigprocmask",
+            "rt_sigreturn",
+            "rt_sigsuspend",
+            "rt_sigpending",
+            "rt_sigtimedwait",
+            "rt_sigqueueinfo",
+            "rt_tgsigqueueinfo",
+            "sigaltstack",
+            "pause",
+            "alarm",
+            "signalfd",
+            "signalfd4",
         ],
     },
     Group {
         name: "time",
         about: "clocks and timers (reading, never setting the system clock)",
         calls: &[
-            "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday",
-            "time", "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun",
-            "timer_delete", "timerfd_create", "timerfd_settime", "timerfd_gettime",
-            "getitimer", "setitimer",
+            "clock_gettime",
+            "clock_getres",
+            "clock_nanosleep",
+            "nanosleep",
+            "gettimeofday",
+            "time",
+            "timer_create",
+            "timer_settime",
+            "timer_gettime",
+            "timer_getoverrun",
+            "timer_delete",
+            "timerfd_create",
+            "timerfd_settime",
+            "timerfd_gettime",
+            "getitimer",
+            "setitimer",
         ],
     },
     Group {
         name: "ipc",
         about: "System V and POSIX IPC, private to the worker's IPC namespace",
         calls: &[
-            "shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop", "semctl",
-            "msgget", "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend",
-            "mq_timedreceive", "mq_notify", "mq_getsetattr",
+            "shmget",
+            "shmat",
+            "shmdt",
+            "shmctl",
+            "semget",
+            "semop",
+            "semtimedop",
+            "semctl",
+            "msgget",
+            "msgsnd",
+            "msgrcv",
+            "msgctl",
+            "mq_open",
+            "mq_unlink",
+            "mq_timedsend",
+            "mq_timedreceive",
+            "mq_notify",
+            "mq_getsetattr",
         ],
     },
     Group {
@@ -138,16 +351,32 @@ pub const GROUPS: &[Group] = &[
         about: "sockets; families are checked by argument, TCP ports by landlock",
         calls: &[
             "socket", // AF_UNIX, AF_INET/6 stream (and datagram if udp), AF_NETLINK route only
-            "socketpair", "bind", "connect", "listen", "accept", "accept4", "getsockname",
-            "getpeername", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg",
-            "shutdown", "setsockopt", "getsockopt",
+            "socketpair",
+            "bind",
+            "connect",
+            "listen",
+            "accept",
+            "accept4",
+            "getsockname",
+            "getpeername",
+            "sendto",
+            "recvfrom",
+            "sendmsg",
+            "recvmsg",
+            "sendmmsg",
+            "recvmmsg",
+            "shutdown",
+            "setsockopt",
+            "getsockopt",
         ],
     },
     Group {
         name: "sandbox",
         about: "a worker may sandbox itself further (nested landlock and seccomp)",
         calls: &[
-            "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+            "landlock_create_ruleset",
+            "landlock_add_rule",
+            "landlock_restrict_self",
             "seccomp", // only adds filters; no_new_privs is already set
         ],
     },
@@ -157,9 +386,18 @@ pub const GROUPS: &[Group] = &[
 /// surfaces or ways out of the sandbox; a profile naming one in `allow` is
 /// rejected when it is loaded.
 pub const NEVER_ALLOWED: &[(&str, &str)] = &[
-    ("io_uring_setup", "io_uring bypasses seccomp for the operations it submits"),
-    ("io_uring_enter", "io_uring bypasses seccomp for the operations it submits"),
-    ("io_uring_register", "io_uring bypasses seccomp for the operations it submits"),
+    (
+        "io_uring_setup",
+        "io_uring bypasses seccomp for the operations it submits",
+    ),
+    (
+        "io_uring_enter",
+        "io_uring bypasses seccomp for the operations it submits",
+    ),
+    (
+        "io_uring_register",
+        "io_uring bypasses seccomp for the operations it submits",
+    ),
     ("ptrace", "tracing another process reads and changes its memory"),
     ("process_vm_readv", "reads another process's memory"),
     ("process_vm_writev", "writes another process's memory"),
@@ -178,15 +416,24 @@ pub const NEVER_ALLOWED: &[(&str, &str)] = &[
     ("fsconfig", "changes the mount table"),
     ("fspick", "changes the mount table"),
     ("mount_setattr", "changes the mount table"),
-    ("unshare", "new namespaces (user namespaces above all) widen the kernel surface"),
+    (
+        "unshare",
+        "new namespaces (user namespaces above all) widen the kernel surface",
+    ),
     ("setns", "enters another namespace"),
     ("bpf", "loads programs into the kernel"),
-    ("perf_event_open", "a long record of kernel vulnerabilities and side channels"),
+    (
+        "perf_event_open",
+        "a long record of kernel vulnerabilities and side channels",
+    ),
     ("keyctl", "the kernel keyring is shared across the host"),
     ("add_key", "the kernel keyring is shared across the host"),
     ("request_key", "the kernel keyring is shared across the host"),
     ("userfaultfd", "makes kernel races easy to win"),
-    ("open_by_handle_at", "opens files by handle, bypassing path-based checks"),
+    (
+        "open_by_handle_at",
+        "opens files by handle, bypassing path-based checks",
+    ),
     ("name_to_handle_at", "pairs with open_by_handle_at"),
     ("init_module", "loads kernel code"),
     ("finit_module", "loads kernel code"),
@@ -248,10 +495,7 @@ pub fn group_names() -> Vec<&'static str> {
 }
 
 pub fn never_allowed(name: &str) -> Option<&'static str> {
-    NEVER_ALLOWED
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, why)| *why)
+    NEVER_ALLOWED.iter().find(|(n, _)| *n == name).map(|(_, why)| *why)
 }
 
 /// The architectures warden compiles filters for.
@@ -289,14 +533,8 @@ impl Arch {
     /// The number of a call on this architecture, if it exists there.
     pub fn number(self, name: &str) -> Option<i64> {
         match self {
-            Arch::X86_64 => name
-                .parse::<syscalls::x86_64::Sysno>()
-                .ok()
-                .map(|s| i64::from(s.id())),
-            Arch::Aarch64 => name
-                .parse::<syscalls::aarch64::Sysno>()
-                .ok()
-                .map(|s| i64::from(s.id())),
+            Arch::X86_64 => name.parse::<syscalls::x86_64::Sysno>().ok().map(|s| i64::from(s.id())),
+            Arch::Aarch64 => name.parse::<syscalls::aarch64::Sysno>().ok().map(|s| i64::from(s.id())),
         }
     }
 
@@ -305,9 +543,7 @@ impl Arch {
         let nr = i32::try_from(nr).ok()?;
         match self {
             Arch::X86_64 => syscalls::x86_64::Sysno::new(usize::try_from(nr).ok()?).map(|s| s.name()),
-            Arch::Aarch64 => {
-                syscalls::aarch64::Sysno::new(usize::try_from(nr).ok()?).map(|s| s.name())
-            }
+            Arch::Aarch64 => syscalls::aarch64::Sysno::new(usize::try_from(nr).ok()?).map(|s| s.name()),
         }
     }
 
@@ -411,23 +647,16 @@ pub fn compile(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, 
             rules.insert(nr, argument_rules(name, udp).unwrap_or_default());
         }
     }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(EPERM),
-        SeccompAction::Allow,
-        arch.target(),
-    )
-    .map_err(|source| PolicyError::Seccomp {
+    let filter = SeccompFilter::new(rules, SeccompAction::Errno(EPERM), SeccompAction::Allow, arch.target()).map_err(
+        |source| PolicyError::Seccomp {
+            arch: arch.name(),
+            source,
+        },
+    )?;
+    let mut program: BpfProgram = filter.try_into().map_err(|source| PolicyError::Seccomp {
         arch: arch.name(),
         source,
     })?;
-    let mut program: BpfProgram =
-        filter
-            .try_into()
-            .map_err(|source| PolicyError::Seccomp {
-                arch: arch.name(),
-                source,
-            })?;
 
     // seccompiler's program starts with a 3-instruction architecture check
     // (load arch, jump if equal, kill). Right after it we answer ENOSYS for
@@ -456,12 +685,7 @@ const BPF_RET_K: u16 = 0x06;
 const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
 
 fn stmt(code: u16, k: u32) -> sock_filter {
-    sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
+    sock_filter { code, jt: 0, jf: 0, k }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {

@@ -361,8 +361,16 @@ mod tests {
         let set = ProfileSet::embedded().unwrap();
         let p = set.get("claude-code").unwrap();
         let spec = compile(p, &req(), Arch::X86_64).unwrap();
-        assert!(spec.landlock.rules.iter().any(|r| r.path == "/workspace/demo" && r.access.write));
-        assert!(spec.landlock.rules.iter().any(|r| r.path == "/home/alice" && r.access.write));
+        assert!(spec
+            .landlock
+            .rules
+            .iter()
+            .any(|r| r.path == "/workspace/demo" && r.access.write));
+        assert!(spec
+            .landlock
+            .rules
+            .iter()
+            .any(|r| r.path == "/home/alice" && r.access.write));
         let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
         assert_eq!(env["HOME"], "/home/alice");
         assert_eq!(spec.cwd, "/workspace/demo");
@@ -413,11 +421,7 @@ pub enum LaunchReport {
     /// The sandbox is in place: what was actually enforced.
     Enforced(Enforced),
     /// Setup failed at `stage`; the worker never ran.
-    Failed {
-        stage: String,
-        errno: i32,
-        message: String,
-    },
+    Failed { stage: String, errno: i32, message: String },
 }
 
 /// The sandbox as the kernel enforces it, reported just before exec.

@@ -21,8 +21,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" | "t" => 1 << 40,
         _ => return Err(expected()),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// Parses a duration: an integer followed by s, m, h or d (a bare integer is seconds).

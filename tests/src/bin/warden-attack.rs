@@ -60,7 +60,9 @@ fn connect_unix(addr: &[u8]) -> String {
     }
     let len = (std::mem::size_of::<libc::sa_family_t>() + addr.len()) as libc::socklen_t;
     // SAFETY: sa is a valid sockaddr_un of at least `len` bytes.
-    res(libc::c_long::from(unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_un).cast(), len) }))
+    res(libc::c_long::from(unsafe {
+        libc::connect(fd, (&sa as *const libc::sockaddr_un).cast(), len)
+    }))
 }
 
 #[allow(clippy::too_many_lines)]
@@ -82,15 +84,27 @@ fn main() {
         "vm_readv" => {
             let pid: libc::pid_t = arg(&args, 2).parse().unwrap_or(1);
             let mut buf = [0u8; 8];
-            let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
-            let remote = libc::iovec { iov_base: 0x400000 as *mut libc::c_void, iov_len: 8 };
+            let local = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: 8,
+            };
+            let remote = libc::iovec {
+                iov_base: 0x400000 as *mut libc::c_void,
+                iov_len: 8,
+            };
             // SAFETY: local points at our buffer; the kernel validates remote.
             res(unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } as libc::c_long)
         }
         "mount" => {
             // SAFETY: valid C strings.
             res(libc::c_long::from(unsafe {
-                libc::mount(c("tmpfs").as_ptr(), c("/tmp").as_ptr(), c("tmpfs").as_ptr(), 0, std::ptr::null())
+                libc::mount(
+                    c("tmpfs").as_ptr(),
+                    c("/tmp").as_ptr(),
+                    c("tmpfs").as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
             }))
         }
         "unshare_user" => res(libc::c_long::from(unsafe_unshare(libc::CLONE_NEWUSER))),
@@ -98,7 +112,16 @@ fn main() {
         "clone_newuser" => {
             // The raw clone syscall with a namespace flag: seccomp checks the flags.
             // SAFETY: with a NULL stack, clone behaves like fork; the child exits at once.
-            let r = unsafe { libc::syscall(libc::SYS_clone, (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                )
+            };
             if r == 0 {
                 // SAFETY: in the child, leave immediately.
                 unsafe { libc::_exit(0) };
@@ -111,7 +134,9 @@ fn main() {
                 Err(e) => return print_result(&io_res::<()>(Err(e))),
             };
             // SAFETY: fd is a valid namespace fd.
-            res(libc::c_long::from(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), 0) }))
+            res(libc::c_long::from(unsafe {
+                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), 0)
+            }))
         }
         "chroot" => {
             // SAFETY: valid C string.
@@ -130,7 +155,7 @@ fn main() {
         "perf_event_open" => {
             let mut attr = [0u8; 128];
             attr[4..8].copy_from_slice(&128u32.to_ne_bytes()); // attr.size
-            // SAFETY: a zeroed perf_event_attr with its size set.
+                                                               // SAFETY: a zeroed perf_event_attr with its size set.
             res(unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_mut_ptr(), 0, -1, -1, 0) })
         }
         "keyctl" => {
@@ -139,7 +164,16 @@ fn main() {
         }
         "add_key" => {
             // SAFETY: valid C strings and a 1-byte payload.
-            res(unsafe { libc::syscall(libc::SYS_add_key, c("user").as_ptr(), c("warden").as_ptr(), c("x").as_ptr(), 1usize, -3i32) })
+            res(unsafe {
+                libc::syscall(
+                    libc::SYS_add_key,
+                    c("user").as_ptr(),
+                    c("warden").as_ptr(),
+                    c("x").as_ptr(),
+                    1usize,
+                    -3i32,
+                )
+            })
         }
         "userfaultfd" => {
             // SAFETY: no pointers.
@@ -148,7 +182,7 @@ fn main() {
         "open_by_handle_at" => {
             let mut handle = [0u8; 136];
             handle[0..4].copy_from_slice(&128u32.to_ne_bytes()); // handle_bytes
-            // SAFETY: a zeroed file_handle with room for its bytes.
+                                                                 // SAFETY: a zeroed file_handle with room for its bytes.
             res(unsafe { libc::syscall(libc::SYS_open_by_handle_at, libc::AT_FDCWD, handle.as_mut_ptr(), 0) })
         }
         "tiocsti" => {
@@ -188,7 +222,12 @@ fn main() {
         "status" => {
             let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
             s.lines()
-                .filter(|l| l.starts_with("NoNewPrivs:") || l.starts_with("Seccomp:") || l.starts_with("CapEff:") || l.starts_with("CapBnd:"))
+                .filter(|l| {
+                    l.starts_with("NoNewPrivs:")
+                        || l.starts_with("Seccomp:")
+                        || l.starts_with("CapEff:")
+                        || l.starts_with("CapBnd:")
+                })
                 .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
                 .collect::<Vec<_>>()
                 .join(";")
