@@ -105,6 +105,11 @@ fn the_environment_is_the_profiles_not_the_hosts() {
     let names: Vec<&str> = out.stdout.lines().filter_map(|l| l.split('=').next()).collect();
     // The test process has CARGO_*, RUST_BACKTRACE, PATH...; none leaks in
     // except what the profile sets and what warden guarantees.
-    assert_eq!(names, ["HOME", "LANG", "LOGNAME", "PATH", "PWD", "TMPDIR", "USER"], "{}", out.stdout);
+    assert_eq!(
+        names,
+        ["HOME", "LANG", "LOGNAME", "PATH", "PWD", "TMPDIR", "USER"],
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("PATH=/usr/local/bin:/usr/bin:/bin\n"));
 }

@@ -39,7 +39,10 @@ fn main() {
     }
     let host = warden_tests::Host::new(&[]);
     if host.profiles.get(&profile).is_err() {
-        eprintln!("warden-try: unknown profile {profile:?}; known: {}", host.profiles.names().collect::<Vec<_>>().join(", "));
+        eprintln!(
+            "warden-try: unknown profile {profile:?}; known: {}",
+            host.profiles.names().collect::<Vec<_>>().join(", ")
+        );
         std::process::exit(64);
     }
     let argv: Vec<&str> = cmd.iter().map(String::as_str).collect();
