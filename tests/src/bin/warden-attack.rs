@@ -241,6 +241,29 @@ fn main() {
             }
             format!("ALLOCATED {}", chunks.len())
         }
+        "bench_syscalls" => {
+            // Nanoseconds per call for a call early in the x86_64 table and
+            // one late in it: the seccomp filter is a linear list.
+            let n: u32 = arg(&args, 2).parse().unwrap_or(1_000_000);
+            let time = |f: &dyn Fn()| {
+                let t = std::time::Instant::now();
+                for _ in 0..n {
+                    f();
+                }
+                t.elapsed().as_nanos() as f64 / f64::from(n)
+            };
+            // SAFETY: getppid has no arguments.
+            let early = time(&|| {
+                unsafe { libc::syscall(libc::SYS_getppid) };
+            });
+            let mut b = [0u8; 1];
+            let p = b.as_mut_ptr() as usize;
+            // SAFETY: getrandom writes one byte into `b`.
+            let late = time(&|| {
+                unsafe { libc::syscall(libc::SYS_getrandom, p as *mut u8, 1usize, 0u32) };
+            });
+            format!("getppid={early:.1} getrandom={late:.1}")
+        }
         other => {
             eprintln!("unknown attack {other}");
             std::process::exit(2)
