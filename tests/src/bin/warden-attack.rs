@@ -252,14 +252,14 @@ fn main() {
                 }
                 t.elapsed().as_nanos() as f64 / f64::from(n)
             };
-            // SAFETY: getppid has no arguments.
             let early = time(&|| {
+                // SAFETY: getppid has no arguments.
                 unsafe { libc::syscall(libc::SYS_getppid) };
             });
             let mut b = [0u8; 1];
             let p = b.as_mut_ptr() as usize;
-            // SAFETY: getrandom writes one byte into `b`.
             let late = time(&|| {
+                // SAFETY: getrandom writes one byte into `b`, which outlives the loop.
                 unsafe { libc::syscall(libc::SYS_getrandom, p as *mut u8, 1usize, 0u32) };
             });
             format!("getppid={early:.1} getrandom={late:.1}")
