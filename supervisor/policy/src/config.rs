@@ -1,0 +1,168 @@
+//! wardend's configuration: `/etc/warden/wardend.toml`, or the embedded
+//! default when that file is absent. Parsed with unknown keys rejected and
+//! validated before the daemon starts anything; an error names
+//! file:line:column.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{Location, PolicyError};
+
+/// The configuration wardend uses when /etc/warden/wardend.toml is absent.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../systemd/wardend.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    socket: Spanned<String>,
+    socket_group: String,
+    admin_group: String,
+    state_dir: Spanned<String>,
+    profiles_dir: Spanned<String>,
+    launcher: Spanned<String>,
+    default_profile: String,
+    uid_min: Spanned<u32>,
+    uid_max: u32,
+    cgroup_name: Spanned<String>,
+    #[serde(default)]
+    service_uids: Vec<u32>,
+    max_workers: Spanned<u32>,
+    max_workers_per_user: Spanned<u32>,
+    stop_grace_seconds: u32,
+    max_message_bytes: Spanned<usize>,
+    log_max_bytes: u64,
+    exited_history: usize,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub origin: String,
+    pub socket: PathBuf,
+    /// Group that owns the socket (mode 0660); its members may use the API.
+    pub socket_group: String,
+    /// Members of this group may act for every user.
+    pub admin_group: String,
+    pub state_dir: PathBuf,
+    pub profiles_dir: PathBuf,
+    /// The warden-launch binary (a relative name is looked up next to wardend).
+    pub launcher: PathBuf,
+    pub default_profile: String,
+    pub uid_min: u32,
+    pub uid_max: u32,
+    /// v1: warden's directory in each controller's hierarchy.
+    pub cgroup_name: String,
+    /// Uids (a web front end) that may act for any warden user.
+    pub service_uids: Vec<u32>,
+    pub max_workers: u32,
+    pub max_workers_per_user: u32,
+    pub stop_grace_seconds: u32,
+    pub max_message_bytes: usize,
+    /// Per stream and worker; output beyond it is streamed live but not kept.
+    pub log_max_bytes: u64,
+    /// How many exited workers `List` and `Get` remember.
+    pub exited_history: usize,
+}
+
+impl Config {
+    /// Reads `path`, or the embedded default when `path` does not exist and
+    /// `allow_default` is set.
+    pub fn load(path: &Path, allow_default: bool) -> Result<Config, PolicyError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&path.display().to_string(), &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && allow_default => {
+                Self::parse("embedded:wardend.toml", DEFAULT_CONFIG)
+            }
+            Err(source) => Err(PolicyError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(origin: &str, text: &str) -> Result<Config, PolicyError> {
+        let at = |offset: usize| Location::from_offset(origin, text, offset);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| PolicyError::Invalid {
+            at: at(e.span().map_or(0, |s| s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        let invalid = |span: std::ops::Range<usize>, m: String| PolicyError::Invalid {
+            at: at(span.start),
+            message: m,
+        };
+        for p in [&raw.socket, &raw.state_dir, &raw.profiles_dir] {
+            if !p.get_ref().starts_with('/') || p.get_ref().split('/').any(|c| c == "..") {
+                return Err(invalid(p.span(), format!("expected an absolute path without '..', got {:?}", p.get_ref())));
+            }
+        }
+        if raw.launcher.get_ref().is_empty() {
+            return Err(invalid(raw.launcher.span(), "expected the warden-launch path".into()));
+        }
+        if *raw.uid_min.get_ref() < 1000 || *raw.uid_min.get_ref() > raw.uid_max {
+            return Err(invalid(
+                raw.uid_min.span(),
+                "expected 1000 <= uid_min <= uid_max (worker uids are never system accounts)".into(),
+            ));
+        }
+        let name = raw.cgroup_name.get_ref();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(invalid(raw.cgroup_name.span(), format!("expected a plain directory name, got {name:?}")));
+        }
+        for (v, what) in [(&raw.max_workers, "max_workers"), (&raw.max_workers_per_user, "max_workers_per_user")] {
+            if *v.get_ref() == 0 {
+                return Err(invalid(v.span(), format!("expected {what} of at least 1")));
+            }
+        }
+        if *raw.max_message_bytes.get_ref() < 1024 {
+            return Err(invalid(raw.max_message_bytes.span(), "expected max_message_bytes of at least 1024".into()));
+        }
+        Ok(Config {
+            origin: origin.to_string(),
+            socket: PathBuf::from(raw.socket.into_inner()),
+            socket_group: raw.socket_group,
+            admin_group: raw.admin_group,
+            state_dir: PathBuf::from(raw.state_dir.into_inner()),
+            profiles_dir: PathBuf::from(raw.profiles_dir.into_inner()),
+            launcher: PathBuf::from(raw.launcher.into_inner()),
+            default_profile: raw.default_profile,
+            uid_min: raw.uid_min.into_inner(),
+            uid_max: raw.uid_max,
+            cgroup_name: raw.cgroup_name.into_inner(),
+            service_uids: raw.service_uids,
+            max_workers: raw.max_workers.into_inner(),
+            max_workers_per_user: raw.max_workers_per_user.into_inner(),
+            stop_grace_seconds: raw.stop_grace_seconds,
+            max_message_bytes: raw.max_message_bytes.into_inner(),
+            log_max_bytes: raw.log_max_bytes,
+            exited_history: raw.exited_history,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let c = Config::parse("embedded:wardend.toml", DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/warden/warden.sock"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/warden"));
+        assert!(c.uid_min >= 1000);
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let bad = DEFAULT_CONFIG.replace("max_workers = ", "max_workerz = ");
+        let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
+        assert!(e.starts_with("w.toml:") && e.contains("unknown field `max_workerz`"), "{e}");
+        let bad = DEFAULT_CONFIG.replace("uid_min = 200000", "uid_min = 0");
+        let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("uid_min"), "{e}");
+        let bad = DEFAULT_CONFIG.replace("state_dir = \"/var/lib/warden\"", "state_dir = \"var/lib\"");
+        let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("expected an absolute path"), "{e}");
+    }
+}
