@@ -6,12 +6,20 @@
 //!   limits, usage and a kill that reaches every process.
 //! - [`launcher`]: starts `warden-launch` with a compiled spec and reads its
 //!   typed report.
+//! - [`workers`]: the registry of workers, their output, stop and wait.
+//! - [`auth`]: callers from SO_PEERCRED and who may act for whom.
+//! - [`profiles`]: the loaded profile set and its atomic reload.
+//! - [`api`]: the gRPC handlers.
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod auth;
 pub mod cgroups;
 pub mod launcher;
+pub mod profiles;
 pub mod users;
+pub mod workers;
 
 /// For tests that need root, namespaces and cgroups: true when they can run.
 /// Without privilege they skip with a message, unless

@@ -94,7 +94,10 @@ impl Config {
         };
         for p in [&raw.socket, &raw.state_dir, &raw.profiles_dir] {
             if !p.get_ref().starts_with('/') || p.get_ref().split('/').any(|c| c == "..") {
-                return Err(invalid(p.span(), format!("expected an absolute path without '..', got {:?}", p.get_ref())));
+                return Err(invalid(
+                    p.span(),
+                    format!("expected an absolute path without '..', got {:?}", p.get_ref()),
+                ));
             }
         }
         if raw.launcher.get_ref().is_empty() {
@@ -108,15 +111,24 @@ impl Config {
         }
         let name = raw.cgroup_name.get_ref();
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(invalid(raw.cgroup_name.span(), format!("expected a plain directory name, got {name:?}")));
+            return Err(invalid(
+                raw.cgroup_name.span(),
+                format!("expected a plain directory name, got {name:?}"),
+            ));
         }
-        for (v, what) in [(&raw.max_workers, "max_workers"), (&raw.max_workers_per_user, "max_workers_per_user")] {
+        for (v, what) in [
+            (&raw.max_workers, "max_workers"),
+            (&raw.max_workers_per_user, "max_workers_per_user"),
+        ] {
             if *v.get_ref() == 0 {
                 return Err(invalid(v.span(), format!("expected {what} of at least 1")));
             }
         }
         if *raw.max_message_bytes.get_ref() < 1024 {
-            return Err(invalid(raw.max_message_bytes.span(), "expected max_message_bytes of at least 1024".into()));
+            return Err(invalid(
+                raw.max_message_bytes.span(),
+                "expected max_message_bytes of at least 1024".into(),
+            ));
         }
         Ok(Config {
             origin: origin.to_string(),
@@ -157,7 +169,10 @@ mod tests {
     fn errors_name_the_place() {
         let bad = DEFAULT_CONFIG.replace("max_workers = ", "max_workerz = ");
         let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
-        assert!(e.starts_with("w.toml:") && e.contains("unknown field `max_workerz`"), "{e}");
+        assert!(
+            e.starts_with("w.toml:") && e.contains("unknown field `max_workerz`"),
+            "{e}"
+        );
         let bad = DEFAULT_CONFIG.replace("uid_min = 200000", "uid_min = 0");
         let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("uid_min"), "{e}");

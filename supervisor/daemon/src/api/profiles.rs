@@ -1,0 +1,85 @@
+//! `warden.v1.Profiles`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use warden_policy::{policy_digest, Profile, Source};
+use warden_proto::v1 as pb;
+
+use super::caller;
+use crate::workers::Supervisor;
+
+#[derive(Debug)]
+pub struct ProfilesApi {
+    pub sup: Arc<Supervisor>,
+}
+
+fn to_pb(p: &Profile) -> pb::Profile {
+    pb::Profile {
+        name: p.name.clone(),
+        origin: p.origin.clone(),
+        description: p.description.clone(),
+        extends: p.extends.clone(),
+        digest: policy_digest(p),
+        resolved_json: serde_json::to_string_pretty(p).unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::profiles_server::Profiles for ProfilesApi {
+    async fn list(&self, req: Request<pb::ListProfilesRequest>) -> Result<Response<pb::ListProfilesResponse>, Status> {
+        caller(&req, &self.sup.config)?;
+        let set = self.sup.profiles.current();
+        Ok(Response::new(pb::ListProfilesResponse {
+            profiles: set.iter().map(to_pb).collect(),
+        }))
+    }
+
+    async fn get(&self, req: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
+        caller(&req, &self.sup.config)?;
+        let set = self.sup.profiles.current();
+        let p = set
+            .get(&req.get_ref().name)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        Ok(Response::new(to_pb(p)))
+    }
+
+    async fn validate(&self, req: Request<pb::ValidateProfileRequest>) -> Result<Response<pb::Profile>, Status> {
+        caller(&req, &self.sup.config)?;
+        let r = req.into_inner();
+        let name = if r.name.is_empty() {
+            "unnamed".to_string()
+        } else {
+            r.name
+        };
+        let source = Source {
+            origin: format!("{name}.toml"),
+            name,
+            text: r.toml,
+        };
+        let set = self.sup.profiles.current();
+        let p = set.check(source).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(to_pb(&p)))
+    }
+
+    async fn reload(
+        &self,
+        req: Request<pb::ReloadProfilesRequest>,
+    ) -> Result<Response<pb::ReloadProfilesResponse>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        if !c.is_admin() {
+            tracing::warn!(uid = c.uid, "permission denied: Profiles.Reload");
+            return Err(Status::permission_denied("Only admins may reload profiles"));
+        }
+        match self.sup.profiles.reload() {
+            Ok(loaded) => {
+                tracing::info!(?loaded, "profiles reloaded");
+                Ok(Response::new(pb::ReloadProfilesResponse { loaded }))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "profile reload failed; keeping the old set");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+        }
+    }
+}

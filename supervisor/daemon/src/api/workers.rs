@@ -1,0 +1,338 @@
+//! `warden.v1.Workers`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use warden_proto::v1 as pb;
+
+use super::{authorize, caller, status};
+use crate::auth::Caller;
+use crate::workers::{millis, ExitReason, OutputLog, RequestedLimits, SpawnParams, Supervisor, Worker};
+
+#[derive(Debug)]
+pub struct WorkersApi {
+    pub sup: Arc<Supervisor>,
+}
+
+type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+const CHUNK: usize = 64 * 1024;
+
+pub fn to_pb(w: &Worker) -> pb::Worker {
+    let exit = w.exit_info();
+    let reason = match exit.as_ref().map(|e| e.reason) {
+        None => pb::ExitReason::Unspecified,
+        Some(ExitReason::Exited) => pb::ExitReason::Exited,
+        Some(ExitReason::Killed) => pb::ExitReason::Killed,
+        Some(ExitReason::Stopped) => pb::ExitReason::Stopped,
+        Some(ExitReason::TimedOut) => pb::ExitReason::TimedOut,
+        Some(ExitReason::Oom) => pb::ExitReason::Oom,
+        Some(ExitReason::Lost) => pb::ExitReason::Lost,
+    };
+    let state = match &exit {
+        None => pb::WorkerState::Running,
+        Some(e) if e.reason == ExitReason::Lost => pb::WorkerState::Lost,
+        Some(_) => pb::WorkerState::Exited,
+    };
+    pb::Worker {
+        id: w.id.clone(),
+        user: w.user.clone(),
+        project: w.project.clone(),
+        profile: w.profile.clone(),
+        policy_digest: w.policy_digest.clone(),
+        command: w.command.clone(),
+        state: state as i32,
+        uid: w.uid,
+        pid: if exit.is_some() { 0 } else { w.pid },
+        started_at_ms: i64::try_from(millis(w.started)).unwrap_or(0),
+        exited_at_ms: exit.as_ref().map_or(0, |e| i64::try_from(millis(e.at)).unwrap_or(0)),
+        exit_code: exit.as_ref().map_or(0, |e| e.code),
+        signal: exit.as_ref().map_or(0, |e| e.signal),
+        reason: reason as i32,
+        peak_memory_bytes: exit.as_ref().map_or(0, |e| e.peak_memory),
+        cpu_time_us: exit.as_ref().map_or(0, |e| e.cpu_time_us),
+        enforcement: w.enforced.as_ref().map(|e| pb::Enforcement {
+            landlock_abi: e.landlock_abi,
+            landlock_tcp: e.landlock_tcp,
+            landlock_scoped: e.landlock_scoped,
+            seccomp_filter_len: u32::try_from(e.seccomp_filter_len).unwrap_or(u32::MAX),
+            namespaces: e.namespaces.clone(),
+            no_new_privs: e.no_new_privs,
+            capabilities_empty: e.capabilities_empty,
+        }),
+    }
+}
+
+impl WorkersApi {
+    /// The worker `id`, if the caller may act for its user. An unauthorized
+    /// caller learns nothing about whether it exists.
+    fn visible(&self, c: &Caller, id: &str, method: &str) -> Result<Arc<Worker>, Status> {
+        let w = self.sup.get(id).map_err(|e| status(&e, c))?;
+        authorize(c, &w.user, method).map_err(|_| Status::not_found(format!("Unknown worker {id}")))?;
+        Ok(w)
+    }
+}
+
+fn nonzero(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+fn signal_of(n: i32) -> Result<Signal, Status> {
+    let s = Signal::try_from(n).map_err(|_| Status::invalid_argument(format!("signal: {n} is not a signal")))?;
+    match s {
+        Signal::SIGTERM
+        | Signal::SIGINT
+        | Signal::SIGHUP
+        | Signal::SIGKILL
+        | Signal::SIGQUIT
+        | Signal::SIGUSR1
+        | Signal::SIGUSR2
+        | Signal::SIGSTOP
+        | Signal::SIGCONT => Ok(s),
+        _ => Err(Status::invalid_argument(format!(
+            "signal: {s} may not be sent to workers"
+        ))),
+    }
+}
+
+/// Sends `log` from `from` (replayed from the kept log, then live if
+/// `follow`) as output chunks until the stream ends or the client goes.
+async fn send_output(
+    log: &OutputLog,
+    stream: pb::Stream,
+    mut from: u64,
+    follow: bool,
+    tx: &mpsc::Sender<Result<pb::OutputChunk, Status>>,
+) {
+    let mut live = log.subscribe();
+    let send = |offset: u64, data: Vec<u8>| pb::OutputChunk {
+        stream: stream as i32,
+        offset,
+        data,
+    };
+    loop {
+        let kept = log.kept();
+        while from < kept {
+            let to = kept.min(from + CHUNK as u64);
+            let Ok(data) = log.read_kept(from, to).await else {
+                return;
+            };
+            if tx.send(Ok(send(from, data))).await.is_err() {
+                return;
+            }
+            from = to;
+        }
+        if !follow || (log.is_done() && from >= log.produced()) {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), live.recv()).await {
+            Ok(Ok(chunk)) => {
+                let end = chunk.offset + chunk.data.len() as u64;
+                if end <= from {
+                    continue;
+                }
+                let skip = usize::try_from(from.saturating_sub(chunk.offset)).unwrap_or(0);
+                let start = chunk.offset.max(from);
+                if tx.send(Ok(send(start, chunk.data[skip..].to_vec()))).await.is_err() {
+                    return;
+                }
+                from = end;
+            }
+            // Lagged: the loop replays what the log kept; anything beyond
+            // the log's cap is skipped.
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                if from >= log.kept() {
+                    from = from.max(log.produced().saturating_sub(0));
+                }
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
+            Err(_) => {}
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::workers_server::Workers for WorkersApi {
+    async fn spawn(&self, req: Request<pb::SpawnRequest>) -> Result<Response<pb::Worker>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let r = req.into_inner();
+        let user = if r.user.is_empty() {
+            c.default_user()
+                .map(str::to_string)
+                .ok_or_else(|| Status::invalid_argument("user: required"))?
+        } else {
+            r.user
+        };
+        warden_policy::names::check_user(&user).map_err(|e| Status::invalid_argument(format!("user: {e}")))?;
+        authorize(&c, &user, "Workers.Spawn")?;
+        let project = if r.project.is_empty() {
+            "default".to_string()
+        } else {
+            r.project
+        };
+        warden_policy::names::check_project(&project).map_err(|e| Status::invalid_argument(format!("project: {e}")))?;
+        if r.command.is_empty() || r.command[0].is_empty() {
+            return Err(Status::invalid_argument("command: required"));
+        }
+        if r.command.iter().any(|a| a.contains('\0')) {
+            return Err(Status::invalid_argument("command: an argument contains NUL"));
+        }
+        let limits = r.limits.unwrap_or_default();
+        let params = SpawnParams {
+            user,
+            project,
+            profile: if r.profile.is_empty() {
+                self.sup.config.default_profile.clone()
+            } else {
+                r.profile
+            },
+            command: r.command,
+            env: r.env.into_iter().collect(),
+            limits: RequestedLimits {
+                memory: nonzero(limits.memory_bytes),
+                memory_swap: nonzero(limits.memory_swap_bytes),
+                pids: nonzero(limits.pids),
+                cpu_quota_us: nonzero(limits.cpu_quota_us),
+                timeout_secs: nonzero(limits.timeout_seconds),
+            },
+        };
+        let w = self.sup.spawn(params).await.map_err(|e| status(&e, &c))?;
+        Ok(Response::new(to_pb(&w)))
+    }
+
+    async fn get(&self, req: Request<pb::GetWorkerRequest>) -> Result<Response<pb::Worker>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let w = self.visible(&c, &req.get_ref().id, "Workers.Get")?;
+        Ok(Response::new(to_pb(&w)))
+    }
+
+    async fn list(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let r = req.into_inner();
+        let workers = self
+            .sup
+            .list()
+            .into_iter()
+            .filter(|w| c.may_act_for(&w.user))
+            .filter(|w| r.user.is_empty() || w.user == r.user)
+            .filter(|w| r.include_exited || w.exit_info().is_none())
+            .map(|w| to_pb(&w))
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn signal(&self, req: Request<pb::SignalRequest>) -> Result<Response<pb::Worker>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let r = req.into_inner();
+        self.visible(&c, &r.id, "Workers.Signal")?;
+        let w = self
+            .sup
+            .signal(&r.id, signal_of(r.signal)?)
+            .map_err(|e| status(&e, &c))?;
+        Ok(Response::new(to_pb(&w)))
+    }
+
+    async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::Worker>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let r = req.into_inner();
+        let w = self.visible(&c, &r.id, "Workers.Stop")?;
+        let grace = (r.grace_seconds > 0).then(|| Duration::from_secs(u64::from(r.grace_seconds)));
+        self.sup.stop(&r.id, grace).await.map_err(|e| status(&e, &c))?;
+        Ok(Response::new(to_pb(&w)))
+    }
+
+    async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::Worker>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let w = self.visible(&c, &req.get_ref().id, "Workers.Wait")?;
+        w.wait().await;
+        Ok(Response::new(to_pb(&w)))
+    }
+
+    type AttachStream = Out<pb::AttachResponse>;
+
+    async fn attach(&self, req: Request<Streaming<pb::AttachRequest>>) -> Result<Response<Self::AttachStream>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let mut input = req.into_inner();
+        let start = match input.next().await {
+            Some(Ok(pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Start(s)),
+            })) => s,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(Status::invalid_argument("the first Attach message must be `start`")),
+        };
+        let w = self.visible(&c, &start.id, "Workers.Attach")?;
+        // stdin: the client's messages, until it closes stdin or goes away.
+        let stdin_worker = w.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = input.next().await {
+                match m.msg {
+                    Some(pb::attach_request::Msg::Stdin(data)) => {
+                        if stdin_worker.write_stdin(&data).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(pb::attach_request::Msg::CloseStdin(true)) => {
+                        stdin_worker.close_stdin().await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let (from_out, from_err) = if start.live_only {
+                (w.stdout.produced(), w.stderr.produced())
+            } else {
+                (start.stdout_offset, start.stderr_offset)
+            };
+            let (otx, mut orx) = mpsc::channel(64);
+            let etx = otx.clone();
+            let (w1, w2) = (w.clone(), w.clone());
+            let a =
+                tokio::spawn(async move { send_output(&w1.stdout, pb::Stream::Stdout, from_out, true, &otx).await });
+            let b =
+                tokio::spawn(async move { send_output(&w2.stderr, pb::Stream::Stderr, from_err, true, &etx).await });
+            while let Some(chunk) = orx.recv().await {
+                let msg = chunk.map(|c| pb::AttachResponse {
+                    msg: Some(pb::attach_response::Msg::Output(c)),
+                });
+                if tx.send(msg).await.is_err() {
+                    a.abort();
+                    b.abort();
+                    return;
+                }
+            }
+            w.wait().await;
+            let _ = tx
+                .send(Ok(pb::AttachResponse {
+                    msg: Some(pb::attach_response::Msg::Exited(to_pb(&w))),
+                }))
+                .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type LogsStream = Out<pb::OutputChunk>;
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let r = req.into_inner();
+        let w = self.visible(&c, &r.id, "Workers.Logs")?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let etx = tx.clone();
+            let w2 = w.clone();
+            let a = send_output(&w.stdout, pb::Stream::Stdout, r.stdout_offset, r.follow, &tx);
+            let b = send_output(&w2.stderr, pb::Stream::Stderr, r.stderr_offset, r.follow, &etx);
+            tokio::join!(a, b);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

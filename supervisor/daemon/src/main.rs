@@ -1,0 +1,250 @@
+//! wardend: the warden daemon.
+//!
+//! Start-up, in order: configuration and profiles are parsed and validated
+//! (a bad one exits 64 with file:line:column), the state dir, users and
+//! cgroups are opened, leftovers of a previous run are cleaned up and
+//! reported as lost, the socket is bound (or taken from systemd), then the
+//! gRPC server runs until SIGTERM/SIGINT. SIGHUP reloads the profiles.
+
+#![deny(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::UnixListenerStream;
+use warden_daemon::api::profiles::ProfilesApi;
+use warden_daemon::api::workers::WorkersApi;
+use warden_daemon::cgroups::Cgroups;
+use warden_daemon::profiles::Profiles;
+use warden_daemon::users::Users;
+use warden_daemon::workers::Supervisor;
+use warden_policy::config::Config;
+use warden_proto::v1::profiles_server::ProfilesServer;
+use warden_proto::v1::workers_server::WorkersServer;
+
+/// Exit status for a bad configuration or profile (EX_USAGE... sysexits' EX_DATAERR is 65;
+/// DESIGN.md and systemd's RestartPreventExitStatus use 64).
+const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wardend",
+    version,
+    about = "The warden daemon: runs sandboxed AI coding agents for many users"
+)]
+struct Args {
+    /// Configuration file; the embedded default is used when the default path is absent.
+    #[arg(long, default_value = "/etc/warden/wardend.toml")]
+    config: PathBuf,
+    /// Listen on this Unix socket instead of the configured one.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Use this state directory instead of the configured one.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Read site profiles from this directory instead of the configured one.
+    #[arg(long)]
+    profiles_dir: Option<PathBuf>,
+    /// Validate the configuration and profiles, then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Under systemd (JOURNAL_STREAM set) log structured fields to journald.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry().with(filter).with(journald).init();
+            return;
+        }
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
+
+fn launcher_path(configured: &Path) -> PathBuf {
+    if configured.components().count() > 1 {
+        return configured.to_path_buf();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(configured)))
+        .unwrap_or_else(|| configured.to_path_buf())
+}
+
+/// The socket systemd passed (socket activation), if any.
+fn activated_socket() -> Option<std::os::unix::net::UnixListener> {
+    let fd = sd_notify::listen_fds().ok()?.next()?;
+    // SAFETY: systemd passed this descriptor to us (LISTEN_PID matched) and
+    // nothing else in the process owns it.
+    #[allow(unsafe_code)]
+    let listener = unsafe { <std::os::unix::net::UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Some(listener)
+}
+
+fn bind(path: &Path, group: &str) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("Cannot create {}", parent.display()))?;
+    }
+    // A stale socket of a previous run: only remove a socket, never a file.
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        anyhow::ensure!(
+            m.file_type().is_socket(),
+            "{} exists and is not a socket",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("Cannot remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).with_context(|| format!("Cannot bind {}", path.display()))?;
+    let gid = nix::unistd::Group::from_name(group).ok().flatten().map(|g| g.gid);
+    if gid.is_none() {
+        tracing::warn!(group, "socket group does not exist; the socket is root-only");
+    }
+    nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), gid)
+        .with_context(|| format!("Cannot chown {}", path.display()))?;
+    std::fs::set_permissions(
+        path,
+        std::os::unix::fs::PermissionsExt::from_mode(if gid.is_some() { 0o660 } else { 0o600 }),
+    )
+    .with_context(|| format!("Cannot chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging();
+    let default_path = args.config == Path::new("/etc/warden/wardend.toml");
+    let mut config = match Config::load(&args.config, default_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wardend: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    if let Some(s) = args.socket {
+        config.socket = s;
+    }
+    if let Some(s) = args.state_dir {
+        config.state_dir = s;
+    }
+    if let Some(p) = args.profiles_dir {
+        config.profiles_dir = p;
+    }
+    let profiles = match Profiles::load(&config.profiles_dir) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("wardend: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    if args.check {
+        println!(
+            "wardend: {} and profiles {} are valid",
+            config.origin,
+            profiles.current().names().collect::<Vec<_>>().join(", ")
+        );
+        return;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wardend: Cannot start the async runtime: {e}");
+            std::process::exit(71);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(config, profiles)) {
+        tracing::error!("{e:#}");
+        eprintln!("wardend: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
+    let users = Users::open(&config.state_dir, config.uid_min..=config.uid_max)
+        .with_context(|| format!("Cannot open the state directory {}", config.state_dir.display()))?;
+    let cgroups = Cgroups::detect(&config.cgroup_name).context("Cannot set up cgroups")?;
+    let launcher = launcher_path(&config.launcher);
+    anyhow::ensure!(launcher.exists(), "The launcher {} does not exist", launcher.display());
+    let sup = Arc::new(Supervisor::new(config.clone(), users, cgroups, profiles, launcher));
+    let lost = sup.recover();
+    if !lost.is_empty() {
+        tracing::warn!(?lost, "workers of a previous run were lost");
+    }
+
+    let std_listener = match activated_socket() {
+        Some(l) => l,
+        None => bind(&config.socket, &config.socket_group)?,
+    };
+    std_listener
+        .set_nonblocking(true)
+        .context("Cannot make the socket non-blocking")?;
+    let listener = UnixListener::from_std(std_listener).context("Cannot use the socket")?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WorkersServer<WorkersApi>>().await;
+    health.set_serving::<ProfilesServer<ProfilesApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(warden_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("Cannot build the reflection service")?;
+    let max = config.max_message_bytes;
+    let workers = WorkersServer::new(WorkersApi { sup: sup.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let profiles = ProfilesServer::new(ProfilesApi { sup: sup.clone() }).max_decoding_message_size(max);
+
+    let mut term = signal(SignalKind::terminate()).context("Cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("Cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("Cannot handle SIGHUP")?;
+    let reload_sup = sup.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reload_sup.profiles.reload() {
+                Ok(loaded) => tracing::info!(?loaded, "profiles reloaded (SIGHUP)"),
+                Err(e) => tracing::error!(error = %e, "profile reload failed; keeping the old set"),
+            }
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_sup = sup.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: no new workers, stopping the running ones");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        shutdown_sup.shutdown().await;
+        let _ = stop_tx.send(());
+    });
+
+    tracing::info!(socket = %config.socket.display(), cgroup_v2 = sup.cgroups.is_v2(), "wardend ready");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(workers)
+        .add_service(profiles)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .context("The gRPC server failed")?;
+    if config.socket.exists() {
+        let _ = std::fs::remove_file(&config.socket);
+    }
+    tracing::info!("wardend stopped");
+    Ok(())
+}
