@@ -434,7 +434,7 @@ impl Supervisor {
         let timeout = profile.limits.timeout_secs;
         let this = self.clone();
         let params = p.clone();
-        let (spec, cgroup, dirs_ok) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
+        let (spec, cgroup) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
             let id = this.users.identity(&params.user)?;
             let dirs = this.users.prepare(&params.user, &params.project)?;
             let worker_id = format!("w{:x}", this.next.fetch_add(1, Ordering::SeqCst));
@@ -453,7 +453,7 @@ impl Supervisor {
                 protected: vec![this.config.state_dir.clone(), socket_dir(&this.config.socket)],
             };
             match warden_policy::compile(&profile, &req, Arch::host().ok_or(WorkerError::Arch)?) {
-                Ok(spec) => Ok((spec, cgroup, ())),
+                Ok(spec) => Ok((spec, cgroup)),
                 Err(e) => {
                     let _ = cgroup.remove();
                     Err(e.into())
@@ -462,7 +462,6 @@ impl Supervisor {
         })
         .await
         .map_err(|_| WorkerError::ShuttingDown)??;
-        let _ = dirs_ok;
 
         let logs = self.logs_dir();
         std::fs::create_dir_all(&logs).map_err(|e| WorkerError::Launch(LaunchError::Pipe(e)))?;

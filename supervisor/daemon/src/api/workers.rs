@@ -272,10 +272,8 @@ impl pb::workers_server::Workers for WorkersApi {
         tokio::spawn(async move {
             while let Some(Ok(m)) = input.next().await {
                 match m.msg {
-                    Some(pb::attach_request::Msg::Stdin(data)) => {
-                        if stdin_worker.write_stdin(&data).await.is_err() {
-                            break;
-                        }
+                    Some(pb::attach_request::Msg::Stdin(data)) if stdin_worker.write_stdin(&data).await.is_err() => {
+                        break
                     }
                     Some(pb::attach_request::Msg::CloseStdin(true)) => {
                         stdin_worker.close_stdin().await;

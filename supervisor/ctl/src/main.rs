@@ -1,0 +1,493 @@
+//! wardenctl: talk to wardend over its Unix socket.
+//!
+//! Every command prints one clear line and exits non-zero on error. Listings
+//! take `--output json` (one JSON document, or JSON lines for streams).
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint, Uri};
+use warden_proto::v1 as pb;
+use warden_proto::v1::profiles_client::ProfilesClient;
+use warden_proto::v1::workers_client::WorkersClient;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wardenctl",
+    version,
+    about = "Control wardend: run sandboxed AI coding agents and commands"
+)]
+struct Cli {
+    /// wardend's socket.
+    #[arg(
+        long,
+        global = true,
+        env = "WARDEN_SOCKET",
+        default_value = "/run/warden/warden.sock"
+    )]
+    socket: PathBuf,
+    /// Output format of listings and results.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a worker: wardenctl spawn --user U [-w] -- CMD ARGS...
+    Spawn {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value = "default")]
+        project: String,
+        #[arg(long)]
+        profile: Option<String>,
+        /// Environment variable KEY=VALUE (only those the profile passes).
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Stream the worker's output and exit with its exit code.
+        #[arg(short, long)]
+        wait: bool,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// List workers.
+    Ps {
+        /// Include exited workers.
+        #[arg(short, long)]
+        all: bool,
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Show one worker.
+    Inspect { id: String },
+    /// Attach to a worker: your stdin to its stdin, its output to yours.
+    Attach { id: String },
+    /// Print a worker's output.
+    Logs {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// SIGTERM, the grace period, then SIGKILL.
+    Stop {
+        id: String,
+        #[arg(long)]
+        grace: Option<u32>,
+    },
+    /// Send a signal (default TERM).
+    Kill {
+        id: String,
+        #[arg(short, long, default_value = "TERM")]
+        signal: String,
+    },
+    /// Wait for a worker and exit with its exit code.
+    Wait { id: String },
+    /// Sandbox profiles.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCmd,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileCmd {
+    List,
+    /// Validate a profile file against the daemon's loaded set.
+    Check {
+        file: PathBuf,
+    },
+    /// Print the fully resolved policy of a profile.
+    Explain {
+        name: String,
+    },
+    /// Reload the profiles from disk (admins).
+    Reload,
+}
+
+async fn connect(socket: &std::path::Path) -> anyhow::Result<Channel> {
+    let path = socket.to_path_buf();
+    Endpoint::try_from("http://wardend.invalid")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .with_context(|| format!("Cannot connect to wardend at {}", socket.display()))
+}
+
+fn signal_number(s: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = s.parse() {
+        return Ok(n);
+    }
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    Ok(match name.as_str() {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "CONT" => 18,
+        "STOP" => 19,
+        _ => bail!("Unknown signal {s}"),
+    })
+}
+
+fn state_name(w: &pb::Worker) -> &'static str {
+    match pb::WorkerState::try_from(w.state).unwrap_or(pb::WorkerState::Unspecified) {
+        pb::WorkerState::Running => "running",
+        pb::WorkerState::Exited => "exited",
+        pb::WorkerState::Lost => "lost",
+        pb::WorkerState::Unspecified => "unknown",
+    }
+}
+
+fn reason_name(w: &pb::Worker) -> &'static str {
+    match pb::ExitReason::try_from(w.reason).unwrap_or(pb::ExitReason::Unspecified) {
+        pb::ExitReason::Exited => "exited",
+        pb::ExitReason::Stopped => "stopped",
+        pb::ExitReason::TimedOut => "timed_out",
+        pb::ExitReason::Oom => "oom",
+        pb::ExitReason::Lost => "lost",
+        pb::ExitReason::Killed => "killed",
+        pb::ExitReason::Unspecified => "",
+    }
+}
+
+fn worker_json(w: &pb::Worker) -> serde_json::Value {
+    serde_json::json!({
+        "id": w.id, "user": w.user, "project": w.project, "profile": w.profile,
+        "policy_digest": w.policy_digest, "command": w.command, "state": state_name(w),
+        "uid": w.uid, "pid": w.pid, "started_at_ms": w.started_at_ms, "exited_at_ms": w.exited_at_ms,
+        "exit_code": w.exit_code, "signal": w.signal, "reason": reason_name(w),
+        "peak_memory_bytes": w.peak_memory_bytes, "cpu_time_us": w.cpu_time_us,
+        "enforcement": w.enforcement.as_ref().map(|e| serde_json::json!({
+            "landlock_abi": e.landlock_abi, "landlock_tcp": e.landlock_tcp, "landlock_scoped": e.landlock_scoped,
+            "seccomp_filter_len": e.seccomp_filter_len, "namespaces": e.namespaces,
+            "no_new_privs": e.no_new_privs, "capabilities_empty": e.capabilities_empty,
+        })),
+    })
+}
+
+fn print_workers(ws: &[pb::Worker], output: Output) {
+    if output == Output::Json {
+        println!("{}", serde_json::Value::Array(ws.iter().map(worker_json).collect()));
+        return;
+    }
+    println!(
+        "{:<16} {:<12} {:<12} {:<12} {:<8} {:>6} COMMAND",
+        "ID", "USER", "PROJECT", "PROFILE", "STATE", "EXIT"
+    );
+    for w in ws {
+        let exit = if state_name(w) == "running" {
+            String::new()
+        } else {
+            w.exit_code.to_string()
+        };
+        println!(
+            "{:<16} {:<12} {:<12} {:<12} {:<8} {:>6} {}",
+            w.id,
+            w.user,
+            w.project,
+            w.profile,
+            state_name(w),
+            exit,
+            w.command.join(" ")
+        );
+    }
+}
+
+fn print_worker(w: &pb::Worker, output: Output) {
+    if output == Output::Json {
+        println!("{}", worker_json(w));
+    } else {
+        println!("{}", serde_json::to_string_pretty(&worker_json(w)).unwrap_or_default());
+    }
+}
+
+/// Streams a worker's output to ours until it exits; returns its exit code.
+async fn attach(client: &mut WorkersClient<Channel>, id: &str, forward_stdin: bool) -> anyhow::Result<i32> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::AttachRequest {
+        msg: Some(pb::attach_request::Msg::Start(pb::AttachStart {
+            id: id.to_string(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    if forward_stdin {
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx
+                            .send(pb::AttachRequest {
+                                msg: Some(pb::attach_request::Msg::CloseStdin(true)),
+                            })
+                            .await;
+                        break;
+                    }
+                    Ok(n) => {
+                        let msg = pb::AttachRequest {
+                            msg: Some(pb::attach_request::Msg::Stdin(buf[..n].to_vec())),
+                        };
+                        if tx.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Keep the request stream open until the response ends.
+            std::future::pending::<()>().await;
+        });
+    } else {
+        tx.send(pb::AttachRequest {
+            msg: Some(pb::attach_request::Msg::CloseStdin(true)),
+        })
+        .await?;
+        tokio::spawn(async move {
+            let _keep = tx;
+            std::future::pending::<()>().await;
+        });
+    }
+    let mut stream = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while let Some(msg) = stream.next().await {
+        match msg?.msg {
+            Some(pb::attach_response::Msg::Output(c)) => write_chunk(&c)?,
+            Some(pb::attach_response::Msg::Exited(w)) => return Ok(w.exit_code),
+            None => {}
+        }
+    }
+    bail!("The daemon closed the stream before the worker exited")
+}
+
+fn write_chunk(c: &pb::OutputChunk) -> anyhow::Result<()> {
+    if c.stream == pb::Stream::Stderr as i32 {
+        let mut e = std::io::stderr();
+        e.write_all(&c.data)?;
+        e.flush()?;
+    } else {
+        let mut o = std::io::stdout();
+        o.write_all(&c.data)?;
+        o.flush()?;
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let output = cli.output;
+    match cli.command {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "wardenctl", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let channel = connect(&cli.socket).await?;
+    let mut workers = WorkersClient::new(channel.clone());
+    let mut profiles = ProfilesClient::new(channel);
+    match cli.command {
+        Cmd::Spawn {
+            user,
+            project,
+            profile,
+            env,
+            wait,
+            command,
+        } => {
+            let mut vars = HashMap::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("-e {kv}: expected KEY=VALUE"))?;
+                vars.insert(k.to_string(), v.to_string());
+            }
+            let w = workers
+                .spawn(pb::SpawnRequest {
+                    user: user.unwrap_or_default(),
+                    project,
+                    profile: profile.unwrap_or_default(),
+                    command,
+                    env: vars,
+                    limits: None,
+                })
+                .await?
+                .into_inner();
+            if wait {
+                return attach(&mut workers, &w.id, false).await;
+            }
+            if output == Output::Json {
+                println!("{}", worker_json(&w));
+            } else {
+                println!("{}", w.id);
+            }
+        }
+        Cmd::Ps { all, user } => {
+            let r = workers
+                .list(pb::ListWorkersRequest {
+                    user: user.unwrap_or_default(),
+                    include_exited: all,
+                })
+                .await?
+                .into_inner();
+            print_workers(&r.workers, output);
+        }
+        Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output),
+        Cmd::Attach { id } => return attach(&mut workers, &id, true).await,
+        Cmd::Logs { id, follow } => {
+            let mut s = workers
+                .logs(pb::LogsRequest {
+                    id,
+                    follow,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            while let Some(c) = s.next().await {
+                let c = c?;
+                if output == Output::Json {
+                    let stream = if c.stream == pb::Stream::Stderr as i32 {
+                        "stderr"
+                    } else {
+                        "stdout"
+                    };
+                    println!(
+                        "{}",
+                        serde_json::json!({"stream": stream, "offset": c.offset, "data": String::from_utf8_lossy(&c.data)})
+                    );
+                } else {
+                    write_chunk(&c)?;
+                }
+            }
+        }
+        Cmd::Stop { id, grace } => {
+            let w = workers
+                .stop(pb::StopRequest {
+                    id,
+                    grace_seconds: grace.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            print_worker(&w, output);
+        }
+        Cmd::Kill { id, signal } => {
+            workers
+                .signal(pb::SignalRequest {
+                    id,
+                    signal: signal_number(&signal)?,
+                })
+                .await?;
+        }
+        Cmd::Wait { id } => {
+            let w = workers.wait(pb::WaitRequest { id }).await?.into_inner();
+            if output == Output::Json {
+                println!("{}", worker_json(&w));
+            }
+            return Ok(w.exit_code);
+        }
+        Cmd::Profile { command } => match command {
+            ProfileCmd::List => {
+                let r = profiles.list(pb::ListProfilesRequest {}).await?.into_inner();
+                if output == Output::Json {
+                    let v: Vec<_> = r
+                        .profiles
+                        .iter()
+                        .map(|p| serde_json::json!({"name": p.name, "origin": p.origin, "description": p.description, "extends": p.extends, "digest": p.digest}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(v));
+                } else {
+                    println!("{:<16} {:<32} DESCRIPTION", "NAME", "ORIGIN");
+                    for p in r.profiles {
+                        println!("{:<16} {:<32} {}", p.name, p.origin, p.description);
+                    }
+                }
+            }
+            ProfileCmd::Check { file } => {
+                let toml = std::fs::read_to_string(&file).with_context(|| format!("Cannot read {}", file.display()))?;
+                let name = file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("profile")
+                    .to_string();
+                let p = profiles
+                    .validate(pb::ValidateProfileRequest { name, toml })
+                    .await
+                    .map_err(|s| {
+                        anyhow::anyhow!(
+                            "{}",
+                            s.message().replacen(
+                                &format!("{}.toml", file.file_stem().and_then(|s| s.to_str()).unwrap_or("")),
+                                &file.display().to_string(),
+                                1
+                            )
+                        )
+                    })?
+                    .into_inner();
+                println!("{}: ok (digest {})", file.display(), p.digest);
+            }
+            ProfileCmd::Explain { name } => {
+                println!(
+                    "{}",
+                    profiles
+                        .get(pb::GetProfileRequest { name })
+                        .await?
+                        .into_inner()
+                        .resolved_json
+                );
+            }
+            ProfileCmd::Reload => {
+                let r = profiles.reload(pb::ReloadProfilesRequest {}).await?.into_inner();
+                println!("reloaded: {}", r.loaded.join(", "));
+            }
+        },
+        Cmd::Completions { .. } | Cmd::Man => {}
+    }
+    Ok(0)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let msg = match e.downcast_ref::<tonic::Status>() {
+                Some(s) => format!("{:?}: {}", s.code(), s.message()),
+                None => format!("{e:#}"),
+            };
+            eprintln!("wardenctl: {msg}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! End-to-end: a real wardend on a temporary socket, state dir and cgroup,
+//! driven through the real wardenctl.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use warden_tests::*;
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    cgroup_name: String,
+}
+
+impl Daemon {
+    fn config_text(dir: &Path, cgroup_name: &str) -> String {
+        warden_policy::config::DEFAULT_CONFIG
+            .replace(
+                "\"/run/warden/warden.sock\"",
+                &format!("{:?}", dir.join("run/warden.sock")),
+            )
+            .replace("\"/var/lib/warden\"", &format!("{:?}", dir.join("state")))
+            .replace("\"/etc/warden/profiles\"", &format!("{:?}", dir.join("profiles")))
+            .replace(
+                "launcher = \"warden-launch\"",
+                &format!("launcher = {:?}", bin_dir().join("warden-launch")),
+            )
+            .replace("socket_group = \"warden\"", "socket_group = \"nogroup\"")
+            .replace("cgroup_name = \"warden\"", &format!("cgroup_name = {cgroup_name:?}"))
+            .replace("stop_grace_seconds = 10", "stop_grace_seconds = 2")
+            .replace("max_workers_per_user = 8", "max_workers_per_user = 3")
+    }
+
+    fn start() -> Daemon {
+        let dir = tempfile::Builder::new().prefix("wardend-test-").tempdir().unwrap();
+        // Other users must reach the socket (0660 root:nogroup) through it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(dir.path().join("profiles")).unwrap();
+        let cgroup_name = format!(
+            "wardend-test-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        std::fs::write(
+            dir.path().join("wardend.toml"),
+            Self::config_text(dir.path(), &cgroup_name),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            cgroup_name,
+        };
+        d.spawn_daemon();
+        d
+    }
+
+    fn spawn_daemon(&mut self) {
+        let child = Command::new(bin_dir().join("wardend"))
+            .arg("--config")
+            .arg(self.dir.path().join("wardend.toml"))
+            .env("WARDEN_LOG", "debug")
+            .stderr(std::fs::File::create(self.dir.path().join("wardend.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The socket of a killed daemon may still be there: wait until it answers.
+        while !self.socket().exists() || !self.ctl(&["profile", "list"]).status.success() {
+            assert!(Instant::now() < deadline, "wardend did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/warden.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("wardend.log")).unwrap_or_default()
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("wardenctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// wardenctl as uid/gid 65534 (nobody:nogroup), a member of the socket group.
+    fn ctl_as_nobody(&self, args: &[&str]) -> Output {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin_dir().join("wardenctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn cgroup_children(&self) -> Vec<String> {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/pids/{}", self.cgroup_name));
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for c in ["memory", "pids", "cpu", "cpuacct", "freezer"] {
+            let base = PathBuf::from(format!("/sys/fs/cgroup/{c}/{}", self.cgroup_name));
+            for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn root() -> bool {
+    privileged("runs wardend, which builds sandboxes and cgroups")
+}
+
+#[test]
+fn spawn_wait_streams_output_and_passes_the_exit_code() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "-w",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{} {}", text(&out.stderr), d.log());
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+
+    let ps = d.ctl(&["ps", "-a", "--output", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let w = &list[0];
+    assert_eq!(
+        (w["user"].as_str(), w["state"].as_str(), w["exit_code"].as_i64()),
+        (Some("alice"), Some("exited"), Some(3))
+    );
+    assert_eq!(w["enforcement"]["no_new_privs"], serde_json::json!(true));
+    let id = w["id"].as_str().unwrap().to_string();
+    // Logs outlive the worker.
+    let logs = d.ctl(&["logs", &id]);
+    assert!(text(&logs.stdout).contains("out") && text(&logs.stderr).contains("err"));
+    assert!(d.cgroup_children().is_empty(), "the worker's cgroup is gone");
+}
+
+#[test]
+fn stop_escalates_to_sigkill_after_the_grace_period() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 0.1; done",
+    ]);
+    let id = text(&out.stdout).trim().to_string();
+    assert!(id.starts_with('w'), "{} {}", text(&out.stderr), d.log());
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let stop = d.ctl(&["stop", &id, "--output", "json"]);
+    let w: serde_json::Value = serde_json::from_slice(&stop.stdout).unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(2), "waited for the grace period");
+    assert_eq!(w["reason"], "stopped");
+    assert_eq!(w["signal"], 9);
+    assert!(d.cgroup_children().is_empty());
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_daemon_keeps_running() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    for (args, expected) in [
+        (
+            vec!["spawn", "--user", "../root", "--", "true"],
+            "InvalidArgument: user: user name \"../root\"",
+        ),
+        (
+            vec!["spawn", "--user", "alice", "--project", "a/b", "--", "true"],
+            "InvalidArgument: project:",
+        ),
+        (
+            vec!["spawn", "--user", "alice", "--profile", "nope", "--", "true"],
+            "InvalidArgument: Unknown profile \"nope\"",
+        ),
+        (
+            vec!["spawn", "--user", "alice", "-e", "LD_PRELOAD=/x", "--", "true"],
+            "LD_PRELOAD is not allowed",
+        ),
+        (vec!["inspect", "w-nope"], "NotFound: Unknown worker w-nope"),
+        (vec!["kill", "w-nope", "-s", "KILL"], "NotFound"),
+    ] {
+        let out = d.ctl(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with("wardenctl: ") && err.contains(expected),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+    // A command that cannot be run is a failed precondition naming the stage.
+    let out = d.ctl(&["spawn", "--user", "alice", "--", "/no/such/thing"]);
+    assert!(
+        text(&out.stderr).contains("FailedPrecondition: Sandbox setup failed at exec (ENOENT)"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Per-user cap.
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            text(&d.ctl(&["spawn", "--user", "carol", "--", "sleep", "30"]).stdout)
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let out = d.ctl(&["spawn", "--user", "carol", "--", "sleep", "30"]);
+    assert!(text(&out.stderr).contains("ResourceExhausted"), "{}", text(&out.stderr));
+    for id in &ids {
+        d.ctl(&["kill", id, "-s", "KILL"]);
+    }
+    assert_eq!(d.ctl(&["profile", "list"]).status.code(), Some(0), "still serving");
+}
+
+#[test]
+fn a_local_user_may_act_only_for_its_own_warden_user() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = d.ctl_as_nobody(&["spawn", "--user", "alice", "--", "true"]);
+    assert!(text(&out.stderr).contains("PermissionDenied"), "{}", text(&out.stderr));
+    let out = d.ctl_as_nobody(&["spawn", "--user", "nobody", "-w", "--", "sh", "-c", "whoami"]);
+    assert_eq!(text(&out.stdout), "nobody\n", "{}", text(&out.stderr));
+    // It sees its own workers only, and cannot reload profiles.
+    let alice = text(&d.ctl(&["spawn", "--user", "alice", "--", "true"]).stdout)
+        .trim()
+        .to_string();
+    let out = d.ctl_as_nobody(&["inspect", &alice]);
+    assert!(text(&out.stderr).contains("NotFound"), "{}", text(&out.stderr));
+    let ps = d.ctl_as_nobody(&["ps", "-a", "--output", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    assert!(list.as_array().unwrap().iter().all(|w| w["user"] == "nobody"));
+    let out = d.ctl_as_nobody(&["profile", "reload"]);
+    assert!(text(&out.stderr).contains("PermissionDenied"));
+    assert!(d.log().contains("permission denied"), "audited in the log");
+}
+
+#[test]
+fn sighup_reloads_profiles_and_a_bad_file_keeps_the_old_set() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let _ = &mut d;
+    std::fs::write(
+        d.dir.path().join("profiles/site.toml"),
+        "extends = \"strict\"\ndescription = \"site\"\n",
+    )
+    .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !text(&d.ctl(&["profile", "list"]).stdout).contains("site") {
+        assert!(Instant::now() < deadline, "reloaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(d.dir.path().join("profiles/broken.toml"), "[limits]\npids = \"many\"\n").unwrap();
+    let out = d.ctl(&["profile", "reload"]);
+    assert!(text(&out.stderr).contains("broken.toml:2:8"), "{}", text(&out.stderr));
+    let list = text(&d.ctl(&["profile", "list"]).stdout);
+    assert!(list.contains("site") && !list.contains("broken"));
+}
+
+#[test]
+fn sigterm_stops_workers_and_leaves_nothing_behind() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let id = text(&d.ctl(&["spawn", "--user", "alice", "--", "sleep", "60"]).stdout)
+        .trim()
+        .to_string();
+    assert!(!id.is_empty());
+    assert_eq!(d.cgroup_children().len(), 1);
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = d.child.take().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(d.cgroup_children().is_empty());
+    assert!(!d.socket().exists());
+}
+
+#[test]
+fn after_a_crash_leftovers_are_cleaned_and_reported_lost() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let id = text(&d.ctl(&["spawn", "--user", "alice", "--", "sleep", "60"]).stdout)
+        .trim()
+        .to_string();
+    let mut c = d.child.take().unwrap();
+    c.kill().unwrap(); // SIGKILL: no cleanup
+    c.wait().unwrap();
+    assert_eq!(d.cgroup_children(), vec![id.clone()], "the worker outlived the daemon");
+    d.spawn_daemon();
+    let w: serde_json::Value = serde_json::from_slice(&d.ctl(&["inspect", &id, "--output", "json"]).stdout).unwrap();
+    assert_eq!(
+        (w["state"].as_str(), w["reason"].as_str()),
+        (Some("lost"), Some("lost"))
+    );
+    assert!(d.cgroup_children().is_empty(), "cleaned up");
+    let survivors = Command::new("pgrep")
+        .args(["-x", "sleep", "-u", &w["uid"].to_string()])
+        .output()
+        .unwrap();
+    assert!(survivors.stdout.is_empty());
+}
+
+#[test]
+fn a_bad_config_exits_64_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wardend.toml");
+    std::fs::write(
+        &path,
+        warden_policy::config::DEFAULT_CONFIG.replace("max_workers = 256", "max_workers = \"lots\""),
+    )
+    .unwrap();
+    let out = Command::new(bin_dir().join("wardend"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:", path.display())) && err.contains("invalid type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wardenctl_generates_completions_and_a_man_page() {
+    let c = Command::new(bin_dir().join("wardenctl"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(text(&c.stdout).contains("wardenctl"));
+    let m = Command::new(bin_dir().join("wardenctl")).arg("man").output().unwrap();
+    assert!(text(&m.stdout).contains(".TH wardenctl"));
+}
