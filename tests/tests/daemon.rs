@@ -393,3 +393,169 @@ fn wardenctl_generates_completions_and_a_man_page() {
     let m = Command::new(bin_dir().join("wardenctl")).arg("man").output().unwrap();
     assert!(text(&m.stdout).contains(".TH wardenctl"));
 }
+
+#[test]
+fn socket_activation_and_readiness_notification() {
+    if !root() {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("wardend-act-").tempdir().unwrap();
+    let cgroup_name = format!("wardend-act-{}", std::process::id());
+    std::fs::create_dir(dir.path().join("profiles")).unwrap();
+    std::fs::write(
+        dir.path().join("wardend.toml"),
+        Daemon::config_text(dir.path(), &cgroup_name),
+    )
+    .unwrap();
+    // The socket wardend will be handed lives elsewhere than its configured one.
+    let activated = dir.path().join("activated.sock");
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&activated)
+        .arg("--setenv=NOTIFY_SOCKET")
+        .arg(bin_dir().join("wardend"))
+        .arg("--config")
+        .arg(dir.path().join("wardend.toml"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The first connection starts wardend on the passed socket.
+    let out = Command::new(bin_dir().join("wardenctl"))
+        .arg("--socket")
+        .arg(&activated)
+        .args(["profile", "list"])
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    assert!(out.status.success(), "{} {log}", text(&out.stderr));
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(text(&buf[..n]).contains("READY=1"), "{}", text(&buf[..n]));
+    assert!(
+        !dir.path().join("run/warden.sock").exists(),
+        "the configured socket was not bound"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    for c in ["memory", "pids", "cpu", "cpuacct", "freezer"] {
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}/{cgroup_name}"));
+    }
+}
+
+#[test]
+fn attach_carries_stdin_and_output_and_a_vanished_client_blocks_nothing() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = text(
+        &d.ctl(&[
+            "spawn",
+            "--user",
+            "alice",
+            "--",
+            "sh",
+            "-c",
+            "while read l; do echo \"got $l\"; done; echo bye >&2; exit 5",
+        ])
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    // A second client follows the logs while the first one attaches.
+    let follower = Command::new(bin_dir().join("wardenctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["logs", "-f", &id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut attach = Command::new(bin_dir().join("wardenctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["attach", &id])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = attach.stdin.take().unwrap();
+        stdin.write_all(b"one\ntwo\n").unwrap();
+    } // EOF closes the worker's stdin
+    let out = attach.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "got one\ngot two\n");
+    assert_eq!(text(&out.stderr), "bye\n");
+    let followed = follower.wait_with_output().unwrap();
+    assert_eq!(text(&followed.stdout), "got one\ngot two\n");
+    // Replay from a byte offset.
+    assert_eq!(text(&d.ctl(&["logs", &id, "--from", "8"]).stdout), "got two\n");
+
+    // A client killed mid-stream: the worker neither blocks nor dies.
+    let id = text(
+        &d.ctl(&[
+            "spawn",
+            "--user",
+            "alice",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done",
+        ])
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    let mut gone = Command::new(bin_dir().join("wardenctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["attach", &id])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    gone.kill().unwrap();
+    let _ = gone.wait();
+    let w = d.ctl(&["wait", &id]);
+    assert_eq!(w.status.code(), Some(0));
+    let logs = text(&d.ctl(&["logs", &id]).stdout);
+    assert!(logs.ends_with("line 19999\n"), "all output kept: {} bytes", logs.len());
+}
+
+#[test]
+fn oversized_requests_are_refused() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let cfg = std::fs::read_to_string(d.dir.path().join("wardend.toml"))
+        .unwrap()
+        .replace("max_message_bytes = 4194304", "max_message_bytes = 65536");
+    std::fs::write(d.dir.path().join("wardend.toml"), cfg).unwrap();
+    let mut c = d.child.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    d.spawn_daemon();
+    let big = "x".repeat(100_000);
+    let out = d.ctl(&["spawn", "--user", "alice", "--", "echo", &big]);
+    let err = text(&out.stderr);
+    assert!(err.contains("OutOfRange") || err.contains("ResourceExhausted"), "{err}");
+    assert!(
+        d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"])
+            .status
+            .success(),
+        "still serving"
+    );
+}

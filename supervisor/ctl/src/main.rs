@@ -84,6 +84,9 @@ enum Cmd {
         id: String,
         #[arg(short, long)]
         follow: bool,
+        /// Start at this byte offset of stdout (and of stderr).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
     },
     /// SIGTERM, the grace period, then SIGKILL.
     Stop {
@@ -365,12 +368,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output),
         Cmd::Attach { id } => return attach(&mut workers, &id, true).await,
-        Cmd::Logs { id, follow } => {
+        Cmd::Logs { id, follow, from } => {
             let mut s = workers
                 .logs(pb::LogsRequest {
                     id,
                     follow,
-                    ..Default::default()
+                    stdout_offset: from,
+                    stderr_offset: from,
                 })
                 .await?
                 .into_inner();
