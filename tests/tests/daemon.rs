@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use warden_tests::*;
 
+static NEXT_RANGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -31,6 +33,12 @@ impl Daemon {
             .replace("cgroup_name = \"warden\"", &format!("cgroup_name = {cgroup_name:?}"))
             .replace("stop_grace_seconds = 10", "stop_grace_seconds = 2")
             .replace("max_workers_per_user = 8", "max_workers_per_user = 3")
+            .replace("uid_min = 200000\nuid_max = 299999", &{
+                // Each daemon its own uids, so that tests running side by side
+                // can tell their workers' processes apart.
+                let base = 230_000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                format!("uid_min = {base}\nuid_max = {}", base + 99)
+            })
     }
 
     fn start() -> Daemon {
@@ -354,6 +362,7 @@ fn after_a_crash_leftovers_are_cleaned_and_reported_lost() {
         (Some("lost"), Some("lost"))
     );
     assert!(d.cgroup_children().is_empty(), "cleaned up");
+    assert!(w["uid"].as_u64().unwrap() >= 230_000, "this daemon's own uid range");
     let survivors = Command::new("pgrep")
         .args(["-x", "sleep", "-u", &w["uid"].to_string()])
         .output()
