@@ -35,11 +35,17 @@ fn the_workers_cgroup_carries_the_profiles_limits_and_holds_all_its_processes() 
             "alice",
             "demo",
             "tight",
-            &["/bin/sh", "-c", "sleep 0.3 & sleep 0.3 & wait"],
+            &["/bin/sh", "-c", "sleep 1 & sleep 1 & wait"],
         )
         .unwrap();
     let paths = w.cgroup.paths();
-    let pids = w.cgroup.pids();
+    // The launcher, its init, the shell and both sleeps, once the shell forked them.
+    let mut pids = w.cgroup.pids();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pids.len() < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        pids = w.cgroup.pids();
+    }
     if h.cgroups.is_v2() {
         let d = &paths[0];
         assert_eq!(read(&d.join("memory.max")), (96u64 << 20).to_string());
@@ -63,8 +69,7 @@ fn the_workers_cgroup_carries_the_profiles_limits_and_holds_all_its_processes() 
         assert_eq!(read(&find("cpu").join("cpu.cfs_period_us")), "100000");
         assert_eq!(read(&find("cpu").join("cpu.shares")), "2048");
     }
-    // The launcher, its init, the shell and both sleeps: all accounted.
-    assert!(pids.len() >= 4, "{pids:?}");
+    assert_eq!(pids.len(), 5, "all of the worker's processes are in its cgroup: {pids:?}");
     let out = w.wait(Duration::from_secs(30));
     assert_eq!(out.code, 0);
     assert!(
