@@ -31,12 +31,7 @@ fn read(path: &std::path::Path) -> String {
 fn the_workers_cgroup_carries_the_profiles_limits_and_holds_all_its_processes() {
     let Some(h) = host() else { return };
     let w = h
-        .spawn(
-            "alice",
-            "demo",
-            "tight",
-            &["/bin/sh", "-c", "sleep 1 & sleep 1 & wait"],
-        )
+        .spawn("alice", "demo", "tight", &["/bin/sh", "-c", "sleep 1 & sleep 1 & wait"])
         .unwrap();
     let paths = w.cgroup.paths();
     // The launcher, its init, the shell and both sleeps, once the shell forked them.
@@ -69,7 +64,11 @@ fn the_workers_cgroup_carries_the_profiles_limits_and_holds_all_its_processes() 
         assert_eq!(read(&find("cpu").join("cpu.cfs_period_us")), "100000");
         assert_eq!(read(&find("cpu").join("cpu.shares")), "2048");
     }
-    assert_eq!(pids.len(), 5, "all of the worker's processes are in its cgroup: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        5,
+        "all of the worker's processes are in its cgroup: {pids:?}"
+    );
     let out = w.wait(Duration::from_secs(30));
     assert_eq!(out.code, 0);
     assert!(
