@@ -9,13 +9,16 @@
 //! - [`workers`]: the registry of workers, their output, stop and wait.
 //! - [`auth`]: callers from SO_PEERCRED and who may act for whom.
 //! - [`profiles`]: the loaded profile set and its atomic reload.
+//! - [`events`] and [`audit`]: numbered events, durable before published.
 //! - [`api`]: the gRPC handlers.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cgroups;
+pub mod events;
 pub mod launcher;
 pub mod profiles;
 pub mod users;

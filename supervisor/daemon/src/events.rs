@@ -1,0 +1,304 @@
+//! Events: everything that happens to workers and to the daemon, numbered,
+//! written to the audit log, then published to subscribers.
+//!
+//! Owns: the event model, sequence assignment, the live broadcast and the
+//! replay-then-live hand-over for `Events.Watch`.
+//!
+//! Must never: publish before the audit log has the event on disk, or let a
+//! slow subscriber slow the daemon (the broadcast is bounded; a subscriber
+//! that falls behind is told the last sequence it got and resumes from the
+//! log).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::audit::{AuditError, AuditLog, Recovery};
+use crate::workers::millis;
+
+/// One event. `worker` and `user` are set where they apply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    DaemonStarted {
+        version: String,
+        cgroup_v2: bool,
+        /// Workers of a previous daemon found running and cleaned up.
+        lost: Vec<String>,
+        /// Bytes of a torn audit line cut off at start (a crash mid-write).
+        audit_torn_bytes: u64,
+    },
+    DaemonStopping,
+    WorkerStarted {
+        profile: String,
+        policy_digest: String,
+        uid: u32,
+        cgroup: Vec<String>,
+        command: Vec<String>,
+        landlock_abi: u32,
+        landlock_tcp: bool,
+        landlock_scoped: bool,
+        seccomp_filter_len: usize,
+        namespaces: Vec<String>,
+        no_new_privs: bool,
+        capabilities_empty: bool,
+        /// Whether landlock denials of this worker can be reported.
+        landlock_denials_observable: bool,
+        /// Whether seccomp denials of this worker are reported.
+        seccomp_denials_observable: bool,
+    },
+    SpawnFailed {
+        profile: String,
+        stage: String,
+        errno: i32,
+        message: String,
+    },
+    WorkerExited {
+        code: i32,
+        signal: i32,
+        reason: String,
+        duration_ms: u64,
+        cpu_time_us: u64,
+        peak_memory: u64,
+    },
+    ResourceSample {
+        memory_current: u64,
+        memory_peak: u64,
+        cpu_usage_us: u64,
+        pids: u64,
+    },
+    LimitReached {
+        /// "oom_kill", "pids_max" or "cpu_throttled".
+        limit: String,
+        count: u64,
+    },
+    SandboxDenial {
+        /// "seccomp" or "landlock".
+        layer: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        syscall: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        access: Option<String>,
+        /// Denials of this worker not reported since the last report (rate limit).
+        #[serde(default)]
+        suppressed: u64,
+    },
+    AuthDenied {
+        peer_uid: u32,
+        peer_pid: Option<i32>,
+        method: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_user: Option<String>,
+    },
+    ProfilesReloaded {
+        loaded: Vec<String>,
+    },
+    ProfileReloadFailed {
+        error: String,
+    },
+}
+
+impl EventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::DaemonStarted { .. } => "daemon_started",
+            EventKind::DaemonStopping => "daemon_stopping",
+            EventKind::WorkerStarted { .. } => "worker_started",
+            EventKind::SpawnFailed { .. } => "spawn_failed",
+            EventKind::WorkerExited { .. } => "worker_exited",
+            EventKind::ResourceSample { .. } => "resource_sample",
+            EventKind::LimitReached { .. } => "limit_reached",
+            EventKind::SandboxDenial { .. } => "sandbox_denial",
+            EventKind::AuthDenied { .. } => "auth_denied",
+            EventKind::ProfilesReloaded { .. } => "profiles_reloaded",
+            EventKind::ProfileReloadFailed { .. } => "profile_reload_failed",
+        }
+    }
+}
+
+pub const KINDS: &[&str] = &[
+    "daemon_started",
+    "daemon_stopping",
+    "worker_started",
+    "spawn_failed",
+    "worker_exited",
+    "resource_sample",
+    "limit_reached",
+    "sandbox_denial",
+    "auth_denied",
+    "profiles_reloaded",
+    "profile_reload_failed",
+];
+
+/// The bus: numbered, durable, then broadcast.
+#[derive(Debug)]
+pub struct Events {
+    inner: Mutex<(AuditLog, u64)>,
+    live: broadcast::Sender<Arc<Event>>,
+    path: PathBuf,
+    keep: usize,
+}
+
+impl Events {
+    pub fn open(path: &Path, max_bytes: u64, keep: usize, capacity: usize) -> Result<(Self, Recovery), AuditError> {
+        let (log, recovery) = AuditLog::open(path, max_bytes, keep)?;
+        let events = Events {
+            inner: Mutex::new((log, recovery.last_seq)),
+            live: broadcast::channel(capacity.max(16)).0,
+            path: path.to_path_buf(),
+            keep,
+        };
+        Ok((events, recovery))
+    }
+
+    /// Numbers, writes and publishes one event. If the audit log cannot be
+    /// written the event is not published (and the failure is logged): a
+    /// published event is always on disk.
+    pub fn publish(&self, worker: Option<&str>, user: Option<&str>, kind: EventKind) -> Option<Arc<Event>> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (log, last) = &mut *guard;
+        let event = Event {
+            seq: *last + 1,
+            time_ms: millis(SystemTime::now()),
+            worker: worker.map(str::to_string),
+            user: user.map(str::to_string),
+            kind,
+        };
+        let line = serde_json::to_string(&event).unwrap_or_default();
+        if let Err(e) = log.append(&line) {
+            tracing::error!(error = %e, kind = event.kind.name(), "cannot write the audit log; event dropped");
+            return None;
+        }
+        *last = event.seq;
+        let event = Arc::new(event);
+        // Sent under the lock, so subscribers see sequence order.
+        let _ = self.live.send(event.clone());
+        Some(event)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.live.subscribe()
+    }
+
+    /// Events with `seq >= from` from the log, oldest first, until `f` says stop.
+    pub fn replay(&self, from: u64, mut f: impl FnMut(Event) -> bool) {
+        AuditLog::replay(&self.path, self.keep, from, |_, line| {
+            match serde_json::from_str::<Event>(line) {
+                Ok(e) => f(e),
+                Err(_) => true,
+            }
+        });
+    }
+}
+
+/// Which events a subscriber wants.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub worker: Option<String>,
+    pub user: Option<String>,
+    pub kinds: Vec<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &Event) -> bool {
+        self.worker.as_ref().is_none_or(|w| e.worker.as_ref() == Some(w))
+            && self.user.as_ref().is_none_or(|u| e.user.as_ref() == Some(u))
+            && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == e.kind.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_the_log_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.jsonl");
+        let (bus, _) = Events::open(&p, 1 << 20, 2, 64).unwrap();
+        let mut rx = bus.subscribe();
+        bus.publish(None, None, EventKind::DaemonStopping).unwrap();
+        let e = bus
+            .publish(
+                Some("w1"),
+                Some("alice"),
+                EventKind::LimitReached {
+                    limit: "pids_max".into(),
+                    count: 3,
+                },
+            )
+            .unwrap();
+        assert_eq!(e.seq, 2);
+        assert_eq!(rx.try_recv().unwrap().seq, 1);
+        let mut got = Vec::new();
+        bus.replay(2, |e| {
+            got.push(e);
+            true
+        });
+        assert_eq!(got, vec![(*e).clone()]);
+        let line = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            line.contains(r#""kind":"limit_reached","limit":"pids_max","count":3"#),
+            "{line}"
+        );
+        drop(bus);
+        let (bus, r) = Events::open(&p, 1 << 20, 2, 64).unwrap();
+        assert_eq!(r.last_seq, 2);
+        assert_eq!(bus.publish(None, None, EventKind::DaemonStopping).unwrap().seq, 3);
+    }
+
+    #[test]
+    fn filters() {
+        let e = Event {
+            seq: 1,
+            time_ms: 0,
+            worker: Some("w1".into()),
+            user: Some("alice".into()),
+            kind: EventKind::DaemonStopping,
+        };
+        assert!(Filter::default().matches(&e));
+        assert!(Filter {
+            user: Some("alice".into()),
+            ..Default::default()
+        }
+        .matches(&e));
+        assert!(!Filter {
+            user: Some("bob".into()),
+            ..Default::default()
+        }
+        .matches(&e));
+        assert!(Filter {
+            kinds: vec!["daemon_stopping".into()],
+            ..Default::default()
+        }
+        .matches(&e));
+        assert!(!Filter {
+            kinds: vec!["worker_started".into()],
+            ..Default::default()
+        }
+        .matches(&e));
+    }
+}
