@@ -5,7 +5,11 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["warden/v1/workers.proto", "warden/v1/profiles.proto"];
+    let files = [
+        "warden/v1/workers.proto",
+        "warden/v1/profiles.proto",
+        "warden/v1/events.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -17,6 +17,7 @@ use tokio::net::UnixStream;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint, Uri};
 use warden_proto::v1 as pb;
+use warden_proto::v1::events_client::EventsClient;
 use warden_proto::v1::profiles_client::ProfilesClient;
 use warden_proto::v1::workers_client::WorkersClient;
 
@@ -102,6 +103,22 @@ enum Cmd {
     },
     /// Wait for a worker and exit with its exit code.
     Wait { id: String },
+    /// Events from the audit log, and live with -f.
+    Events {
+        /// Keep following live events.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start at this sequence number (default: everything the log holds).
+        #[arg(long, default_value_t = 1)]
+        since: u64,
+        #[arg(long)]
+        worker: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Only events of this kind (repeatable).
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+    },
     /// Sandbox profiles.
     Profile {
         #[command(subcommand)]
@@ -230,6 +247,25 @@ fn print_worker(w: &pb::Worker, output: Output) {
     }
 }
 
+fn print_event(e: &pb::Event, output: Output) {
+    if output == Output::Json {
+        println!("{}", e.json);
+        return;
+    }
+    let mut details: serde_json::Value = serde_json::from_str(&e.json).unwrap_or_default();
+    if let Some(obj) = details.as_object_mut() {
+        for k in ["seq", "time_ms", "worker", "user", "kind"] {
+            obj.remove(k);
+        }
+    }
+    let secs = e.time_ms / 1000;
+    let time = format!("{}.{:03}", secs, e.time_ms % 1000);
+    println!(
+        "{:>6} {:<24} {:<22} {:<14} {:<10} {}",
+        e.seq, time, e.kind, e.worker, e.user, details
+    );
+}
+
 /// Streams a worker's output to ours until it exits; returns its exit code.
 async fn attach(client: &mut WorkersClient<Channel>, id: &str, forward_stdin: bool) -> anyhow::Result<i32> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -319,7 +355,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let channel = connect(&cli.socket).await?;
     let mut workers = WorkersClient::new(channel.clone());
-    let mut profiles = ProfilesClient::new(channel);
+    let mut profiles = ProfilesClient::new(channel.clone());
+    let mut events = EventsClient::new(channel);
     match cli.command {
         Cmd::Spawn {
             user,
@@ -419,6 +456,43 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", worker_json(&w));
             }
             return Ok(w.exit_code);
+        }
+        Cmd::Events {
+            follow,
+            since,
+            worker,
+            user,
+            kinds,
+        } => {
+            let mut s = events
+                .watch(pb::WatchRequest {
+                    from_seq: since.max(1),
+                    worker: worker.unwrap_or_default(),
+                    user: user.unwrap_or_default(),
+                    kinds,
+                    replay_only: !follow,
+                })
+                .await?
+                .into_inner();
+            if output == Output::Table {
+                println!(
+                    "{:>6} {:<24} {:<22} {:<14} {:<10} DETAILS",
+                    "SEQ", "TIME", "KIND", "WORKER", "USER"
+                );
+            }
+            while let Some(msg) = s.next().await {
+                match msg?.msg {
+                    Some(pb::watch_response::Msg::Event(e)) => print_event(&e, output),
+                    Some(pb::watch_response::Msg::Lagged(l)) => {
+                        bail!(
+                            "Fell behind the live events after seq {}; resume with --since {}",
+                            l.last_seq,
+                            l.last_seq + 1
+                        )
+                    }
+                    None => {}
+                }
+            }
         }
         Cmd::Profile { command } => match command {
             ProfileCmd::List => {

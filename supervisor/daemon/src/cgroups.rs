@@ -107,6 +107,8 @@ pub struct Usage {
     pub oom_kills: u64,
     /// Times a fork failed because pids.max was reached.
     pub pids_max_hits: u64,
+    /// CFS periods in which the worker was throttled by its CPU quota.
+    pub cpu_throttled: u64,
 }
 
 const CPU_PERIOD_US: u64 = 100_000;
@@ -468,6 +470,7 @@ impl WorkerCgroup {
                 pids_current: read_u64(&d.join("pids.current")),
                 oom_kills: keyed(&d.join("memory.events"), "oom_kill"),
                 pids_max_hits: keyed(&d.join("pids.events"), "max"),
+                cpu_throttled: keyed(&d.join("cpu.stat"), "nr_throttled"),
             }
         } else {
             let mem = self.dir("memory");
@@ -479,6 +482,7 @@ impl WorkerCgroup {
                 pids_current: read_u64(&pids.join("pids.current")),
                 oom_kills: keyed(&mem.join("memory.oom_control"), "oom_kill"),
                 pids_max_hits: keyed(&pids.join("pids.events"), "max"),
+                cpu_throttled: keyed(&self.dir("cpu").join("cpu.stat"), "nr_throttled"),
             }
         }
     }
@@ -637,7 +641,7 @@ mod tests {
         // Usage from the v2 files.
         std::fs::write(d.join("memory.current"), "1000\n").unwrap();
         std::fs::write(d.join("memory.peak"), "5000\n").unwrap();
-        std::fs::write(d.join("cpu.stat"), "usage_usec 7\nuser_usec 5\n").unwrap();
+        std::fs::write(d.join("cpu.stat"), "usage_usec 7\nuser_usec 5\nnr_throttled 0\n").unwrap();
         std::fs::write(d.join("pids.current"), "3\n").unwrap();
         std::fs::write(d.join("memory.events"), "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n").unwrap();
         std::fs::write(d.join("pids.events"), "max 9\n").unwrap();
@@ -650,7 +654,8 @@ mod tests {
                 cpu_usage_ns: 7000,
                 pids_current: 3,
                 oom_kills: 1,
-                pids_max_hits: 9
+                pids_max_hits: 9,
+                cpu_throttled: 0,
             }
         );
 

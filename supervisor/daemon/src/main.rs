@@ -16,13 +16,16 @@ use clap::Parser;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
+use warden_daemon::api::events::EventsApi;
 use warden_daemon::api::profiles::ProfilesApi;
 use warden_daemon::api::workers::WorkersApi;
 use warden_daemon::cgroups::Cgroups;
+use warden_daemon::events::{EventKind, Events};
 use warden_daemon::profiles::Profiles;
 use warden_daemon::users::Users;
 use warden_daemon::workers::Supervisor;
 use warden_policy::config::Config;
+use warden_proto::v1::events_server::EventsServer;
 use warden_proto::v1::profiles_server::ProfilesServer;
 use warden_proto::v1::workers_server::WorkersServer;
 
@@ -176,11 +179,58 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     let cgroups = Cgroups::detect(&config.cgroup_name).context("Cannot set up cgroups")?;
     let launcher = launcher_path(&config.launcher);
     anyhow::ensure!(launcher.exists(), "The launcher {} does not exist", launcher.display());
-    let sup = Arc::new(Supervisor::new(config.clone(), users, cgroups, profiles, launcher));
+    let (events, recovery) = Events::open(
+        &config.audit_log,
+        config.audit_max_bytes,
+        config.audit_keep,
+        config.events_buffer,
+    )
+    .context("Cannot open the audit log")?;
+    if recovery.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = recovery.torn_bytes,
+            "cut a torn last line off the audit log (a crash mid-write)"
+        );
+    }
+    let events = Arc::new(events);
+    let sup = Arc::new(Supervisor::new(
+        config.clone(),
+        users,
+        cgroups,
+        profiles,
+        events.clone(),
+        launcher,
+    ));
     let lost = sup.recover();
     if !lost.is_empty() {
         tracing::warn!(?lost, "workers of a previous run were lost");
     }
+    for id in &lost {
+        if let Ok(w) = sup.get(id) {
+            events.publish(
+                Some(id),
+                Some(&w.user),
+                EventKind::WorkerExited {
+                    code: -1,
+                    signal: 0,
+                    reason: "lost".into(),
+                    duration_ms: 0,
+                    cpu_time_us: 0,
+                    peak_memory: 0,
+                },
+            );
+        }
+    }
+    events.publish(
+        None,
+        None,
+        EventKind::DaemonStarted {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            cgroup_v2: sup.cgroups.is_v2(),
+            lost: lost.clone(),
+            audit_torn_bytes: recovery.torn_bytes,
+        },
+    );
 
     let std_listener = match activated_socket() {
         Some(l) => l,
@@ -194,6 +244,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkersServer<WorkersApi>>().await;
     health.set_serving::<ProfilesServer<ProfilesApi>>().await;
+    health.set_serving::<EventsServer<EventsApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(warden_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -204,6 +255,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let profiles = ProfilesServer::new(ProfilesApi { sup: sup.clone() }).max_decoding_message_size(max);
+    let events_api = EventsServer::new(EventsApi { sup: sup.clone() }).max_decoding_message_size(max);
 
     let mut term = signal(SignalKind::terminate()).context("Cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("Cannot handle SIGINT")?;
@@ -212,8 +264,18 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match reload_sup.profiles.reload() {
-                Ok(loaded) => tracing::info!(?loaded, "profiles reloaded (SIGHUP)"),
-                Err(e) => tracing::error!(error = %e, "profile reload failed; keeping the old set"),
+                Ok(loaded) => {
+                    tracing::info!(?loaded, "profiles reloaded (SIGHUP)");
+                    reload_sup
+                        .events
+                        .publish(None, None, EventKind::ProfilesReloaded { loaded });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "profile reload failed; keeping the old set");
+                    reload_sup
+                        .events
+                        .publish(None, None, EventKind::ProfileReloadFailed { error: e.to_string() });
+                }
             }
         }
     });
@@ -226,6 +288,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         }
         tracing::info!("stopping: no new workers, stopping the running ones");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        shutdown_sup.events.publish(None, None, EventKind::DaemonStopping);
         shutdown_sup.shutdown().await;
         let _ = stop_tx.send(());
     });
@@ -237,6 +300,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_service(workers)
         .add_service(profiles)
+        .add_service(events_api)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stop_rx.await;
         })

@@ -25,7 +25,8 @@ use warden_policy::config::Config;
 use warden_policy::seccomp::Arch;
 use warden_policy::{Enforced, SpawnRequest};
 
-use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
+use crate::cgroups::{CgroupLimits, Cgroups, Usage, WorkerCgroup};
+use crate::events::{EventKind, Events};
 use crate::launcher::{launch, LaunchError};
 use crate::profiles::Profiles;
 use crate::users::{UserError, Users};
@@ -195,6 +196,8 @@ pub struct Worker {
     exit: watch::Sender<Option<ExitInfo>>,
     stop_requested: AtomicBool,
     cgroup: Option<WorkerCgroup>,
+    /// Limit counters already reported (oom kills, pids.max hits, throttled periods).
+    reported: Mutex<(u64, u64, u64)>,
 }
 
 impl Worker {
@@ -252,6 +255,7 @@ pub struct Supervisor {
     pub users: Users,
     pub cgroups: Cgroups,
     pub profiles: Profiles,
+    pub events: Arc<Events>,
     launcher: PathBuf,
     workers: Mutex<BTreeMap<String, Arc<Worker>>>,
     order: Mutex<Vec<String>>,
@@ -273,13 +277,21 @@ fn tighten(field: &'static str, profile: Option<u64>, asked: Option<u64>) -> Res
 }
 
 impl Supervisor {
-    pub fn new(config: Config, users: Users, cgroups: Cgroups, profiles: Profiles, launcher: PathBuf) -> Self {
+    pub fn new(
+        config: Config,
+        users: Users,
+        cgroups: Cgroups,
+        profiles: Profiles,
+        events: Arc<Events>,
+        launcher: PathBuf,
+    ) -> Self {
         let start = millis(SystemTime::now());
         Supervisor {
             config,
             users,
             cgroups,
             profiles,
+            events,
             launcher,
             workers: Mutex::new(BTreeMap::new()),
             order: Mutex::new(Vec::new()),
@@ -386,6 +398,7 @@ impl Supervisor {
                 .0,
                 stop_requested: AtomicBool::new(false),
                 cgroup: None,
+                reported: Mutex::new((0, 0, 0)),
             });
             for log in [&w.stdout, &w.stderr] {
                 let len = std::fs::metadata(&log.path).map_or(0, |m| m.len());
@@ -483,6 +496,22 @@ impl Supervisor {
             Err(e) => {
                 let _ = cgroup.kill_all(Duration::from_secs(5));
                 let _ = cgroup.remove();
+                let (stage, errno, message) = match &e {
+                    LaunchError::Setup {
+                        stage, errno, message, ..
+                    } => (stage.clone(), *errno, message.clone()),
+                    other => ("spawn".to_string(), 0, other.to_string()),
+                };
+                self.events.publish(
+                    Some(&spec.worker_id),
+                    Some(&spec.user),
+                    EventKind::SpawnFailed {
+                        profile: spec.profile.clone(),
+                        stage,
+                        errno,
+                        message,
+                    },
+                );
                 return Err(e.into());
             }
         };
@@ -527,9 +556,38 @@ impl Supervisor {
             exit: watch::channel(None).0,
             stop_requested: AtomicBool::new(false),
             cgroup: Some(cgroup),
+            reported: Mutex::new((0, 0, 0)),
         });
         self.insert(worker.clone());
         tracing::info!(worker = %worker.id, user = %worker.user, profile = %worker.profile, pid = worker.pid, "worker started");
+        let e = &launched.enforced;
+        self.events.publish(
+            Some(&worker.id),
+            Some(&worker.user),
+            EventKind::WorkerStarted {
+                profile: worker.profile.clone(),
+                policy_digest: worker.policy_digest.clone(),
+                uid: worker.uid,
+                cgroup: worker
+                    .cgroup
+                    .as_ref()
+                    .map(|c| c.paths().iter().map(|p| p.display().to_string()).collect())
+                    .unwrap_or_default(),
+                command: worker.command.clone(),
+                landlock_abi: e.landlock_abi,
+                landlock_tcp: e.landlock_tcp,
+                landlock_scoped: e.landlock_scoped,
+                seccomp_filter_len: e.seccomp_filter_len,
+                namespaces: e.namespaces.clone(),
+                no_new_privs: e.no_new_privs,
+                capabilities_empty: e.capabilities_empty,
+                // Not yet: landlock denials need the kernel audit stream and
+                // seccomp denials user notification; until then the worker
+                // sees EPERM/EACCES and no event says so.
+                landlock_denials_observable: false,
+                seccomp_denials_observable: false,
+            },
+        );
 
         let pumps = [
             stdout
@@ -562,30 +620,78 @@ impl Supervisor {
                 timeout.is_some_and(|t| begun.elapsed().as_secs() >= t),
             );
         });
-        // v1 has no group OOM kill: when the OOM counter moves, kill the rest.
-        if !self.cgroups.is_v2() {
-            let w = worker.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(500));
-                while w.exit_info().is_none() {
-                    tick.tick().await;
-                    if w.usage().is_some_and(|u| u.oom_kills > 0) {
-                        if let Some(cg) = &w.cgroup {
-                            let cg = cg.clone();
-                            let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
-                        }
-                        break;
+        // Limits are checked twice a second (v1 has no group OOM kill: when
+        // the OOM counter moves, the rest of the worker is killed here);
+        // usage is sampled every sample_interval_seconds.
+        let this = self.clone();
+        let w = worker.clone();
+        let every = Duration::from_secs(self.config.sample_interval_seconds);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut last_sample = Instant::now();
+            loop {
+                tick.tick().await;
+                if w.exit_info().is_some() {
+                    break;
+                }
+                let Some(usage) = w.usage() else { break };
+                let oom = this.report_limits(&w, &usage);
+                if oom && !this.cgroups.is_v2() {
+                    if let Some(cg) = &w.cgroup {
+                        let cg = cg.clone();
+                        let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
                     }
                 }
-            });
-        }
+                if last_sample.elapsed() >= every && w.exit_info().is_none() {
+                    last_sample = Instant::now();
+                    this.events.publish(
+                        Some(&w.id),
+                        Some(&w.user),
+                        EventKind::ResourceSample {
+                            memory_current: usage.memory_current,
+                            memory_peak: usage.memory_peak,
+                            cpu_usage_us: usage.cpu_usage_ns / 1000,
+                            pids: usage.pids_current,
+                        },
+                    );
+                }
+            }
+        });
         Ok(worker)
     }
 
     /// Records the exit, kills what is left, removes the cgroup.
+    /// Publishes a limit-reached event for each counter that moved since the
+    /// last report; returns whether the OOM killer struck.
+    fn report_limits(&self, w: &Worker, u: &Usage) -> bool {
+        let mut guard = w.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let r = &mut *guard;
+        let mut oom = false;
+        for (limit, now, seen) in [
+            ("oom_kill", u.oom_kills, &mut r.0),
+            ("pids_max", u.pids_max_hits, &mut r.1),
+            ("cpu_throttled", u.cpu_throttled, &mut r.2),
+        ] {
+            if now > *seen {
+                *seen = now;
+                oom |= limit == "oom_kill";
+                self.events.publish(
+                    Some(&w.id),
+                    Some(&w.user),
+                    EventKind::LimitReached {
+                        limit: limit.to_string(),
+                        count: now,
+                    },
+                );
+            }
+        }
+        oom
+    }
+
     fn finish(&self, w: &Worker, status: Option<std::process::ExitStatus>, timed_out: bool) {
         use std::os::unix::process::ExitStatusExt;
         let usage = w.usage().unwrap_or_default();
+        self.report_limits(w, &usage);
         if let Some(cg) = &w.cgroup {
             if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
                 tracing::error!(worker = %w.id, error = %e, "cannot remove the worker's cgroup");
@@ -619,6 +725,22 @@ impl Supervisor {
             cpu_time_us: usage.cpu_usage_ns / 1000,
         };
         tracing::info!(worker = %w.id, code, signal, reason = ?reason, "worker exited");
+        let duration_ms = info
+            .at
+            .duration_since(w.started)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        self.events.publish(
+            Some(&w.id),
+            Some(&w.user),
+            EventKind::WorkerExited {
+                code,
+                signal,
+                reason: format!("{reason:?}").to_lowercase().replace("timedout", "timed_out"),
+                duration_ms,
+                cpu_time_us: info.cpu_time_us,
+                peak_memory: info.peak_memory,
+            },
+        );
         let _ = std::fs::remove_file(self.records_dir().join(format!("{}.json", w.id)));
         w.exit.send_replace(Some(info));
     }

@@ -34,6 +34,11 @@ struct RawConfig {
     max_message_bytes: Spanned<usize>,
     log_max_bytes: u64,
     exited_history: usize,
+    audit_log: Spanned<String>,
+    audit_max_bytes: u64,
+    audit_keep: usize,
+    sample_interval_seconds: Spanned<u64>,
+    events_buffer: usize,
 }
 
 /// The validated configuration.
@@ -64,6 +69,15 @@ pub struct Config {
     pub log_max_bytes: u64,
     /// How many exited workers `List` and `Get` remember.
     pub exited_history: usize,
+    /// The audit log (JSON lines), rotated at `audit_max_bytes`, keeping
+    /// `audit_keep` rotated files.
+    pub audit_log: PathBuf,
+    pub audit_max_bytes: u64,
+    pub audit_keep: usize,
+    /// Seconds between resource samples of each worker.
+    pub sample_interval_seconds: u64,
+    /// Events a live subscriber may fall behind before it is told it lagged.
+    pub events_buffer: usize,
 }
 
 impl Config {
@@ -92,7 +106,13 @@ impl Config {
             at: at(span.start),
             message: m,
         };
-        for p in [&raw.socket, &raw.state_dir, &raw.profiles_dir] {
+        if *raw.sample_interval_seconds.get_ref() == 0 {
+            return Err(invalid(
+                raw.sample_interval_seconds.span(),
+                "expected sample_interval_seconds of at least 1".into(),
+            ));
+        }
+        for p in [&raw.socket, &raw.state_dir, &raw.profiles_dir, &raw.audit_log] {
             if !p.get_ref().starts_with('/') || p.get_ref().split('/').any(|c| c == "..") {
                 return Err(invalid(
                     p.span(),
@@ -149,6 +169,11 @@ impl Config {
             max_message_bytes: raw.max_message_bytes.into_inner(),
             log_max_bytes: raw.log_max_bytes,
             exited_history: raw.exited_history,
+            audit_log: PathBuf::from(raw.audit_log.into_inner()),
+            audit_max_bytes: raw.audit_max_bytes,
+            audit_keep: raw.audit_keep,
+            sample_interval_seconds: raw.sample_interval_seconds.into_inner(),
+            events_buffer: raw.events_buffer,
         })
     }
 }

@@ -2,12 +2,14 @@
 //! domain and map the error. Errors become `tonic::Status` here and only
 //! here; internal detail (paths, errno text) reaches admins only.
 
+pub mod events;
 pub mod profiles;
 pub mod workers;
 
 use tonic::{Code, Request, Status};
 
 use crate::auth::{identify, Caller};
+use crate::events::{EventKind, Events};
 use crate::workers::WorkerError;
 use warden_policy::config::Config;
 
@@ -21,17 +23,30 @@ pub fn caller<T>(req: &Request<T>, config: &Config) -> Result<Caller, Status> {
     Ok(identify(cred.uid(), cred.pid(), config))
 }
 
-/// Refuses (and logs) a caller who may not act for `user`.
-pub fn authorize(caller: &Caller, user: &str, method: &str) -> Result<(), Status> {
+/// Refuses a caller who may not act for `user`, and audits the refusal.
+pub fn authorize(events: &Events, caller: &Caller, user: &str, method: &str) -> Result<(), Status> {
     if caller.may_act_for(user) {
         Ok(())
     } else {
-        tracing::warn!(uid = caller.uid, pid = ?caller.pid, method, user, "permission denied");
-        Err(Status::permission_denied(format!(
-            "uid {} may not act for warden user {user:?}",
-            caller.uid
-        )))
+        let message = format!("uid {} may not act for warden user {user:?}", caller.uid);
+        Err(denied(events, caller, method, Some(user), message))
     }
+}
+
+/// Logs and audits a refused call; returns the PERMISSION_DENIED status.
+pub fn denied(events: &Events, caller: &Caller, method: &str, user: Option<&str>, message: String) -> Status {
+    tracing::warn!(uid = caller.uid, pid = ?caller.pid, method, user, "permission denied");
+    events.publish(
+        None,
+        None,
+        EventKind::AuthDenied {
+            peer_uid: caller.uid,
+            peer_pid: caller.pid,
+            method: method.to_string(),
+            target_user: user.map(str::to_string),
+        },
+    );
+    Status::permission_denied(message)
 }
 
 /// The one mapping of domain errors to gRPC status codes.

@@ -7,6 +7,7 @@ use warden_policy::{policy_digest, Profile, Source};
 use warden_proto::v1 as pb;
 
 use super::caller;
+use crate::events::EventKind;
 use crate::workers::Supervisor;
 
 #[derive(Debug)]
@@ -68,16 +69,27 @@ impl pb::profiles_server::Profiles for ProfilesApi {
     ) -> Result<Response<pb::ReloadProfilesResponse>, Status> {
         let c = caller(&req, &self.sup.config)?;
         if !c.is_admin() {
-            tracing::warn!(uid = c.uid, "permission denied: Profiles.Reload");
-            return Err(Status::permission_denied("Only admins may reload profiles"));
+            return Err(super::denied(
+                &self.sup.events,
+                &c,
+                "Profiles.Reload",
+                None,
+                "Only admins may reload profiles".into(),
+            ));
         }
         match self.sup.profiles.reload() {
             Ok(loaded) => {
                 tracing::info!(?loaded, "profiles reloaded");
+                self.sup
+                    .events
+                    .publish(None, None, EventKind::ProfilesReloaded { loaded: loaded.clone() });
                 Ok(Response::new(pb::ReloadProfilesResponse { loaded }))
             }
             Err(e) => {
                 tracing::error!(error = %e, "profile reload failed; keeping the old set");
+                self.sup
+                    .events
+                    .publish(None, None, EventKind::ProfileReloadFailed { error: e.to_string() });
                 Err(Status::invalid_argument(e.to_string()))
             }
         }

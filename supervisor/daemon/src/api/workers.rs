@@ -74,7 +74,8 @@ impl WorkersApi {
     /// caller learns nothing about whether it exists.
     fn visible(&self, c: &Caller, id: &str, method: &str) -> Result<Arc<Worker>, Status> {
         let w = self.sup.get(id).map_err(|e| status(&e, c))?;
-        authorize(c, &w.user, method).map_err(|_| Status::not_found(format!("Unknown worker {id}")))?;
+        authorize(&self.sup.events, c, &w.user, method)
+            .map_err(|_| Status::not_found(format!("Unknown worker {id}")))?;
         Ok(w)
     }
 }
@@ -170,7 +171,7 @@ impl pb::workers_server::Workers for WorkersApi {
             r.user
         };
         warden_policy::names::check_user(&user).map_err(|e| Status::invalid_argument(format!("user: {e}")))?;
-        authorize(&c, &user, "Workers.Spawn")?;
+        authorize(&self.sup.events, &c, &user, "Workers.Spawn")?;
         let project = if r.project.is_empty() {
             "default".to_string()
         } else {
