@@ -17,6 +17,8 @@ use warden_policy::{Enforced, ProfileSet, Source, SpawnRequest};
 
 pub use warden_daemon::privileged;
 
+pub mod daemon;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// The uid range test users get (distinct from any real account here).

@@ -1,0 +1,209 @@
+//! A real wardend for end-to-end tests: its own socket, state dir, audit
+//! log, profiles dir, cgroup parent and uid range.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::bin_dir;
+
+static NEXT_RANGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+#[derive(Debug)]
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub cgroup_name: String,
+}
+
+impl Daemon {
+    pub fn config_text(dir: &Path, cgroup_name: &str) -> String {
+        warden_policy::config::DEFAULT_CONFIG
+            .replace(
+                "\"/run/warden/warden.sock\"",
+                &format!("{:?}", dir.join("run/warden.sock")),
+            )
+            .replace("\"/var/lib/warden\"", &format!("{:?}", dir.join("state")))
+            .replace("\"/etc/warden/profiles\"", &format!("{:?}", dir.join("profiles")))
+            .replace(
+                "launcher = \"warden-launch\"",
+                &format!("launcher = {:?}", bin_dir().join("warden-launch")),
+            )
+            .replace("socket_group = \"warden\"", "socket_group = \"nogroup\"")
+            .replace("cgroup_name = \"warden\"", &format!("cgroup_name = {cgroup_name:?}"))
+            .replace("stop_grace_seconds = 10", "stop_grace_seconds = 2")
+            .replace("max_workers_per_user = 8", "max_workers_per_user = 3")
+            .replace(
+                "\"/var/log/warden/audit.jsonl\"",
+                &format!("{:?}", dir.join("log/audit.jsonl")),
+            )
+            .replace("sample_interval_seconds = 5", "sample_interval_seconds = 1")
+            .replace("uid_min = 200000\nuid_max = 299999", &{
+                // Each daemon its own uids, so that tests running side by side
+                // can tell their workers' processes apart.
+                let base = 230_000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                format!("uid_min = {base}\nuid_max = {}", base + 99)
+            })
+    }
+
+    pub fn start() -> Daemon {
+        let dir = tempfile::Builder::new().prefix("wardend-test-").tempdir().unwrap();
+        // Other users must reach the socket (0660 root:nogroup) through it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(dir.path().join("profiles")).unwrap();
+        let cgroup_name = format!(
+            "wardend-test-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        std::fs::write(
+            dir.path().join("wardend.toml"),
+            Self::config_text(dir.path(), &cgroup_name),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            cgroup_name,
+        };
+        d.spawn_daemon();
+        d
+    }
+
+    pub fn spawn_daemon(&mut self) {
+        let child = Command::new(bin_dir().join("wardend"))
+            .arg("--config")
+            .arg(self.dir.path().join("wardend.toml"))
+            .env("WARDEN_LOG", "debug")
+            .stderr(std::fs::File::create(self.dir.path().join("wardend.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The socket of a killed daemon may still be there: wait until it answers.
+        while !self.socket().exists() || !self.ctl(&["profile", "list"]).status.success() {
+            assert!(Instant::now() < deadline, "wardend did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/warden.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("wardend.log")).unwrap_or_default()
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("wardenctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// wardenctl as uid/gid 65534 (nobody:nogroup), a member of the socket group.
+    pub fn ctl_as_nobody(&self, args: &[&str]) -> Output {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin_dir().join("wardenctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn cgroup_children(&self) -> Vec<String> {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/pids/{}", self.cgroup_name));
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for c in ["memory", "pids", "cpu", "cpuacct", "freezer"] {
+            let base = PathBuf::from(format!("/sys/fs/cgroup/{c}/{}", self.cgroup_name));
+            for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+}
+
+impl Daemon {
+    /// Kills the daemon with SIGKILL (no cleanup) and waits for it.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Changes the config file (applies at the next start).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let p = self.dir.path().join("wardend.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{from} not in config");
+        std::fs::write(&p, text.replace(from, to)).unwrap();
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("log/audit.jsonl")
+    }
+
+    /// Every event in the audit log (all files, oldest first) as JSON.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let mut files: Vec<PathBuf> = (1..=16)
+            .rev()
+            .map(|i| PathBuf::from(format!("{}.{i}", self.audit_log().display())))
+            .filter(|p| p.exists())
+            .collect();
+        files.push(self.audit_log());
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("unparsable audit line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// `wardenctl events --output json ARGS` as parsed events.
+    pub fn events(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut a = vec!["events", "--output", "json"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
