@@ -1,0 +1,414 @@
+//! Events end to end: what the daemon publishes, the audit log behind it,
+//! and Watch's replay-then-live hand-over, against a real wardend.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use warden_tests::daemon::Daemon;
+use warden_tests::*;
+
+fn root() -> bool {
+    privileged("runs wardend with real sandboxes and cgroups")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn kinds(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["kind"].as_str().unwrap()).collect()
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+/// Polls `wardenctl events` until `pred` holds (events arrive asynchronously).
+fn events_until(d: &Daemon, args: &[&str], what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ev = d.events(args);
+        if pred(&ev) {
+            return ev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:#?}",
+            kinds(&ev)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const TIGHT: &str = "extends = \"claude-code\"\n[limits]\nmemory = \"64M\"\nmemory_swap = \"64M\"\npids = 32\n";
+
+#[test]
+fn a_workers_life_is_in_the_events_and_the_audit_log() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "sh", "-c", "exit 4"]);
+    assert_eq!(out.status.code(), Some(4));
+    let ev = events_until(&d, &[], "worker_exited", |e| kinds(e).contains(&"worker_exited"));
+    assert_eq!(kinds(&ev)[0], "daemon_started");
+    let started = ev.iter().find(|e| e["kind"] == "worker_started").unwrap();
+    assert_eq!(started["user"], "alice");
+    assert_eq!(started["profile"], "claude-code");
+    assert_eq!(started["no_new_privs"], true);
+    assert!(started["landlock_abi"].as_u64().unwrap() >= 6);
+    assert_eq!(started["policy_digest"].as_str().unwrap().len(), 64);
+    let exited = ev.iter().find(|e| e["kind"] == "worker_exited").unwrap();
+    assert_eq!(
+        (exited["code"].as_i64(), exited["reason"].as_str()),
+        (Some(4), Some("exited"))
+    );
+    assert_eq!(exited["worker"], started["worker"]);
+    // Sequence numbers are dense and the audit log holds exactly what Watch replays.
+    let s = seqs(&ev);
+    assert!(s.windows(2).all(|w| w[1] == w[0] + 1), "{s:?}");
+    assert_eq!(d.audit_events(), ev);
+    // A failed spawn is an event with its stage.
+    d.ctl(&["spawn", "--user", "alice", "--", "/no/such/program"]);
+    let ev = events_until(&d, &["--kind", "spawn_failed"], "spawn_failed", |e| !e.is_empty());
+    assert_eq!(
+        (ev[0]["stage"].as_str(), ev[0]["errno"].as_i64()),
+        (Some("exec"), Some(2))
+    );
+}
+
+#[test]
+fn oom_and_fork_bomb_produce_limit_events() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    std::fs::write(d.dir.path().join("profiles/tight.toml"), TIGHT).unwrap();
+    assert!(d.ctl(&["profile", "reload"]).status.success());
+    let hog = d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "--profile",
+        "tight",
+        "-w",
+        "--",
+        "python3",
+        "-c",
+        "b = bytearray(512 << 20)",
+    ]);
+    assert_eq!(hog.status.code(), Some(137), "{}", text(&hog.stderr));
+    let ev = events_until(
+        &d,
+        &["--kind", "limit_reached", "--kind", "worker_exited"],
+        "oom",
+        |e| e.iter().any(|e| e["kind"] == "worker_exited"),
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["kind"] == "limit_reached" && e["limit"] == "oom_kill"),
+        "{ev:#?}"
+    );
+    let exited = ev.iter().find(|e| e["kind"] == "worker_exited").unwrap();
+    assert_eq!(exited["reason"], "oom");
+
+    let bomb = "i=0; while [ $i -lt 200 ]; do sleep 2 & i=$((i+1)); done 2>/dev/null; wait";
+    d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "--profile",
+        "tight",
+        "-w",
+        "--",
+        "sh",
+        "-c",
+        bomb,
+    ]);
+    let ev = events_until(&d, &["--kind", "limit_reached"], "pids_max", |e| {
+        e.iter().any(|e| e["limit"] == "pids_max")
+    });
+    assert!(ev.iter().any(|e| e["limit"] == "pids_max"));
+}
+
+#[test]
+fn resource_samples_arrive_at_the_interval_with_plausible_values() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start(); // sample_interval_seconds = 1 in the test config
+    let script = "import time\nb = bytearray(100 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\ntime.sleep(3.5)\n";
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "python3", "-c", script]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ev = d.events(&["--kind", "resource_sample"]);
+    assert!(ev.len() >= 2, "at least two samples in ~3.5 s at 1 s: {}", ev.len());
+    let times: Vec<u64> = ev.iter().map(|e| e["time_ms"].as_u64().unwrap()).collect();
+    for w in times.windows(2) {
+        let gap = w[1] - w[0];
+        assert!((500..=2500).contains(&gap), "samples {gap} ms apart");
+    }
+    let max_mem = ev.iter().map(|e| e["memory_current"].as_u64().unwrap()).max().unwrap();
+    assert!((100 << 20..400 << 20).contains(&max_mem), "memory_current {max_mem}");
+    assert!(ev.iter().all(|e| e["pids"].as_u64().unwrap() >= 1));
+}
+
+#[test]
+fn auth_denials_are_events() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = d.ctl_as_nobody(&["spawn", "--user", "alice", "--", "true"]);
+    assert!(text(&out.stderr).contains("PermissionDenied"));
+    let ev = events_until(&d, &["--kind", "auth_denied"], "auth_denied", |e| !e.is_empty());
+    assert_eq!(ev[0]["peer_uid"], 65534);
+    assert_eq!(ev[0]["method"], "Workers.Spawn");
+    assert_eq!(ev[0]["target_user"], "alice");
+    // nobody sees its own events only: not the daemon's, not alice's.
+    let out = d.ctl_as_nobody(&["events", "--output", "json"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).trim().is_empty(), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_client_that_resumes_from_its_last_seq_gets_every_event_exactly_once() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    for i in 0..5 {
+        d.ctl(&["spawn", "--user", "alice", "-w", "--", "sh", "-c", &format!("exit {i}")]);
+    }
+    let first = d.events(&[]);
+    // The client "dies" after the first half and resumes from its last seq.
+    let half = first.len() / 2;
+    let last = first[half - 1]["seq"].as_u64().unwrap();
+    for i in 0..3 {
+        d.ctl(&["spawn", "--user", "alice", "-w", "--", "sh", "-c", &format!("exit {i}")]);
+    }
+    let resumed = d.events(&["--since", &(last + 1).to_string()]);
+    let mut all: Vec<u64> = seqs(&first[..half]);
+    all.extend(seqs(&resumed));
+    let expected: Vec<u64> = (1..=all.len() as u64).collect();
+    assert_eq!(all, expected, "no gap, no duplicate");
+    assert_eq!(all.len(), d.audit_events().len());
+}
+
+#[test]
+fn live_watch_continues_the_replay_without_gap_or_duplicate() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    let mut watcher = std::process::Command::new(bin_dir().join("wardenctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["events", "-f", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..4 {
+        d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    }
+    let total = d.audit_events().len();
+    std::thread::sleep(Duration::from_millis(500));
+    watcher.kill().unwrap();
+    let out = watcher.wait_with_output().unwrap();
+    let got: Vec<u64> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, (1..=total as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn kill_9_during_a_burst_loses_nothing_published_and_seq_continues() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let mut watcher = std::process::Command::new(bin_dir().join("wardenctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["events", "-f", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A burst: spawns in the background while the daemon is killed.
+    let sock = d.socket();
+    let burst = std::thread::spawn(move || {
+        for _ in 0..30 {
+            let _ = std::process::Command::new(bin_dir().join("wardenctl"))
+                .arg("--socket")
+                .arg(&sock)
+                .args(["spawn", "--user", "alice", "--", "true"])
+                .output();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    d.crash();
+    burst.join().unwrap();
+    let _ = watcher.kill();
+    let out = watcher.wait_with_output().unwrap();
+    let published: Vec<u64> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["seq"].as_u64())
+        .collect();
+    assert!(!published.is_empty());
+    // Every line on disk parses (audit_events panics otherwise), and every
+    // event a client saw is on disk.
+    let on_disk = seqs(&d.audit_events());
+    for s in &published {
+        assert!(on_disk.contains(s), "published seq {s} is not in the audit log");
+    }
+    d.spawn_daemon();
+    let after = d.audit_events();
+    let s = seqs(&after);
+    assert!(
+        s.windows(2).all(|w| w[1] == w[0] + 1),
+        "seq continues across the crash: {s:?}"
+    );
+    let restart = after.iter().rev().find(|e| e["kind"] == "daemon_started").unwrap();
+    assert!(restart["seq"].as_u64().unwrap() > *on_disk.last().unwrap());
+}
+
+#[test]
+fn a_torn_audit_line_is_cut_and_reported_at_start() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    d.crash();
+    let before = d.audit_events();
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(d.audit_log()).unwrap();
+    let torn = br#"{"seq":999,"time_ms":1,"kind":"work"#;
+    f.write_all(torn).unwrap();
+    drop(f);
+    d.spawn_daemon();
+    let after = d.audit_events();
+    let started = after.last().unwrap();
+    assert_eq!(started["kind"], "daemon_started");
+    assert_eq!(started["audit_torn_bytes"].as_u64(), Some(torn.len() as u64));
+    assert_eq!(
+        started["seq"].as_u64().unwrap(),
+        before.last().unwrap()["seq"].as_u64().unwrap() + 1
+    );
+}
+
+#[test]
+fn rotation_keeps_seq_continuity() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.crash();
+    d.edit_config("audit_max_bytes = 67108864", "audit_max_bytes = 2048");
+    d.edit_config("audit_keep = 8", "audit_keep = 3");
+    d.spawn_daemon();
+    for _ in 0..6 {
+        d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    }
+    assert!(
+        std::path::Path::new(&format!("{}.1", d.audit_log().display())).exists(),
+        "rotated"
+    );
+    assert!(
+        !std::path::Path::new(&format!("{}.4", d.audit_log().display())).exists(),
+        "keeps 3"
+    );
+    let kept = d.audit_events();
+    let s = seqs(&kept);
+    assert!(s.windows(2).all(|w| w[1] == w[0] + 1), "{s:?}");
+    // Watch replays across the rotated files in order.
+    let first = s[0].to_string();
+    assert_eq!(seqs(&d.events(&["--since", &first])), s);
+    // And a restart continues after the newest.
+    d.crash();
+    d.spawn_daemon();
+    let after = seqs(&d.audit_events());
+    assert_eq!(*after.last().unwrap(), s.last().unwrap() + 1);
+}
+
+#[test]
+fn a_slow_subscriber_is_told_it_lagged_while_a_fast_one_keeps_up() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.crash();
+    d.edit_config("events_buffer = 4096", "events_buffer = 16");
+    d.spawn_daemon();
+    let watch = |stdout| {
+        std::process::Command::new(bin_dir().join("wardenctl"))
+            .arg("--socket")
+            .arg(d.socket())
+            .args(["events", "-f", "--output", "json", "--kind", "profiles_reloaded"])
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The slow one's stdout is a pipe nobody reads: it stops reading its stream.
+    let mut slow = watch(std::process::Stdio::piped());
+    let mut fast = watch(std::process::Stdio::piped());
+    let fast_reader = {
+        let mut out = fast.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // Enough to overflow the pipe, both HTTP/2 windows, the per-subscriber
+    // queue and the 16-event live buffer.
+    let n = 8000;
+    let sock = d.socket();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::try_from("http://wardend.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut profiles = warden_proto::v1::profiles_client::ProfilesClient::new(channel);
+        for _ in 0..n {
+            profiles
+                .reload(warden_proto::v1::ReloadProfilesRequest {})
+                .await
+                .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // The slow subscriber's stream ended with a lag notice naming its last seq.
+    let mut slow_out = slow.stdout.take().unwrap();
+    let mut drained = String::new();
+    let _ = std::io::Read::read_to_string(&mut slow_out, &mut drained);
+    let status = slow.wait().unwrap();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut slow.stderr.take().unwrap(), &mut err);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("Fell behind the live events after seq"), "{err}");
+    let got = drained.lines().count();
+    assert!(got < n, "the slow one got {got} of {n}");
+    // The fast one saw all of them.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fast.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .ok();
+    let _ = fast.wait();
+    let fast_out = fast_reader.join().unwrap();
+    assert_eq!(fast_out.lines().count(), n, "the fast subscriber kept up");
+}
