@@ -64,6 +64,8 @@ pub struct Outcome {
     pub usage: Usage,
     pub enforced: Enforced,
     pub timed_out: bool,
+    /// The seccomp denials reported while it ran (syscall names).
+    pub denials: Vec<String>,
 }
 
 impl Outcome {
@@ -86,6 +88,7 @@ impl Outcome {
 pub struct Running {
     pub launched: Launched,
     pub cgroup: WorkerCgroup,
+    denials: Option<std::thread::JoinHandle<Vec<String>>>,
     out: std::thread::JoinHandle<String>,
     err: std::thread::JoinHandle<String>,
 }
@@ -208,9 +211,20 @@ impl Host {
         };
         let out = drain(launched.child.stdout.take().expect("stdout"));
         let err = drain(launched.child.stderr.take().expect("stderr"));
+        // Answer denied calls as the daemon does, and collect their reports.
+        let denials = launched.seccomp_listener.take().map(|listener| {
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                warden_daemon::denials::serve(listener, warden_daemon::denials::default_limit(), |d| {
+                    seen.push(d.syscall)
+                });
+                seen
+            })
+        });
         Ok(Running {
             launched,
             cgroup,
+            denials,
             out,
             err,
         })
@@ -253,6 +267,11 @@ impl Running {
             usage,
             enforced: self.launched.enforced,
             timed_out,
+            denials: self
+                .denials
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default(),
         }
     }
 }

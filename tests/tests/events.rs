@@ -412,3 +412,37 @@ fn a_slow_subscriber_is_told_it_lagged_while_a_fast_one_keeps_up() {
     let fast_out = fast_reader.join().unwrap();
     assert_eq!(fast_out.lines().count(), n, "the fast subscriber kept up");
 }
+
+#[test]
+fn seccomp_denials_are_events_and_a_storm_is_rate_limited() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let script = "import os\nn = 0\nfor i in range(2000):\n    try:\n        os.chroot('/tmp')\n    except PermissionError:\n        n += 1\nprint(n)\n";
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "python3", "-c", script]);
+    assert_eq!(
+        text(&out.stdout),
+        "2000\n",
+        "every call failed with EPERM: {}",
+        text(&out.stderr)
+    );
+    let started = d.events(&["--kind", "worker_started"]);
+    assert_eq!(started[0]["seccomp_denials_observable"], true);
+    let ev = events_until(&d, &["--kind", "sandbox_denial"], "denials", |e| {
+        e.iter().map(|e| 1 + e["suppressed"].as_u64().unwrap()).sum::<u64>() >= 2000
+    });
+    assert!(ev.iter().all(|e| e["layer"] == "seccomp" && e["user"] == "alice"));
+    assert!(ev.iter().filter(|e| e["syscall"] == "chroot").count() >= 1);
+    assert!(ev.iter().all(|e| e["pid"].as_i64().unwrap() > 0));
+    let reports = ev.len() as u64;
+    let suppressed: u64 = ev.iter().map(|e| e["suppressed"].as_u64().unwrap()).sum();
+    assert!(reports < 200, "rate-limited: {reports} reports");
+    // The final "(suppressed)" flush carries the rest without being a denial itself.
+    let flushes = ev.iter().filter(|e| e["syscall"] == "(suppressed)").count() as u64;
+    assert_eq!(
+        reports - flushes + suppressed,
+        2000,
+        "every denial counted exactly once"
+    );
+}

@@ -10,13 +10,14 @@
 //! before the launcher said what it enforced.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::socket::{recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType};
 use nix::unistd::pipe2;
 use warden_policy::{Enforced, LaunchReport, LaunchSpec};
 
@@ -48,6 +49,10 @@ pub struct Launched {
     /// The outer launcher process; its exit status is the worker's.
     pub child: Child,
     pub enforced: Enforced,
+    /// The seccomp user-notification listener: every denied call of the
+    /// worker waits on it until answered (see [`crate::denials`]). Dropping
+    /// it makes denied calls fail with ENOSYS instead of EPERM.
+    pub seccomp_listener: Option<OwnedFd>,
 }
 
 /// Serializes the window in which the child's pipe ends are inheritable, so
@@ -70,7 +75,9 @@ pub fn launch(
     stderr: Stdio,
 ) -> Result<Launched, LaunchError> {
     let (spec_r, spec_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| LaunchError::Pipe(e.into()))?;
-    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| LaunchError::Pipe(e.into()))?;
+    // A socket, not a pipe: the launcher passes the seccomp listener fd on it.
+    let (report_r, report_w) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(|e| LaunchError::Pipe(e.into()))?;
     let mut child = {
         let _guard = SPAWN.lock().unwrap_or_else(|p| p.into_inner());
         inheritable(&spec_r).map_err(LaunchError::Pipe)?;
@@ -108,8 +115,12 @@ pub fn launch(
         return Err(LaunchError::Pipe(e));
     }
     match read_report(report_r) {
-        Ok(Some(enforced)) => Ok(Launched { child, enforced }),
-        Ok(None) => {
+        Ok((Some(enforced), seccomp_listener)) => Ok(Launched {
+            child,
+            enforced,
+            seccomp_listener,
+        }),
+        Ok((None, _)) => {
             let status = child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
             Err(LaunchError::NoReport { status })
         }
@@ -120,13 +131,35 @@ pub fn launch(
     }
 }
 
-/// Reads report records until EOF. A failure record wins over an earlier
-/// "enforced" record (exec can fail after the sandbox is built).
-fn read_report(fd: OwnedFd) -> Result<Option<Enforced>, LaunchError> {
+/// Reads report records until EOF, with the fds passed alongside. A
+/// failure record wins over an earlier "enforced" record (exec can fail
+/// after the sandbox is built).
+fn read_report(fd: OwnedFd) -> Result<(Option<Enforced>, Option<OwnedFd>), LaunchError> {
+    let mut bytes = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        };
+        for c in msg.cmsgs().into_iter().flatten() {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                fds.extend(received.into_iter().map(crate::sys::adopt_received_fd));
+            }
+        }
+        let n = msg.bytes;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
     let mut enforced = None;
-    for line in BufReader::new(File::from(fd)).lines() {
-        let Ok(line) = line else { break };
-        match serde_json::from_str::<LaunchReport>(&line) {
+    for line in String::from_utf8_lossy(&bytes).lines() {
+        match serde_json::from_str::<LaunchReport>(line) {
             Ok(LaunchReport::Enforced(e)) => enforced = Some(e),
             Ok(LaunchReport::Failed { stage, errno, message }) => {
                 return Err(LaunchError::Setup {
@@ -146,5 +179,5 @@ fn read_report(fd: OwnedFd) -> Result<Option<Enforced>, LaunchError> {
             }
         }
     }
-    Ok(enforced)
+    Ok((enforced, fds.into_iter().next()))
 }

@@ -12,15 +12,18 @@
 //! - [`events`] and [`audit`]: numbered events, durable before published.
 //! - [`api`]: the gRPC handlers.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cgroups;
+pub mod denials;
 pub mod events;
 pub mod launcher;
 pub mod profiles;
+#[allow(unsafe_code)]
+mod sys;
 pub mod users;
 pub mod workers;
 

@@ -532,6 +532,32 @@ impl Supervisor {
             serde_json::to_vec(&record).unwrap_or_default(),
         );
 
+        let seccomp_observable = launched.seccomp_listener.is_some();
+        if let Some(listener) = launched.seccomp_listener.take() {
+            let events = self.events.clone();
+            let (id, user) = (spec.worker_id.clone(), spec.user.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("denials-{id}"))
+                .spawn(move || {
+                    crate::denials::serve(listener, crate::denials::default_limit(), |d| {
+                        events.publish(
+                            Some(&id),
+                            Some(&user),
+                            EventKind::SandboxDenial {
+                                layer: "seccomp".into(),
+                                syscall: Some(d.syscall),
+                                pid: i32::try_from(d.pid).ok(),
+                                path: None,
+                                access: None,
+                                suppressed: d.suppressed,
+                            },
+                        );
+                    });
+                });
+            if let Err(e) = spawned {
+                tracing::error!(worker = %spec.worker_id, error = %e, "cannot start the denial reporter; denied calls will fail with ENOSYS");
+            }
+        }
         let stdin = launched
             .child
             .stdin
@@ -581,11 +607,11 @@ impl Supervisor {
                 namespaces: e.namespaces.clone(),
                 no_new_privs: e.no_new_privs,
                 capabilities_empty: e.capabilities_empty,
-                // Not yet: landlock denials need the kernel audit stream and
-                // seccomp denials user notification; until then the worker
-                // sees EPERM/EACCES and no event says so.
+                // Landlock denials need the kernel audit stream, which this
+                // daemon does not read yet: the worker gets EACCES and no
+                // event says so.
                 landlock_denials_observable: false,
-                seccomp_denials_observable: false,
+                seccomp_denials_observable: seccomp_observable,
             },
         );
 

@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -322,7 +322,8 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     let (landlock_abi, landlock_scoped) = restrict_landlock(spec)?;
 
     // --- seccomp, last: from here on only the allowlist can be called. ---
-    sys::install_seccomp(&spec.seccomp.program).at(Stage::Seccomp, || "Cannot install the seccomp filter".into())?;
+    let listener = sys::install_seccomp(&spec.seccomp.program, spec.seccomp.notify)
+        .at(Stage::Seccomp, || "Cannot install the seccomp filter".into())?;
 
     let enforced = Enforced {
         landlock_abi,
@@ -336,9 +337,20 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
         uid: spec.uid,
         gid: spec.gid,
     };
-    report
-        .write_all(&LaunchReport::Enforced(enforced).to_line())
-        .at(Stage::Spawn, || "Cannot write the enforced-policy report".into())?;
+    let line = LaunchReport::Enforced(enforced).to_line();
+    match listener {
+        // The daemon answers and reports denials; this process must not keep
+        // a copy (a listener nobody reads would hang denied calls).
+        Some(fd) => {
+            sys::send_with_fd(report.as_raw_fd(), &line, fd.as_raw_fd()).at(Stage::Seccomp, || {
+                "Cannot hand the seccomp listener to the daemon".into()
+            })?;
+            drop(fd);
+        }
+        None => report
+            .write_all(&line)
+            .at(Stage::Spawn, || "Cannot write the enforced-policy report".into())?,
+    }
 
     // --- The worker. ---
     // SAFETY: this process is single-threaded; the child only execs.

@@ -114,26 +114,56 @@ pub fn landlock_abi() -> u32 {
 }
 
 /// Installs a seccomp filter on the calling thread (no_new_privs must be set).
-pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<(), Errno> {
+/// With `notify`, every "fail with EPERM" return becomes a user notification
+/// and the listener fd is returned, for the daemon to answer (with EPERM)
+/// and report each denial.
+pub fn install_seccomp(program: &[(u16, u8, u8, u32)], notify: bool) -> Result<Option<OwnedFd>, Errno> {
+    const RET_K: u16 = 0x06;
+    const RET_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
     let filter: Vec<libc::sock_filter> = program
         .iter()
-        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+        .map(|&(code, jt, jf, k)| {
+            let k = if notify && code == RET_K && k == RET_EPERM {
+                libc::SECCOMP_RET_USER_NOTIF
+            } else {
+                k
+            };
+            libc::sock_filter { code, jt, jf, k }
+        })
         .collect();
+    let flags: libc::c_ulong = if notify {
+        libc::SECCOMP_FILTER_FLAG_NEW_LISTENER
+    } else {
+        0
+    };
     let prog = libc::sock_fprog {
         len: u16::try_from(filter.len()).map_err(|_| Errno::E2BIG)?,
         filter: filter.as_ptr().cast_mut(),
     };
     // SAFETY: `prog` points at `filter`, which outlives the call; the kernel
     // copies the program.
-    check(unsafe {
+    let ret = check(unsafe {
         libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_SET_MODE_FILTER,
-            0u32,
+            flags,
             &prog as *const libc::sock_fprog,
         )
-    })
-    .map(drop)
+    })?;
+    if !notify {
+        return Ok(None);
+    }
+    // SAFETY: with NEW_LISTENER the return value is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
+    Ok(Some(fd))
+}
+
+/// Writes `data` on the report socket with `fd` attached (SCM_RIGHTS).
+pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<(), Errno> {
+    let iov = [std::io::IoSlice::new(data)];
+    let fds = [fd];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    nix::sys::socket::sendmsg::<()>(sock, &iov, &cmsg, nix::sys::socket::MsgFlags::empty(), None).map(drop)
 }
 
 /// Waits for one of `set` (which must be blocked) for at most `timeout`.

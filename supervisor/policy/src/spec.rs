@@ -74,6 +74,10 @@ pub struct SeccompSpec {
     pub allowed: Vec<String>,
     /// The BPF program as (code, jt, jf, k).
     pub program: Vec<(u16, u8, u8, u32)>,
+    /// Denials go to a supervisor through seccomp user notification (which
+    /// answers EPERM and reports them) instead of failing in the kernel
+    /// directly. The listener fd travels back on the report socket.
+    pub notify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +294,7 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
             arch: arch.name().to_string(),
             allowed,
             program,
+            notify: true,
         },
         timeout_secs: profile.limits.timeout_secs,
         cgroup_procs: req.cgroup_procs.clone(),
