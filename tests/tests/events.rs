@@ -446,3 +446,34 @@ fn seccomp_denials_are_events_and_a_storm_is_rate_limited() {
         "every denial counted exactly once"
     );
 }
+
+#[test]
+fn landlock_denials_are_events_with_path_and_access() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "ls / >/dev/null 2>&1; python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}))' 2>/dev/null; exit 0"
+    );
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "sh", "-c", &script]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started = d.events(&["--kind", "worker_started"]);
+    assert_eq!(
+        started[0]["landlock_denials_observable"], true,
+        "ABI 7 and audit: {:?}",
+        started[0]
+    );
+    let ev = events_until(&d, &["--kind", "sandbox_denial"], "landlock denials", |e| {
+        e.iter().any(|e| e["access"] == "fs.read_dir") && e.iter().any(|e| e["access"] == "net.connect_tcp")
+    });
+    let ls = ev.iter().find(|e| e["access"] == "fs.read_dir").unwrap();
+    assert_eq!(
+        (ls["layer"].as_str(), ls["path"].as_str(), ls["user"].as_str()),
+        (Some("landlock"), Some("/"), Some("alice"))
+    );
+    let tcp = ev.iter().find(|e| e["access"] == "net.connect_tcp").unwrap();
+    assert_eq!(tcp["path"], format!("port {port}"));
+}

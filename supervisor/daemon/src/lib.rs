@@ -20,6 +20,7 @@ pub mod auth;
 pub mod cgroups;
 pub mod denials;
 pub mod events;
+pub mod landlock_audit;
 pub mod launcher;
 pub mod profiles;
 #[allow(unsafe_code)]

@@ -232,6 +232,22 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         },
     );
 
+    if config.landlock_audit {
+        match warden_daemon::landlock_audit::open() {
+            Ok(sock) => {
+                sup.landlock_audit.store(true, std::sync::atomic::Ordering::SeqCst);
+                let audit_sup = sup.clone();
+                std::thread::Builder::new()
+                    .name("landlock-audit".into())
+                    .spawn(move || warden_daemon::landlock_audit::serve(sock, audit_sup))
+                    .context("Cannot start the audit reader")?;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the kernel audit stream; landlock denials are not reported")
+            }
+        }
+    }
+
     let std_listener = match activated_socket() {
         Some(l) => l,
         None => bind(&config.socket, &config.socket_group)?,

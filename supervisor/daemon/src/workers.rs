@@ -256,6 +256,8 @@ pub struct Supervisor {
     pub cgroups: Cgroups,
     pub profiles: Profiles,
     pub events: Arc<Events>,
+    /// Landlock denials are read from the kernel audit stream.
+    pub landlock_audit: AtomicBool,
     launcher: PathBuf,
     workers: Mutex<BTreeMap<String, Arc<Worker>>>,
     order: Mutex<Vec<String>>,
@@ -292,6 +294,7 @@ impl Supervisor {
             cgroups,
             profiles,
             events,
+            landlock_audit: AtomicBool::new(false),
             launcher,
             workers: Mutex::new(BTreeMap::new()),
             order: Mutex::new(Vec::new()),
@@ -607,10 +610,7 @@ impl Supervisor {
                 namespaces: e.namespaces.clone(),
                 no_new_privs: e.no_new_privs,
                 capabilities_empty: e.capabilities_empty,
-                // Landlock denials need the kernel audit stream, which this
-                // daemon does not read yet: the worker gets EACCES and no
-                // event says so.
-                landlock_denials_observable: false,
+                landlock_denials_observable: self.landlock_audit.load(Ordering::SeqCst) && e.landlock_abi >= 7,
                 seccomp_denials_observable: seccomp_observable,
             },
         );

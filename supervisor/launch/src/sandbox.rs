@@ -666,6 +666,13 @@ fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
                 .map_err(|e| err(&format!("Cannot allow TCP bind to port {port}"), e))?;
         }
     }
+    if used >= 7 {
+        // Denials after exec (the worker's) go to the kernel audit stream,
+        // where wardend reads them when audit is on.
+        created = created
+            .log_new_exec(true)
+            .map_err(|e| err("Cannot ask for landlock denial logging", e))?;
+    }
     let status = created
         .restrict_self()
         .map_err(|e| err("Cannot enforce the landlock ruleset", e))?;

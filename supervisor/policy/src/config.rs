@@ -39,6 +39,7 @@ struct RawConfig {
     audit_keep: usize,
     sample_interval_seconds: Spanned<u64>,
     events_buffer: usize,
+    landlock_audit: bool,
 }
 
 /// The validated configuration.
@@ -78,6 +79,8 @@ pub struct Config {
     pub sample_interval_seconds: u64,
     /// Events a live subscriber may fall behind before it is told it lagged.
     pub events_buffer: usize,
+    /// Turn kernel audit on and report landlock denials from it.
+    pub landlock_audit: bool,
 }
 
 impl Config {
@@ -174,6 +177,7 @@ impl Config {
             audit_keep: raw.audit_keep,
             sample_interval_seconds: raw.sample_interval_seconds.into_inner(),
             events_buffer: raw.events_buffer,
+            landlock_audit: raw.landlock_audit,
         })
     }
 }
