@@ -29,6 +29,8 @@ const AUDIT_EOE: u16 = 1320;
 const AUDIT_LANDLOCK_ACCESS: u16 = 1423;
 const AUDIT_LANDLOCK_DOMAIN: u16 = 1424;
 const AUDIT_STATUS_ENABLED: u32 = 1;
+const AUDIT_STATUS_BACKLOG_LIMIT: u32 = 0x10;
+const AUDIT_BACKLOG: u32 = 8192;
 /// The read-only log multicast group (AUDIT_NLGRP_READLOG).
 const AUDIT_NLGRP_READLOG: u32 = 1;
 
@@ -43,8 +45,10 @@ pub fn open() -> nix::Result<OwnedFd> {
     bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1 << (AUDIT_NLGRP_READLOG - 1)))?;
     // struct audit_status { mask, enabled, failure, pid, rate_limit, backlog_limit, lost, backlog, ... }
     let mut status = [0u8; 44];
-    status[0..4].copy_from_slice(&AUDIT_STATUS_ENABLED.to_ne_bytes());
+    status[0..4].copy_from_slice(&(AUDIT_STATUS_ENABLED | AUDIT_STATUS_BACKLOG_LIMIT).to_ne_bytes());
     status[4..8].copy_from_slice(&1u32.to_ne_bytes());
+    // The default backlog of 64 records drops denials of busy workers.
+    status[20..24].copy_from_slice(&AUDIT_BACKLOG.to_ne_bytes());
     let mut msg = Vec::with_capacity(16 + status.len());
     msg.extend_from_slice(&(16 + status.len() as u32).to_ne_bytes());
     msg.extend_from_slice(&AUDIT_SET.to_ne_bytes());
@@ -73,34 +77,53 @@ fn serial(text: &str) -> Option<&str> {
     text.split(':').nth(1)?.split(')').next()
 }
 
-/// The worker id of a host pid, from its cgroup path (the last component
-/// of warden's per-worker cgroup).
-fn worker_of(pid: &str, sup: &Supervisor) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .filter_map(|l| l.rsplit('/').next())
-        .find(|id| sup.get(id).is_ok())
-        .map(str::to_string)
-}
-
 #[derive(Default)]
 struct Pending {
-    serial: String,
     access: Vec<(String, String)>, // (blockers, object)
     pid: Option<String>,
     domain: Option<String>,
 }
 
-/// Reads the audit stream forever (run it on its own thread).
-pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
+/// One landlock denial from the audit stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LandlockDenial {
+    /// Host pid of the denied process (from the SYSCALL record).
+    pub pid: Option<String>,
+    pub domain: Option<String>,
+    /// Landlock's "blockers", e.g. `fs.read_dir`, `net.connect_tcp`.
+    pub access: String,
+    /// The path, or "port N".
+    pub object: String,
+}
+
+/// Reads the audit stream until `stop` says so (checked between records and
+/// on receive timeouts). `on_domain(domain, creator_pid)` sees each landlock
+/// domain's creation; `on_denial` each denial.
+pub fn read(
+    sock: &OwnedFd,
+    stop: impl Fn() -> bool,
+    mut on_domain: impl FnMut(&str, &str),
+    mut on_denial: impl FnMut(LandlockDenial),
+) {
     let mut buf = vec![0u8; 1 << 16];
-    let mut pending = Pending::default();
-    let mut limits: HashMap<String, RateLimit> = HashMap::new();
-    let mut domains: HashMap<String, String> = HashMap::new();
-    loop {
+    // Records of concurrent events interleave: collect them per serial
+    // number until the event's EOE record.
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let flush = |p: &mut Pending, on_denial: &mut dyn FnMut(LandlockDenial)| {
+        let done = std::mem::take(p);
+        for (access, object) in done.access {
+            on_denial(LandlockDenial {
+                pid: done.pid.clone(),
+                domain: done.domain.clone(),
+                access,
+                object,
+            });
+        }
+    };
+    while !stop() {
         let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
-            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ENOBUFS) => continue,
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ENOBUFS | nix::errno::Errno::EAGAIN) => continue,
             Err(e) => {
                 tracing::error!(error = %e, "the audit stream failed; landlock denials are no longer reported");
                 return;
@@ -115,10 +138,13 @@ pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
         let kind = u16::from_ne_bytes([buf[4], buf[5]]);
         let text = String::from_utf8_lossy(&buf[16..n]).trim_end_matches('\0').to_string();
         let this_serial = serial(&text).unwrap_or_default().to_string();
-        if this_serial != pending.serial {
-            flush(&mut pending, &sup, &mut limits, &domains);
-            pending.serial = this_serial;
+        if pending.len() > 1024 {
+            // EOE records were lost: flush what is there rather than grow.
+            for (_, mut p) in pending.drain() {
+                flush(&mut p, &mut on_denial);
+            }
         }
+        let current = pending.entry(this_serial.clone()).or_default();
         match kind {
             AUDIT_LANDLOCK_ACCESS => {
                 let blockers = field(&text, "blockers").unwrap_or("").to_string();
@@ -126,58 +152,73 @@ pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
                     .map(str::to_string)
                     .or_else(|| field(&text, "dest").map(|p| format!("port {p}")))
                     .unwrap_or_default();
-                pending.domain = field(&text, "domain").map(str::to_string);
-                pending.access.push((blockers, object));
+                current.domain = field(&text, "domain").map(str::to_string);
+                current.access.push((blockers, object));
             }
-            // The domain's creator is the worker's init, alive as long as
-            // the worker: a reliable way to place short-lived processes.
             AUDIT_LANDLOCK_DOMAIN => {
                 if let (Some(d), Some(pid)) = (field(&text, "domain"), field(&text, "pid")) {
-                    if let Some(id) = worker_of(pid, &sup) {
-                        domains.insert(d.to_string(), id);
-                    }
+                    on_domain(d, pid);
                 }
             }
-            AUDIT_SYSCALL => pending.pid = field(&text, "pid").map(str::to_string),
-            AUDIT_EOE => flush(&mut pending, &sup, &mut limits, &domains),
+            AUDIT_SYSCALL => current.pid = field(&text, "pid").map(str::to_string),
+            AUDIT_EOE => {
+                if let Some(mut p) = pending.remove(&this_serial) {
+                    flush(&mut p, &mut on_denial);
+                }
+            }
             _ => {}
         }
     }
 }
 
-fn flush(
-    p: &mut Pending,
-    sup: &Supervisor,
-    limits: &mut HashMap<String, RateLimit>,
-    domains: &HashMap<String, String>,
-) {
-    let done = std::mem::take(p);
-    if done.access.is_empty() {
-        return;
-    }
-    let pid = done.pid.unwrap_or_default();
-    let by_pid = if pid.is_empty() { None } else { worker_of(&pid, sup) };
-    let Some(id) = by_pid.or_else(|| done.domain.as_ref().and_then(|d| domains.get(d).cloned())) else {
-        return;
-    };
-    let Ok(w) = sup.get(&id) else { return };
-    let limit = limits.entry(id.clone()).or_insert_with(default_limit);
-    for (blockers, object) in done.access {
-        if let Some(suppressed) = limit.admit(std::time::Instant::now()) {
-            sup.events.publish(
-                Some(&id),
-                Some(&w.user),
-                EventKind::SandboxDenial {
-                    layer: "landlock".into(),
-                    syscall: None,
-                    pid: pid.parse().ok(),
-                    path: Some(object),
-                    access: Some(blockers),
-                    suppressed,
-                },
-            );
-        }
-    }
+/// The worker id of a host pid: the component of its cgroup path that
+/// `known` accepts.
+pub fn worker_of_pid(pid: &str, known: impl Fn(&str) -> bool) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .find(|id| known(id))
+        .map(str::to_string)
+}
+
+/// Reports the daemon's workers' landlock denials forever (own thread).
+/// The domain's creator is the worker's init, alive as long as the worker:
+/// that places denials of processes that exited before we looked.
+pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
+    let mut limits: HashMap<String, RateLimit> = HashMap::new();
+    let domains = std::cell::RefCell::new(HashMap::<String, String>::new());
+    let known = |id: &str| sup.get(id).is_ok();
+    read(
+        &sock,
+        || false,
+        |domain, pid| {
+            if let Some(id) = worker_of_pid(pid, known) {
+                domains.borrow_mut().insert(domain.to_string(), id);
+            }
+        },
+        |d| {
+            let by_pid = d.pid.as_deref().and_then(|p| worker_of_pid(p, known));
+            let Some(id) = by_pid.or_else(|| d.domain.as_ref().and_then(|x| domains.borrow().get(x).cloned())) else {
+                return;
+            };
+            let Ok(w) = sup.get(&id) else { return };
+            let limit = limits.entry(id.clone()).or_insert_with(default_limit);
+            if let Some(suppressed) = limit.admit(std::time::Instant::now()) {
+                sup.events.publish(
+                    Some(&id),
+                    Some(&w.user),
+                    EventKind::SandboxDenial {
+                        layer: "landlock".into(),
+                        syscall: None,
+                        pid: d.pid.as_deref().and_then(|p| p.parse().ok()),
+                        path: Some(d.object),
+                        access: Some(d.access),
+                        suppressed,
+                    },
+                );
+            }
+        },
+    );
 }
 
 #[cfg(test)]
