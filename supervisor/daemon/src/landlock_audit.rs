@@ -182,41 +182,69 @@ pub fn worker_of_pid(pid: &str, known: impl Fn(&str) -> bool) -> Option<String> 
 }
 
 /// Reports the daemon's workers' landlock denials forever (own thread).
-/// The domain's creator is the worker's init, alive as long as the worker:
-/// that places denials of processes that exited before we looked.
+/// A denial is placed by its domain's creator, the worker's init (known
+/// from the spawn, so it works after the worker is gone), or else by the
+/// denied process's cgroup. A record read before the spawn registered its
+/// worker is retried for a few seconds.
 pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
-    let mut limits: HashMap<String, RateLimit> = HashMap::new();
+    let timeout = nix::sys::time::TimeVal::new(0, 250_000);
+    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
+    let limits = std::cell::RefCell::new(HashMap::<String, RateLimit>::new());
     let domains = std::cell::RefCell::new(HashMap::<String, String>::new());
-    let known = |id: &str| sup.get(id).is_ok();
+    let deferred = std::cell::RefCell::new(Vec::<(std::time::Instant, LandlockDenial)>::new());
+    let place = |d: &LandlockDenial| -> Option<String> {
+        let creator = d.domain.as_ref().and_then(|x| domains.borrow().get(x).cloned());
+        let by_init = creator.and_then(|pid| {
+            let pid: u32 = pid.parse().ok()?;
+            sup.list().into_iter().find(|w| w.init_pid == pid).map(|w| w.id.clone())
+        });
+        by_init.or_else(|| {
+            d.pid
+                .as_deref()
+                .and_then(|p| worker_of_pid(p, |id| sup.get(id).is_ok()))
+        })
+    };
+    let publish = |id: &str, d: LandlockDenial| {
+        let Ok(w) = sup.get(id) else { return };
+        let mut limits = limits.borrow_mut();
+        let limit = limits.entry(id.to_string()).or_insert_with(default_limit);
+        if let Some(suppressed) = limit.admit(std::time::Instant::now()) {
+            sup.events.publish(
+                Some(id),
+                Some(&w.user),
+                EventKind::SandboxDenial {
+                    layer: "landlock".into(),
+                    syscall: None,
+                    pid: d.pid.as_deref().and_then(|p| p.parse().ok()),
+                    path: Some(d.object),
+                    access: Some(d.access),
+                    suppressed,
+                },
+            );
+        }
+    };
+    let retry = || {
+        let pending = std::mem::take(&mut *deferred.borrow_mut());
+        for (at, d) in pending {
+            match place(&d) {
+                Some(id) => publish(&id, d),
+                None if at.elapsed() < std::time::Duration::from_secs(5) => deferred.borrow_mut().push((at, d)),
+                None => {}
+            }
+        }
+    };
     read(
         &sock,
-        || false,
-        |domain, pid| {
-            if let Some(id) = worker_of_pid(pid, known) {
-                domains.borrow_mut().insert(domain.to_string(), id);
-            }
+        || {
+            retry();
+            false
         },
-        |d| {
-            let by_pid = d.pid.as_deref().and_then(|p| worker_of_pid(p, known));
-            let Some(id) = by_pid.or_else(|| d.domain.as_ref().and_then(|x| domains.borrow().get(x).cloned())) else {
-                return;
-            };
-            let Ok(w) = sup.get(&id) else { return };
-            let limit = limits.entry(id.clone()).or_insert_with(default_limit);
-            if let Some(suppressed) = limit.admit(std::time::Instant::now()) {
-                sup.events.publish(
-                    Some(&id),
-                    Some(&w.user),
-                    EventKind::SandboxDenial {
-                        layer: "landlock".into(),
-                        syscall: None,
-                        pid: d.pid.as_deref().and_then(|p| p.parse().ok()),
-                        path: Some(d.object),
-                        access: Some(d.access),
-                        suppressed,
-                    },
-                );
-            }
+        |domain, pid| {
+            domains.borrow_mut().insert(domain.to_string(), pid.to_string());
+        },
+        |d| match place(&d) {
+            Some(id) => publish(&id, d),
+            None => deferred.borrow_mut().push((std::time::Instant::now(), d)),
         },
     );
 }

@@ -188,6 +188,9 @@ pub struct Worker {
     pub command: Vec<String>,
     pub uid: u32,
     pub pid: u32,
+    /// Host pid of the worker's init (PID 1 of its namespace); it created
+    /// the worker's landlock domain, so audit records name it.
+    pub init_pid: u32,
     pub started: SystemTime,
     pub enforced: Option<Enforced>,
     pub stdout: OutputLog,
@@ -385,6 +388,7 @@ impl Supervisor {
                 command: r.command,
                 uid: r.uid,
                 pid: 0,
+                init_pid: 0,
                 started: UNIX_EPOCH + Duration::from_millis(r.started_ms),
                 enforced: None,
                 stdout: OutputLog::new(logs.join(format!("{}.stdout", r.id))),
@@ -577,6 +581,7 @@ impl Supervisor {
             command: spec.argv.clone(),
             uid: spec.uid,
             pid: launched.child.id(),
+            init_pid: init_pid_of(launched.child.id()),
             started,
             enforced: Some(launched.enforced.clone()),
             stdout: OutputLog::new(logs.join(format!("{}.stdout", spec.worker_id))),
@@ -814,6 +819,14 @@ impl Supervisor {
             let _ = s.await;
         }
     }
+}
+
+/// The init a launcher forked (its only child once the worker runs).
+fn init_pid_of(launcher: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn socket_dir(socket: &Path) -> PathBuf {
