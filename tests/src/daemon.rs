@@ -207,3 +207,15 @@ impl Daemon {
             .collect()
     }
 }
+
+/// A gRPC channel to a daemon's socket, for tests that speak gRPC directly.
+pub async fn channel(socket: PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::try_from("http://wardend.invalid")
+        .expect("a valid placeholder URI")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = socket.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .expect("connect to wardend")
+}

@@ -447,16 +447,7 @@ fn health_and_reflection_are_served_so_grpcurl_works() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::try_from("http://wardend.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let p = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = warden_tests::daemon::channel(socket).await;
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {

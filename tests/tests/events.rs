@@ -372,16 +372,7 @@ fn a_slow_subscriber_is_told_it_lagged_while_a_fast_one_keeps_up() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::try_from("http://wardend.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let p = sock.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = warden_tests::daemon::channel(sock).await;
         let mut profiles = warden_proto::v1::profiles_client::ProfilesClient::new(channel);
         for _ in 0..n {
             profiles
