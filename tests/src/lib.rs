@@ -18,6 +18,7 @@ use warden_policy::{Enforced, ProfileSet, Source, SpawnRequest};
 pub use warden_daemon::privileged;
 
 pub mod daemon;
+pub mod fake_anthropic;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
