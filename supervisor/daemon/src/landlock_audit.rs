@@ -57,6 +57,10 @@ pub fn open() -> nix::Result<OwnedFd> {
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
     msg.extend_from_slice(&status);
     sendto(sock.as_raw_fd(), &msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    // Wake up regularly even when nothing arrives, to flush events whose
+    // end-of-event record never comes.
+    let timeout = nix::sys::time::TimeVal::new(0, 250_000);
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
     Ok(sock)
 }
 
@@ -79,6 +83,7 @@ fn serial(text: &str) -> Option<&str> {
 
 #[derive(Default)]
 struct Pending {
+    since: Option<std::time::Instant>,
     access: Vec<(String, String)>, // (blockers, object)
     pid: Option<String>,
     domain: Option<String>,
@@ -121,6 +126,21 @@ pub fn read(
         }
     };
     while !stop() {
+        // A record outside a syscall's audit context has no EOE record:
+        // flush what has waited long enough.
+        let stale: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| {
+                p.since
+                    .is_some_and(|t| t.elapsed() > std::time::Duration::from_millis(500))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(mut p) = pending.remove(&k) {
+                flush(&mut p, &mut on_denial);
+            }
+        }
         let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR | nix::errno::Errno::ENOBUFS | nix::errno::Errno::EAGAIN) => continue,
@@ -145,6 +165,7 @@ pub fn read(
             }
         }
         let current = pending.entry(this_serial.clone()).or_default();
+        current.since.get_or_insert_with(std::time::Instant::now);
         match kind {
             AUDIT_LANDLOCK_ACCESS => {
                 let blockers = field(&text, "blockers").unwrap_or("").to_string();
@@ -187,8 +208,6 @@ pub fn worker_of_pid(pid: &str, known: impl Fn(&str) -> bool) -> Option<String> 
 /// denied process's cgroup. A record read before the spawn registered its
 /// worker is retried for a few seconds.
 pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
-    let timeout = nix::sys::time::TimeVal::new(0, 250_000);
-    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
     let limits = std::cell::RefCell::new(HashMap::<String, RateLimit>::new());
     let domains = std::cell::RefCell::new(HashMap::<String, String>::new());
     let deferred = std::cell::RefCell::new(Vec::<(std::time::Instant, LandlockDenial)>::new());
