@@ -96,13 +96,16 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("wardend.log")).unwrap_or_default()
     }
 
+    /// A wardenctl command aimed at this daemon, to run as the caller likes
+    /// (spawned, with piped stdio...).
+    pub fn ctl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("wardenctl"));
+        c.arg("--socket").arg(self.socket()).args(args);
+        c
+    }
+
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bin_dir().join("wardenctl"))
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .output()
-            .unwrap()
+        self.ctl_command(args).output().unwrap()
     }
 
     /// wardenctl as uid/gid 65534 (nobody:nogroup), a member of the socket group.

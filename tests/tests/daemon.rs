@@ -211,9 +211,7 @@ fn after_a_crash_leftovers_are_cleaned_and_reported_lost() {
     let id = text(&d.ctl(&["spawn", "--user", "alice", "--", "sleep", "60"]).stdout)
         .trim()
         .to_string();
-    let mut c = d.child.take().unwrap();
-    c.kill().unwrap(); // SIGKILL: no cleanup
-    c.wait().unwrap();
+    d.crash(); // SIGKILL: no cleanup
     assert_eq!(d.cgroup_children(), vec![id.clone()], "the worker outlived the daemon");
     d.spawn_daemon();
     let w: serde_json::Value = serde_json::from_slice(&d.ctl(&["inspect", &id, "--output", "json"]).stdout).unwrap();
@@ -341,17 +339,13 @@ fn attach_carries_stdin_and_output_and_a_vanished_client_blocks_nothing() {
     .trim()
     .to_string();
     // A second client follows the logs while the first one attaches.
-    let follower = Command::new(bin_dir().join("wardenctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["logs", "-f", &id])
+    let follower = d
+        .ctl_command(&["logs", "-f", &id])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut attach = Command::new(bin_dir().join("wardenctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["attach", &id])
+    let mut attach = d
+        .ctl_command(&["attach", &id])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -386,10 +380,8 @@ fn attach_carries_stdin_and_output_and_a_vanished_client_blocks_nothing() {
     )
     .trim()
     .to_string();
-    let mut gone = Command::new(bin_dir().join("wardenctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["attach", &id])
+    let mut gone = d
+        .ctl_command(&["attach", &id])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -409,13 +401,8 @@ fn oversized_requests_are_refused() {
         return;
     }
     let mut d = Daemon::start();
-    let cfg = std::fs::read_to_string(d.dir.path().join("wardend.toml"))
-        .unwrap()
-        .replace("max_message_bytes = 4194304", "max_message_bytes = 65536");
-    std::fs::write(d.dir.path().join("wardend.toml"), cfg).unwrap();
-    let mut c = d.child.take().unwrap();
-    c.kill().unwrap();
-    c.wait().unwrap();
+    d.crash();
+    d.edit_config("max_message_bytes = 4194304", "max_message_bytes = 65536");
     d.spawn_daemon();
     let big = "x".repeat(100_000);
     let out = d.ctl(&["spawn", "--user", "alice", "--", "echo", &big]);

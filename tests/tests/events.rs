@@ -201,10 +201,8 @@ fn live_watch_continues_the_replay_without_gap_or_duplicate() {
     }
     let d = Daemon::start();
     d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
-    let mut watcher = std::process::Command::new(bin_dir().join("wardenctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["events", "-f", "--output", "json"])
+    let mut watcher = d
+        .ctl_command(&["events", "-f", "--output", "json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -228,10 +226,8 @@ fn kill_9_during_a_burst_loses_nothing_published_and_seq_continues() {
         return;
     }
     let mut d = Daemon::start();
-    let mut watcher = std::process::Command::new(bin_dir().join("wardenctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["events", "-f", "--output", "json"])
+    let mut watcher = d
+        .ctl_command(&["events", "-f", "--output", "json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -342,10 +338,7 @@ fn a_slow_subscriber_is_told_it_lagged_while_a_fast_one_keeps_up() {
     d.edit_config("events_buffer = 4096", "events_buffer = 16");
     d.spawn_daemon();
     let watch = |stdout| {
-        std::process::Command::new(bin_dir().join("wardenctl"))
-            .arg("--socket")
-            .arg(d.socket())
-            .args(["events", "-f", "--output", "json", "--kind", "profiles_reloaded"])
+        d.ctl_command(&["events", "-f", "--output", "json", "--kind", "profiles_reloaded"])
             .stdout(stdout)
             .stderr(std::process::Stdio::piped())
             .spawn()

@@ -4,7 +4,7 @@
 //! fd; it is never passed in argv or the environment.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -309,12 +309,6 @@ impl LaunchSpec {
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
-    }
-
-    /// Is `path` (inside the sandbox) one of the worker's own writable places?
-    pub fn is_own(&self, path: &Path) -> bool {
-        let p = path.to_string_lossy();
-        is_beneath(&p, &self.cwd) || is_beneath(&p, &format!("/home/{}", self.user))
     }
 }
 
