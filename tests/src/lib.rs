@@ -210,6 +210,7 @@ impl Host {
                 return Err(e);
             }
         };
+        register_init(launched.enforced.init_pid, cgroup.id());
         let out = drain(launched.child.stdout.take().expect("stdout"));
         let err = drain(launched.child.stderr.take().expect("stderr"));
         // Answer denied calls as the daemon does, and collect their reports.
@@ -294,4 +295,90 @@ impl Drop for Host {
 pub fn owner(path: &Path) -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map(|m| m.uid()).unwrap_or(u32::MAX)
+}
+
+/// A landlock denial as read from the audit stream, resolved to a worker
+/// later (the worker may be gone by the time the record is read).
+#[derive(Debug, Clone)]
+struct RawDenial {
+    domain: Option<String>,
+    access: String,
+    object: String,
+}
+
+#[derive(Debug, Default)]
+struct LandlockLog {
+    /// Landlock domain to the pid of its creator (a worker's init).
+    domains: std::collections::HashMap<String, String>,
+    /// A worker's init pid (host) to the worker id, registered at spawn.
+    inits: std::collections::HashMap<String, String>,
+    denials: Vec<RawDenial>,
+}
+
+/// One reader of the kernel audit stream for this test process, as wardend
+/// has one.
+fn landlock_log() -> &'static std::sync::Mutex<LandlockLog> {
+    static LOG: std::sync::OnceLock<std::sync::Mutex<LandlockLog>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        if let Ok(sock) = warden_daemon::landlock_audit::open() {
+            std::thread::spawn(move || {
+                let log = || landlock_log().lock().unwrap_or_else(|p| p.into_inner());
+                warden_daemon::landlock_audit::read(
+                    &sock,
+                    || false,
+                    |domain, pid| {
+                        log().domains.insert(domain.to_string(), pid.to_string());
+                    },
+                    |d| {
+                        log().denials.push(RawDenial {
+                            domain: d.domain,
+                            access: d.access,
+                            object: d.object,
+                        })
+                    },
+                );
+            });
+        }
+        std::sync::Mutex::new(LandlockLog::default())
+    })
+}
+
+/// Starts the shared landlock reader (call before spawning workers).
+pub fn watch_landlock() {
+    let _ = landlock_log();
+}
+
+/// Remembers which worker an init pid (as the host sees it) belongs to.
+fn register_init(init_pid: u32, id: &str) {
+    landlock_log()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .inits
+        .insert(init_pid.to_string(), id.to_string());
+}
+
+/// Waits up to `timeout` for a landlock denial of worker `id` matching
+/// `pred`; returns every denial of that worker seen so far.
+pub fn landlock_denials_of(id: &str, timeout: Duration, pred: impl Fn(&str, &str) -> bool) -> Vec<(String, String)> {
+    let until = Instant::now() + timeout;
+    loop {
+        let mine: Vec<(String, String)> = {
+            let log = landlock_log().lock().unwrap_or_else(|p| p.into_inner());
+            log.denials
+                .iter()
+                .filter(|d| {
+                    d.domain
+                        .as_ref()
+                        .and_then(|x| log.domains.get(x))
+                        .and_then(|pid| log.inits.get(pid))
+                        .is_some_and(|w| w == id)
+                })
+                .map(|d| (d.access.clone(), d.object.clone()))
+                .collect()
+        };
+        if mine.iter().any(|(a, o)| pred(a, o)) || Instant::now() >= until {
+            return mine;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -39,6 +39,25 @@ fn attack(host: &Host, args: &[&str]) -> String {
     attack_as(host, PROFILE, args)
 }
 
+/// Runs a landlock-denied attack: asserts the errno, and that the kernel's
+/// audit stream reported the denial with its access right (and object).
+fn landlock_attack(host: &Host, profile: &str, args: &[&str], errno: &str, access: &str, object: Option<&str>) {
+    watch_landlock();
+    let bin = host.install_attack("alice", "demo");
+    let mut argv = vec![bin.as_str()];
+    argv.extend_from_slice(args);
+    let w = host.spawn("alice", "demo", profile, &argv).unwrap();
+    let id = w.cgroup.id().to_string();
+    let out = w.wait(Duration::from_secs(60));
+    assert_eq!(out.result(), errno, "{args:?}");
+    let matches = |a: &str, o: &str| a == access && object.is_none_or(|want| o == want);
+    let seen = landlock_denials_of(&id, Duration::from_secs(30), matches);
+    assert!(
+        seen.iter().any(|(a, o)| matches(a, o)),
+        "{args:?}: landlock denial {access} {object:?} reported, got {seen:?}"
+    );
+}
+
 /// Runs a seccomp-denied attack: asserts the errno the worker got and that
 /// the denial was reported with the call's name.
 fn seccomp_attack(host: &Host, args: &[&str], errno: &str, syscall: &str) {
@@ -182,7 +201,14 @@ fn abstract_unix_sockets_outside_are_scoped_away() {
             .unwrap();
     let _listener = UnixListener::bind_addr(&addr).unwrap();
     // Landlock's abstract-socket scope (ABI 6) refuses the connect.
-    assert_eq!(attack(&h, &["abstract", &name]), "EPERM");
+    landlock_attack(
+        &h,
+        PROFILE,
+        &["abstract", &name],
+        "EPERM",
+        "scope.abstract_unix_socket",
+        None,
+    );
 }
 
 #[test]
@@ -204,7 +230,15 @@ fn tcp_to_a_port_the_profile_does_not_allow_is_denied() {
         return;
     }
     let h = Host::new(&[("allow-port", &allowing)]);
-    assert_eq!(attack(&h, &["tcp", &port.to_string()]), "EACCES");
+    let dest = format!("port {port}");
+    landlock_attack(
+        &h,
+        PROFILE,
+        &["tcp", &port.to_string()],
+        "EACCES",
+        "net.connect_tcp",
+        Some(&dest),
+    );
     // The same connect succeeds where the profile lists the port.
     assert_eq!(attack_as(&h, "allow-port", &["tcp", &port.to_string()]), "OK");
 }
@@ -299,5 +333,5 @@ fn proc_self_status_shows_the_sandbox() {
 fn paths_visible_but_not_granted_are_denied_by_landlock() {
     let Some(h) = host() else { return };
     // "/" exists (it holds the binds) but no rule grants reading it.
-    assert_eq!(attack(&h, &["list", "/"]), "EACCES");
+    landlock_attack(&h, PROFILE, &["list", "/"], "EACCES", "fs.read_dir", Some("/"));
 }

@@ -460,4 +460,15 @@ fn landlock_denials_are_events_with_path_and_access() {
     );
     let tcp = ev.iter().find(|e| e["access"] == "net.connect_tcp").unwrap();
     assert_eq!(tcp["path"], format!("port {port}"));
+
+    // A worker that is gone within a millisecond of its denial is still
+    // placed: the launcher reports its init's host pid before the worker runs.
+    let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "ls", "/"]);
+    assert!(!out.status.success(), "ls / is denied");
+    events_until(
+        &d,
+        &["--kind", "sandbox_denial", "--user", "bob"],
+        "bob's landlock denial",
+        |e| e.iter().any(|e| e["access"] == "fs.read_dir" && e["path"] == "/"),
+    );
 }

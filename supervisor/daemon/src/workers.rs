@@ -581,7 +581,7 @@ impl Supervisor {
             command: spec.argv.clone(),
             uid: spec.uid,
             pid: launched.child.id(),
-            init_pid: init_pid_of(launched.child.id()),
+            init_pid: launched.enforced.init_pid,
             started,
             enforced: Some(launched.enforced.clone()),
             stdout: OutputLog::new(logs.join(format!("{}.stdout", spec.worker_id))),
@@ -819,14 +819,6 @@ impl Supervisor {
             let _ = s.await;
         }
     }
-}
-
-/// The init a launcher forked (its only child once the worker runs).
-fn init_pid_of(launcher: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
-        .ok()
-        .and_then(|c| c.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn socket_dir(socket: &Path) -> PathBuf {

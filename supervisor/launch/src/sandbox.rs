@@ -140,6 +140,13 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .at(Stage::Namespaces, || "Cannot set the parent-death signal".into())?;
 
+    // Our pid as the host sees it, from the host's /proc (still mounted:
+    // a procfs shows the pids of the namespace it was mounted in).
+    let init_pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok())
+        .unwrap_or(0);
+
     sethostname(&spec.hostname).at(Stage::Hostname, || format!("Cannot set hostname {}", spec.hostname))?;
 
     // --- Mount namespace: a new root that holds only what the spec lists. ---
@@ -336,6 +343,7 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
         capabilities_empty: caps_empty,
         uid: spec.uid,
         gid: spec.gid,
+        init_pid,
     };
     let line = LaunchReport::Enforced(enforced).to_line();
     match listener {

@@ -436,6 +436,10 @@ pub struct Enforced {
     pub capabilities_empty: bool,
     pub uid: u32,
     pub gid: u32,
+    /// The worker's init (its PID 1) as the host sees it: the creator of
+    /// its landlock domain, by which the kernel's audit records name it.
+    #[serde(default)]
+    pub init_pid: u32,
 }
 
 impl LaunchReport {
