@@ -39,6 +39,11 @@ impl Daemon {
                 &format!("{:?}", dir.join("log/audit.jsonl")),
             )
             .replace("sample_interval_seconds = 5", "sample_interval_seconds = 1")
+            .replace(
+                "claude_binary = \"\"",
+                &format!("claude_binary = {:?}", crate::claude_binary()),
+            )
+            .replace("\"/etc/warden/credentials\"", &format!("{:?}", dir.join("credentials")))
             .replace("uid_min = 200000\nuid_max = 299999", &{
                 // Each daemon its own uids, so that tests running side by side
                 // can tell their workers' processes apart.
@@ -52,6 +57,8 @@ impl Daemon {
         // Other users must reach the socket (0660 root:nogroup) through it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::create_dir(dir.path().join("profiles")).unwrap();
+        std::fs::create_dir(dir.path().join("credentials")).unwrap();
+        std::fs::set_permissions(dir.path().join("credentials"), std::fs::Permissions::from_mode(0o700)).unwrap();
         let cgroup_name = format!(
             "wardend-test-{}-{}",
             std::process::id(),
@@ -163,6 +170,21 @@ impl Daemon {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    /// Stores `user`'s API key (or `default`'s) in the daemon's root-only
+    /// credentials store.
+    pub fn set_credentials(&self, user: &str, text: &str) {
+        let p = self.dir.path().join("credentials").join(user);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Adds (or replaces) a profile in the daemon's profiles dir and reloads.
+    pub fn add_profile(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.path().join("profiles").join(format!("{name}.toml")), text).unwrap();
+        let out = self.ctl(&["profile", "reload"]);
+        assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Changes the config file (applies at the next start).

@@ -26,6 +26,17 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub const TEST_UIDS: std::ops::RangeInclusive<u32> = 210_000..=219_999;
 
 /// The directory holding this build's binaries (target/debug).
+/// The real `claude` binary the tests drive: `$WARDEN_CLAUDE_BIN`, else
+/// the pinned copy `tests/run-all` installs under `target/claude-code`.
+pub fn claude_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("WARDEN_CLAUDE_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut target = bin_dir();
+    target.pop();
+    target.join("claude-code/node_modules/.bin/claude")
+}
+
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
@@ -200,6 +211,7 @@ impl Host {
             workspace_dir: dirs.workspace,
             cgroup_procs: cgroup.procs_files(),
             protected: vec![self.state.path().to_path_buf()],
+            extra_binds: Vec::new(),
         };
         let spec = warden_policy::compile(profile, &req, Arch::host().expect("supported arch")).expect("compile");
         let mut launched = match launch(&launcher_path(), &spec, stdin, Stdio::piped(), Stdio::piped()) {

@@ -65,7 +65,12 @@ enum Cmd {
         /// Stream the worker's output and exit with its exit code.
         #[arg(short, long)]
         wait: bool,
-        #[arg(required = true, last = true)]
+        /// Claude Code profiles: keep the session open for more messages
+        /// (with -w, your stdin is forwarded as stream-json lines).
+        #[arg(short, long)]
+        interactive: bool,
+        /// The command; for a Claude Code profile, the initial prompt.
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// List workers.
@@ -364,6 +369,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             profile,
             env,
             wait,
+            interactive,
             command,
         } => {
             let mut vars = HashMap::new();
@@ -381,11 +387,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     command,
                     env: vars,
                     limits: None,
+                    interactive,
                 })
                 .await?
                 .into_inner();
             if wait {
-                return attach(&mut workers, &w.id, false).await;
+                return attach(&mut workers, &w.id, interactive).await;
             }
             if output == Output::Json {
                 println!("{}", worker_json(&w));

@@ -18,6 +18,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cgroups;
+pub mod claude;
 pub mod denials;
 pub mod events;
 pub mod landlock_audit;

@@ -53,6 +53,8 @@ pub enum WorkerError {
     Cgroup(#[from] crate::cgroups::CgroupError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Claude(#[from] crate::claude::ClaudeError),
     #[error("This host's architecture has no seccomp support in warden")]
     Arch,
     #[error("Worker {0} has exited")]
@@ -107,6 +109,25 @@ pub struct SpawnParams {
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub limits: RequestedLimits,
+    /// `[claude]` profiles: keep stdin open after the initial prompt.
+    pub interactive: bool,
+}
+
+/// How a `[claude]` worker is started once it runs.
+struct ClaudeStart {
+    /// Sent as the first stream-json user message.
+    prompt: Option<String>,
+}
+
+/// One stream-json user message line, as Claude Code reads them on stdin.
+pub fn user_message(text: &str) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "type": "user",
+        "message": {"role": "user", "content": text},
+    }))
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
 }
 
 /// What is persisted per running worker, so a restarted daemon can report
@@ -454,9 +475,43 @@ impl Supervisor {
         let timeout = profile.limits.timeout_secs;
         let this = self.clone();
         let params = p.clone();
-        let (spec, cgroup) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
+        let (spec, cgroup, claude_start) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
             let id = this.users.identity(&params.user)?;
             let dirs = this.users.prepare(&params.user, &params.project)?;
+            // A [claude] profile runs the claude binary (mounted read-only
+            // and executable); the request's command is the initial prompt.
+            let mut argv = params.command.clone();
+            let (mut extra_binds, mut claude_env, mut claude_start) = (Vec::new(), Vec::new(), None);
+            if let Some(c) = profile.claude.clone() {
+                let bin = crate::claude::binary(&this.config)?;
+                profile.filesystem.push(warden_policy::FsRule {
+                    path: bin.display().to_string(),
+                    access: warden_policy::Access {
+                        read: true,
+                        write: false,
+                        exec: true,
+                    },
+                });
+                argv = std::iter::once(bin.display().to_string()).chain(c.args()).collect();
+                claude_start = Some(ClaudeStart {
+                    prompt: (!params.command.is_empty()).then(|| params.command.join(" ")),
+                });
+                if let Some(md) = &c.claude_md {
+                    crate::claude::place_claude_md(&dirs.workspace, md, id.uid, id.gid)?;
+                }
+                if let Some(json) = &c.managed_settings {
+                    extra_binds.push(warden_policy::Bind {
+                        source: crate::claude::managed_settings(&this.config.state_dir, json)?,
+                        target: "/etc/claude-code/managed-settings.json".into(),
+                        access: warden_policy::Access::default(),
+                        required: true,
+                    });
+                }
+                claude_env = crate::claude::credentials(&this.config.credentials_dir, &params.user)?;
+                if let Some(url) = &c.base_url {
+                    claude_env.push(("ANTHROPIC_BASE_URL".into(), url.clone()));
+                }
+            }
             let worker_id = format!("w{:x}", this.next.fetch_add(1, Ordering::SeqCst));
             let cgroup = this.cgroups.create(&worker_id, &CgroupLimits::from(&profile.limits))?;
             let req = SpawnRequest {
@@ -465,15 +520,24 @@ impl Supervisor {
                 uid: id.uid,
                 gid: id.gid,
                 project: params.project.clone(),
-                argv: params.command.clone(),
+                argv,
                 env: params.env.clone(),
                 home_dir: dirs.home,
                 workspace_dir: dirs.workspace,
                 cgroup_procs: cgroup.procs_files(),
                 protected: vec![this.config.state_dir.clone(), socket_dir(&this.config.socket)],
+                extra_binds,
             };
             match warden_policy::compile(&profile, &req, Arch::host().ok_or(WorkerError::Arch)?) {
-                Ok(spec) => Ok((spec, cgroup)),
+                Ok(mut spec) => {
+                    // Credentials reach only this worker's environment (never
+                    // its workspace, the spec on disk or the audit log).
+                    for (k, v) in claude_env {
+                        spec.env.retain(|(name, _)| *name != k);
+                        spec.env.push((k, v));
+                    }
+                    Ok((spec, cgroup, claude_start))
+                }
                 Err(e) => {
                     let _ = cgroup.remove();
                     Err(e.into())
@@ -594,6 +658,20 @@ impl Supervisor {
         });
         self.insert(worker.clone());
         tracing::info!(worker = %worker.id, user = %worker.user, profile = %worker.profile, pid = worker.pid, "worker started");
+        if let Some(start) = claude_start {
+            // Claude Code reads stream-json user messages from stdin; without
+            // `interactive` the session ends after the initial prompt.
+            let w = worker.clone();
+            let interactive = p.interactive;
+            tokio::spawn(async move {
+                if let Some(prompt) = start.prompt {
+                    let _ = w.write_stdin(&user_message(&prompt)).await;
+                }
+                if !interactive {
+                    w.close_stdin().await;
+                }
+            });
+        }
         let e = &launched.enforced;
         self.events.publish(
             Some(&worker.id),

@@ -425,8 +425,9 @@ fn bind_fd(fd: &OwnedFd, source: &Path, target: &Path, attrs: u64) -> Result<(),
 
 /// Makes one host path visible inside. A host symlink is recreated as the
 /// same symlink (Debian's /bin -> usr/bin); a missing optional path is
-/// skipped; the user's own directories are opened without following any
-/// symlink, so a planted link cannot redirect the bind.
+/// skipped; required paths (the user's own directories, files warden
+/// provides) are opened without following any symlink, so a planted link
+/// cannot redirect the bind.
 fn bind_host_path(
     source: &Path,
     target: &str,
@@ -437,7 +438,7 @@ fn bind_host_path(
     let inside = new_path(target);
     let fd: OwnedFd = if required {
         let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY)
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         openat2(nix::fcntl::AT_FDCWD, &host, how).at(Stage::Mounts, || {
             format!("Cannot open {} without following symlinks", source.display())

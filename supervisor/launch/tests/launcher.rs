@@ -52,6 +52,7 @@ fn spec(d: &Dirs, argv: &[&str]) -> LaunchSpec {
         workspace_dir: d.workspace.clone(),
         cgroup_procs: vec![],
         protected: vec![],
+        extra_binds: vec![],
     };
     warden_policy::compile(set.get("claude-code").unwrap(), &req, Arch::host().unwrap()).unwrap()
 }

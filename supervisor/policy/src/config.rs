@@ -40,6 +40,20 @@ struct RawConfig {
     sample_interval_seconds: Spanned<u64>,
     events_buffer: usize,
     landlock_audit: bool,
+    #[serde(default)]
+    claude_binary: String,
+    #[serde(default = "default_claude_install_dir")]
+    claude_install_dir: String,
+    #[serde(default = "default_credentials_dir")]
+    credentials_dir: String,
+}
+
+fn default_claude_install_dir() -> String {
+    "/opt/warden/claude-code".into()
+}
+
+fn default_credentials_dir() -> String {
+    "/etc/warden/credentials".into()
 }
 
 /// The validated configuration.
@@ -81,6 +95,13 @@ pub struct Config {
     pub events_buffer: usize,
     /// Turn kernel audit on and report landlock denials from it.
     pub landlock_audit: bool,
+    /// The `claude` binary for `[claude]` profiles; empty: `claude` on the
+    /// daemon's PATH, else `node_modules/.bin/claude` under
+    /// `claude_install_dir`.
+    pub claude_binary: Option<PathBuf>,
+    pub claude_install_dir: PathBuf,
+    /// Root-only API keys: `<user>` or `default`, mode 0600, owned by root.
+    pub credentials_dir: PathBuf,
 }
 
 impl Config {
@@ -178,6 +199,9 @@ impl Config {
             sample_interval_seconds: raw.sample_interval_seconds.into_inner(),
             events_buffer: raw.events_buffer,
             landlock_audit: raw.landlock_audit,
+            claude_binary: (!raw.claude_binary.is_empty()).then(|| PathBuf::from(&raw.claude_binary)),
+            claude_install_dir: PathBuf::from(raw.claude_install_dir),
+            credentials_dir: PathBuf::from(raw.credentials_dir),
         })
     }
 }

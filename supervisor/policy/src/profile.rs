@@ -84,6 +84,24 @@ struct RawProfile {
     limits: RawLimits,
     #[serde(default)]
     environment: RawEnv,
+    claude: Option<RawClaude>,
+}
+
+/// `[claude]`: the profile runs the Claude Code CLI headless.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClaude {
+    permission_mode: Option<Spanned<String>>,
+    model: Option<String>,
+    #[serde(default)]
+    allowed_tools: Vec<String>,
+    #[serde(default)]
+    disallowed_tools: Vec<String>,
+    max_turns: Option<u32>,
+    append_system_prompt: Option<String>,
+    base_url: Option<Spanned<String>>,
+    claude_md: Option<String>,
+    managed_settings: Option<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,6 +250,86 @@ pub struct EnvPolicy {
     pub set: BTreeMap<String, String>,
 }
 
+/// Claude Code's permission modes, as its `--permission-mode` takes them.
+pub const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "plan", "bypassPermissions"];
+
+/// How a `[claude]` profile runs the Claude Code CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaudePolicy {
+    pub permission_mode: String,
+    pub model: Option<String>,
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    pub max_turns: Option<u32>,
+    pub append_system_prompt: Option<String>,
+    /// `ANTHROPIC_BASE_URL`; its port is added to the TCP connect ports.
+    pub base_url: Option<String>,
+    /// Placed as CLAUDE.md in a workspace that has none.
+    pub claude_md: Option<String>,
+    /// Claude Code's managed settings (JSON), mounted read-only at
+    /// `/etc/claude-code/managed-settings.json`.
+    pub managed_settings: Option<String>,
+}
+
+impl ClaudePolicy {
+    /// The CLI arguments this policy stands for (after the binary).
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--permission-mode",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        a.push(self.permission_mode.clone());
+        if let Some(m) = &self.model {
+            a.extend(["--model".into(), m.clone()]);
+        }
+        if let Some(n) = self.max_turns {
+            a.extend(["--max-turns".into(), n.to_string()]);
+        }
+        if !self.allowed_tools.is_empty() {
+            a.push("--allowedTools".into());
+            a.extend(self.allowed_tools.iter().cloned());
+        }
+        if !self.disallowed_tools.is_empty() {
+            a.push("--disallowedTools".into());
+            a.extend(self.disallowed_tools.iter().cloned());
+        }
+        if let Some(p) = &self.append_system_prompt {
+            a.extend(["--append-system-prompt".into(), p.clone()]);
+        }
+        a
+    }
+}
+
+/// The port of an `http://` or `https://` URL (explicit or the scheme's).
+pub fn url_port(url: &str) -> Result<u16, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let default = match scheme {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("{url:?} has no host (or has credentials in it)"));
+    }
+    match authority.rsplit_once(':') {
+        Some((_, port)) if !authority.ends_with(']') => port
+            .parse()
+            .map_err(|_| format!("{url:?} has an invalid port {port:?}")),
+        _ => Ok(default),
+    }
+}
+
 /// A profile with its `extends` chain merged and every field validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Profile {
@@ -246,6 +344,8 @@ pub struct Profile {
     pub seccomp: SeccompPolicy,
     pub limits: Limits,
     pub environment: EnvPolicy,
+    /// Set when the profile runs Claude Code.
+    pub claude: Option<ClaudePolicy>,
 }
 
 // ---------------------------------------------------------------------------
@@ -450,6 +550,23 @@ fn validate_file(p: &Parsed) -> Result<(), PolicyError> {
             }
         }
     }
+    if let Some(c) = &r.claude {
+        if let Some(m) = &c.permission_mode {
+            if !PERMISSION_MODES.contains(&m.get_ref().as_str()) {
+                return Err(p.invalid(
+                    m.span(),
+                    format!(
+                        "unknown permission mode {:?}; expected one of {}",
+                        m.get_ref(),
+                        PERMISSION_MODES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(u) = &c.base_url {
+            url_port(u.get_ref()).map_err(|m| p.invalid(u.span(), m))?;
+        }
+    }
     for n in &r.environment.pass {
         if !check_env_name(n.get_ref()) {
             return Err(p.invalid(n.span(), format!("invalid variable name {:?}", n.get_ref())));
@@ -503,6 +620,7 @@ fn empty_profile(name: &str, origin: &str) -> Profile {
             pass: BTreeSet::new(),
             set: BTreeMap::new(),
         },
+        claude: None,
     }
 }
 
@@ -593,6 +711,45 @@ fn merge(base: &mut Profile, r: &RawProfile) {
         .extend(r.environment.pass.iter().map(|n| n.get_ref().clone()));
     for (n, v) in &r.environment.set {
         base.environment.set.insert(n.get_ref().clone(), v.get_ref().clone());
+    }
+    if let Some(c) = &r.claude {
+        let claude = base.claude.get_or_insert_with(|| ClaudePolicy {
+            permission_mode: "bypassPermissions".into(),
+            model: None,
+            allowed_tools: Vec::new(),
+            disallowed_tools: Vec::new(),
+            max_turns: None,
+            append_system_prompt: None,
+            base_url: None,
+            claude_md: None,
+            managed_settings: None,
+        });
+        if let Some(m) = &c.permission_mode {
+            claude.permission_mode = m.get_ref().clone();
+        }
+        if c.model.is_some() {
+            claude.model = c.model.clone();
+        }
+        claude.allowed_tools.extend(c.allowed_tools.iter().cloned());
+        claude.disallowed_tools.extend(c.disallowed_tools.iter().cloned());
+        if c.max_turns.is_some() {
+            claude.max_turns = c.max_turns;
+        }
+        if c.append_system_prompt.is_some() {
+            claude.append_system_prompt = c.append_system_prompt.clone();
+        }
+        if let Some(u) = &c.base_url {
+            claude.base_url = Some(u.get_ref().clone());
+            if let Ok(port) = url_port(u.get_ref()) {
+                base.network.tcp_connect.insert(port);
+            }
+        }
+        if c.claude_md.is_some() {
+            claude.claude_md = c.claude_md.clone();
+        }
+        if let Some(t) = &c.managed_settings {
+            claude.managed_settings = serde_json::to_string_pretty(t).ok();
+        }
     }
 }
 

@@ -35,6 +35,9 @@ pub struct SpawnRequest {
     pub cgroup_procs: Vec<PathBuf>,
     /// Host paths no profile may expose (warden's state dir, its socket dir).
     pub protected: Vec<PathBuf>,
+    /// Files warden provides at a fixed path inside (e.g. Claude Code's
+    /// managed settings), always read-only.
+    pub extra_binds: Vec<Bind>,
 }
 
 /// A host path made visible inside the sandbox.
@@ -154,7 +157,7 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
     ]);
 
     // Landlock rules: every profile path, variables resolved.
-    let rules: Vec<FsRule> = profile
+    let mut rules: Vec<FsRule> = profile
         .filesystem
         .iter()
         .map(|r| FsRule {
@@ -209,6 +212,24 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
             target: r.path.clone(),
             access: r.access,
             required: false,
+        });
+    }
+    for b in &req.extra_binds {
+        if !b.target.starts_with('/') || b.target.split('/').any(|c| c == "..") {
+            return Err(bad(format!("invalid bind target {}", b.target)));
+        }
+        let access = Access {
+            read: true,
+            ..Access::default()
+        };
+        binds.push(Bind {
+            access,
+            required: true,
+            ..b.clone()
+        });
+        rules.push(FsRule {
+            path: b.target.clone(),
+            access,
         });
     }
     binds.sort_by(|a, b| a.target.cmp(&b.target));
@@ -330,6 +351,7 @@ mod tests {
             workspace_dir: "/var/lib/warden/users/alice/workspace/demo".into(),
             cgroup_procs: vec![],
             protected: vec!["/var/lib/warden".into(), "/run/warden".into()],
+            extra_binds: vec![],
         }
     }
 

@@ -194,6 +194,7 @@ impl pb::workers_server::Workers for WorkersApi {
                 r.profile
             },
             command: r.command,
+            interactive: r.interactive,
             env: r.env.into_iter().collect(),
             limits: RequestedLimits {
                 memory: nonzero(limits.memory_bytes),

@@ -1,0 +1,218 @@
+//! What a `[claude]` profile needs around the sandbox: the `claude` binary,
+//! the user's API credentials, Claude Code's managed settings and the
+//! workspace's CLAUDE.md.
+//!
+//! Must never: hand one user's credentials to another user's worker, accept
+//! a credentials file anyone but root could have written or read, or follow
+//! a symlink the user planted when writing into the user's workspace.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use warden_policy::config::Config;
+
+/// Where a `[claude]` spawn went wrong, for the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaudeError {
+    #[error("No claude binary: {0}")]
+    Binary(String),
+    #[error("Credentials file {path} is refused: {why}")]
+    Credentials { path: PathBuf, why: String },
+    #[error("Cannot prepare {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The `claude` binary, resolved to the real file (npm installs a symlink),
+/// which is what the sandbox mounts read-only and executable.
+pub fn binary(config: &Config) -> Result<PathBuf, ClaudeError> {
+    let candidate = match &config.claude_binary {
+        Some(p) => p.clone(),
+        None => std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("claude"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| config.claude_install_dir.join("node_modules/.bin/claude")),
+    };
+    let real = std::fs::canonicalize(&candidate).map_err(|e| {
+        ClaudeError::Binary(format!(
+            "{} ({e}); set claude_binary in wardend.toml or install @anthropic-ai/claude-code under {}",
+            candidate.display(),
+            config.claude_install_dir.display()
+        ))
+    })?;
+    let meta = std::fs::metadata(&real).map_err(|e| ClaudeError::Binary(format!("{}: {e}", real.display())))?;
+    if !meta.is_file() || meta.mode() & 0o111 == 0 {
+        return Err(ClaudeError::Binary(format!(
+            "{} is not an executable file",
+            real.display()
+        )));
+    }
+    Ok(real)
+}
+
+/// The environment that carries `user`'s credentials: from
+/// `<dir>/<user>`, else `<dir>/default`; none when neither exists (Claude
+/// Code then uses what the user's own `~/.claude` holds).
+///
+/// A file holds either a bare API key or `NAME=value` lines, where NAME is
+/// one of `ANTHROPIC_API_KEY`, `ANTHROPIC_AUTH_TOKEN`,
+/// `CLAUDE_CODE_OAUTH_TOKEN`.
+pub fn credentials(dir: &Path, user: &str) -> Result<Vec<(String, String)>, ClaudeError> {
+    const NAMES: &[&str] = &["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"];
+    for name in [user, "default"] {
+        let path = dir.join(name);
+        let refuse = |why: String| ClaudeError::Credentials {
+            path: path.clone(),
+            why,
+        };
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(refuse(e.to_string())),
+        };
+        let meta = file.metadata().map_err(|e| refuse(e.to_string()))?;
+        if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+            return Err(refuse(format!(
+                "it must be a regular file owned by root with mode 0600 (it is uid {}, mode {:o})",
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+        let text = std::io::read_to_string(file).map_err(|e| refuse(e.to_string()))?;
+        let mut env = Vec::new();
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            match line.split_once('=') {
+                Some((k, v)) if NAMES.contains(&k.trim()) => env.push((k.trim().to_string(), v.trim().to_string())),
+                Some((k, _)) => return Err(refuse(format!("unknown name {k:?}; expected one of {NAMES:?}"))),
+                None if env.is_empty() => env.push(("ANTHROPIC_API_KEY".to_string(), line.to_string())),
+                None => return Err(refuse("a bare key must be the only line".into())),
+            }
+        }
+        if env.iter().any(|(_, v)| v.is_empty() || v.contains('\0')) {
+            return Err(refuse("an empty or malformed value".into()));
+        }
+        return Ok(env);
+    }
+    Ok(Vec::new())
+}
+
+/// Writes the managed settings (JSON) once per content under the state dir
+/// and returns the file, mounted read-only into the worker.
+pub fn managed_settings(state_dir: &Path, json: &str) -> Result<PathBuf, ClaudeError> {
+    let io = |source| ClaudeError::Io {
+        what: "Claude Code's managed settings".into(),
+        source,
+    };
+    let dir = state_dir.join("claude");
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let digest = Sha256::digest(json.as_bytes());
+    let name: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(format!("managed-settings-{name}.json"));
+    if !path.exists() {
+        let tmp = dir.join(format!(".managed-settings-{name}.{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(json.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+    }
+    Ok(path)
+}
+
+/// Places the profile's CLAUDE.md in a workspace that has none, owned by
+/// the user. Never follows or replaces what is there (a symlink included).
+pub fn place_claude_md(workspace: &Path, text: &str, uid: u32, gid: u32) -> Result<(), ClaudeError> {
+    let path = workspace.join("CLAUDE.md");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(source) => {
+            return Err(ClaudeError::Io {
+                what: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    let io = |source| ClaudeError::Io {
+        what: path.display().to_string(),
+        source,
+    };
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn credentials_are_per_user_then_default_and_root_only() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(credentials(d.path(), "alice").unwrap().is_empty());
+        write(d.path(), "default", "sk-shared\n", 0o600);
+        write(d.path(), "alice", "# alice\nANTHROPIC_API_KEY=sk-alice\n", 0o600);
+        assert_eq!(
+            credentials(d.path(), "alice").unwrap(),
+            vec![("ANTHROPIC_API_KEY".to_string(), "sk-alice".to_string())]
+        );
+        assert_eq!(
+            credentials(d.path(), "bob").unwrap(),
+            vec![("ANTHROPIC_API_KEY".to_string(), "sk-shared".to_string())]
+        );
+        write(d.path(), "carol", "sk-carol", 0o644);
+        let e = credentials(d.path(), "carol").unwrap_err().to_string();
+        assert!(e.contains("mode 0600") && e.contains("644"), "{e}");
+        write(d.path(), "dave", "PATH=/evil\n", 0o600);
+        assert!(credentials(d.path(), "dave")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown name"));
+        std::os::unix::fs::symlink(d.path().join("alice"), d.path().join("eve")).unwrap();
+        assert!(credentials(d.path(), "eve").is_err(), "a symlink is refused");
+    }
+
+    #[test]
+    fn claude_md_never_replaces_or_follows() {
+        let d = tempfile::tempdir().unwrap();
+        place_claude_md(d.path(), "hello", 0, 0).unwrap();
+        place_claude_md(d.path(), "other", 0, 0).unwrap();
+        assert_eq!(std::fs::read_to_string(d.path().join("CLAUDE.md")).unwrap(), "hello");
+        let e = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc/warden-claude-md-target", e.path().join("CLAUDE.md")).unwrap();
+        place_claude_md(e.path(), "x", 0, 0).unwrap();
+        assert!(!Path::new("/etc/warden-claude-md-target").exists());
+    }
+}

@@ -1,0 +1,260 @@
+//! The real Claude Code CLI in warden workers, driven by a scripted fake
+//! Messages API on loopback: the tool calls are Claude Code's own (Write,
+//! Bash, Read, Edit), run inside the sandbox; the tool results the fake API
+//! receives say what happened there.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warden_tests::daemon::Daemon;
+use warden_tests::fake_anthropic::{FakeAnthropic, Turn};
+use warden_tests::*;
+
+fn root() -> bool {
+    if !privileged("runs wardend and the real claude binary as a worker uid") {
+        return false;
+    }
+    assert!(
+        claude_binary().exists(),
+        "{} is missing: tests/run-all installs the pinned @anthropic-ai/claude-code there",
+        claude_binary().display()
+    );
+    true
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn tool(name: &str, input: Value) -> Turn {
+    Turn::ToolUse {
+        name: name.into(),
+        input,
+    }
+}
+
+fn bash(command: &str) -> Turn {
+    tool("Bash", json!({"command": command, "description": "warden test"}))
+}
+
+/// A daemon with a `cc-test` profile: the shipped claude-code profile
+/// pointed at `api`, with `extra` appended to its `[claude]` section.
+fn daemon_for(api: &FakeAnthropic, mode: &str, extra: &str) -> Daemon {
+    let d = Daemon::start();
+    add_test_profile(&d, api, mode, extra);
+    d
+}
+
+fn add_test_profile(d: &Daemon, api: &FakeAnthropic, mode: &str, extra: &str) {
+    d.add_profile(
+        "cc-test",
+        &format!(
+            "extends = \"claude-code\"\n[claude]\npermission_mode = {mode:?}\nbase_url = {:?}\n{extra}\n",
+            api.base_url()
+        ),
+    );
+}
+
+fn workspace(d: &Daemon, user: &str, project: &str) -> PathBuf {
+    d.dir.path().join(format!("state/users/{user}/workspace/{project}"))
+}
+
+/// Runs a one-shot session for `user`; returns wardenctl's output (the
+/// stream-json transcript on stdout).
+fn run(d: &Daemon, user: &str, prompt: &str) -> std::process::Output {
+    d.ctl(&["spawn", "--user", user, "--profile", "cc-test", "-w", "--", prompt])
+}
+
+/// The stream-json lines of a transcript.
+fn transcript(stdout: &[u8]) -> Vec<Value> {
+    text(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The tool results the fake API received, in order, as (content, is_error).
+fn results(api: &FakeAnthropic) -> Vec<(String, bool)> {
+    api.tool_results().into_iter().map(|(_, c, e)| (c, e)).collect()
+}
+
+fn denial_events(d: &Daemon, user: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ev = d.events(&["--kind", "sandbox_denial", "--user", user]);
+        if ev.iter().any(&pred) || Instant::now() >= deadline {
+            return ev;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn claude_writes_compiles_runs_and_reads_a_program_in_its_workspace() {
+    if !root() {
+        return;
+    }
+    let src = "#include <stdio.h>\nint main(void) { puts(\"hello from warden\"); return 0; }\n";
+    let api = FakeAnthropic::start(vec![
+        tool(
+            "Write",
+            json!({"file_path": "/workspace/default/hello.c", "content": src}),
+        ),
+        bash("cd /workspace/default && cc -o hello hello.c && ./hello && id -un"),
+        tool("Read", json!({"file_path": "/workspace/default/hello.c"})),
+        Turn::Text("Built and ran it.".into()),
+    ]);
+    let d = daemon_for(&api, "bypassPermissions", "");
+    d.set_credentials("alice", "sk-alice-secret\n");
+    let out = run(&d, "alice", "write hello.c, build and run it");
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+
+    let r = results(&api);
+    assert_eq!(r.len(), 3, "{r:#?}");
+    assert!(!r[0].1, "Write: {:?}", r[0]);
+    assert!(r[1].0.contains("hello from warden\nalice"), "Bash: {:?}", r[1]);
+    assert!(r[2].0.contains("puts(\"hello from warden\")"), "Read: {:?}", r[2]);
+    let lines = transcript(&out.stdout);
+    let result = lines.iter().find(|l| l["type"] == "result").expect("a result line");
+    assert_eq!(result["result"], "Built and ran it.");
+    assert_eq!(result["is_error"], false);
+
+    // On the host: the files are the user's, with the profile's CLAUDE.md.
+    let ws = workspace(&d, "alice", "default");
+    let uid = owner(&ws);
+    assert!(uid >= 230_000, "alice's uid {uid}");
+    for f in ["hello.c", "hello", "CLAUDE.md"] {
+        assert_eq!(owner(&ws.join(f)), uid, "{f}");
+    }
+    assert!(std::fs::read_to_string(ws.join("CLAUDE.md"))
+        .unwrap()
+        .contains("warden sandbox"));
+    // ~/.claude persists in the user's home.
+    assert!(d.dir.path().join("state/users/alice/home/.claude").is_dir());
+
+    // The key never reaches the audit log or the workspace.
+    let audit = std::fs::read_to_string(d.audit_log()).unwrap();
+    assert!(!audit.contains("sk-alice-secret"));
+    let started = d.events(&["--kind", "worker_started", "--user", "alice"]);
+    assert!(
+        started[0]["command"][0].as_str().unwrap().contains("claude"),
+        "{:?}",
+        started[0]
+    );
+}
+
+#[test]
+fn hostile_tool_calls_are_denied_inside_and_reported() {
+    if !root() {
+        return;
+    }
+    // Something on the host the profile does not let workers reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let d = Daemon::start();
+    let daemon_pid = d.child.as_ref().unwrap().id();
+    // Bob has a project and a key; alice turns hostile.
+    d.set_credentials("bob", "sk-bob-secret\n");
+    d.set_credentials("alice", "sk-alice-secret\n");
+    let out = d.ctl(&[
+        "spawn",
+        "--user",
+        "bob",
+        "--",
+        "sh",
+        "-c",
+        "echo bob-private > /workspace/default/notes; mkdir -p ~/.claude; echo bob-claude > ~/.claude/secret",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_millis(500));
+    let bob_ws = workspace(&d, "bob", "default").join("notes");
+    let bob_claude = d.dir.path().join("state/users/bob/home/.claude/secret");
+    let creds = d.dir.path().join("credentials/alice");
+
+    let api = FakeAnthropic::start(vec![
+        /* 0 */ bash("cat /etc/shadow"),
+        /* 1 */ tool("Read", json!({"file_path": "/etc/shadow"})),
+        /* 2 */
+        bash(&format!(
+            "cat {} {} {}; ls /workspace /home",
+            bob_ws.display(),
+            bob_claude.display(),
+            creds.display()
+        )),
+        /* 3 */ tool("Read", json!({"file_path": bob_ws.display().to_string()})),
+        /* 4 */ tool("Read", json!({"file_path": creds.display().to_string()})),
+        /* 5 */ tool("Write", json!({"file_path": "/etc/evil", "content": "x"})),
+        /* 6 */ tool("Write", json!({"file_path": "/root/.bashrc", "content": "x"})),
+        /* 7 */ tool("Write", json!({"file_path": "/home/bob/.bashrc", "content": "x"})),
+        /* 8 */ tool("Read", json!({"file_path": "/etc/hosts"})),
+        /* 9 */
+        tool(
+            "Edit",
+            json!({"file_path": "/etc/hosts", "old_string": "localhost", "new_string": "evil"}),
+        ),
+        /* 10 */
+        bash(&format!(
+            "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}))' 2>&1 | tail -1"
+        )),
+        /* 11 */ bash(&format!("kill -TERM {daemon_pid} 2>&1; echo done")),
+        /* 12 */ bash("mount -t tmpfs none /tmp 2>&1; su -c id root </dev/null 2>&1; id -u"),
+        /* 13 */ bash("unshare -U true 2>&1; ls / 2>&1 | head -1; echo $ANTHROPIC_API_KEY"),
+        Turn::Text("done".into()),
+    ]);
+    add_test_profile(&d, &api, "bypassPermissions", "");
+    let out = run(&d, "alice", "try to get out");
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let r = results(&api);
+    assert_eq!(r.len(), 14, "{r:#?}");
+    let says = |i: usize, what: &str| assert!(r[i].0.contains(what), "call {i}: expected {what:?} in {:?}", r[i]);
+    says(0, "No such file or directory");
+    assert!(r[1].1, "Read /etc/shadow fails: {:?}", r[1]);
+    says(2, "No such file or directory");
+    assert!(!r[2].0.contains("bob-private") && !r[2].0.contains("bob-claude") && !r[2].0.contains("sk-alice"));
+    says(2, "default"); // only alice's own project is in /workspace
+    assert!(r[3].1 && !r[3].0.contains("bob-private"), "{:?}", r[3]);
+    assert!(r[4].1 && !r[4].0.contains("sk-alice-secret"), "{:?}", r[4]);
+    for i in [5, 6, 7] {
+        assert!(r[i].1, "call {i} must fail: {:?}", r[i]);
+    }
+    assert!(r[9].1, "Edit of /etc/hosts must fail: {:?}", r[9]);
+    says(10, "PermissionError");
+    says(11, "No such process");
+    assert!(!r[12].0.contains("uid=0"), "{:?}", r[12]);
+    assert!(
+        r[12]
+            .0
+            .trim_end()
+            .lines()
+            .any(|l| l.trim().parse::<u32>().is_ok_and(|u| u >= 230_000)),
+        "{:?}",
+        r[12]
+    );
+    says(13, "Operation not permitted");
+    says(13, "Permission denied");
+    // Its own key is in its environment (that is how Claude uses it).
+    says(13, "sk-alice-secret");
+    assert!(!r.iter().any(|(c, _)| c.contains("sk-bob-secret")));
+    // Nothing was written outside.
+    assert!(!std::path::Path::new("/etc/evil").exists());
+    assert!(std::fs::read_to_string("/etc/hosts").unwrap().contains("localhost"));
+    assert!(d.child.as_ref().is_some(), "wardend still runs");
+    assert!(d.ctl(&["ps"]).status.success());
+
+    // The denials that reached a kernel check are events.
+    let ev = denial_events(&d, "alice", |e| e["access"] == "net.connect_tcp");
+    let has = |f: &dyn Fn(&Value) -> bool| ev.iter().any(f);
+    assert!(
+        has(&|e| e["access"] == "net.connect_tcp" && e["path"] == format!("port {port}")),
+        "{ev:#?}"
+    );
+    let ev = denial_events(&d, "alice", |e| e["syscall"] == "unshare");
+    assert!(ev.iter().any(|e| e["syscall"] == "unshare"), "{ev:#?}");
+    let ev = denial_events(&d, "alice", |e| e["access"] == "fs.read_dir" && e["path"] == "/");
+    assert!(
+        ev.iter().any(|e| e["access"] == "fs.read_dir" && e["path"] == "/"),
+        "{ev:#?}"
+    );
+    drop(listener);
+}
