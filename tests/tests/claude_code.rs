@@ -258,3 +258,122 @@ fn hostile_tool_calls_are_denied_inside_and_reported() {
     );
     drop(listener);
 }
+
+/// Polls the audit log until an event of `kind` matches `pred`.
+fn wait_event(d: &Daemon, kind: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(e) = d.events(&["--kind", kind]).into_iter().find(&pred) {
+            return e;
+        }
+        if Instant::now() >= deadline {
+            let started = d.events(&["--kind", "worker_started"]);
+            let logs: Vec<String> = started
+                .iter()
+                .map(|w| {
+                    let out = d.ctl(&["logs", w["worker"].as_str().unwrap_or("")]);
+                    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+                    all.lines().skip(1).collect::<Vec<_>>().join("\n")
+                })
+                .collect();
+            panic!("no {kind} event; worker output: {logs:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn approvals_allow_deny_time_out_and_follow_rules() {
+    if !root() {
+        return;
+    }
+    let api = FakeAnthropic::start(vec![
+        bash("touch /workspace/default/allowed && echo made-allowed"),
+        bash("touch /workspace/default/denied && echo made-denied"),
+        bash("touch /workspace/default/late && echo made-late"),
+        tool("Read", json!({"file_path": "/etc/hosts"})),
+        Turn::Text("done".into()),
+    ]);
+    let d = daemon_for(
+        &api,
+        "default",
+        "approval_timeout = \"3s\"\nauto_allow = [\"Read\"]\nauto_deny = [\"WebFetch\"]",
+    );
+    d.set_credentials("default", "sk-shared-default\n");
+    let session = d
+        .ctl_command(&["spawn", "--user", "alice", "--profile", "cc-test", "-w", "--", "go"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = |cmd: &'static str| {
+        move |e: &Value| e["tool"] == "Bash" && e["input"]["command"].as_str().unwrap_or("").contains(cmd)
+    };
+    // 1: a client allows it.
+    let first = wait_event(&d, "approval_requested", asked("allowed"));
+    let (id, req) = (first["worker"].as_str().unwrap(), first["request_id"].as_str().unwrap());
+    assert_eq!(first["user"], "alice");
+    assert_eq!(first["timeout_seconds"], 3);
+    // Nobody outside alice's authority can answer; an unknown request is an error.
+    let out = d.ctl_as_nobody(&["approve", id, req]);
+    assert!(!out.status.success());
+    let out = d.ctl(&["approve", id, "no-such-request"]);
+    assert!(
+        text(&out.stderr).contains("No pending approval request"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = d.ctl(&["approve", id, req]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // 2: a client denies it, with a reason.
+    let second = wait_event(&d, "approval_requested", asked("denied"));
+    let out = d.ctl(&[
+        "deny",
+        id,
+        second["request_id"].as_str().unwrap(),
+        "-m",
+        "not in this repo",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // 3: nobody answers; 4: the rule allows Read without asking.
+    let out = session.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+
+    let r = results(&api);
+    assert_eq!(r.len(), 4, "{r:#?}");
+    assert!(r[0].0.contains("made-allowed") && !r[0].1, "{:?}", r[0]);
+    assert!(r[1].1 && r[1].0.contains("not in this repo"), "{:?}", r[1]);
+    assert!(
+        r[2].1 && r[2].0.contains("nobody approved this within 3 s"),
+        "{:?}",
+        r[2]
+    );
+    assert!(r[3].0.contains("localhost") && !r[3].1, "{:?}", r[3]);
+    let ws = workspace(&d, "alice", "default");
+    assert!(ws.join("allowed").exists());
+    assert!(!ws.join("denied").exists() && !ws.join("late").exists());
+
+    // Every decision is in the audit log, with who or what made it.
+    let decided = d.events(&["--kind", "approval_decided"]);
+    let by: Vec<(&str, bool, &str)> = decided
+        .iter()
+        .map(|e| {
+            (
+                e["tool"].as_str().unwrap(),
+                e["allow"].as_bool().unwrap(),
+                e["by"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by,
+        vec![
+            ("Bash", true, "uid 0"),
+            ("Bash", false, "uid 0"),
+            ("Bash", false, "timeout"),
+            ("Read", true, "rule Read")
+        ]
+    );
+    let audit = std::fs::read_to_string(d.audit_log()).unwrap();
+    assert_eq!(audit.matches("\"approval_decided\"").count(), 4);
+}

@@ -108,6 +108,16 @@ enum Cmd {
     },
     /// Wait for a worker and exit with its exit code.
     Wait { id: String },
+    /// Allow a Claude Code worker's pending tool call (see `events --kind approval_requested`).
+    Approve { id: String, request_id: String },
+    /// Deny a Claude Code worker's pending tool call.
+    Deny {
+        id: String,
+        request_id: String,
+        /// Why, told to Claude.
+        #[arg(short, long, default_value = "")]
+        message: String,
+    },
     /// Events from the audit log, and live with -f.
     Events {
         /// Keep following live events.
@@ -454,6 +464,30 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .signal(pb::SignalRequest {
                     id,
                     signal: signal_number(&signal)?,
+                })
+                .await?;
+        }
+        Cmd::Approve { id, request_id } => {
+            workers
+                .approve(pb::ApproveRequest {
+                    id,
+                    request_id,
+                    allow: true,
+                    message: String::new(),
+                })
+                .await?;
+        }
+        Cmd::Deny {
+            id,
+            request_id,
+            message,
+        } => {
+            workers
+                .approve(pb::ApproveRequest {
+                    id,
+                    request_id,
+                    allow: false,
+                    message,
                 })
                 .await?;
         }

@@ -216,3 +216,167 @@ mod tests {
         assert!(!Path::new("/etc/warden-claude-md-target").exists());
     }
 }
+
+/// A decision on one permission request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub allow: bool,
+    /// Who decided: `uid N`, `rule R` or `timeout`.
+    pub by: String,
+    /// Told to Claude with a deny.
+    pub message: String,
+}
+
+/// Drives one Claude Code session: sends the initial prompt, reads the
+/// worker's stream-json output (`lines` carries its raw stdout) to answer
+/// `can_use_tool` permission requests, and ends a one-shot session (closes
+/// stdin) when Claude reports its result.
+pub async fn drive(
+    events: std::sync::Arc<crate::events::Events>,
+    worker: std::sync::Arc<crate::workers::Worker>,
+    policy: warden_policy::ClaudePolicy,
+    prompt: Option<String>,
+    interactive: bool,
+    mut output: tokio::sync::mpsc::UnboundedReceiver<std::sync::Arc<Vec<u8>>>,
+) {
+    /// A line longer than this is no control message: skip it.
+    const MAX_LINE: usize = 64 << 20;
+    match prompt {
+        Some(p) => {
+            let _ = worker.write_stdin(&crate::workers::user_message(&p)).await;
+        }
+        // Nothing to do and nobody to talk to.
+        None if !interactive => worker.close_stdin().await,
+        None => {}
+    }
+    let policy = std::sync::Arc::new(policy);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut skipping = false;
+    while let Some(chunk) = output.recv().await {
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            if std::mem::take(&mut skipping) {
+                continue;
+            }
+            let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                continue;
+            };
+            match msg["type"].as_str() {
+                Some("control_request") => {
+                    tokio::spawn(answer(events.clone(), worker.clone(), policy.clone(), msg));
+                }
+                Some("result") if !interactive => worker.close_stdin().await,
+                _ => {}
+            }
+        }
+        if buf.len() > MAX_LINE {
+            buf.clear();
+            skipping = true;
+        }
+    }
+}
+
+/// Answers one control request of the worker.
+async fn answer(
+    events: std::sync::Arc<crate::events::Events>,
+    worker: std::sync::Arc<crate::workers::Worker>,
+    policy: std::sync::Arc<warden_policy::ClaudePolicy>,
+    msg: serde_json::Value,
+) {
+    use crate::events::EventKind;
+    use serde_json::json;
+    let Some(request_id) = msg["request_id"].as_str().map(str::to_string) else {
+        return;
+    };
+    let request = &msg["request"];
+    if request["subtype"] != "can_use_tool" {
+        let reply = json!({"type": "control_response", "response": {
+            "subtype": "error", "request_id": request_id,
+            "error": format!("warden does not support {} requests", request["subtype"]),
+        }});
+        let _ = worker.write_stdin(&line_of(&reply)).await;
+        return;
+    }
+    let tool = request["tool_name"].as_str().unwrap_or("").to_string();
+    let input = request["input"].clone();
+    let decision = match policy.rule_for(&tool, &input) {
+        Some((allow, rule)) => Decision {
+            allow,
+            message: if allow {
+                String::new()
+            } else {
+                format!("Denied by warden: the profile's rule {rule}")
+            },
+            by: format!("rule {rule}"),
+        },
+        None => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            worker
+                .approvals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(request_id.clone(), tx);
+            events.publish(
+                Some(&worker.id),
+                Some(&worker.user),
+                EventKind::ApprovalRequested {
+                    request_id: request_id.clone(),
+                    tool: tool.clone(),
+                    input: input.clone(),
+                    timeout_seconds: policy.approval_timeout_secs,
+                },
+            );
+            let wait = std::time::Duration::from_secs(policy.approval_timeout_secs);
+            match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(d)) => d,
+                _ => {
+                    worker
+                        .approvals
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&request_id);
+                    Decision {
+                        allow: false,
+                        by: "timeout".into(),
+                        message: format!(
+                            "Denied by warden: nobody approved this within {} s",
+                            policy.approval_timeout_secs
+                        ),
+                    }
+                }
+            }
+        }
+    };
+    events.publish(
+        Some(&worker.id),
+        Some(&worker.user),
+        EventKind::ApprovalDecided {
+            request_id: request_id.clone(),
+            tool,
+            allow: decision.allow,
+            by: decision.by.clone(),
+            message: decision.message.clone(),
+        },
+    );
+    let behavior = if decision.allow {
+        json!({"behavior": "allow", "updatedInput": input})
+    } else {
+        let message = if decision.message.is_empty() {
+            "Denied by warden".to_string()
+        } else {
+            decision.message
+        };
+        json!({"behavior": "deny", "message": message})
+    };
+    let reply = json!({"type": "control_response", "response": {
+        "subtype": "success", "request_id": request_id, "response": behavior,
+    }});
+    let _ = worker.write_stdin(&line_of(&reply)).await;
+}
+
+fn line_of(v: &serde_json::Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(v).unwrap_or_default();
+    line.push(b'\n');
+    line
+}

@@ -115,6 +115,25 @@ pub enum EventKind {
     ProfileReloadFailed {
         error: String,
     },
+    /// A Claude Code worker asks whether it may run a tool call; answer with
+    /// `Workers.Approve` before `timeout_seconds` or it is denied.
+    ApprovalRequested {
+        request_id: String,
+        tool: String,
+        /// The tool call's input, as JSON.
+        input: serde_json::Value,
+        timeout_seconds: u64,
+    },
+    /// How an approval request was decided: `by` is `uid N` (a client),
+    /// `rule R` (the profile's auto_allow/auto_deny) or `timeout`.
+    ApprovalDecided {
+        request_id: String,
+        tool: String,
+        allow: bool,
+        by: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        message: String,
+    },
 }
 
 impl EventKind {
@@ -131,6 +150,8 @@ impl EventKind {
             EventKind::AuthDenied { .. } => "auth_denied",
             EventKind::ProfilesReloaded { .. } => "profiles_reloaded",
             EventKind::ProfileReloadFailed { .. } => "profile_reload_failed",
+            EventKind::ApprovalRequested { .. } => "approval_requested",
+            EventKind::ApprovalDecided { .. } => "approval_decided",
         }
     }
 }
@@ -147,6 +168,8 @@ pub const KINDS: &[&str] = &[
     "auth_denied",
     "profiles_reloaded",
     "profile_reload_failed",
+    "approval_requested",
+    "approval_decided",
 ];
 
 /// The bus: numbered, durable, then broadcast.

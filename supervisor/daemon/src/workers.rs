@@ -9,7 +9,7 @@
 //! cgroup behind when a worker ends, or forget a worker silently (a worker
 //! that a previous daemon left running is reported as lost).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +55,8 @@ pub enum WorkerError {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Claude(#[from] crate::claude::ClaudeError),
+    #[error("No pending approval request {0} (already decided, timed out, or never asked)")]
+    NoApproval(String),
     #[error("This host's architecture has no seccomp support in warden")]
     Arch,
     #[error("Worker {0} has exited")]
@@ -115,6 +117,7 @@ pub struct SpawnParams {
 
 /// How a `[claude]` worker is started once it runs.
 struct ClaudeStart {
+    policy: warden_policy::ClaudePolicy,
     /// Sent as the first stream-json user message.
     prompt: Option<String>,
 }
@@ -222,6 +225,11 @@ pub struct Worker {
     cgroup: Option<WorkerCgroup>,
     /// Limit counters already reported (oom kills, pids.max hits, throttled periods).
     reported: Mutex<(u64, u64, u64)>,
+    /// A non-interactive Claude Code session: the daemon closes its stdin
+    /// when Claude reports the result, clients cannot close it earlier.
+    pub one_shot_session: bool,
+    /// Claude Code permission requests waiting for `Workers.Approve`.
+    pub(crate) approvals: Mutex<HashMap<String, tokio::sync::oneshot::Sender<crate::claude::Decision>>>,
 }
 
 impl Worker {
@@ -255,6 +263,21 @@ impl Worker {
         match guard.as_mut() {
             Some(s) => s.write_all(data).await,
             None => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin is closed")),
+        }
+    }
+
+    /// Answers a pending Claude Code permission request of this worker.
+    pub fn approve(&self, request_id: &str, decision: crate::claude::Decision) -> Result<(), WorkerError> {
+        let pending = self
+            .approvals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(request_id);
+        match pending {
+            Some(tx) => tx
+                .send(decision)
+                .map_err(|_| WorkerError::NoApproval(request_id.to_string())),
+            None => Err(WorkerError::NoApproval(request_id.to_string())),
         }
     }
 
@@ -427,6 +450,8 @@ impl Supervisor {
                 stop_requested: AtomicBool::new(false),
                 cgroup: None,
                 reported: Mutex::new((0, 0, 0)),
+                approvals: Mutex::new(HashMap::new()),
+                one_shot_session: false,
             });
             for log in [&w.stdout, &w.stderr] {
                 let len = std::fs::metadata(&log.path).map_or(0, |m| m.len());
@@ -494,6 +519,7 @@ impl Supervisor {
                 });
                 argv = std::iter::once(bin.display().to_string()).chain(c.args()).collect();
                 claude_start = Some(ClaudeStart {
+                    policy: c.clone(),
                     prompt: (!params.command.is_empty()).then(|| params.command.join(" ")),
                 });
                 if let Some(md) = &c.claude_md {
@@ -655,23 +681,25 @@ impl Supervisor {
             stop_requested: AtomicBool::new(false),
             cgroup: Some(cgroup),
             reported: Mutex::new((0, 0, 0)),
+            approvals: Mutex::new(HashMap::new()),
+            one_shot_session: claude_start.is_some() && !p.interactive,
         });
         self.insert(worker.clone());
         tracing::info!(worker = %worker.id, user = %worker.user, profile = %worker.profile, pid = worker.pid, "worker started");
-        if let Some(start) = claude_start {
-            // Claude Code reads stream-json user messages from stdin; without
-            // `interactive` the session ends after the initial prompt.
-            let w = worker.clone();
-            let interactive = p.interactive;
-            tokio::spawn(async move {
-                if let Some(prompt) = start.prompt {
-                    let _ = w.write_stdin(&user_message(&prompt)).await;
-                }
-                if !interactive {
-                    w.close_stdin().await;
-                }
-            });
-        }
+        // Claude Code sessions: the daemon reads the worker's stream-json
+        // output to answer its permission requests and end one-shot runs.
+        let tap = claude_start.map(|start| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(crate::claude::drive(
+                self.events.clone(),
+                worker.clone(),
+                start.policy,
+                start.prompt,
+                p.interactive,
+                rx,
+            ));
+            tx
+        });
         let e = &launched.enforced;
         self.events.publish(
             Some(&worker.id),
@@ -704,14 +732,14 @@ impl Supervisor {
                 .map(|s| {
                     let w = worker.clone();
                     let cap = self.config.log_max_bytes;
-                    tokio::spawn(async move { pump(s, &w.stdout, cap).await })
+                    tokio::spawn(async move { pump(s, &w.stdout, cap, tap).await })
                 }),
             stderr
                 .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
                 .map(|s| {
                     let w = worker.clone();
                     let cap = self.config.log_max_bytes;
-                    tokio::spawn(async move { pump(s, &w.stderr, cap).await })
+                    tokio::spawn(async move { pump(s, &w.stderr, cap, None).await })
                 }),
         ];
         let this = self.clone();
@@ -904,7 +932,14 @@ fn socket_dir(socket: &Path) -> PathBuf {
 }
 
 /// Copies one output stream to its log (up to `cap` bytes) and the live feed.
-async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, log: &OutputLog, cap: u64) {
+/// Copies a worker's output stream to its log and live subscribers (and to
+/// `tap`, the Claude Code session driver, when there is one).
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    log: &OutputLog,
+    cap: u64,
+    tap: Option<tokio::sync::mpsc::UnboundedSender<Arc<Vec<u8>>>>,
+) {
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -929,11 +964,12 @@ async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, log: &OutputLog, cap:
             }
         }
         log.produced.fetch_add(n as u64, Ordering::SeqCst);
+        let data = Arc::new(data.to_vec());
+        if let Some(t) = &tap {
+            let _ = t.send(data.clone());
+        }
         // A lagging receiver loses live chunks, never the worker: it replays from the log.
-        let _ = log.live.send(Chunk {
-            offset,
-            data: Arc::new(data.to_vec()),
-        });
+        let _ = log.live.send(Chunk { offset, data });
     }
     if let Some(mut f) = file {
         let _ = f.flush().await;

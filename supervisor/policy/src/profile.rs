@@ -102,6 +102,11 @@ struct RawClaude {
     base_url: Option<Spanned<String>>,
     claude_md: Option<String>,
     managed_settings: Option<toml::Table>,
+    approval_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    auto_allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    auto_deny: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,6 +274,13 @@ pub struct ClaudePolicy {
     /// Claude Code's managed settings (JSON), mounted read-only at
     /// `/etc/claude-code/managed-settings.json`.
     pub managed_settings: Option<String>,
+    /// An approval nobody answers within this is a deny.
+    pub approval_timeout_secs: u64,
+    /// Tool calls decided without asking: `Tool` or `Tool(glob)`, the glob
+    /// (`*` only) matched against the call's command or file path. Deny
+    /// rules win.
+    pub auto_allow: Vec<String>,
+    pub auto_deny: Vec<String>,
 }
 
 impl ClaudePolicy {
@@ -304,8 +316,74 @@ impl ClaudePolicy {
         if let Some(p) = &self.append_system_prompt {
             a.extend(["--append-system-prompt".into(), p.clone()]);
         }
+        if self.asks() {
+            // Permission prompts arrive on stdout as control requests, which
+            // wardend answers (see `Workers.Approve`).
+            a.extend(["--permission-prompt-tool".into(), "stdio".into()]);
+        }
         a
     }
+
+    /// Tool calls need approval (any mode but bypassPermissions).
+    pub fn asks(&self) -> bool {
+        self.permission_mode != "bypassPermissions"
+    }
+}
+
+impl ClaudePolicy {
+    /// The rule that decides a tool call without asking, if any:
+    /// `(allow, rule)`.
+    pub fn rule_for(&self, tool: &str, input: &serde_json::Value) -> Option<(bool, String)> {
+        let subject = ["command", "file_path", "path", "url", "pattern"]
+            .iter()
+            .find_map(|k| input.get(*k).and_then(|v| v.as_str()))
+            .map(str::to_string)
+            .unwrap_or_else(|| input.to_string());
+        let matches = |rule: &String| match parse_tool_rule(rule) {
+            Ok((name, None)) => name == tool,
+            Ok((name, Some(glob))) => name == tool && glob_match(glob, &subject),
+            Err(_) => false,
+        };
+        if let Some(r) = self.auto_deny.iter().find(|r| matches(r)) {
+            return Some((false, r.clone()));
+        }
+        self.auto_allow.iter().find(|r| matches(r)).map(|r| (true, r.clone()))
+    }
+}
+
+/// `Tool` or `Tool(glob)`.
+fn parse_tool_rule(rule: &str) -> Result<(&str, Option<&str>), String> {
+    let (name, glob) = match rule.split_once('(') {
+        Some((n, rest)) => match rest.strip_suffix(')') {
+            Some(g) => (n, Some(g)),
+            None => return Err(format!("{rule:?}: expected Tool or Tool(pattern)")),
+        },
+        None => (rule, None),
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(format!("{rule:?}: expected Tool or Tool(pattern)"));
+    }
+    Ok((name, glob))
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob_match(glob: &str, text: &str) -> bool {
+    let parts: Vec<&str> = glob.split('*').collect();
+    if parts.len() == 1 {
+        return glob == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) || text.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for p in &parts[1..parts.len() - 1] {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// The port of an `http://` or `https://` URL (explicit or the scheme's).
@@ -566,6 +644,12 @@ fn validate_file(p: &Parsed) -> Result<(), PolicyError> {
         if let Some(u) = &c.base_url {
             url_port(u.get_ref()).map_err(|m| p.invalid(u.span(), m))?;
         }
+        if let Some(t) = &c.approval_timeout {
+            parse_duration(t.get_ref()).map_err(|m| p.invalid(t.span(), m.to_string()))?;
+        }
+        for r in c.auto_allow.iter().chain(&c.auto_deny) {
+            parse_tool_rule(r.get_ref()).map_err(|m| p.invalid(r.span(), m))?;
+        }
     }
     for n in &r.environment.pass {
         if !check_env_name(n.get_ref()) {
@@ -723,7 +807,17 @@ fn merge(base: &mut Profile, r: &RawProfile) {
             base_url: None,
             claude_md: None,
             managed_settings: None,
+            approval_timeout_secs: 55,
+            auto_allow: Vec::new(),
+            auto_deny: Vec::new(),
         });
+        if let Some(t) = &c.approval_timeout {
+            claude.approval_timeout_secs = parse_duration(t.get_ref()).unwrap_or(55);
+        }
+        claude
+            .auto_allow
+            .extend(c.auto_allow.iter().map(|r| r.get_ref().clone()));
+        claude.auto_deny.extend(c.auto_deny.iter().map(|r| r.get_ref().clone()));
         if let Some(m) = &c.permission_mode {
             claude.permission_mode = m.get_ref().clone();
         }

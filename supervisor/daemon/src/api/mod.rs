@@ -53,7 +53,10 @@ pub fn denied(events: &Events, caller: &Caller, method: &str, user: Option<&str>
 pub fn status(e: &WorkerError, caller: &Caller) -> Status {
     use WorkerError as E;
     let code = match e {
-        E::NotFound(_) => Code::NotFound,
+        E::NotFound(_) | E::NoApproval(_) => Code::NotFound,
+        E::Claude(crate::claude::ClaudeError::Binary(_) | crate::claude::ClaudeError::Credentials { .. }) => {
+            Code::FailedPrecondition
+        }
         E::User(crate::users::UserError::Name(_)) | E::Policy(warden_policy::PolicyError::Request(_)) => {
             Code::InvalidArgument
         }

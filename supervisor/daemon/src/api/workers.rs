@@ -249,6 +249,24 @@ impl pb::workers_server::Workers for WorkersApi {
         Ok(Response::new(to_pb(&w)))
     }
 
+    async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::ApproveResponse>, Status> {
+        let c = caller(&req, &self.sup.config)?;
+        let r = req.into_inner();
+        let w = self.visible(&c, &r.id, "Workers.Approve")?;
+        if r.request_id.is_empty() || r.request_id.len() > 256 || r.message.len() > 4096 {
+            return Err(Status::invalid_argument(
+                "request_id must be 1-256 bytes and message at most 4096",
+            ));
+        }
+        let decision = crate::claude::Decision {
+            allow: r.allow,
+            by: format!("uid {}", c.uid),
+            message: r.message,
+        };
+        w.approve(&r.request_id, decision).map_err(|e| status(&e, &c))?;
+        Ok(Response::new(pb::ApproveResponse {}))
+    }
+
     async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::Worker>, Status> {
         let c = caller(&req, &self.sup.config)?;
         let w = self.visible(&c, &req.get_ref().id, "Workers.Wait")?;
@@ -278,7 +296,11 @@ impl pb::workers_server::Workers for WorkersApi {
                         break
                     }
                     Some(pb::attach_request::Msg::CloseStdin(true)) => {
-                        stdin_worker.close_stdin().await;
+                        // A one-shot Claude Code session keeps stdin until its
+                        // result: the daemon answers permission requests there.
+                        if !stdin_worker.one_shot_session {
+                            stdin_worker.close_stdin().await;
+                        }
                         break;
                     }
                     _ => {}
