@@ -377,3 +377,153 @@ fn approvals_allow_deny_time_out_and_follow_rules() {
     let audit = std::fs::read_to_string(d.audit_log()).unwrap();
     assert_eq!(audit.matches("\"approval_decided\"").count(), 4);
 }
+
+#[test]
+fn two_users_run_claude_at_once_and_stay_apart() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    d.set_credentials("alice", "ANTHROPIC_API_KEY=sk-alice-only\n");
+    d.set_credentials("bob", "ANTHROPIC_API_KEY=sk-bob-only\n");
+    let probe = |me: &str, other: &str| {
+        let other_ws = workspace(&d, other, "default");
+        vec![
+            bash(&format!(
+                "echo {me}-data > /workspace/default/mine; sleep 1; echo key=$ANTHROPIC_API_KEY; \
+                 cat /workspace/default/mine; cat {}/mine 2>&1; \
+                 ps -eo user= | sort -u | tr '\\n' ' '",
+                other_ws.display()
+            )),
+            Turn::Text(format!("{me} done")),
+        ]
+    };
+    let apis = [
+        ("alice", FakeAnthropic::start(probe("alice", "bob"))),
+        ("bob", FakeAnthropic::start(probe("bob", "alice"))),
+    ];
+    for (user, api) in &apis {
+        d.add_profile(
+            &format!("cc-{user}"),
+            &format!("extends = \"claude-code\"\n[claude]\nbase_url = {:?}\n", api.base_url()),
+        );
+    }
+    let sessions: Vec<_> = apis
+        .iter()
+        .map(|(user, _)| {
+            d.ctl_command(&[
+                "spawn",
+                "--user",
+                user,
+                "--profile",
+                &format!("cc-{user}"),
+                "-w",
+                "--",
+                "go",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for s in sessions {
+        let out = s.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    for (user, api) in &apis {
+        let other = if *user == "alice" { "bob" } else { "alice" };
+        let r = results(api);
+        assert_eq!(r.len(), 1, "{user}: {r:#?}");
+        let out = &r[0].0;
+        assert!(out.contains(&format!("key=sk-{user}-only")), "{user}: {out}");
+        assert!(
+            !out.contains(&format!("sk-{other}")),
+            "{user} sees {other}'s key: {out}"
+        );
+        assert!(out.contains(&format!("{user}-data")), "{out}");
+        assert!(
+            !out.contains(&format!("{other}-data")),
+            "{user} reads {other}'s workspace: {out}"
+        );
+        assert!(out.contains("No such file or directory"), "{out}");
+        // Only its own processes are visible.
+        assert_eq!(
+            out.lines().last().map(str::trim),
+            Some(*user),
+            "{user}'s process owners: {out}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(workspace(&d, user, "default").join("mine")).unwrap(),
+            format!("{user}-data\n")
+        );
+    }
+}
+
+#[test]
+fn an_attached_session_takes_two_messages_and_survives_its_client() {
+    if !root() {
+        return;
+    }
+    let api = FakeAnthropic::start(vec![
+        Turn::Text("first answer".into()),
+        bash("echo second-turn-ran"),
+        Turn::Text("second answer".into()),
+    ]);
+    let d = daemon_for(&api, "bypassPermissions", "");
+    d.set_credentials("default", "sk-shared\n");
+    let out = d.ctl(&["spawn", "--user", "alice", "--profile", "cc-test", "-i", "--", "hello"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+
+    // The first client sees the first answer, then vanishes.
+    let mut first = d
+        .ctl_command(&["attach", &id])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader = std::io::BufReader::new(first.stdout.take().unwrap());
+    let saw = std::io::BufRead::lines(reader)
+        .map_while(Result::ok)
+        .any(|l| l.contains("\"type\":\"result\"") && l.contains("first answer"));
+    assert!(saw, "first answer");
+    first.kill().unwrap();
+    let _ = first.wait();
+    assert!(d.ctl(&["inspect", &id]).status.success());
+
+    // A second client sends the next message and ends the session.
+    let mut second = d
+        .ctl_command(&["attach", &id])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = second.stdin.take().unwrap();
+        let msg = json!({"type": "user", "message": {"role": "user", "content": "and now?"}});
+        writeln!(stdin, "{msg}").unwrap();
+        let reader = std::io::BufReader::new(second.stdout.take().unwrap());
+        let saw = std::io::BufRead::lines(reader)
+            .map_while(Result::ok)
+            .any(|l| l.contains("\"type\":\"result\"") && l.contains("second answer"));
+        assert!(saw, "second answer");
+        // Closing stdin ends the session.
+    }
+    let status = second.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let r = results(&api);
+    assert!(r.len() == 1 && r[0].0.contains("second-turn-ran"), "{r:#?}");
+
+    // The whole transcript stays readable after the session.
+    let logs = d.ctl(&["logs", &id]);
+    let t = transcript(&logs.stdout);
+    let results: Vec<&str> = t
+        .iter()
+        .filter(|l| l["type"] == "result")
+        .filter_map(|l| l["result"].as_str())
+        .collect();
+    assert_eq!(results, vec!["first answer", "second answer"]);
+    assert_eq!(api.requests(), 3);
+}

@@ -124,7 +124,10 @@ pub fn managed_settings(state_dir: &Path, json: &str) -> Result<PathBuf, ClaudeE
     let name: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     let path = dir.join(format!("managed-settings-{name}.json"));
     if !path.exists() {
-        let tmp = dir.join(format!(".managed-settings-{name}.{}", std::process::id()));
+        // Concurrent spawns may write the same content: each its own temp file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tmp = dir.join(format!(".managed-settings-{name}.{}.{n}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
