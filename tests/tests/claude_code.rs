@@ -142,6 +142,25 @@ fn claude_writes_compiles_runs_and_reads_a_program_in_its_workspace() {
         "{:?}",
         started[0]
     );
+
+    // A request may narrow the profile's Claude options, never widen them.
+    let out = d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "--profile",
+        "cc-test",
+        "--model",
+        "other-model",
+        "--",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("model \"other-model\" is not one the profile allows"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

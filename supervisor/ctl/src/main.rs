@@ -69,6 +69,21 @@ enum Cmd {
         /// (with -w, your stdin is forwarded as stream-json lines).
         #[arg(short, long)]
         interactive: bool,
+        /// Claude Code profiles: a model the profile allows.
+        #[arg(long)]
+        model: Option<String>,
+        /// Claude Code profiles: at most the profile's max turns.
+        #[arg(long)]
+        max_turns: Option<u32>,
+        /// Claude Code profiles: a mode that asks at least as much as the profile's.
+        #[arg(long)]
+        permission_mode: Option<String>,
+        /// Claude Code profiles: a tool to disallow (repeatable).
+        #[arg(long = "disallow-tool", value_name = "TOOL")]
+        disallow_tools: Vec<String>,
+        /// Claude Code profiles: appended to the system prompt.
+        #[arg(long)]
+        append_system_prompt: Option<String>,
         /// The command; for a Claude Code profile, the initial prompt.
         #[arg(last = true)]
         command: Vec<String>,
@@ -380,6 +395,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             env,
             wait,
             interactive,
+            model,
+            max_turns,
+            permission_mode,
+            disallow_tools,
+            append_system_prompt,
             command,
         } => {
             let mut vars = HashMap::new();
@@ -398,6 +418,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     env: vars,
                     limits: None,
                     interactive,
+                    claude: Some(pb::ClaudeOptions {
+                        model: model.unwrap_or_default(),
+                        max_turns: max_turns.unwrap_or(0),
+                        disallowed_tools: disallow_tools,
+                        append_system_prompt: append_system_prompt.unwrap_or_default(),
+                        permission_mode: permission_mode.unwrap_or_default(),
+                    }),
                 })
                 .await?
                 .into_inner();

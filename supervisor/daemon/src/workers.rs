@@ -113,6 +113,8 @@ pub struct SpawnParams {
     pub limits: RequestedLimits,
     /// `[claude]` profiles: keep stdin open after the initial prompt.
     pub interactive: bool,
+    /// `[claude]` profiles: options that narrow the profile's.
+    pub claude: warden_policy::ClaudeRequest,
 }
 
 /// How a `[claude]` worker is started once it runs.
@@ -507,7 +509,10 @@ impl Supervisor {
             // and executable); the request's command is the initial prompt.
             let mut argv = params.command.clone();
             let (mut extra_binds, mut claude_env, mut claude_start) = (Vec::new(), Vec::new(), None);
-            if let Some(c) = profile.claude.clone() {
+            if let Some(c) = &profile.claude {
+                let c = c
+                    .narrowed(&params.claude)
+                    .map_err(|m| WorkerError::Policy(warden_policy::PolicyError::Request(m)))?;
                 let bin = crate::claude::binary(&this.config)?;
                 profile.filesystem.push(warden_policy::FsRule {
                     path: bin.display().to_string(),

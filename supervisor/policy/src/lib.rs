@@ -18,8 +18,8 @@ mod units;
 
 pub use error::{Location, PolicyError};
 pub use profile::{
-    url_port, Access, ClaudePolicy, EnvPolicy, FsRule, Limits, NetworkMode, NetworkPolicy, Profile, ProfileSet,
-    SeccompPolicy, Source, EMBEDDED_PROFILES, PERMISSION_MODES,
+    url_port, Access, ClaudePolicy, ClaudeRequest, EnvPolicy, FsRule, Limits, NetworkMode, NetworkPolicy, Profile,
+    ProfileSet, SeccompPolicy, Source, EMBEDDED_PROFILES, PERMISSION_MODES,
 };
 pub use spec::{
     compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Rlimit, SeccompSpec, SpawnRequest,

@@ -94,6 +94,8 @@ struct RawClaude {
     permission_mode: Option<Spanned<String>>,
     model: Option<String>,
     #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
     allowed_tools: Vec<String>,
     #[serde(default)]
     disallowed_tools: Vec<String>,
@@ -256,13 +258,16 @@ pub struct EnvPolicy {
 }
 
 /// Claude Code's permission modes, as its `--permission-mode` takes them.
-pub const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "plan", "bypassPermissions"];
+/// Ordered from the mode that asks most to the one that asks least.
+pub const PERMISSION_MODES: &[&str] = &["plan", "default", "acceptEdits", "bypassPermissions"];
 
 /// How a `[claude]` profile runs the Claude Code CLI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaudePolicy {
     pub permission_mode: String,
     pub model: Option<String>,
+    /// Further models a spawn request may choose.
+    pub models: Vec<String>,
     pub allowed_tools: Vec<String>,
     pub disallowed_tools: Vec<String>,
     pub max_turns: Option<u32>,
@@ -330,7 +335,65 @@ impl ClaudePolicy {
     }
 }
 
+/// What a spawn request asks of a `[claude]` profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaudeRequest {
+    pub model: Option<String>,
+    pub max_turns: Option<u32>,
+    pub disallowed_tools: Vec<String>,
+    pub append_system_prompt: Option<String>,
+    pub permission_mode: Option<String>,
+}
+
 impl ClaudePolicy {
+    /// This policy narrowed by a request; an option that would widen it is
+    /// an error naming the option.
+    pub fn narrowed(&self, r: &ClaudeRequest) -> Result<ClaudePolicy, String> {
+        let mut p = self.clone();
+        if let Some(m) = &r.model {
+            if p.model.as_ref() != Some(m) && !p.models.contains(m) {
+                return Err(format!("model {m:?} is not one the profile allows"));
+            }
+            p.model = Some(m.clone());
+        }
+        if let Some(n) = r.max_turns {
+            if p.max_turns.is_some_and(|max| n > max) {
+                return Err(format!(
+                    "max_turns {n} exceeds the profile's {}",
+                    p.max_turns.unwrap_or(0)
+                ));
+            }
+            p.max_turns = Some(n);
+        }
+        for t in &r.disallowed_tools {
+            if t.is_empty() || t.starts_with('-') {
+                return Err(format!("invalid tool name {t:?}"));
+            }
+            p.disallowed_tools.push(t.clone());
+        }
+        if let Some(extra) = &r.append_system_prompt {
+            p.append_system_prompt = Some(match &p.append_system_prompt {
+                Some(base) => format!("{base}\n\n{extra}"),
+                None => extra.clone(),
+            });
+        }
+        if let Some(m) = &r.permission_mode {
+            let rank = |m: &str| PERMISSION_MODES.iter().position(|x| *x == m);
+            let (Some(asked), Some(own)) = (rank(m), rank(&p.permission_mode)) else {
+                return Err(format!("unknown permission mode {m:?}"));
+            };
+            // PERMISSION_MODES is ordered from most to least asking.
+            if asked > own {
+                return Err(format!(
+                    "permission mode {m:?} asks less than the profile's {:?}",
+                    p.permission_mode
+                ));
+            }
+            p.permission_mode = m.clone();
+        }
+        Ok(p)
+    }
+
     /// The rule that decides a tool call without asking, if any:
     /// `(allow, rule)`.
     pub fn rule_for(&self, tool: &str, input: &serde_json::Value) -> Option<(bool, String)> {
@@ -800,6 +863,7 @@ fn merge(base: &mut Profile, r: &RawProfile) {
         let claude = base.claude.get_or_insert_with(|| ClaudePolicy {
             permission_mode: "bypassPermissions".into(),
             model: None,
+            models: Vec::new(),
             allowed_tools: Vec::new(),
             disallowed_tools: Vec::new(),
             max_turns: None,
@@ -824,6 +888,7 @@ fn merge(base: &mut Profile, r: &RawProfile) {
         if c.model.is_some() {
             claude.model = c.model.clone();
         }
+        claude.models.extend(c.models.iter().cloned());
         claude.allowed_tools.extend(c.allowed_tools.iter().cloned());
         claude.disallowed_tools.extend(c.disallowed_tools.iter().cloned());
         if c.max_turns.is_some() {
@@ -1060,6 +1125,103 @@ groups = ["default"]
 
     fn err_of(sources: Vec<Source>) -> String {
         ProfileSet::from_sources(sources).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn claude_section_resolves_rules_port_and_arguments() {
+        let text = format!(
+            "{MINIMAL}[landlock]\nmin_abi = 4\n[network]\nmode = \"tcp\"\ntcp_connect = [443]\n[claude]\npermission_mode = \"default\"\n\
+             model = \"m1\"\nmodels = [\"m2\"]\nmax_turns = 20\nbase_url = \"http://127.0.0.1:8089/x\"\n\
+             approval_timeout = \"30s\"\nauto_allow = [\"Read\", \"Bash(git status*)\"]\nauto_deny = [\"Bash(*rm -rf*)\"]\n"
+        );
+        let set = ProfileSet::from_sources(vec![src("c", &text)]).unwrap();
+        let p = set.get("c").unwrap();
+        assert_eq!(
+            p.network.tcp_connect.iter().copied().collect::<Vec<_>>(),
+            vec![443, 8089]
+        );
+        let c = p.claude.as_ref().unwrap();
+        assert_eq!(c.approval_timeout_secs, 30);
+        let args = c.args().join(" ");
+        assert!(
+            args.contains("--permission-mode default --model m1 --max-turns 20"),
+            "{args}"
+        );
+        assert!(args.ends_with("--permission-prompt-tool stdio"), "{args}");
+        let cmd = |c: &str| serde_json::json!({"command": c});
+        assert_eq!(
+            c.rule_for("Read", &serde_json::json!({"file_path": "/x"})),
+            Some((true, "Read".into()))
+        );
+        assert_eq!(
+            c.rule_for("Bash", &cmd("git status --short")),
+            Some((true, "Bash(git status*)".into()))
+        );
+        assert_eq!(
+            c.rule_for("Bash", &cmd("cd / && rm -rf x")),
+            Some((false, "Bash(*rm -rf*)".into()))
+        );
+        assert_eq!(c.rule_for("Bash", &cmd("git push")), None);
+        assert_eq!(c.rule_for("Write", &serde_json::json!({"file_path": "/x"})), None);
+
+        // A request may narrow, never widen.
+        let ok = c
+            .narrowed(&ClaudeRequest {
+                model: Some("m2".into()),
+                max_turns: Some(5),
+                permission_mode: Some("plan".into()),
+                ..ClaudeRequest::default()
+            })
+            .unwrap();
+        assert_eq!(
+            (ok.model.as_deref(), ok.max_turns, ok.permission_mode.as_str()),
+            (Some("m2"), Some(5), "plan")
+        );
+        for (r, want) in [
+            (
+                ClaudeRequest {
+                    model: Some("m9".into()),
+                    ..Default::default()
+                },
+                "model",
+            ),
+            (
+                ClaudeRequest {
+                    max_turns: Some(21),
+                    ..Default::default()
+                },
+                "max_turns",
+            ),
+            (
+                ClaudeRequest {
+                    permission_mode: Some("bypassPermissions".into()),
+                    ..Default::default()
+                },
+                "asks less",
+            ),
+        ] {
+            let e = c.narrowed(&r).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn claude_section_errors_name_the_place() {
+        let e = err_of(vec![src(
+            "c",
+            &format!("{MINIMAL}[claude]\npermission_mode = \"yolo\"\n"),
+        )]);
+        assert!(e.starts_with("c.toml:7:19: unknown permission mode"), "{e}");
+        let e = err_of(vec![src("c", &format!("{MINIMAL}[claude]\nbase_url = \"ftp://x\"\n"))]);
+        assert!(e.contains("c.toml:7:") && e.contains("not an http"), "{e}");
+        let e = err_of(vec![src(
+            "c",
+            &format!("{MINIMAL}[claude]\nauto_allow = [\"Bash(x\"]\n"),
+        )]);
+        assert!(e.contains("expected Tool or Tool(pattern)"), "{e}");
+        assert_eq!(url_port("https://api.example.com/v1"), Ok(443));
+        assert_eq!(url_port("http://[::1]:9000"), Ok(9000));
+        assert!(url_port("http://user@host:1").is_err());
     }
 
     #[test]

@@ -195,6 +195,17 @@ impl pb::workers_server::Workers for WorkersApi {
             },
             command: r.command,
             interactive: r.interactive,
+            claude: {
+                let c = r.claude.unwrap_or_default();
+                let some = |s: String| (!s.is_empty()).then_some(s);
+                warden_policy::ClaudeRequest {
+                    model: some(c.model),
+                    max_turns: (c.max_turns > 0).then_some(c.max_turns),
+                    disallowed_tools: c.disallowed_tools,
+                    append_system_prompt: some(c.append_system_prompt),
+                    permission_mode: some(c.permission_mode),
+                }
+            },
             env: r.env.into_iter().collect(),
             limits: RequestedLimits {
                 memory: nonzero(limits.memory_bytes),
