@@ -107,7 +107,17 @@ fn the_environment_is_the_profiles_not_the_hosts() {
     // except what the profile sets and what warden guarantees.
     assert_eq!(
         names,
-        ["HOME", "LANG", "LOGNAME", "PATH", "PWD", "TMPDIR", "USER"],
+        [
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+            "DISABLE_AUTOUPDATER",
+            "HOME",
+            "LANG",
+            "LOGNAME",
+            "PATH",
+            "PWD",
+            "TMPDIR",
+            "USER"
+        ],
         "{}",
         out.stdout
     );

@@ -511,9 +511,9 @@ fn an_attached_session_takes_two_messages_and_survives_its_client() {
     let _ = first.wait();
     assert!(d.ctl(&["inspect", &id]).status.success());
 
-    // A second client sends the next message and ends the session.
+    // A second client sends the next message as plain text and ends the session.
     let mut second = d
-        .ctl_command(&["attach", &id])
+        .ctl_command(&["attach", "--text", &id])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -521,8 +521,7 @@ fn an_attached_session_takes_two_messages_and_survives_its_client() {
     {
         use std::io::Write;
         let mut stdin = second.stdin.take().unwrap();
-        let msg = json!({"type": "user", "message": {"role": "user", "content": "and now?"}});
-        writeln!(stdin, "{msg}").unwrap();
+        writeln!(stdin, "and now?").unwrap();
         let reader = std::io::BufReader::new(second.stdout.take().unwrap());
         let saw = std::io::BufRead::lines(reader)
             .map_while(Result::ok)

@@ -40,7 +40,7 @@ fn events_until(d: &Daemon, args: &[&str], what: &str, pred: impl Fn(&[Value]) -
     }
 }
 
-const TIGHT: &str = "extends = \"claude-code\"\n[limits]\nmemory = \"64M\"\nmemory_swap = \"64M\"\npids = 32\n";
+const TIGHT: &str = "extends = \"base\"\n[limits]\nmemory = \"64M\"\nmemory_swap = \"64M\"\npids = 32\n";
 
 #[test]
 fn a_workers_life_is_in_the_events_and_the_audit_log() {
@@ -54,7 +54,7 @@ fn a_workers_life_is_in_the_events_and_the_audit_log() {
     assert_eq!(kinds(&ev)[0], "daemon_started");
     let started = ev.iter().find(|e| e["kind"] == "worker_started").unwrap();
     assert_eq!(started["user"], "alice");
-    assert_eq!(started["profile"], "claude-code");
+    assert_eq!(started["profile"], "base");
     assert_eq!(started["no_new_privs"], true);
     assert!(started["landlock_abi"].as_u64().unwrap() >= 6);
     assert_eq!(started["policy_digest"].as_str().unwrap().len(), 64);

@@ -99,7 +99,13 @@ enum Cmd {
     /// Show one worker.
     Inspect { id: String },
     /// Attach to a worker: your stdin to its stdin, its output to yours.
-    Attach { id: String },
+    Attach {
+        id: String,
+        /// Claude Code sessions: send each line you type as a user message
+        /// (instead of raw stream-json).
+        #[arg(short, long)]
+        text: bool,
+    },
     /// Print a worker's output.
     Logs {
         id: String,
@@ -297,7 +303,15 @@ fn print_event(e: &pb::Event, output: Output) {
 }
 
 /// Streams a worker's output to ours until it exits; returns its exit code.
-async fn attach(client: &mut WorkersClient<Channel>, id: &str, forward_stdin: bool) -> anyhow::Result<i32> {
+/// Attaches to worker `id`; with `forward_stdin`, this process's stdin goes
+/// to the worker, wrapped line by line as Claude Code user messages with
+/// `as_messages`.
+async fn attach(
+    client: &mut WorkersClient<Channel>,
+    id: &str,
+    forward_stdin: bool,
+    as_messages: bool,
+) -> anyhow::Result<i32> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::AttachRequest {
         msg: Some(pb::attach_request::Msg::Start(pb::AttachStart {
@@ -310,6 +324,7 @@ async fn attach(client: &mut WorkersClient<Channel>, id: &str, forward_stdin: bo
         tokio::spawn(async move {
             let mut stdin = tokio::io::stdin();
             let mut buf = vec![0u8; 32 * 1024];
+            let mut pending = Vec::new();
             loop {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => {
@@ -321,8 +336,24 @@ async fn attach(client: &mut WorkersClient<Channel>, id: &str, forward_stdin: bo
                         break;
                     }
                     Ok(n) => {
+                        let data = if as_messages {
+                            pending.extend_from_slice(&buf[..n]);
+                            let mut out = Vec::new();
+                            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                                let line: Vec<u8> = pending.drain(..=i).collect();
+                                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                                if !text.is_empty() {
+                                    let m = serde_json::json!({"type": "user", "message": {"role": "user", "content": text}});
+                                    out.extend_from_slice(m.to_string().as_bytes());
+                                    out.push(b'\n');
+                                }
+                            }
+                            out
+                        } else {
+                            buf[..n].to_vec()
+                        };
                         let msg = pb::AttachRequest {
-                            msg: Some(pb::attach_request::Msg::Stdin(buf[..n].to_vec())),
+                            msg: Some(pb::attach_request::Msg::Stdin(data)),
                         };
                         if tx.send(msg).await.is_err() {
                             break;
@@ -429,7 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await?
                 .into_inner();
             if wait {
-                return attach(&mut workers, &w.id, interactive).await;
+                return attach(&mut workers, &w.id, interactive, interactive).await;
             }
             if output == Output::Json {
                 println!("{}", worker_json(&w));
@@ -448,7 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             print_workers(&r.workers, output);
         }
         Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output),
-        Cmd::Attach { id } => return attach(&mut workers, &id, true).await,
+        Cmd::Attach { id, text } => return attach(&mut workers, &id, true, text).await,
         Cmd::Logs { id, follow, from } => {
             let mut s = workers
                 .logs(pb::LogsRequest {
