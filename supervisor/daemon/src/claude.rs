@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use warden_policy::config::Config;
 
+/// Where the claude binary appears inside a worker.
+pub const BINARY_INSIDE: &str = "/opt/claude-code/bin/claude";
+
 /// Where a `[claude]` spawn went wrong, for the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClaudeError {

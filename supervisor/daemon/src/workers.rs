@@ -513,16 +513,21 @@ impl Supervisor {
                 let c = c
                     .narrowed(&params.claude)
                     .map_err(|m| WorkerError::Policy(warden_policy::PolicyError::Request(m)))?;
-                let bin = crate::claude::binary(&this.config)?;
-                profile.filesystem.push(warden_policy::FsRule {
-                    path: bin.display().to_string(),
+                // At a fixed path inside, wherever it is installed on the host
+                // (even under /tmp, which is private inside).
+                extra_binds.push(warden_policy::Bind {
+                    source: crate::claude::binary(&this.config)?,
+                    target: crate::claude::BINARY_INSIDE.into(),
                     access: warden_policy::Access {
                         read: true,
                         write: false,
                         exec: true,
                     },
+                    required: true,
                 });
-                argv = std::iter::once(bin.display().to_string()).chain(c.args()).collect();
+                argv = std::iter::once(crate::claude::BINARY_INSIDE.to_string())
+                    .chain(c.args())
+                    .collect();
                 claude_start = Some(ClaudeStart {
                     policy: c.clone(),
                     prompt: (!params.command.is_empty()).then(|| params.command.join(" ")),

@@ -35,8 +35,8 @@ pub struct SpawnRequest {
     pub cgroup_procs: Vec<PathBuf>,
     /// Host paths no profile may expose (warden's state dir, its socket dir).
     pub protected: Vec<PathBuf>,
-    /// Files warden provides at a fixed path inside (e.g. Claude Code's
-    /// managed settings), always read-only.
+    /// Files warden provides at a fixed path inside (Claude Code's binary
+    /// and managed settings), always read-only, executable where asked.
     pub extra_binds: Vec<Bind>,
 }
 
@@ -218,9 +218,11 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
         if !b.target.starts_with('/') || b.target.split('/').any(|c| c == "..") {
             return Err(bad(format!("invalid bind target {}", b.target)));
         }
+        // Read-only always; executable where asked (the claude binary).
         let access = Access {
             read: true,
-            ..Access::default()
+            write: false,
+            exec: b.access.exec,
         };
         binds.push(Bind {
             access,
