@@ -248,7 +248,11 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         }
     }
 
-    let std_listener = match activated_socket() {
+    // A socket systemd passed us belongs to wardend.socket: it stays when we
+    // stop (so the next connection starts us again); one we bound is ours.
+    let activated = activated_socket();
+    let owns_socket = activated.is_none();
+    let std_listener = match activated {
         Some(l) => l,
         None => bind(&config.socket, &config.socket_group)?,
     };
@@ -322,7 +326,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         })
         .await
         .context("The gRPC server failed")?;
-    if config.socket.exists() {
+    if owns_socket && config.socket.exists() {
         let _ = std::fs::remove_file(&config.socket);
     }
     tracing::info!("wardend stopped");

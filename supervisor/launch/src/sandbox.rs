@@ -440,7 +440,7 @@ fn bind_host_path(
         let how = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        openat2(nix::fcntl::AT_FDCWD, &host, how).at(Stage::Mounts, || {
+        open_no_symlinks(&host, how).at(Stage::Mounts, || {
             format!("Cannot open {} without following symlinks", source.display())
         })?
     } else {
@@ -485,6 +485,41 @@ fn bind_host_path(
         attrs |= sys::MOUNT_ATTR_NOEXEC;
     }
     bind_fd(&fd, source, &inside, attrs)
+}
+
+/// Opens `path` (absolute) as an O_PATH fd without following any symlink:
+/// openat2 with RESOLVE_NO_SYMLINKS, or, where a seccomp filter hides
+/// openat2 (systemd's RestrictSUIDSGID= answers it with ENOSYS, and
+/// wardend.service sets it), one component at a time with O_NOFOLLOW.
+fn open_no_symlinks(path: &Path, how: OpenHow) -> nix::Result<OwnedFd> {
+    match openat2(nix::fcntl::AT_FDCWD, path, how) {
+        Err(Errno::ENOSYS) => {}
+        other => return other,
+    }
+    let mut dir = open(
+        "/",
+        OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )?;
+    let parts: Vec<_> = path.components().skip(1).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let std::path::Component::Normal(name) = part else {
+            return Err(Errno::EINVAL);
+        };
+        let last = i + 1 == parts.len();
+        let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        if !last {
+            flags |= OFlag::O_DIRECTORY;
+        }
+        let fd = nix::fcntl::openat(&dir, *name, flags, Mode::empty())?;
+        // O_PATH|O_NOFOLLOW opens a symlink itself: refuse it, as openat2 would.
+        let st = nix::sys::stat::fstat(&fd)?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Err(Errno::ELOOP);
+        }
+        dir = fd;
+    }
+    Ok(dir)
 }
 
 /// /dev with the harmless character devices, a private devpts and /dev/shm.
