@@ -235,6 +235,33 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A worker as its persisted record describes it: not running, no
+    /// process, no cgroup; spawn fills in the live parts.
+    fn from_record(r: Record, logs: &Path) -> Worker {
+        Worker {
+            stdout: OutputLog::new(logs.join(format!("{}.stdout", r.id))),
+            stderr: OutputLog::new(logs.join(format!("{}.stderr", r.id))),
+            id: r.id,
+            user: r.user,
+            project: r.project,
+            profile: r.profile,
+            policy_digest: r.policy_digest,
+            command: r.command,
+            uid: r.uid,
+            pid: 0,
+            init_pid: 0,
+            started: UNIX_EPOCH + Duration::from_millis(r.started_ms),
+            enforced: None,
+            stdin: tokio::sync::Mutex::new(None),
+            exit: watch::channel(None).0,
+            stop_requested: AtomicBool::new(false),
+            cgroup: None,
+            reported: Mutex::new((0, 0, 0)),
+            approvals: Mutex::new(HashMap::new()),
+            one_shot_session: false,
+        }
+    }
+
     pub fn exit_info(&self) -> Option<ExitInfo> {
         self.exit.borrow().clone()
     }
@@ -424,37 +451,16 @@ impl Supervisor {
             let Ok(r) = serde_json::from_str::<Record>(&text) else {
                 continue;
             };
-            let logs = self.logs_dir();
-            let w = Arc::new(Worker {
-                id: r.id.clone(),
-                user: r.user,
-                project: r.project,
-                profile: r.profile,
-                policy_digest: r.policy_digest,
-                command: r.command,
-                uid: r.uid,
-                pid: 0,
-                init_pid: 0,
-                started: UNIX_EPOCH + Duration::from_millis(r.started_ms),
-                enforced: None,
-                stdout: OutputLog::new(logs.join(format!("{}.stdout", r.id))),
-                stderr: OutputLog::new(logs.join(format!("{}.stderr", r.id))),
-                stdin: tokio::sync::Mutex::new(None),
-                exit: watch::channel(Some(ExitInfo {
-                    code: -1,
-                    signal: 0,
-                    reason: ExitReason::Lost,
-                    at: SystemTime::now(),
-                    peak_memory: 0,
-                    cpu_time_us: 0,
-                }))
-                .0,
-                stop_requested: AtomicBool::new(false),
-                cgroup: None,
-                reported: Mutex::new((0, 0, 0)),
-                approvals: Mutex::new(HashMap::new()),
-                one_shot_session: false,
-            });
+            let w = Worker::from_record(r, &self.logs_dir());
+            w.exit.send_replace(Some(ExitInfo {
+                code: -1,
+                signal: 0,
+                reason: ExitReason::Lost,
+                at: SystemTime::now(),
+                peak_memory: 0,
+                cpu_time_us: 0,
+            }));
+            let w = Arc::new(w);
             for log in [&w.stdout, &w.stderr] {
                 let len = std::fs::metadata(&log.path).map_or(0, |m| m.len());
                 log.kept.store(len, Ordering::SeqCst);
@@ -673,26 +679,14 @@ impl Supervisor {
         let stdout = launched.child.stdout.take();
         let stderr = launched.child.stderr.take();
         let worker = Arc::new(Worker {
-            id: spec.worker_id.clone(),
-            user: spec.user.clone(),
-            project: p.project.clone(),
-            profile: spec.profile.clone(),
-            policy_digest: spec.policy_digest.clone(),
-            command: spec.argv.clone(),
-            uid: spec.uid,
             pid: launched.child.id(),
             init_pid: launched.enforced.init_pid,
             started,
             enforced: Some(launched.enforced.clone()),
-            stdout: OutputLog::new(logs.join(format!("{}.stdout", spec.worker_id))),
-            stderr: OutputLog::new(logs.join(format!("{}.stderr", spec.worker_id))),
             stdin: tokio::sync::Mutex::new(stdin),
-            exit: watch::channel(None).0,
-            stop_requested: AtomicBool::new(false),
             cgroup: Some(cgroup),
-            reported: Mutex::new((0, 0, 0)),
-            approvals: Mutex::new(HashMap::new()),
             one_shot_session: claude_start.is_some() && !p.interactive,
+            ..Worker::from_record(record, &logs)
         });
         self.insert(worker.clone());
         tracing::info!(worker = %worker.id, user = %worker.user, profile = %worker.profile, pid = worker.pid, "worker started");
