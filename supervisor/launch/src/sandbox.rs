@@ -493,9 +493,13 @@ fn bind_host_path(
 /// wardend.service sets it), one component at a time with O_NOFOLLOW.
 fn open_no_symlinks(path: &Path, how: OpenHow) -> nix::Result<OwnedFd> {
     match openat2(nix::fcntl::AT_FDCWD, path, how) {
-        Err(Errno::ENOSYS) => {}
-        other => return other,
+        Err(Errno::ENOSYS) => walk_no_symlinks(path),
+        other => other,
     }
+}
+
+/// The fallback of [`open_no_symlinks`]: from "/", one component at a time.
+fn walk_no_symlinks(path: &Path) -> nix::Result<OwnedFd> {
     let mut dir = open(
         "/",
         OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY,
@@ -819,5 +823,32 @@ fn reaper(worker: Pid, timeout: Option<Duration>) -> i32 {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openat2_fallback_never_follows_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("file"), "x").unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(real.join("file"), real.join("file-link")).unwrap();
+
+        assert!(walk_no_symlinks(&real).is_ok());
+        assert!(walk_no_symlinks(&real.join("file")).is_ok());
+        // A symlink in the middle or at the end is refused, as openat2's
+        // RESOLVE_NO_SYMLINKS refuses it.
+        assert!(matches!(
+            walk_no_symlinks(&d.path().join("link/file")),
+            Err(Errno::ELOOP | Errno::ENOTDIR)
+        ));
+        assert_eq!(walk_no_symlinks(&real.join("file-link")).unwrap_err(), Errno::ELOOP);
+        assert_eq!(walk_no_symlinks(&real.join("missing")).unwrap_err(), Errno::ENOENT);
+        assert_eq!(walk_no_symlinks(&real.join("../real")).unwrap_err(), Errno::EINVAL);
     }
 }
