@@ -53,6 +53,12 @@ impl Daemon {
     }
 
     pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon whose config has each `(from, to)` replaced (`from`
+    /// must be in the default test config).
+    pub fn start_with(config_edits: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::Builder::new().prefix("wardend-test-").tempdir().unwrap();
         // Other users must reach the socket (0660 root:nogroup) through it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -64,11 +70,12 @@ impl Daemon {
             std::process::id(),
             dir.path().file_name().unwrap().to_string_lossy()
         );
-        std::fs::write(
-            dir.path().join("wardend.toml"),
-            Self::config_text(dir.path(), &cgroup_name),
-        )
-        .unwrap();
+        let mut config = Self::config_text(dir.path(), &cgroup_name);
+        for (from, to) in config_edits {
+            assert!(config.contains(from), "{from} not in config");
+            config = config.replace(from, to);
+        }
+        std::fs::write(dir.path().join("wardend.toml"), config).unwrap();
         let mut d = Daemon {
             dir,
             child: None,
@@ -180,19 +187,20 @@ impl Daemon {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
+    /// `wardenctl attach ARGS...` with its stdin and stdout piped to the test.
+    pub fn attach(&self, args: &[&str]) -> std::process::Child {
+        self.ctl_command(&[&["attach"], args].concat())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Adds (or replaces) a profile in the daemon's profiles dir and reloads.
     pub fn add_profile(&self, name: &str, text: &str) {
         std::fs::write(self.dir.path().join("profiles").join(format!("{name}.toml")), text).unwrap();
         let out = self.ctl(&["profile", "reload"]);
         assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// Changes the config file (applies at the next start).
-    pub fn edit_config(&self, from: &str, to: &str) {
-        let p = self.dir.path().join("wardend.toml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.contains(from), "{from} not in config");
-        std::fs::write(&p, text.replace(from, to)).unwrap();
     }
 
     pub fn audit_log(&self) -> PathBuf {

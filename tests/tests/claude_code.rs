@@ -42,13 +42,15 @@ fn bash(command: &str) -> Turn {
 /// pointed at `api`, with `extra` appended to its `[claude]` section.
 fn daemon_for(api: &FakeAnthropic, mode: &str, extra: &str) -> Daemon {
     let d = Daemon::start();
-    add_test_profile(&d, api, mode, extra);
+    add_test_profile(&d, "cc-test", api, mode, extra);
     d
 }
 
-fn add_test_profile(d: &Daemon, api: &FakeAnthropic, mode: &str, extra: &str) {
+/// Adds profile `name`: claude-code pointed at `api`, in permission `mode`,
+/// with `extra` appended to its `[claude]` section.
+fn add_test_profile(d: &Daemon, name: &str, api: &FakeAnthropic, mode: &str, extra: &str) {
     d.add_profile(
-        "cc-test",
+        name,
         &format!(
             "extends = \"claude-code\"\n[claude]\npermission_mode = {mode:?}\nbase_url = {:?}\n{extra}\n",
             api.base_url()
@@ -221,7 +223,7 @@ fn hostile_tool_calls_are_denied_inside_and_reported() {
         /* 13 */ bash("unshare -U true 2>&1; ls / 2>&1 | head -1; echo $ANTHROPIC_API_KEY"),
         Turn::Text("done".into()),
     ]);
-    add_test_profile(&d, &api, "bypassPermissions", "");
+    add_test_profile(&d, "cc-test", &api, "bypassPermissions", "");
     let out = run(&d, "alice", "try to get out");
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let r = results(&api);
@@ -422,10 +424,7 @@ fn two_users_run_claude_at_once_and_stay_apart() {
         ("bob", FakeAnthropic::start(probe("bob", "alice"))),
     ];
     for (user, api) in &apis {
-        d.add_profile(
-            &format!("cc-{user}"),
-            &format!("extends = \"claude-code\"\n[claude]\nbase_url = {:?}\n", api.base_url()),
-        );
+        add_test_profile(&d, &format!("cc-{user}"), api, "bypassPermissions", "");
     }
     let sessions: Vec<_> = apis
         .iter()
@@ -479,6 +478,15 @@ fn two_users_run_claude_at_once_and_stay_apart() {
     }
 }
 
+/// Reads an attached client's output until a result line with `answer`;
+/// false if its output ends first.
+fn reads_result(client: &mut std::process::Child, answer: &str) -> bool {
+    let reader = std::io::BufReader::new(client.stdout.take().unwrap());
+    std::io::BufRead::lines(reader)
+        .map_while(Result::ok)
+        .any(|l| l.contains("\"type\":\"result\"") && l.contains(answer))
+}
+
 #[test]
 fn an_attached_session_takes_two_messages_and_survives_its_client() {
     if !root() {
@@ -496,37 +504,19 @@ fn an_attached_session_takes_two_messages_and_survives_its_client() {
     let id = text(&out.stdout).trim().to_string();
 
     // The first client sees the first answer, then vanishes.
-    let mut first = d
-        .ctl_command(&["attach", &id])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reader = std::io::BufReader::new(first.stdout.take().unwrap());
-    let saw = std::io::BufRead::lines(reader)
-        .map_while(Result::ok)
-        .any(|l| l.contains("\"type\":\"result\"") && l.contains("first answer"));
-    assert!(saw, "first answer");
+    let mut first = d.attach(&[&id]);
+    assert!(reads_result(&mut first, "first answer"), "first answer");
     first.kill().unwrap();
     let _ = first.wait();
     assert!(d.ctl(&["inspect", &id]).status.success());
 
     // A second client sends the next message as plain text and ends the session.
-    let mut second = d
-        .ctl_command(&["attach", "--text", &id])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut second = d.attach(&["--text", &id]);
     {
         use std::io::Write;
         let mut stdin = second.stdin.take().unwrap();
         writeln!(stdin, "and now?").unwrap();
-        let reader = std::io::BufReader::new(second.stdout.take().unwrap());
-        let saw = std::io::BufRead::lines(reader)
-            .map_while(Result::ok)
-            .any(|l| l.contains("\"type\":\"result\"") && l.contains("second answer"));
-        assert!(saw, "second answer");
+        assert!(reads_result(&mut second, "second answer"), "second answer");
         // Closing stdin ends the session.
     }
     let status = second.wait().unwrap();

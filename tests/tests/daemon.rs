@@ -380,12 +380,7 @@ fn attach_carries_stdin_and_output_and_a_vanished_client_blocks_nothing() {
     )
     .trim()
     .to_string();
-    let mut gone = d
-        .ctl_command(&["attach", &id])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut gone = d.attach(&[&id]);
     std::thread::sleep(Duration::from_millis(50));
     gone.kill().unwrap();
     let _ = gone.wait();
@@ -400,10 +395,7 @@ fn oversized_requests_are_refused() {
     if !root() {
         return;
     }
-    let mut d = Daemon::start();
-    d.crash();
-    d.edit_config("max_message_bytes = 4194304", "max_message_bytes = 65536");
-    d.spawn_daemon();
+    let d = Daemon::start_with(&[("max_message_bytes = 4194304", "max_message_bytes = 65536")]);
     let big = "x".repeat(100_000);
     let out = d.ctl(&["spawn", "--user", "alice", "--", "echo", &big]);
     let err = text(&out.stderr);

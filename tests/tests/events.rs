@@ -299,11 +299,10 @@ fn rotation_keeps_seq_continuity() {
     if !root() {
         return;
     }
-    let mut d = Daemon::start();
-    d.crash();
-    d.edit_config("audit_max_bytes = 67108864", "audit_max_bytes = 2048");
-    d.edit_config("audit_keep = 8", "audit_keep = 3");
-    d.spawn_daemon();
+    let mut d = Daemon::start_with(&[
+        ("audit_max_bytes = 67108864", "audit_max_bytes = 2048"),
+        ("audit_keep = 8", "audit_keep = 3"),
+    ]);
     for _ in 0..6 {
         d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
     }
@@ -333,10 +332,7 @@ fn a_slow_subscriber_is_told_it_lagged_while_a_fast_one_keeps_up() {
     if !root() {
         return;
     }
-    let mut d = Daemon::start();
-    d.crash();
-    d.edit_config("events_buffer = 4096", "events_buffer = 16");
-    d.spawn_daemon();
+    let d = Daemon::start_with(&[("events_buffer = 4096", "events_buffer = 16")]);
     let watch = |stdout| {
         d.ctl_command(&["events", "-f", "--output", "json", "--kind", "profiles_reloaded"])
             .stdout(stdout)

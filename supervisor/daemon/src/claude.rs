@@ -249,7 +249,7 @@ pub async fn drive(
     const MAX_LINE: usize = 64 << 20;
     match prompt {
         Some(p) => {
-            let _ = worker.write_stdin(&crate::workers::user_message(&p)).await;
+            let _ = worker.write_stdin(&user_message(&p)).await;
         }
         // Nothing to do and nobody to talk to.
         None if !interactive => worker.close_stdin().await,
@@ -381,6 +381,15 @@ async fn answer(
     let _ = worker.write_stdin(&line_of(&reply)).await;
 }
 
+/// One stream-json user message line, as Claude Code reads them on stdin.
+fn user_message(text: &str) -> Vec<u8> {
+    line_of(&serde_json::json!({
+        "type": "user",
+        "message": {"role": "user", "content": text},
+    }))
+}
+
+/// `v` as one JSON line.
 fn line_of(v: &serde_json::Value) -> Vec<u8> {
     let mut line = serde_json::to_vec(v).unwrap_or_default();
     line.push(b'\n');

@@ -93,6 +93,20 @@ pub struct ExitInfo {
     pub cpu_time_us: u64,
 }
 
+impl ExitInfo {
+    /// A worker whose end nobody saw (its daemon died), as of now.
+    fn lost() -> ExitInfo {
+        ExitInfo {
+            code: -1,
+            signal: 0,
+            reason: ExitReason::Lost,
+            at: SystemTime::now(),
+            peak_memory: 0,
+            cpu_time_us: 0,
+        }
+    }
+}
+
 /// Tightening limits a request may ask for (zero/None: keep the profile's).
 #[derive(Debug, Clone, Default)]
 pub struct RequestedLimits {
@@ -122,17 +136,6 @@ struct ClaudeStart {
     policy: warden_policy::ClaudePolicy,
     /// Sent as the first stream-json user message.
     prompt: Option<String>,
-}
-
-/// One stream-json user message line, as Claude Code reads them on stdin.
-pub fn user_message(text: &str) -> Vec<u8> {
-    let mut line = serde_json::to_vec(&serde_json::json!({
-        "type": "user",
-        "message": {"role": "user", "content": text},
-    }))
-    .unwrap_or_default();
-    line.push(b'\n');
-    line
 }
 
 /// What is persisted per running worker, so a restarted daemon can report
@@ -275,14 +278,7 @@ impl Worker {
             }
             if rx.changed().await.is_err() {
                 // The sender lives in the worker itself; unreachable in practice.
-                return self.exit_info().unwrap_or(ExitInfo {
-                    code: -1,
-                    signal: 0,
-                    reason: ExitReason::Lost,
-                    at: SystemTime::now(),
-                    peak_memory: 0,
-                    cpu_time_us: 0,
-                });
+                return self.exit_info().unwrap_or_else(ExitInfo::lost);
             }
         }
     }
@@ -452,14 +448,7 @@ impl Supervisor {
                 continue;
             };
             let w = Worker::from_record(r, &self.logs_dir());
-            w.exit.send_replace(Some(ExitInfo {
-                code: -1,
-                signal: 0,
-                reason: ExitReason::Lost,
-                at: SystemTime::now(),
-                peak_memory: 0,
-                cpu_time_us: 0,
-            }));
+            w.exit.send_replace(Some(ExitInfo::lost()));
             let w = Arc::new(w);
             for log in [&w.stdout, &w.stderr] {
                 let len = std::fs::metadata(&log.path).map_or(0, |m| m.len());
