@@ -114,6 +114,90 @@ pub fn credentials(dir: &Path, user: &str) -> Result<Vec<(String, String)>, Clau
     Ok(Vec::new())
 }
 
+/// What a `[claude]` spawn runs, mounts and passes. Its Debug output
+/// leaves out the credential values.
+pub struct Session {
+    /// The claude binary (inside) and the policy's arguments.
+    pub argv: Vec<String>,
+    /// The binary and the managed settings, at their fixed paths inside.
+    pub binds: Vec<warden_policy::Bind>,
+    /// Credentials and ANTHROPIC_BASE_URL.
+    pub env: Vec<(String, String)>,
+    pub start: Start,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("argv", &self.argv)
+            .field("binds", &self.binds)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("start", &self.start)
+            .finish()
+    }
+}
+
+/// How the session is driven once the worker runs (see [`drive`]).
+#[derive(Debug)]
+pub struct Start {
+    pub policy: warden_policy::ClaudePolicy,
+    /// Sent as the first stream-json user message.
+    pub prompt: Option<String>,
+}
+
+/// Prepares a `[claude]` spawn: the profile's policy narrowed by the
+/// request, the binary, the workspace's CLAUDE.md, managed settings and
+/// credentials.
+pub fn prepare(
+    config: &Config,
+    profile_policy: &warden_policy::ClaudePolicy,
+    params: &crate::workers::SpawnParams,
+    id: &crate::users::Identity,
+    workspace: &Path,
+) -> Result<Session, crate::workers::WorkerError> {
+    let policy = profile_policy
+        .narrowed(&params.claude)
+        .map_err(warden_policy::PolicyError::Request)?;
+    // At a fixed path inside, wherever it is installed on the host (even
+    // under /tmp, which is private inside).
+    let mut binds = vec![warden_policy::Bind {
+        source: binary(config)?,
+        target: BINARY_INSIDE.into(),
+        access: warden_policy::Access {
+            read: true,
+            write: false,
+            exec: true,
+        },
+        required: true,
+    }];
+    if let Some(md) = &policy.claude_md {
+        place_claude_md(workspace, md, id.uid, id.gid)?;
+    }
+    if let Some(json) = &policy.managed_settings {
+        binds.push(warden_policy::Bind {
+            source: managed_settings(&config.state_dir, json)?,
+            target: "/etc/claude-code/managed-settings.json".into(),
+            access: warden_policy::Access::default(),
+            required: true,
+        });
+    }
+    let mut env = credentials(&config.credentials_dir, &params.user)?;
+    if let Some(url) = &policy.base_url {
+        env.push(("ANTHROPIC_BASE_URL".into(), url.clone()));
+    }
+    Ok(Session {
+        argv: std::iter::once(BINARY_INSIDE.to_string())
+            .chain(policy.args())
+            .collect(),
+        binds,
+        env,
+        start: Start {
+            policy,
+            prompt: (!params.command.is_empty()).then(|| params.command.join(" ")),
+        },
+    })
+}
+
 /// Writes the managed settings (JSON) once per content under the state dir
 /// and returns the file, mounted read-only into the worker.
 pub fn managed_settings(state_dir: &Path, json: &str) -> Result<PathBuf, ClaudeError> {
@@ -240,13 +324,13 @@ pub struct Decision {
 pub async fn drive(
     events: std::sync::Arc<crate::events::Events>,
     worker: std::sync::Arc<crate::workers::Worker>,
-    policy: warden_policy::ClaudePolicy,
-    prompt: Option<String>,
+    start: Start,
     interactive: bool,
     mut output: tokio::sync::mpsc::UnboundedReceiver<std::sync::Arc<Vec<u8>>>,
 ) {
     /// A line longer than this is no control message: skip it.
     const MAX_LINE: usize = 64 << 20;
+    let Start { policy, prompt } = start;
     match prompt {
         Some(p) => {
             let _ = worker.write_stdin(&user_message(&p)).await;

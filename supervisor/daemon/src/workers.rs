@@ -131,13 +131,6 @@ pub struct SpawnParams {
     pub claude: warden_policy::ClaudeRequest,
 }
 
-/// How a `[claude]` worker is started once it runs.
-struct ClaudeStart {
-    policy: warden_policy::ClaudePolicy,
-    /// Sent as the first stream-json user message.
-    prompt: Option<String>,
-}
-
 /// What is persisted per running worker, so a restarted daemon can report
 /// the workers it lost.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -500,49 +493,16 @@ impl Supervisor {
         let (spec, cgroup, claude_start) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
             let id = this.users.identity(&params.user)?;
             let dirs = this.users.prepare(&params.user, &params.project)?;
-            // A [claude] profile runs the claude binary (mounted read-only
-            // and executable); the request's command is the initial prompt.
-            let mut argv = params.command.clone();
-            let (mut extra_binds, mut claude_env, mut claude_start) = (Vec::new(), Vec::new(), None);
-            if let Some(c) = &profile.claude {
-                let c = c
-                    .narrowed(&params.claude)
-                    .map_err(|m| WorkerError::Policy(warden_policy::PolicyError::Request(m)))?;
-                // At a fixed path inside, wherever it is installed on the host
-                // (even under /tmp, which is private inside).
-                extra_binds.push(warden_policy::Bind {
-                    source: crate::claude::binary(&this.config)?,
-                    target: crate::claude::BINARY_INSIDE.into(),
-                    access: warden_policy::Access {
-                        read: true,
-                        write: false,
-                        exec: true,
-                    },
-                    required: true,
-                });
-                argv = std::iter::once(crate::claude::BINARY_INSIDE.to_string())
-                    .chain(c.args())
-                    .collect();
-                claude_start = Some(ClaudeStart {
-                    policy: c.clone(),
-                    prompt: (!params.command.is_empty()).then(|| params.command.join(" ")),
-                });
-                if let Some(md) = &c.claude_md {
-                    crate::claude::place_claude_md(&dirs.workspace, md, id.uid, id.gid)?;
-                }
-                if let Some(json) = &c.managed_settings {
-                    extra_binds.push(warden_policy::Bind {
-                        source: crate::claude::managed_settings(&this.config.state_dir, json)?,
-                        target: "/etc/claude-code/managed-settings.json".into(),
-                        access: warden_policy::Access::default(),
-                        required: true,
-                    });
-                }
-                claude_env = crate::claude::credentials(&this.config.credentials_dir, &params.user)?;
-                if let Some(url) = &c.base_url {
-                    claude_env.push(("ANTHROPIC_BASE_URL".into(), url.clone()));
-                }
-            }
+            // A [claude] profile runs the claude binary; the request's
+            // command is its initial prompt.
+            let session = match &profile.claude {
+                Some(c) => Some(crate::claude::prepare(&this.config, c, &params, &id, &dirs.workspace)?),
+                None => None,
+            };
+            let (argv, extra_binds, claude_env, claude_start) = match session {
+                Some(s) => (s.argv, s.binds, s.env, Some(s.start)),
+                None => (params.command.clone(), Vec::new(), Vec::new(), None),
+            };
             let worker_id = format!("w{:x}", this.next.fetch_add(1, Ordering::SeqCst));
             let cgroup = this.cgroups.create(&worker_id, &CgroupLimits::from(&profile.limits))?;
             let req = SpawnRequest {
@@ -686,8 +646,7 @@ impl Supervisor {
             tokio::spawn(crate::claude::drive(
                 self.events.clone(),
                 worker.clone(),
-                start.policy,
-                start.prompt,
+                start,
                 p.interactive,
                 rx,
             ));
