@@ -17,48 +17,61 @@ pub struct Daemon {
     pub cgroup_name: String,
 }
 
+/// A config value for [`Daemon::config_text`] and [`Daemon::start_with`].
+pub fn value(v: impl Into<toml::Value>) -> toml::Value {
+    v.into()
+}
+
 impl Daemon {
-    pub fn config_text(dir: &Path, cgroup_name: &str) -> String {
-        warden_policy::config::DEFAULT_CONFIG
-            .replace(
-                "\"/run/warden/warden.sock\"",
-                &format!("{:?}", dir.join("run/warden.sock")),
-            )
-            .replace("\"/var/lib/warden\"", &format!("{:?}", dir.join("state")))
-            .replace("\"/etc/warden/profiles\"", &format!("{:?}", dir.join("profiles")))
-            .replace(
-                "launcher = \"warden-launch\"",
-                &format!("launcher = {:?}", bin_dir().join("warden-launch")),
-            )
-            .replace("socket_group = \"warden\"", "socket_group = \"nogroup\"")
-            .replace("cgroup_name = \"warden\"", &format!("cgroup_name = {cgroup_name:?}"))
-            .replace("stop_grace_seconds = 10", "stop_grace_seconds = 2")
-            .replace("max_workers_per_user = 8", "max_workers_per_user = 3")
-            .replace(
-                "\"/var/log/warden/audit.jsonl\"",
-                &format!("{:?}", dir.join("log/audit.jsonl")),
-            )
-            .replace("sample_interval_seconds = 5", "sample_interval_seconds = 1")
-            .replace(
-                "claude_binary = \"\"",
-                &format!("claude_binary = {:?}", crate::claude_binary()),
-            )
-            .replace("\"/etc/warden/credentials\"", &format!("{:?}", dir.join("credentials")))
-            .replace("uid_min = 200000\nuid_max = 299999", &{
-                // Each daemon its own uids, so that tests running side by side
-                // can tell their workers' processes apart.
-                let base = 230_000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                format!("uid_min = {base}\nuid_max = {}", base + 99)
-            })
+    /// The test daemon's wardend.toml: the embedded default with every path
+    /// under `dir`, its own cgroup and uid range, short intervals, and then
+    /// `edits` (each key must be one of the default's).
+    pub fn config_text(dir: &Path, cgroup_name: &str, edits: &[(&str, toml::Value)]) -> String {
+        let path = |p: &str| value(dir.join(p).display().to_string());
+        // Each daemon its own uids, so that tests running side by side can
+        // tell their workers' processes apart.
+        let base = 230_000 + 100 * i64::from(NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        let test_values = [
+            ("socket", path("run/warden.sock")),
+            ("state_dir", path("state")),
+            ("profiles_dir", path("profiles")),
+            ("audit_log", path("log/audit.jsonl")),
+            ("credentials_dir", path("credentials")),
+            ("launcher", value(bin_dir().join("warden-launch").display().to_string())),
+            ("claude_binary", value(crate::claude_binary().display().to_string())),
+            ("socket_group", value("nogroup")),
+            ("cgroup_name", value(cgroup_name)),
+            ("stop_grace_seconds", value(2)),
+            ("max_workers_per_user", value(3)),
+            ("sample_interval_seconds", value(1)),
+            ("uid_min", value(base)),
+            ("uid_max", value(base + 99)),
+        ];
+        let mut table: toml::Table = warden_policy::config::DEFAULT_CONFIG
+            .parse()
+            .expect("the default config parses");
+        for (key, v) in test_values.into_iter().chain(edits.iter().cloned()) {
+            assert!(table.contains_key(key), "{key} is not a key of the default config");
+            table.insert(key.to_string(), v);
+        }
+        let text = toml::to_string(&table).expect("a TOML table serializes");
+        let config = warden_policy::config::Config::parse("test wardend.toml", &text)
+            .unwrap_or_else(|e| panic!("the test config is invalid: {e}"));
+        assert!(
+            config.state_dir.starts_with(dir),
+            "a test daemon keeps its state under {}",
+            dir.display()
+        );
+        text
     }
 
     pub fn start() -> Daemon {
         Self::start_with(&[])
     }
 
-    /// Starts a daemon whose config has each `(from, to)` replaced (`from`
-    /// must be in the default test config).
-    pub fn start_with(config_edits: &[(&str, &str)]) -> Daemon {
+    /// Starts a daemon whose config has each `(key, value)` set on top of
+    /// the test config.
+    pub fn start_with(config_edits: &[(&str, toml::Value)]) -> Daemon {
         let dir = tempfile::Builder::new().prefix("wardend-test-").tempdir().unwrap();
         // Other users must reach the socket (0660 root:nogroup) through it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -70,11 +83,7 @@ impl Daemon {
             std::process::id(),
             dir.path().file_name().unwrap().to_string_lossy()
         );
-        let mut config = Self::config_text(dir.path(), &cgroup_name);
-        for (from, to) in config_edits {
-            assert!(config.contains(from), "{from} not in config");
-            config = config.replace(from, to);
-        }
+        let config = Self::config_text(dir.path(), &cgroup_name, config_edits);
         std::fs::write(dir.path().join("wardend.toml"), config).unwrap();
         let mut d = Daemon {
             dir,
@@ -158,7 +167,7 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for c in ["memory", "pids", "cpu", "cpuacct", "freezer"] {
+        for c in warden_daemon::cgroups::V1_CONTROLLERS {
             let base = PathBuf::from(format!("/sys/fs/cgroup/{c}/{}", self.cgroup_name));
             for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
                 if e.path().is_dir() {

@@ -9,11 +9,12 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use warden_daemon::cgroups::{CgroupLimits, Cgroups, Usage, WorkerCgroup};
-use warden_daemon::launcher::{launch, LaunchError, Launched};
+use warden_daemon::cgroups::{Cgroups, Usage, WorkerCgroup, V1_CONTROLLERS};
+use warden_daemon::launcher::{LaunchError, Launched};
 use warden_daemon::users::{UserDirs, Users};
-use warden_policy::seccomp::Arch;
-use warden_policy::{Enforced, ProfileSet, Source, SpawnRequest};
+use warden_daemon::workers::spawn::{self, RequestedLimits, SpawnParams};
+use warden_policy::config::Config;
+use warden_policy::{Enforced, ProfileSet, Source};
 
 pub use warden_daemon::privileged;
 
@@ -57,10 +58,13 @@ pub fn launcher_path() -> PathBuf {
     p
 }
 
-/// One test's host: its own state dir, cgroup parent and profile set.
+/// One test's host: its own state dir, cgroup parent and profile set, and
+/// the daemon's own spawn pipeline ([`spawn::prepare`], then
+/// [`spawn::Prepared::launch`]) without a daemon around it.
 #[derive(Debug)]
 pub struct Host {
     pub state: tempfile::TempDir,
+    pub config: Config,
     pub users: Users,
     pub cgroups: Cgroups,
     pub profiles: ProfileSet,
@@ -131,30 +135,23 @@ impl Host {
         let cgroup_parents = if cgroups.is_v2() {
             vec![]
         } else {
-            ["memory", "pids", "cpu", "cpuacct", "freezer"]
+            V1_CONTROLLERS
                 .iter()
                 .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}/{name}")))
                 .collect()
         };
-        let mut profiles = ProfileSet::embedded().expect("shipped profiles");
-        if !extra.is_empty() {
-            let mut sources: Vec<Source> = warden_policy::EMBEDDED_PROFILES
-                .iter()
-                .map(|(n, t)| Source {
-                    name: (*n).into(),
-                    origin: format!("embedded:{n}"),
-                    text: (*t).into(),
-                })
-                .collect();
-            sources.extend(extra.iter().map(|(n, t)| Source {
-                name: (*n).into(),
-                origin: format!("test:{n}"),
-                text: (*t).into(),
-            }));
-            profiles = ProfileSet::from_sources(sources).expect("test profiles");
-        }
+        let mut sources = Source::embedded();
+        sources.extend(extra.iter().map(|(n, t)| Source {
+            name: (*n).into(),
+            origin: format!("test:{n}"),
+            text: (*t).into(),
+        }));
+        let profiles = ProfileSet::from_sources(sources).expect("test profiles");
+        let mut config = Config::embedded();
+        config.state_dir = state.path().to_path_buf();
         Host {
             state,
+            config,
             users,
             cgroups,
             profiles,
@@ -191,37 +188,36 @@ impl Host {
         argv: &[&str],
         stdin: Stdio,
     ) -> Result<Running, LaunchError> {
-        let profile = self.profiles.get(profile).expect("profile");
-        let dirs = self.prepare(user, project);
-        let id = self.users.identity(user).expect("identity");
-        let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
-        let cgroup = self
-            .cgroups
-            .create(&worker_id, &CgroupLimits::from(&profile.limits))
-            .expect("cgroup");
-        let req = SpawnRequest {
-            worker_id,
+        let params = SpawnParams {
             user: user.into(),
-            uid: id.uid,
-            gid: id.gid,
             project: project.into(),
-            argv: argv.iter().map(|s| (*s).to_string()).collect(),
+            profile: profile.into(),
+            command: argv.iter().map(|s| (*s).to_string()).collect(),
             env: Default::default(),
-            home_dir: dirs.home,
-            workspace_dir: dirs.workspace,
-            cgroup_procs: cgroup.procs_files(),
-            protected: vec![self.state.path().to_path_buf()],
-            extra_binds: Vec::new(),
+            limits: RequestedLimits::default(),
+            interactive: false,
+            claude: Default::default(),
         };
-        let spec = warden_policy::compile(profile, &req, Arch::host().expect("supported arch")).expect("compile");
-        let mut launched = match launch(&launcher_path(), &spec, stdin, Stdio::piped(), Stdio::piped()) {
+        let mut profile = spawn::resolve(&self.profiles, &params).expect("profile");
+        // The command runs itself in the profile's sandbox, also under a
+        // [claude] profile: attacks and agent work are the worker here,
+        // not prompts for Claude (tests/tests/claude_code.rs runs Claude).
+        profile.claude = None;
+        let host = spawn::Host {
+            config: &self.config,
+            users: &self.users,
+            cgroups: &self.cgroups,
+        };
+        let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
+        let prepared = spawn::prepare(&host, &worker_id, &profile, &params).expect("prepare");
+        let mut launched = match prepared.launch(&launcher_path(), stdin, Stdio::piped(), Stdio::piped()) {
             Ok(l) => l,
             Err(e) => {
-                let _ = cgroup.kill_all(Duration::from_secs(5));
-                let _ = cgroup.remove();
+                prepared.abandon();
                 return Err(e);
             }
         };
+        let cgroup = prepared.cgroup;
         register_init(launched.enforced.init_pid, cgroup.id());
         let out = drain(launched.child.stdout.take().expect("stdout"));
         let err = drain(launched.child.stderr.take().expect("stderr"));

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use warden_tests::daemon::Daemon;
+use warden_tests::daemon::{value, Daemon};
 use warden_tests::*;
 
 fn text(b: &[u8]) -> String {
@@ -271,7 +271,7 @@ fn socket_activation_and_readiness_notification() {
     std::fs::create_dir(dir.path().join("profiles")).unwrap();
     std::fs::write(
         dir.path().join("wardend.toml"),
-        Daemon::config_text(dir.path(), &cgroup_name),
+        Daemon::config_text(dir.path(), &cgroup_name, &[]),
     )
     .unwrap();
     // The socket wardend will be handed lives elsewhere than its configured one.
@@ -313,7 +313,7 @@ fn socket_activation_and_readiness_notification() {
     )
     .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
-    for c in ["memory", "pids", "cpu", "cpuacct", "freezer"] {
+    for c in warden_daemon::cgroups::V1_CONTROLLERS {
         let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}/{cgroup_name}"));
     }
 }
@@ -395,7 +395,7 @@ fn oversized_requests_are_refused() {
     if !root() {
         return;
     }
-    let d = Daemon::start_with(&[("max_message_bytes = 4194304", "max_message_bytes = 65536")]);
+    let d = Daemon::start_with(&[("max_message_bytes", value(65536))]);
     let big = "x".repeat(100_000);
     let out = d.ctl(&["spawn", "--user", "alice", "--", "echo", &big]);
     let err = text(&out.stderr);

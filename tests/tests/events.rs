@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use warden_tests::daemon::Daemon;
+use warden_tests::daemon::{value, Daemon};
 use warden_tests::*;
 
 fn root() -> bool {
@@ -299,10 +299,7 @@ fn rotation_keeps_seq_continuity() {
     if !root() {
         return;
     }
-    let mut d = Daemon::start_with(&[
-        ("audit_max_bytes = 67108864", "audit_max_bytes = 2048"),
-        ("audit_keep = 8", "audit_keep = 3"),
-    ]);
+    let mut d = Daemon::start_with(&[("audit_max_bytes", value(2048)), ("audit_keep", value(3))]);
     for _ in 0..6 {
         d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
     }
@@ -332,7 +329,7 @@ fn a_slow_subscriber_is_told_it_lagged_while_a_fast_one_keeps_up() {
     if !root() {
         return;
     }
-    let d = Daemon::start_with(&[("events_buffer = 4096", "events_buffer = 16")]);
+    let d = Daemon::start_with(&[("events_buffer", value(16))]);
     let watch = |stdout| {
         d.ctl_command(&["events", "-f", "--output", "json", "--kind", "profiles_reloaded"])
             .stdout(stdout)

@@ -114,7 +114,7 @@ pub struct Usage {
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// The v1 controllers warden uses, each its own hierarchy.
-const V1_CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuacct", "freezer"];
+pub const V1_CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuacct", "freezer"];
 const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,13 +11,32 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::audit::{AuditError, AuditLog, Recovery};
-use crate::workers::millis;
+
+/// Milliseconds since the Unix epoch: how every time in an event, a worker
+/// record and the API is given.
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Why a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    Exited,
+    Killed,
+    Stopped,
+    TimedOut,
+    Oom,
+    /// Its daemon died while it ran; the next one cleaned it up.
+    Lost,
+}
 
 /// One event. `worker` and `user` are set where they apply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,7 +90,7 @@ pub enum EventKind {
     WorkerExited {
         code: i32,
         signal: i32,
-        reason: String,
+        reason: ExitReason,
         duration_ms: u64,
         cpu_time_us: u64,
         peak_memory: u64,
@@ -136,46 +155,50 @@ pub enum EventKind {
     },
 }
 
-impl EventKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            EventKind::DaemonStarted { .. } => "daemon_started",
-            EventKind::DaemonStopping => "daemon_stopping",
-            EventKind::WorkerStarted { .. } => "worker_started",
-            EventKind::SpawnFailed { .. } => "spawn_failed",
-            EventKind::WorkerExited { .. } => "worker_exited",
-            EventKind::ResourceSample { .. } => "resource_sample",
-            EventKind::LimitReached { .. } => "limit_reached",
-            EventKind::SandboxDenial { .. } => "sandbox_denial",
-            EventKind::AuthDenied { .. } => "auth_denied",
-            EventKind::ProfilesReloaded { .. } => "profiles_reloaded",
-            EventKind::ProfileReloadFailed { .. } => "profile_reload_failed",
-            EventKind::ApprovalRequested { .. } => "approval_requested",
-            EventKind::ApprovalDecided { .. } => "approval_decided",
+/// Each kind's name, as `kind` in the log and in `Events.Watch` filters:
+/// written once here, for `name()` and `KINDS` alike.
+macro_rules! kind_names {
+    ($($variant:ident => $name:literal),+ $(,)?) => {
+        impl EventKind {
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(EventKind::$variant { .. } => $name,)+
+                }
+            }
         }
-    }
+
+        /// Every kind's name.
+        pub const KINDS: &[&str] = &[$($name),+];
+    };
 }
 
-pub const KINDS: &[&str] = &[
-    "daemon_started",
-    "daemon_stopping",
-    "worker_started",
-    "spawn_failed",
-    "worker_exited",
-    "resource_sample",
-    "limit_reached",
-    "sandbox_denial",
-    "auth_denied",
-    "profiles_reloaded",
-    "profile_reload_failed",
-    "approval_requested",
-    "approval_decided",
-];
+kind_names! {
+    DaemonStarted => "daemon_started",
+    DaemonStopping => "daemon_stopping",
+    WorkerStarted => "worker_started",
+    SpawnFailed => "spawn_failed",
+    WorkerExited => "worker_exited",
+    ResourceSample => "resource_sample",
+    LimitReached => "limit_reached",
+    SandboxDenial => "sandbox_denial",
+    AuthDenied => "auth_denied",
+    ProfilesReloaded => "profiles_reloaded",
+    ProfileReloadFailed => "profile_reload_failed",
+    ApprovalRequested => "approval_requested",
+    ApprovalDecided => "approval_decided",
+}
+
+/// The log and the last sequence number written to it, changed together.
+#[derive(Debug)]
+struct Writer {
+    log: AuditLog,
+    last_seq: u64,
+}
 
 /// The bus: numbered, durable, then broadcast.
 #[derive(Debug)]
 pub struct Events {
-    inner: Mutex<(AuditLog, u64)>,
+    writer: Mutex<Writer>,
     live: broadcast::Sender<Arc<Event>>,
     path: PathBuf,
     keep: usize,
@@ -185,7 +208,10 @@ impl Events {
     pub fn open(path: &Path, max_bytes: u64, keep: usize, capacity: usize) -> Result<(Self, Recovery), AuditError> {
         let (log, recovery) = AuditLog::open(path, max_bytes, keep)?;
         let events = Events {
-            inner: Mutex::new((log, recovery.last_seq)),
+            writer: Mutex::new(Writer {
+                log,
+                last_seq: recovery.last_seq,
+            }),
             live: broadcast::channel(capacity.max(16)).0,
             path: path.to_path_buf(),
             keep,
@@ -197,21 +223,20 @@ impl Events {
     /// written the event is not published (and the failure is logged): a
     /// published event is always on disk.
     pub fn publish(&self, worker: Option<&str>, user: Option<&str>, kind: EventKind) -> Option<Arc<Event>> {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let (log, last) = &mut *guard;
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let event = Event {
-            seq: *last + 1,
+            seq: w.last_seq + 1,
             time_ms: millis(SystemTime::now()),
             worker: worker.map(str::to_string),
             user: user.map(str::to_string),
             kind,
         };
         let line = serde_json::to_string(&event).unwrap_or_default();
-        if let Err(e) = log.append(&line) {
+        if let Err(e) = w.log.append(&line) {
             tracing::error!(error = %e, kind = event.kind.name(), "cannot write the audit log; event dropped");
             return None;
         }
-        *last = event.seq;
+        w.last_seq = event.seq;
         let event = Arc::new(event);
         // Sent under the lock, so subscribers see sequence order.
         let _ = self.live.send(event.clone());
@@ -219,7 +244,7 @@ impl Events {
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).last_seq
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
@@ -291,6 +316,23 @@ mod tests {
         let (bus, r) = Events::open(&p, 1 << 20, 2, 64).unwrap();
         assert_eq!(r.last_seq, 2);
         assert_eq!(bus.publish(None, None, EventKind::DaemonStopping).unwrap().seq, 3);
+    }
+
+    #[test]
+    fn every_kind_is_named_as_serde_names_it() {
+        let e = EventKind::WorkerExited {
+            code: 0,
+            signal: 0,
+            reason: ExitReason::TimedOut,
+            duration_ms: 0,
+            cpu_time_us: 0,
+            peak_memory: 0,
+        };
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["kind"], e.name());
+        assert_eq!(json["reason"], "timed_out");
+        assert!(KINDS.contains(&e.name()));
+        assert_eq!(KINDS.len(), 13);
     }
 
     #[test]

@@ -20,8 +20,15 @@ use nix::sys::socket::{
 };
 
 use crate::denials::{default_limit, RateLimit};
-use crate::events::EventKind;
-use crate::workers::Supervisor;
+use crate::events::{EventKind, Events};
+
+/// Which of the daemon's workers a denial belongs to.
+pub trait Placement {
+    /// The worker whose init has host pid `pid`, as (id, user).
+    fn by_init(&self, pid: u32) -> Option<(String, String)>;
+    /// The user of worker `id`, if it is one of the daemon's.
+    fn user_of(&self, id: &str) -> Option<String>;
+}
 
 const AUDIT_SET: u16 = 1001;
 const AUDIT_SYSCALL: u16 = 1300;
@@ -207,30 +214,26 @@ pub fn worker_of_pid(pid: &str, known: impl Fn(&str) -> bool) -> Option<String> 
 /// from the spawn, so it works after the worker is gone), or else by the
 /// denied process's cgroup. A record read before the spawn registered its
 /// worker is retried for a few seconds.
-pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
+pub fn serve(sock: OwnedFd, events: Arc<Events>, workers: Arc<dyn Placement + Send + Sync>) {
     let limits = std::cell::RefCell::new(HashMap::<String, RateLimit>::new());
     let domains = std::cell::RefCell::new(HashMap::<String, String>::new());
     let deferred = std::cell::RefCell::new(Vec::<(std::time::Instant, LandlockDenial)>::new());
-    let place = |d: &LandlockDenial| -> Option<String> {
+    let place = |d: &LandlockDenial| -> Option<(String, String)> {
         let creator = d.domain.as_ref().and_then(|x| domains.borrow().get(x).cloned());
-        let by_init = creator.and_then(|pid| {
-            let pid: u32 = pid.parse().ok()?;
-            sup.list().into_iter().find(|w| w.init_pid == pid).map(|w| w.id.clone())
-        });
+        let by_init = creator.and_then(|pid| workers.by_init(pid.parse().ok()?));
         by_init.or_else(|| {
-            d.pid
-                .as_deref()
-                .and_then(|p| worker_of_pid(p, |id| sup.get(id).is_ok()))
+            let id = worker_of_pid(d.pid.as_deref()?, |id| workers.user_of(id).is_some())?;
+            let user = workers.user_of(&id)?;
+            Some((id, user))
         })
     };
-    let publish = |id: &str, d: LandlockDenial| {
-        let Ok(w) = sup.get(id) else { return };
+    let publish = |(id, user): (String, String), d: LandlockDenial| {
         let mut limits = limits.borrow_mut();
-        let limit = limits.entry(id.to_string()).or_insert_with(default_limit);
+        let limit = limits.entry(id.clone()).or_insert_with(default_limit);
         if let Some(suppressed) = limit.admit(std::time::Instant::now()) {
-            sup.events.publish(
-                Some(id),
-                Some(&w.user),
+            events.publish(
+                Some(&id),
+                Some(&user),
                 EventKind::SandboxDenial {
                     layer: "landlock".into(),
                     syscall: None,
@@ -246,7 +249,7 @@ pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
         let pending = std::mem::take(&mut *deferred.borrow_mut());
         for (at, d) in pending {
             match place(&d) {
-                Some(id) => publish(&id, d),
+                Some(w) => publish(w, d),
                 None if at.elapsed() < std::time::Duration::from_secs(5) => deferred.borrow_mut().push((at, d)),
                 None => {}
             }
@@ -262,7 +265,7 @@ pub fn serve(sock: OwnedFd, sup: Arc<Supervisor>) {
             domains.borrow_mut().insert(domain.to_string(), pid.to_string());
         },
         |d| match place(&d) {
-            Some(id) => publish(&id, d),
+            Some(w) => publish(w, d),
             None => deferred.borrow_mut().push((std::time::Instant::now(), d)),
         },
     );

@@ -1,16 +1,28 @@
 //! wardend's domain: the host-side pieces that surround every worker.
+//! Modules depend downwards only, in this order (each may use those above
+//! it):
 //!
+//! - [`audit`] and [`events`]: numbered events, durable before published;
+//!   the time helpers.
 //! - [`users`]: warden user and project names, their dedicated uids and their
 //!   per-user directories.
 //! - [`cgroups`]: one cgroup per worker under warden's own subtree, with
 //!   limits, usage and a kill that reaches every process.
 //! - [`launcher`]: starts `warden-launch` with a compiled spec and reads its
 //!   typed report.
-//! - [`workers`]: the registry of workers, their output, stop and wait.
-//! - [`auth`]: callers from SO_PEERCRED and who may act for whom.
+//! - [`io`]: a worker's output logs and stdin.
+//! - [`denials`] and [`landlock_audit`]: seccomp and landlock denials,
+//!   answered and reported.
+//! - [`claude`]: what a Claude Code worker needs before it starts, and the
+//!   session the daemon drives while it runs.
 //! - [`profiles`]: the loaded profile set and its atomic reload.
-//! - [`events`] and [`audit`]: numbered events, durable before published.
-//! - [`api`]: the gRPC handlers.
+//! - [`workers`]: the registry, spawn in phases, admission, exit, stop,
+//!   recovery of a crashed daemon's workers.
+//! - [`auth`]: callers from SO_PEERCRED and who may act for whom.
+//! - [`api`]: the gRPC handlers, and the one mapping of errors to statuses.
+//!
+//! Unsafe code lives in [`sys`] only (fds from SCM_RIGHTS and systemd, the
+//! seccomp notification ioctls).
 
 #![deny(unsafe_code)]
 
@@ -21,11 +33,12 @@ pub mod cgroups;
 pub mod claude;
 pub mod denials;
 pub mod events;
+pub mod io;
 pub mod landlock_audit;
 pub mod launcher;
 pub mod profiles;
 #[allow(unsafe_code)]
-mod sys;
+pub mod sys;
 pub mod users;
 pub mod workers;
 

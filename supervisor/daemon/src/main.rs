@@ -6,7 +6,7 @@
 //! reported as lost, the socket is bound (or taken from systemd), then the
 //! gRPC server runs until SIGTERM/SIGINT. SIGHUP reloads the profiles.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use warden_daemon::api::events::EventsApi;
 use warden_daemon::api::profiles::ProfilesApi;
 use warden_daemon::api::workers::WorkersApi;
 use warden_daemon::cgroups::Cgroups;
-use warden_daemon::events::{EventKind, Events};
+use warden_daemon::events::{EventKind, Events, ExitReason};
 use warden_daemon::profiles::Profiles;
 use warden_daemon::users::Users;
 use warden_daemon::workers::Supervisor;
@@ -82,16 +82,6 @@ fn launcher_path(configured: &Path) -> PathBuf {
         .ok()
         .and_then(|e| e.parent().map(|d| d.join(configured)))
         .unwrap_or_else(|| configured.to_path_buf())
-}
-
-/// The socket systemd passed (socket activation), if any.
-fn activated_socket() -> Option<std::os::unix::net::UnixListener> {
-    let fd = sd_notify::listen_fds().ok()?.next()?;
-    // SAFETY: systemd passed this descriptor to us (LISTEN_PID matched) and
-    // nothing else in the process owns it.
-    #[allow(unsafe_code)]
-    let listener = unsafe { <std::os::unix::net::UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    Some(listener)
 }
 
 fn bind(path: &Path, group: &str) -> anyhow::Result<std::os::unix::net::UnixListener> {
@@ -202,24 +192,19 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         launcher,
     ));
     let lost = sup.recover();
-    if !lost.is_empty() {
-        tracing::warn!(?lost, "workers of a previous run were lost");
-    }
-    for id in &lost {
-        if let Ok(w) = sup.get(id) {
-            events.publish(
-                Some(id),
-                Some(&w.user),
-                EventKind::WorkerExited {
-                    code: -1,
-                    signal: 0,
-                    reason: "lost".into(),
-                    duration_ms: 0,
-                    cpu_time_us: 0,
-                    peak_memory: 0,
-                },
-            );
-        }
+    for w in &lost {
+        events.publish(
+            Some(&w.id),
+            Some(&w.user),
+            EventKind::WorkerExited {
+                code: -1,
+                signal: 0,
+                reason: ExitReason::Lost,
+                duration_ms: 0,
+                cpu_time_us: 0,
+                peak_memory: 0,
+            },
+        );
     }
     events.publish(
         None,
@@ -227,7 +212,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         EventKind::DaemonStarted {
             version: env!("CARGO_PKG_VERSION").to_string(),
             cgroup_v2: sup.cgroups.is_v2(),
-            lost: lost.clone(),
+            lost: lost.iter().map(|w| w.id.clone()).collect(),
             audit_torn_bytes: recovery.torn_bytes,
         },
     );
@@ -236,10 +221,10 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         match warden_daemon::landlock_audit::open() {
             Ok(sock) => {
                 sup.landlock_audit.store(true, std::sync::atomic::Ordering::SeqCst);
-                let audit_sup = sup.clone();
+                let (events, workers) = (events.clone(), sup.clone());
                 std::thread::Builder::new()
                     .name("landlock-audit".into())
-                    .spawn(move || warden_daemon::landlock_audit::serve(sock, audit_sup))
+                    .spawn(move || warden_daemon::landlock_audit::serve(sock, events, workers))
                     .context("Cannot start the audit reader")?;
             }
             Err(e) => {
@@ -250,7 +235,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
 
     // A socket systemd passed us belongs to wardend.socket: it stays when we
     // stop (so the next connection starts us again); one we bound is ours.
-    let activated = activated_socket();
+    let activated = warden_daemon::sys::activated_socket();
     let owns_socket = activated.is_none();
     let std_listener = match activated {
         Some(l) => l,

@@ -1,5 +1,6 @@
-//! The daemon's only unsafe code: adopting fds received over SCM_RIGHTS and
-//! the seccomp user-notification ioctls. Each block is as small as possible.
+//! The daemon's only unsafe code: adopting fds received over SCM_RIGHTS or
+//! passed by systemd, and the seccomp user-notification ioctls. Each block
+//! is as small as possible.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -10,6 +11,14 @@ pub fn adopt_received_fd(raw: RawFd) -> OwnedFd {
     // SAFETY: the kernel installed this descriptor for us in recvmsg; nothing
     // else in the process knows or owns it.
     unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// The listening socket systemd passed (socket activation), if any.
+pub fn activated_socket() -> Option<std::os::unix::net::UnixListener> {
+    let fd = sd_notify::listen_fds().ok()?.next()?;
+    // SAFETY: systemd passed this descriptor to us (LISTEN_PID matched) and
+    // nothing else in the process owns it.
+    Some(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
 }
 
 /// One pending notification: a worker's process waits in a denied call.

@@ -28,6 +28,7 @@ mod sys;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sched::{unshare, CloneFlags};
@@ -64,15 +65,16 @@ fn parse_fd(v: Option<String>) -> RawFd {
 }
 
 /// Writes a failure record (best effort: a vanished daemon cannot be told)
-/// and exits.
-fn fail(report: &mut File, e: &SetupError) -> ! {
+/// and exits with `code`. The one place a setup failure is reported, by
+/// the outer launcher, the init and the worker's failed exec alike.
+pub fn fail(report: &mut File, e: &SetupError, code: i32) -> ! {
     let rec = LaunchReport::Failed {
         stage: e.stage.name().to_string(),
         errno: e.errno as i32,
         message: e.message.clone(),
     };
     let _ = report.write_all(&rec.to_line());
-    std::process::exit(EXIT_SETUP_FAILED);
+    std::process::exit(code);
 }
 
 fn main() {
@@ -109,6 +111,7 @@ fn main() {
         fail(
             &mut report,
             &SetupError::io(Stage::Spec, &e, "Cannot read the launch spec"),
+            EXIT_SETUP_FAILED,
         );
     }
     let spec = match LaunchSpec::from_json(&bytes) {
@@ -120,16 +123,18 @@ fn main() {
                 Errno::EINVAL,
                 format!("Launch spec version {} is not {SPEC_VERSION}", s.version),
             ),
+            EXIT_SETUP_FAILED,
         ),
         Err(e) => fail(
             &mut report,
             &SetupError::new(Stage::Spec, Errno::EINVAL, format!("Cannot parse the launch spec: {e}")),
+            EXIT_SETUP_FAILED,
         ),
     };
 
     match outer(&spec) {
         Ok(code) => std::process::exit(code),
-        Err(e) => fail(&mut report, &e),
+        Err(e) => fail(&mut report, &e, EXIT_SETUP_FAILED),
     }
 }
 
@@ -159,12 +164,7 @@ fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
 
     // Signals are handled synchronously: block them before the fork so that
     // none is lost between fork and the wait loop (the init inherits the mask).
-    let mut set = SigSet::empty();
-    for s in FORWARDED {
-        set.add(s);
-    }
-    set.add(Signal::SIGCHLD);
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&supervised_signals()), None)
         .map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot block signals"))?;
 
     // SAFETY: this process is single-threaded, so the child may do anything.
@@ -180,16 +180,35 @@ fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
         ForkResult::Parent { child } => {
             // Only the init and the worker write reports from here on.
             let _ = nix::unistd::close(3);
-            Ok(forward_until_exit(child, &set))
+            Ok(supervise(child, None))
         }
     }
 }
 
-/// Forwards signals to `child` until it exits; returns its status as an exit
-/// code (128+signal when it was killed).
-pub fn forward_until_exit(child: Pid, set: &SigSet) -> i32 {
+/// The signals the launcher and the init wait for: those they forward, and
+/// SIGCHLD. Blocked, and taken synchronously with sigtimedwait.
+fn supervised_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set
+}
+
+/// The wait loop of the outer launcher and of the init alike: forwards
+/// signals to `child`, reaps every zombie, and, with a `timeout`, sends
+/// SIGTERM when it passes and SIGKILL to everything the caller may signal
+/// (the init: its whole PID namespace) ten seconds later. Returns the
+/// child's status as an exit code (128+signal when it was killed).
+pub fn supervise(child: Pid, timeout: Option<Duration>) -> i32 {
+    let set = supervised_signals();
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut killing_at: Option<Instant> = None;
     loop {
-        match sys::wait_signal(set, None) {
+        let now = Instant::now();
+        let wake = killing_at.or(deadline).map(|t| t.saturating_duration_since(now));
+        match sys::wait_signal(&set, wake) {
             Some(sig) if sig == libc::SIGCHLD => {
                 if let Some(code) = reap(child) {
                     return code;
@@ -200,13 +219,23 @@ pub fn forward_until_exit(child: Pid, set: &SigSet) -> i32 {
                     let _ = kill(child, s);
                 }
             }
-            None => {}
+            None => {
+                let now = Instant::now();
+                if killing_at.is_some_and(|k| now >= k) {
+                    // Grace is over: kill everything in the namespace but us.
+                    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+                    killing_at = None;
+                } else if deadline.is_some_and(|d| now >= d) && killing_at.is_none() {
+                    let _ = kill(child, Signal::SIGTERM);
+                    killing_at = Some(now + Duration::from_secs(10));
+                }
+            }
         }
     }
 }
 
 /// Reaps every exited child; returns the exit code if `main` was among them.
-pub fn reap(main: Pid) -> Option<i32> {
+fn reap(main: Pid) -> Option<i32> {
     let mut result = None;
     loop {
         match waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {

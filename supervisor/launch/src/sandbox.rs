@@ -4,11 +4,10 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use landlock::{
     Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
@@ -18,12 +17,12 @@ use nix::errno::Errno;
 use nix::fcntl::{open, openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::resource::{setrlimit, Resource};
-use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::stat::Mode;
 use nix::unistd::{
     chdir, execve, fork, pivot_root, setgroups, sethostname, setresgid, setresuid, setsid, ForkResult, Gid, Pid, Uid,
 };
-use warden_policy::{Enforced, LaunchReport, LaunchSpec, NetworkMode};
+use warden_policy::{Enforced, LaunchReport, LaunchSpec, NetworkMode, MAX_LANDLOCK_ABI};
 
 use crate::sys;
 
@@ -118,19 +117,11 @@ const NEW: &str = "/newroot";
 pub fn init(spec: &LaunchSpec, mut report: File) -> ! {
     let worker = match setup(spec, &mut report) {
         Ok(pid) => pid,
-        Err(e) => {
-            let rec = LaunchReport::Failed {
-                stage: e.stage.name().to_string(),
-                errno: e.errno as i32,
-                message: e.message,
-            };
-            let _ = report.write_all(&rec.to_line());
-            std::process::exit(crate::EXIT_SETUP_FAILED);
-        }
+        Err(e) => crate::fail(&mut report, &e, crate::EXIT_SETUP_FAILED),
     };
     // The worker (or its failed exec) holds the other end of the report now.
     drop(report);
-    std::process::exit(reaper(worker, spec.timeout_secs.map(Duration::from_secs)));
+    std::process::exit(crate::supervise(worker, spec.timeout_secs.map(Duration::from_secs)));
 }
 
 /// Builds the sandbox around this process, then forks and execs the worker.
@@ -329,7 +320,7 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     let (landlock_abi, landlock_scoped) = restrict_landlock(spec)?;
 
     // --- seccomp, last: from here on only the allowlist can be called. ---
-    let listener = sys::install_seccomp(&spec.seccomp.program, spec.seccomp.notify)
+    let listener = sys::install_seccomp(&spec.seccomp.program)
         .at(Stage::Seccomp, || "Cannot install the seccomp filter".into())?;
 
     let enforced = Enforced {
@@ -346,19 +337,12 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
         init_pid,
     };
     let line = LaunchReport::Enforced(enforced).to_line();
-    match listener {
-        // The daemon answers and reports denials; this process must not keep
-        // a copy (a listener nobody reads would hang denied calls).
-        Some(fd) => {
-            sys::send_with_fd(report.as_raw_fd(), &line, fd.as_raw_fd()).at(Stage::Seccomp, || {
-                "Cannot hand the seccomp listener to the daemon".into()
-            })?;
-            drop(fd);
-        }
-        None => report
-            .write_all(&line)
-            .at(Stage::Spawn, || "Cannot write the enforced-policy report".into())?,
-    }
+    // The daemon answers and reports denials; this process must not keep a
+    // copy (a listener nobody reads would hang denied calls).
+    sys::send_with_fd(report.as_raw_fd(), &line, listener.as_raw_fd()).at(Stage::Seccomp, || {
+        "Cannot hand the seccomp listener to the daemon".into()
+    })?;
+    drop(listener);
 
     // --- The worker. ---
     // SAFETY: this process is single-threaded; the child only execs.
@@ -629,7 +613,8 @@ fn abi_of(n: u32) -> ABI {
         4 => ABI::V4,
         5 => ABI::V5,
         6 => ABI::V6,
-        // The newest ABI this build was tested with; a newer kernel is used at it.
+        // MAX_LANDLOCK_ABI: a newer kernel is used at the newest ABI this
+        // build knows.
         _ => ABI::V7,
     }
 }
@@ -649,7 +634,7 @@ fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
             ),
         ));
     }
-    let used = kernel.min(warden_policy_max_abi());
+    let used = kernel.min(MAX_LANDLOCK_ABI);
     let abi = abi_of(used);
     let err =
         |what: &str, e: landlock::RulesetError| SetupError::new(Stage::Landlock, Errno::EINVAL, format!("{what}: {e}"));
@@ -734,10 +719,6 @@ fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
     Ok((used, scoped))
 }
 
-fn warden_policy_max_abi() -> u32 {
-    7
-}
-
 /// In the forked child: becomes the worker. Never returns.
 fn exec_worker(spec: &LaunchSpec, report: &mut File) -> ! {
     // No controlling terminal shared with anyone outside.
@@ -774,56 +755,8 @@ fn exec_worker(spec: &LaunchSpec, report: &mut File) -> ! {
             last = e;
         }
     }
-    let rec = LaunchReport::Failed {
-        stage: Stage::Exec.name().to_string(),
-        errno: last as i32,
-        message: format!("Cannot execute {program}: {}", last.desc()),
-    };
-    let _ = report.write_all(&rec.to_line());
-    std::process::exit(if last == Errno::ENOENT { 127 } else { 126 });
-}
-
-/// PID 1's loop: forward signals to the worker, reap every zombie, enforce
-/// the wall-clock timeout, exit with the worker's status.
-fn reaper(worker: Pid, timeout: Option<Duration>) -> i32 {
-    let mut set = SigSet::empty();
-    for s in crate::FORWARDED {
-        set.add(s);
-    }
-    set.add(Signal::SIGCHLD);
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut killing_at: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        let wake = match (deadline, killing_at) {
-            (_, Some(k)) => Some(k.saturating_duration_since(now)),
-            (Some(d), None) => Some(d.saturating_duration_since(now)),
-            (None, None) => None,
-        };
-        match sys::wait_signal(&set, wake) {
-            Some(sig) if sig == libc::SIGCHLD => {
-                if let Some(code) = crate::reap(worker) {
-                    return code;
-                }
-            }
-            Some(sig) => {
-                if let Ok(s) = Signal::try_from(sig) {
-                    let _ = kill(worker, s);
-                }
-            }
-            None => {
-                let now = Instant::now();
-                if killing_at.is_some_and(|k| now >= k) {
-                    // Grace is over: kill everything in the namespace but us.
-                    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-                    killing_at = None;
-                } else if deadline.is_some_and(|d| now >= d) && killing_at.is_none() {
-                    let _ = kill(worker, Signal::SIGTERM);
-                    killing_at = Some(now + Duration::from_secs(10));
-                }
-            }
-        }
-    }
+    let e = SetupError::new(Stage::Exec, last, format!("Cannot execute {program}: {}", last.desc()));
+    crate::fail(report, &e, if last == Errno::ENOENT { 127 } else { 126 })
 }
 
 #[cfg(test)]

@@ -113,29 +113,16 @@ pub fn landlock_abi() -> u32 {
     u32::try_from(ret).unwrap_or(0)
 }
 
-/// Installs a seccomp filter on the calling thread (no_new_privs must be set).
-/// With `notify`, every "fail with EPERM" return becomes a user notification
-/// and the listener fd is returned, for the daemon to answer (with EPERM)
-/// and report each denial.
-pub fn install_seccomp(program: &[(u16, u8, u8, u32)], notify: bool) -> Result<Option<OwnedFd>, Errno> {
-    const RET_K: u16 = 0x06;
-    const RET_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+/// Installs a seccomp filter on the calling thread (no_new_privs must be
+/// set) with a new user-notification listener, which is returned: the
+/// filter hands denied calls to it, for the daemon to answer (with EPERM)
+/// and report.
+pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<OwnedFd, Errno> {
     let filter: Vec<libc::sock_filter> = program
         .iter()
-        .map(|&(code, jt, jf, k)| {
-            let k = if notify && code == RET_K && k == RET_EPERM {
-                libc::SECCOMP_RET_USER_NOTIF
-            } else {
-                k
-            };
-            libc::sock_filter { code, jt, jf, k }
-        })
+        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
         .collect();
-    let flags: libc::c_ulong = if notify {
-        libc::SECCOMP_FILTER_FLAG_NEW_LISTENER
-    } else {
-        0
-    };
+    let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
     let prog = libc::sock_fprog {
         len: u16::try_from(filter.len()).map_err(|_| Errno::E2BIG)?,
         filter: filter.as_ptr().cast_mut(),
@@ -150,12 +137,8 @@ pub fn install_seccomp(program: &[(u16, u8, u8, u32)], notify: bool) -> Result<O
             &prog as *const libc::sock_fprog,
         )
     })?;
-    if !notify {
-        return Ok(None);
-    }
     // SAFETY: with NEW_LISTENER the return value is a fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
-    Ok(Some(fd))
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
 /// Writes `data` on the report socket with `fd` attached (SCM_RIGHTS).

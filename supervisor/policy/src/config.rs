@@ -105,15 +105,29 @@ pub struct Config {
 }
 
 impl Config {
+    /// Host paths no profile may expose to a worker: warden's state
+    /// directory and its socket's directory.
+    pub fn protected_paths(&self) -> Vec<PathBuf> {
+        let socket_dir = self
+            .socket
+            .parent()
+            .map_or_else(|| self.socket.clone(), Path::to_path_buf);
+        vec![self.state_dir.clone(), socket_dir]
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded() -> Config {
+        // `the_embedded_default_is_valid` proves this parses.
+        Self::parse("embedded:wardend.toml", DEFAULT_CONFIG).expect("the embedded wardend.toml is valid")
+    }
+
     /// Reads `path`, or the embedded default when `path` does not exist and
     /// `allow_default` is set.
     pub fn load(path: &Path, allow_default: bool) -> Result<Config, PolicyError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&path.display().to_string(), &text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && allow_default => {
-                Self::parse("embedded:wardend.toml", DEFAULT_CONFIG)
-            }
-            Err(source) => Err(PolicyError::Read {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && allow_default => Ok(Self::embedded()),
+            Err(source) => Err(PolicyError::ReadConfig {
                 path: path.to_path_buf(),
                 source,
             }),

@@ -47,6 +47,13 @@ pub enum PolicyError {
         source: std::io::Error,
     },
 
+    #[error("Cannot read the configuration {path}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("Cannot read profile directory {path}")]
     ReadDir {
         path: PathBuf,

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod claude;
 pub mod config;
 mod error;
 pub mod names;
@@ -16,13 +17,14 @@ pub mod seccomp;
 mod spec;
 mod units;
 
+pub use claude::{ClaudePolicy, ClaudeRequest, HttpUrl, PermissionMode, ToolRule};
 pub use error::{Location, PolicyError};
 pub use profile::{
-    url_port, Access, ClaudePolicy, ClaudeRequest, EnvPolicy, FsRule, Limits, NetworkMode, NetworkPolicy, Profile,
-    ProfileSet, SeccompPolicy, Source, EMBEDDED_PROFILES, PERMISSION_MODES,
+    Access, EnvPolicy, FsRule, Limits, NetworkMode, NetworkPolicy, Profile, ProfileSet, SeccompPolicy, Source,
+    EMBEDDED_PROFILES, MAX_LANDLOCK_ABI, RLIMITS, VARIABLES,
 };
 pub use spec::{
     compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Rlimit, SeccompSpec, SpawnRequest,
     SPEC_VERSION,
 };
-pub use units::{parse_cpu_quota, parse_duration, parse_size};
+pub use units::{ByteSize, CpuQuota, Seconds};

@@ -75,12 +75,10 @@ pub struct SeccompSpec {
     pub arch: String,
     /// The resolved allowlist, for reports and `profile explain`.
     pub allowed: Vec<String>,
-    /// The BPF program as (code, jt, jf, k).
+    /// The BPF program as (code, jt, jf, k). Denied calls return
+    /// `SECCOMP_RET_USER_NOTIF`: the launcher installs it with a listener,
+    /// which travels back to the daemon on the report socket.
     pub program: Vec<(u16, u8, u8, u32)>,
-    /// Denials go to a supervisor through seccomp user notification (which
-    /// answers EPERM and reports them) instead of failing in the kernel
-    /// directly. The listener fd travels back on the report socket.
-    pub notify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,7 +315,6 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
             arch: arch.name().to_string(),
             allowed,
             program,
-            notify: true,
         },
         timeout_secs: profile.limits.timeout_secs,
         cgroup_procs: req.cgroup_procs.clone(),

@@ -1,18 +1,139 @@
-//! Human-friendly units in profiles: sizes ("512M"), durations ("2h") and CPU
-//! quotas ("150%").
+//! Human-friendly values in profiles and the config, each parsed once into a
+//! type: sizes ([`ByteSize`], "512M"), durations ([`Seconds`], "2h") and
+//! CPU quotas ([`CpuQuota`], "150%"). They deserialize straight from the
+//! TOML string, so a bad value is reported at its place in the file and no
+//! later code parses it again.
 
-/// Parses a byte size: a plain integer or one with a binary suffix K, M, G, T
-/// (optionally followed by "i"/"iB"/"B"). Returns a description of what was
-/// expected on error.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    let expected = || format!("expected a size like \"512M\" or \"4G\", got {s:?}");
-    if num.is_empty() {
-        return Err(expected());
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Serialize;
+
+/// Implements `Deserialize` for types read from a TOML string or integer
+/// through their `TryFrom<String>` or `TryFrom<u64>`. The conversion runs
+/// inside the deserializer, so a bad value is reported at the value itself
+/// (with `#[serde(try_from)]`, toml would point a bad list element at the
+/// whole list).
+macro_rules! deserialize_via {
+    (String: $($t:ty),+ $(,)?) => {$(
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                $crate::units::from_string(d)
+            }
+        }
+    )+};
+    (u64: $($t:ty),+ $(,)?) => {$(
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                $crate::units::from_u64(d)
+            }
+        }
+    )+};
+}
+pub(crate) use deserialize_via;
+
+pub(crate) fn from_string<'de, D: Deserializer<'de>, T: TryFrom<String, Error = String>>(d: D) -> Result<T, D::Error> {
+    struct V<T>(PhantomData<T>);
+    impl<T: TryFrom<String, Error = String>> Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            T::try_from(s.to_string()).map_err(E::custom)
+        }
     }
-    let n: u64 = num.parse().map_err(|_| expected())?;
+    d.deserialize_string(V(PhantomData))
+}
+
+pub(crate) fn from_u64<'de, D: Deserializer<'de>, T: TryFrom<u64, Error = String>>(d: D) -> Result<T, D::Error> {
+    struct V<T>(PhantomData<T>);
+    impl<T: TryFrom<u64, Error = String>> Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<T, E> {
+            T::try_from(n).map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<T, E> {
+            let n = u64::try_from(n).map_err(|_| E::invalid_value(de::Unexpected::Signed(n), &self))?;
+            self.visit_u64(n)
+        }
+    }
+    d.deserialize_u64(V(PhantomData))
+}
+
+deserialize_via!(String: ByteSize, Seconds, CpuQuota);
+
+/// A byte count: a plain integer or one with a binary suffix K, M, G, T
+/// (optionally followed by "i"/"iB"/"B").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(into = "u64")]
+pub struct ByteSize(pub u64);
+
+/// A duration in whole seconds: an integer followed by s, m, h or d (a bare
+/// integer is seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(into = "u64")]
+pub struct Seconds(pub u64);
+
+/// A CPU quota given as a percentage of one CPU ("50%", "200%"), held as the
+/// microseconds a worker may run per 100 ms period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(into = "u64")]
+pub struct CpuQuota(pub u64);
+
+impl TryFrom<String> for ByteSize {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_size(&s).map(ByteSize)
+    }
+}
+
+impl TryFrom<String> for Seconds {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_duration(&s).map(Seconds)
+    }
+}
+
+impl TryFrom<String> for CpuQuota {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_cpu_quota(&s).map(CpuQuota)
+    }
+}
+
+impl From<ByteSize> for u64 {
+    fn from(v: ByteSize) -> u64 {
+        v.0
+    }
+}
+
+impl From<Seconds> for u64 {
+    fn from(v: Seconds) -> u64 {
+        v.0
+    }
+}
+
+impl From<CpuQuota> for u64 {
+    fn from(v: CpuQuota) -> u64 {
+        v.0
+    }
+}
+
+/// `<digits><suffix>` split at the first non-digit.
+fn split_number(s: &str) -> Option<(u64, &str)> {
+    let t = s.trim();
+    let end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(end);
+    Some((num.parse().ok()?, suffix))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let expected = || format!("expected a size like \"512M\" or \"4G\", got {s:?}");
+    let (n, suffix) = split_number(s).ok_or_else(expected)?;
     let mult: u64 = match suffix.trim().trim_end_matches('B').trim_end_matches('i') {
         "" => 1,
         "K" | "k" => 1 << 10,
@@ -24,16 +145,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// Parses a duration: an integer followed by s, m, h or d (a bare integer is seconds).
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
+fn parse_duration(s: &str) -> Result<u64, String> {
     let expected = || format!("expected a duration like \"30s\", \"10m\" or \"2h\", got {s:?}");
-    if num.is_empty() {
-        return Err(expected());
-    }
-    let n: u64 = num.parse().map_err(|_| expected())?;
+    let (n, suffix) = split_number(s).ok_or_else(expected)?;
     let mult = match suffix {
         "" | "s" => 1,
         "m" => 60,
@@ -45,9 +159,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("duration {s:?} is too large"))
 }
 
-/// Parses a CPU quota given as a percentage of one CPU ("50%", "200%") into
-/// the microseconds a worker may run per 100 ms period.
-pub fn parse_cpu_quota(s: &str) -> Result<u64, String> {
+fn parse_cpu_quota(s: &str) -> Result<u64, String> {
     let expected = || format!("expected a percentage of one CPU like \"150%\", got {s:?}");
     let pct: u64 = s
         .trim()
@@ -92,5 +204,23 @@ mod tests {
         assert_eq!(parse_cpu_quota("150%"), Ok(150_000));
         assert!(parse_cpu_quota("150").is_err());
         assert!(parse_cpu_quota("0%").is_err());
+    }
+
+    #[test]
+    fn values_deserialize_from_their_text() {
+        #[derive(Debug, serde::Deserialize)]
+        struct T {
+            size: ByteSize,
+            time: Seconds,
+            cpu: CpuQuota,
+        }
+        let t: T = toml::from_str("size = \"2M\"\ntime = \"1m\"\ncpu = \"50%\"\n").unwrap();
+        assert_eq!(
+            (t.size, t.time, t.cpu),
+            (ByteSize(2 << 20), Seconds(60), CpuQuota(50_000))
+        );
+        let e = toml::from_str::<T>("size = \"lots\"\ntime = \"1m\"\ncpu = \"50%\"\n").unwrap_err();
+        assert!(e.message().starts_with("expected a size"), "{e}");
+        assert_eq!(e.span().map(|s| s.start), Some(7), "the error points at the value");
     }
 }

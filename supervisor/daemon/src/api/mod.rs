@@ -12,6 +12,7 @@ use crate::auth::{identify, Caller};
 use crate::events::{EventKind, Events};
 use crate::workers::WorkerError;
 use warden_policy::config::Config;
+use warden_policy::PolicyError;
 
 /// The authenticated caller of a request (from SO_PEERCRED).
 pub fn caller<T>(req: &Request<T>, config: &Config) -> Result<Caller, Status> {
@@ -49,30 +50,71 @@ pub fn denied(events: &Events, caller: &Caller, method: &str, user: Option<&str>
     Status::permission_denied(message)
 }
 
-/// The one mapping of domain errors to gRPC status codes.
+/// The one mapping of domain errors to gRPC status codes: every variant
+/// is listed, so a new error must be placed here to compile.
 pub fn status(e: &WorkerError, caller: &Caller) -> Status {
+    use crate::claude::ClaudeError as Claude;
+    use crate::launcher::LaunchError as Launch;
+    use crate::users::UserError as User;
     use WorkerError as E;
     let code = match e {
         E::NotFound(_) | E::NoApproval(_) => Code::NotFound,
-        E::Claude(crate::claude::ClaudeError::Binary(_) | crate::claude::ClaudeError::Credentials { .. }) => {
-            Code::FailedPrecondition
-        }
-        E::User(crate::users::UserError::Name(_)) | E::Policy(warden_policy::PolicyError::Request(_)) => {
-            Code::InvalidArgument
-        }
-        E::Policy(warden_policy::PolicyError::UnknownProfile(_)) => Code::InvalidArgument,
         E::LoosenedLimit { .. } => Code::InvalidArgument,
-        E::TooMany { .. } | E::TooManyForUser { .. } => Code::ResourceExhausted,
-        E::Launch(crate::launcher::LaunchError::Setup { .. }) => Code::FailedPrecondition,
+        E::Admission(_) => Code::ResourceExhausted,
         E::Exited(_) => Code::FailedPrecondition,
         E::ShuttingDown => Code::Unavailable,
-        _ => Code::Internal,
+        E::Policy(p) => policy_code(p),
+        E::User(u) => match u {
+            User::Name(_) => Code::InvalidArgument,
+            User::Exhausted { .. } => Code::ResourceExhausted,
+            // The user's own directories are not what warden made them.
+            User::NotADirectory { .. } | User::Collision { .. } => Code::FailedPrecondition,
+            User::BadRange { .. }
+            | User::Read { .. }
+            | User::Corrupt { .. }
+            | User::Save { .. }
+            | User::Dir { .. }
+            | User::UnsafeStateDir { .. } => Code::Internal,
+        },
+        E::Claude(c) => match c {
+            Claude::Request(_) => Code::InvalidArgument,
+            Claude::Binary(_) | Claude::Credentials { .. } => Code::FailedPrecondition,
+            Claude::Io { .. } => Code::Internal,
+        },
+        E::Launch(l) => match l {
+            // The sandbox could not be built for this request (a missing
+            // command, a profile the kernel cannot enforce).
+            Launch::Setup { .. } => Code::FailedPrecondition,
+            Launch::Spawn { .. } | Launch::Pipe(_) | Launch::NoReport { .. } => Code::Internal,
+        },
+        E::Cgroup(_) | E::Record(_) | E::Logs { .. } | E::Arch | E::Signal { .. } | E::Task(_) => Code::Internal,
     };
-    let message = if code == Code::Internal && !caller.is_admin() {
+    respond(code, e, caller)
+}
+
+/// The status of a profile error (`Profiles` calls, unknown profiles).
+pub fn policy_status(e: &PolicyError, caller: &Caller) -> Status {
+    respond(policy_code(e), e, caller)
+}
+
+fn policy_code(e: &PolicyError) -> Code {
+    match e {
+        PolicyError::UnknownProfile(_) | PolicyError::Request(_) | PolicyError::Invalid { .. } => Code::InvalidArgument,
+        PolicyError::Read { .. }
+        | PolicyError::ReadConfig { .. }
+        | PolicyError::ReadDir { .. }
+        | PolicyError::Seccomp { .. } => Code::Internal,
+    }
+}
+
+/// A status with `e`'s message, except that internal failures (paths,
+/// errno text) reach admins only; others are pointed at the daemon's log.
+fn respond(code: Code, e: &dyn std::fmt::Display, caller: &Caller) -> Status {
+    if code == Code::Internal {
         tracing::error!(error = %e, "internal error");
-        "Internal error; the daemon's log has the details".to_string()
-    } else {
-        e.to_string()
-    };
-    Status::new(code, message)
+        if !caller.is_admin() {
+            return Status::new(code, "Internal error; the daemon's log has the details");
+        }
+    }
+    Status::new(code, e.to_string())
 }

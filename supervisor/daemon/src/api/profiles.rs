@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use warden_policy::{policy_digest, Profile, Source};
+use warden_policy::{policy_digest, PolicyError, Profile, Source};
 use warden_proto::v1 as pb;
 
-use super::caller;
+use super::{caller, policy_status};
 use crate::events::EventKind;
 use crate::workers::Supervisor;
 
@@ -37,16 +37,18 @@ impl pb::profiles_server::Profiles for ProfilesApi {
     }
 
     async fn get(&self, req: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
-        caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup.config)?;
         let set = self.sup.profiles.current();
-        let p = set
-            .get(&req.get_ref().name)
-            .map_err(|e| Status::not_found(e.to_string()))?;
+        let p = set.get(&req.get_ref().name).map_err(|e| match e {
+            // The one call where the profile is the thing looked up.
+            PolicyError::UnknownProfile(_) => Status::not_found(e.to_string()),
+            other => policy_status(&other, &c),
+        })?;
         Ok(Response::new(to_pb(p)))
     }
 
     async fn validate(&self, req: Request<pb::ValidateProfileRequest>) -> Result<Response<pb::Profile>, Status> {
-        caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup.config)?;
         let r = req.into_inner();
         let name = if r.name.is_empty() {
             "unnamed".to_string()
@@ -59,7 +61,7 @@ impl pb::profiles_server::Profiles for ProfilesApi {
             text: r.toml,
         };
         let set = self.sup.profiles.current();
-        let p = set.check(source).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let p = set.check(source).map_err(|e| policy_status(&e, &c))?;
         Ok(Response::new(to_pb(&p)))
     }
 
@@ -90,7 +92,7 @@ impl pb::profiles_server::Profiles for ProfilesApi {
                 self.sup
                     .events
                     .publish(None, None, EventKind::ProfileReloadFailed { error: e.to_string() });
-                Err(Status::invalid_argument(e.to_string()))
+                Err(policy_status(&e, &c))
             }
         }
     }

@@ -13,7 +13,9 @@ use warden_proto::v1 as pb;
 
 use super::{authorize, caller, status};
 use crate::auth::Caller;
-use crate::workers::{millis, ExitReason, OutputLog, RequestedLimits, SpawnParams, Supervisor, Worker};
+use crate::events::{millis, ExitReason};
+use crate::io::OutputLog;
+use crate::workers::{RequestedLimits, SpawnParams, Supervisor, Worker};
 
 #[derive(Debug)]
 pub struct WorkersApi {
@@ -145,11 +147,11 @@ async fn send_output(
                 }
                 from = end;
             }
-            // Lagged: the loop replays what the log kept; anything beyond
-            // the log's cap is skipped.
+            // Lagged: the loop replays what the log kept; output beyond the
+            // log's cap that was missed is skipped.
             Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
                 if from >= log.kept() {
-                    from = from.max(log.produced().saturating_sub(0));
+                    from = from.max(log.produced());
                 }
             }
             Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
@@ -303,14 +305,14 @@ impl pb::workers_server::Workers for WorkersApi {
         tokio::spawn(async move {
             while let Some(Ok(m)) = input.next().await {
                 match m.msg {
-                    Some(pb::attach_request::Msg::Stdin(data)) if stdin_worker.write_stdin(&data).await.is_err() => {
+                    Some(pb::attach_request::Msg::Stdin(data)) if stdin_worker.stdin.write(&data).await.is_err() => {
                         break
                     }
                     Some(pb::attach_request::Msg::CloseStdin(true)) => {
                         // A one-shot Claude Code session keeps stdin until its
                         // result: the daemon answers permission requests there.
                         if !stdin_worker.one_shot_session {
-                            stdin_worker.close_stdin().await;
+                            stdin_worker.stdin.close().await;
                         }
                         break;
                     }

@@ -1,6 +1,6 @@
-//! What a `[claude]` profile needs around the sandbox: the `claude` binary,
-//! the user's API credentials, Claude Code's managed settings and the
-//! workspace's CLAUDE.md.
+//! What a `[claude]` worker needs around its sandbox, prepared before it
+//! starts: the `claude` binary, the user's API credentials, Claude Code's
+//! managed settings and the workspace's CLAUDE.md.
 //!
 //! Must never: hand one user's credentials to another user's worker, accept
 //! a credentials file anyone but root could have written or read, or follow
@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use warden_policy::config::Config;
+use warden_policy::{Access, Bind, ClaudePolicy, ClaudeRequest};
+
+use super::session::Start;
+use crate::users::Identity;
 
 /// Where the claude binary appears inside a worker.
 pub const BINARY_INSIDE: &str = "/opt/claude-code/bin/claude";
@@ -19,6 +23,9 @@ pub const BINARY_INSIDE: &str = "/opt/claude-code/bin/claude";
 /// Where a `[claude]` spawn went wrong, for the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClaudeError {
+    /// The request asks for more than the profile's `[claude]` allows.
+    #[error("Invalid spawn request: {0}")]
+    Request(String),
     #[error("No claude binary: {0}")]
     Binary(String),
     #[error("Credentials file {path} is refused: {why}")]
@@ -116,19 +123,19 @@ pub fn credentials(dir: &Path, user: &str) -> Result<Vec<(String, String)>, Clau
 
 /// What a `[claude]` spawn runs, mounts and passes. Its Debug output
 /// leaves out the credential values.
-pub struct Session {
+pub struct Prepared {
     /// The claude binary (inside) and the policy's arguments.
     pub argv: Vec<String>,
     /// The binary and the managed settings, at their fixed paths inside.
-    pub binds: Vec<warden_policy::Bind>,
+    pub binds: Vec<Bind>,
     /// Credentials and ANTHROPIC_BASE_URL.
     pub env: Vec<(String, String)>,
     pub start: Start,
 }
 
-impl std::fmt::Debug for Session {
+impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
+        f.debug_struct("Prepared")
             .field("argv", &self.argv)
             .field("binds", &self.binds)
             .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
@@ -137,36 +144,27 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// How the session is driven once the worker runs (see [`drive`]).
-#[derive(Debug)]
-pub struct Start {
-    pub policy: warden_policy::ClaudePolicy,
-    /// Sent as the first stream-json user message.
-    pub prompt: Option<String>,
-}
-
-/// Prepares a `[claude]` spawn: the profile's policy narrowed by the
-/// request, the binary, the workspace's CLAUDE.md, managed settings and
-/// credentials.
+/// Prepares a `[claude]` spawn for `user`: the profile's policy narrowed
+/// by the request, the binary, the workspace's CLAUDE.md, managed settings
+/// and credentials. `prompt` is the spawn request's command.
 pub fn prepare(
     config: &Config,
-    profile_policy: &warden_policy::ClaudePolicy,
-    params: &crate::workers::SpawnParams,
-    id: &crate::users::Identity,
+    profile_policy: &ClaudePolicy,
+    request: &ClaudeRequest,
+    user: &str,
+    prompt: &[String],
+    id: Identity,
     workspace: &Path,
-) -> Result<Session, crate::workers::WorkerError> {
-    let policy = profile_policy
-        .narrowed(&params.claude)
-        .map_err(warden_policy::PolicyError::Request)?;
+) -> Result<Prepared, ClaudeError> {
+    let policy = profile_policy.narrowed(request).map_err(ClaudeError::Request)?;
     // At a fixed path inside, wherever it is installed on the host (even
     // under /tmp, which is private inside).
-    let mut binds = vec![warden_policy::Bind {
+    let mut binds = vec![Bind {
         source: binary(config)?,
         target: BINARY_INSIDE.into(),
-        access: warden_policy::Access {
-            read: true,
-            write: false,
+        access: Access {
             exec: true,
+            ..Access::READ
         },
         required: true,
     }];
@@ -174,18 +172,18 @@ pub fn prepare(
         place_claude_md(workspace, md, id.uid, id.gid)?;
     }
     if let Some(json) = &policy.managed_settings {
-        binds.push(warden_policy::Bind {
+        binds.push(Bind {
             source: managed_settings(&config.state_dir, json)?,
             target: "/etc/claude-code/managed-settings.json".into(),
-            access: warden_policy::Access::default(),
+            access: Access::READ,
             required: true,
         });
     }
-    let mut env = credentials(&config.credentials_dir, &params.user)?;
+    let mut env = credentials(&config.credentials_dir, user)?;
     if let Some(url) = &policy.base_url {
-        env.push(("ANTHROPIC_BASE_URL".into(), url.clone()));
+        env.push(("ANTHROPIC_BASE_URL".into(), url.text.clone()));
     }
-    Ok(Session {
+    Ok(Prepared {
         argv: std::iter::once(BINARY_INSIDE.to_string())
             .chain(policy.args())
             .collect(),
@@ -193,7 +191,7 @@ pub fn prepare(
         env,
         start: Start {
             policy,
-            prompt: (!params.command.is_empty()).then(|| params.command.join(" ")),
+            prompt: (!prompt.is_empty()).then(|| prompt.join(" ")),
         },
     })
 }
@@ -305,177 +303,4 @@ mod tests {
         place_claude_md(e.path(), "x", 0, 0).unwrap();
         assert!(!Path::new("/etc/warden-claude-md-target").exists());
     }
-}
-
-/// A decision on one permission request.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    pub allow: bool,
-    /// Who decided: `uid N`, `rule R` or `timeout`.
-    pub by: String,
-    /// Told to Claude with a deny.
-    pub message: String,
-}
-
-/// Drives one Claude Code session: sends the initial prompt, reads the
-/// worker's stream-json output (`lines` carries its raw stdout) to answer
-/// `can_use_tool` permission requests, and ends a one-shot session (closes
-/// stdin) when Claude reports its result.
-pub async fn drive(
-    events: std::sync::Arc<crate::events::Events>,
-    worker: std::sync::Arc<crate::workers::Worker>,
-    start: Start,
-    interactive: bool,
-    mut output: tokio::sync::mpsc::UnboundedReceiver<std::sync::Arc<Vec<u8>>>,
-) {
-    /// A line longer than this is no control message: skip it.
-    const MAX_LINE: usize = 64 << 20;
-    let Start { policy, prompt } = start;
-    match prompt {
-        Some(p) => {
-            let _ = worker.write_stdin(&user_message(&p)).await;
-        }
-        // Nothing to do and nobody to talk to.
-        None if !interactive => worker.close_stdin().await,
-        None => {}
-    }
-    let policy = std::sync::Arc::new(policy);
-    let mut buf: Vec<u8> = Vec::new();
-    let mut skipping = false;
-    while let Some(chunk) = output.recv().await {
-        buf.extend_from_slice(&chunk);
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            if std::mem::take(&mut skipping) {
-                continue;
-            }
-            let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&line) else {
-                continue;
-            };
-            match msg["type"].as_str() {
-                Some("control_request") => {
-                    tokio::spawn(answer(events.clone(), worker.clone(), policy.clone(), msg));
-                }
-                Some("result") if !interactive => worker.close_stdin().await,
-                _ => {}
-            }
-        }
-        if buf.len() > MAX_LINE {
-            buf.clear();
-            skipping = true;
-        }
-    }
-}
-
-/// Answers one control request of the worker.
-async fn answer(
-    events: std::sync::Arc<crate::events::Events>,
-    worker: std::sync::Arc<crate::workers::Worker>,
-    policy: std::sync::Arc<warden_policy::ClaudePolicy>,
-    msg: serde_json::Value,
-) {
-    use crate::events::EventKind;
-    use serde_json::json;
-    let Some(request_id) = msg["request_id"].as_str().map(str::to_string) else {
-        return;
-    };
-    let request = &msg["request"];
-    if request["subtype"] != "can_use_tool" {
-        let reply = json!({"type": "control_response", "response": {
-            "subtype": "error", "request_id": request_id,
-            "error": format!("warden does not support {} requests", request["subtype"]),
-        }});
-        let _ = worker.write_stdin(&line_of(&reply)).await;
-        return;
-    }
-    let tool = request["tool_name"].as_str().unwrap_or("").to_string();
-    let input = request["input"].clone();
-    let decision = match policy.rule_for(&tool, &input) {
-        Some((allow, rule)) => Decision {
-            allow,
-            message: if allow {
-                String::new()
-            } else {
-                format!("Denied by warden: the profile's rule {rule}")
-            },
-            by: format!("rule {rule}"),
-        },
-        None => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            worker
-                .approvals
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(request_id.clone(), tx);
-            events.publish(
-                Some(&worker.id),
-                Some(&worker.user),
-                EventKind::ApprovalRequested {
-                    request_id: request_id.clone(),
-                    tool: tool.clone(),
-                    input: input.clone(),
-                    timeout_seconds: policy.approval_timeout_secs,
-                },
-            );
-            let wait = std::time::Duration::from_secs(policy.approval_timeout_secs);
-            match tokio::time::timeout(wait, rx).await {
-                Ok(Ok(d)) => d,
-                _ => {
-                    worker
-                        .approvals
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&request_id);
-                    Decision {
-                        allow: false,
-                        by: "timeout".into(),
-                        message: format!(
-                            "Denied by warden: nobody approved this within {} s",
-                            policy.approval_timeout_secs
-                        ),
-                    }
-                }
-            }
-        }
-    };
-    events.publish(
-        Some(&worker.id),
-        Some(&worker.user),
-        EventKind::ApprovalDecided {
-            request_id: request_id.clone(),
-            tool,
-            allow: decision.allow,
-            by: decision.by.clone(),
-            message: decision.message.clone(),
-        },
-    );
-    let behavior = if decision.allow {
-        json!({"behavior": "allow", "updatedInput": input})
-    } else {
-        let message = if decision.message.is_empty() {
-            "Denied by warden".to_string()
-        } else {
-            decision.message
-        };
-        json!({"behavior": "deny", "message": message})
-    };
-    let reply = json!({"type": "control_response", "response": {
-        "subtype": "success", "request_id": request_id, "response": behavior,
-    }});
-    let _ = worker.write_stdin(&line_of(&reply)).await;
-}
-
-/// One stream-json user message line, as Claude Code reads them on stdin.
-fn user_message(text: &str) -> Vec<u8> {
-    line_of(&serde_json::json!({
-        "type": "user",
-        "message": {"role": "user", "content": text},
-    }))
-}
-
-/// `v` as one JSON line.
-fn line_of(v: &serde_json::Value) -> Vec<u8> {
-    let mut line = serde_json::to_vec(v).unwrap_or_default();
-    line.push(b'\n');
-    line
 }

@@ -1,0 +1,514 @@
+//! Workers: the registry, and each worker's life from spawn to exit.
+//!
+//! Owns: the registry of workers (running, and a bounded history of exited
+//! ones); for each, its cgroup, its launcher process, its standard streams
+//! and its final status. A spawn runs in phases ([`spawn`]); admission
+//! ([`admission`]) reserves the slot a worker holds until it ends; a record
+//! per running worker ([`record`]) lets the next daemon report the workers
+//! a crash lost.
+//!
+//! Must never: block a worker on a slow or vanished client, leave a cgroup
+//! behind when a worker ends, or forget a worker silently (a worker that a
+//! previous daemon left running is reported as lost).
+
+pub mod admission;
+pub mod record;
+pub mod spawn;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use warden_policy::config::Config;
+use warden_policy::Enforced;
+
+use crate::cgroups::{Cgroups, Usage, WorkerCgroup};
+use crate::claude::{Approvals, Decision};
+use crate::events::{millis, EventKind, Events, ExitReason};
+use crate::io::{OutputLog, Stdin};
+use crate::profiles::Profiles;
+use crate::users::Users;
+use admission::{Admission, AdmissionError, Slot};
+use record::{Record, RecordError, Records};
+pub use spawn::{RequestedLimits, SpawnParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("Unknown worker {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    User(#[from] crate::users::UserError),
+    #[error(transparent)]
+    Policy(#[from] warden_policy::PolicyError),
+    #[error("Limit {field} = {asked} would loosen the profile's {allowed}")]
+    LoosenedLimit {
+        field: &'static str,
+        asked: u64,
+        allowed: u64,
+    },
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroups::CgroupError),
+    #[error(transparent)]
+    Launch(#[from] crate::launcher::LaunchError),
+    #[error(transparent)]
+    Claude(#[from] crate::claude::ClaudeError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("Cannot create the output log directory {path}")]
+    Logs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("No pending approval request {0} (already decided, timed out, or never asked)")]
+    NoApproval(String),
+    #[error("This host's architecture has no seccomp support in warden")]
+    Arch,
+    #[error("Worker {0} has exited")]
+    Exited(String),
+    #[error("Cannot signal worker {id}")]
+    Signal {
+        id: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// A blocking part of a spawn panicked or was cancelled.
+    #[error("A spawn task failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("The daemon is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub code: i32,
+    pub signal: i32,
+    pub reason: ExitReason,
+    pub at: SystemTime,
+    pub peak_memory: u64,
+    pub cpu_time_us: u64,
+}
+
+impl ExitInfo {
+    /// A worker whose end nobody saw (its daemon died), as of now.
+    fn lost() -> ExitInfo {
+        ExitInfo {
+            code: -1,
+            signal: 0,
+            reason: ExitReason::Lost,
+            at: SystemTime::now(),
+            peak_memory: 0,
+            cpu_time_us: 0,
+        }
+    }
+}
+
+/// Limit counters of a worker already reported as events.
+#[derive(Debug, Default)]
+struct Reported {
+    oom_kills: u64,
+    pids_max_hits: u64,
+    cpu_throttled: u64,
+}
+
+/// A worker as the daemon knows it.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: String,
+    pub user: String,
+    pub project: String,
+    pub profile: String,
+    pub policy_digest: String,
+    pub command: Vec<String>,
+    pub uid: u32,
+    pub pid: u32,
+    /// Host pid of the worker's init (PID 1 of its namespace); it created
+    /// the worker's landlock domain, so audit records name it.
+    pub init_pid: u32,
+    pub started: SystemTime,
+    pub enforced: Option<Enforced>,
+    pub stdout: OutputLog,
+    pub stderr: OutputLog,
+    pub stdin: Arc<Stdin>,
+    exit: watch::Sender<Option<ExitInfo>>,
+    stop_requested: AtomicBool,
+    cgroup: Option<WorkerCgroup>,
+    reported: Mutex<Reported>,
+    /// A non-interactive Claude Code session: the daemon closes its stdin
+    /// when Claude reports the result, clients cannot close it earlier.
+    pub one_shot_session: bool,
+    /// Claude Code permission requests waiting for `Workers.Approve`.
+    approvals: Arc<Approvals>,
+    /// The admission slot this worker holds until it ends.
+    slot: Mutex<Option<Slot>>,
+}
+
+impl Worker {
+    /// A worker as its record describes it: not running, no process, no
+    /// cgroup. A spawn fills in the live parts; recovery marks it lost.
+    fn new(r: Record, logs: &Path) -> Worker {
+        Worker {
+            stdout: OutputLog::new(logs.join(format!("{}.stdout", r.id))),
+            stderr: OutputLog::new(logs.join(format!("{}.stderr", r.id))),
+            id: r.id,
+            user: r.user,
+            project: r.project,
+            profile: r.profile,
+            policy_digest: r.policy_digest,
+            command: r.command,
+            uid: r.uid,
+            pid: 0,
+            init_pid: 0,
+            started: UNIX_EPOCH + Duration::from_millis(r.started_ms),
+            enforced: None,
+            stdin: Arc::default(),
+            exit: watch::channel(None).0,
+            stop_requested: AtomicBool::new(false),
+            cgroup: None,
+            reported: Mutex::default(),
+            approvals: Arc::default(),
+            one_shot_session: false,
+            slot: Mutex::new(None),
+        }
+    }
+
+    /// A worker of a previous daemon, found in its record: lost.
+    fn lost(r: Record, logs: &Path) -> Worker {
+        let w = Worker {
+            stdout: OutputLog::finished(logs.join(format!("{}.stdout", r.id))),
+            stderr: OutputLog::finished(logs.join(format!("{}.stderr", r.id))),
+            ..Worker::new(r, logs)
+        };
+        w.exit.send_replace(Some(ExitInfo::lost()));
+        w
+    }
+
+    pub fn exit_info(&self) -> Option<ExitInfo> {
+        self.exit.borrow().clone()
+    }
+
+    /// Resolves when the worker has exited.
+    pub async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exit.subscribe();
+        // The sender lives in the worker itself, which outlives this call.
+        let exit = rx.wait_for(Option::is_some).await.ok().and_then(|e| e.clone());
+        exit.unwrap_or_else(ExitInfo::lost)
+    }
+
+    /// Answers a pending Claude Code permission request of this worker.
+    pub fn approve(&self, request_id: &str, decision: Decision) -> Result<(), WorkerError> {
+        if self.approvals.decide(request_id, decision) {
+            Ok(())
+        } else {
+            Err(WorkerError::NoApproval(request_id.to_string()))
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.cgroup.as_ref().map(WorkerCgroup::usage)
+    }
+}
+
+/// The workers, by id and in the order they started.
+#[derive(Debug, Default)]
+struct Registry {
+    by_id: BTreeMap<String, Arc<Worker>>,
+    order: VecDeque<String>,
+}
+
+/// The registry and everything a spawn needs.
+#[derive(Debug)]
+pub struct Supervisor {
+    pub config: Config,
+    pub users: Users,
+    pub cgroups: Cgroups,
+    pub profiles: Profiles,
+    pub events: Arc<Events>,
+    /// Landlock denials are read from the kernel audit stream.
+    pub landlock_audit: AtomicBool,
+    launcher: PathBuf,
+    registry: Mutex<Registry>,
+    admission: Admission,
+    records: Records,
+    next: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+impl Supervisor {
+    pub fn new(
+        config: Config,
+        users: Users,
+        cgroups: Cgroups,
+        profiles: Profiles,
+        events: Arc<Events>,
+        launcher: PathBuf,
+    ) -> Self {
+        Supervisor {
+            admission: Admission::new(config.max_workers, config.max_workers_per_user),
+            records: Records::new(config.state_dir.join("workers")),
+            next: AtomicU64::new(millis(SystemTime::now())),
+            config,
+            users,
+            cgroups,
+            profiles,
+            events,
+            landlock_audit: AtomicBool::new(false),
+            launcher,
+            registry: Mutex::default(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    fn logs_dir(&self) -> PathBuf {
+        self.config.state_dir.join("logs")
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Worker>, WorkerError> {
+        self.registry()
+            .by_id
+            .get(id)
+            .cloned()
+            .ok_or_else(|| WorkerError::NotFound(id.to_string()))
+    }
+
+    /// All known workers, newest first.
+    pub fn list(&self) -> Vec<Arc<Worker>> {
+        let r = self.registry();
+        r.order.iter().rev().filter_map(|id| r.by_id.get(id).cloned()).collect()
+    }
+
+    fn running(&self) -> Vec<Arc<Worker>> {
+        self.list().into_iter().filter(|w| w.exit_info().is_none()).collect()
+    }
+
+    /// Adds a worker and forgets the oldest exited workers (and their
+    /// output logs) beyond the configured history.
+    fn insert(&self, w: Arc<Worker>) {
+        let mut r = self.registry();
+        r.order.push_back(w.id.clone());
+        r.by_id.insert(w.id.clone(), w);
+        let exited: Vec<String> = r
+            .order
+            .iter()
+            .filter(|id| r.by_id.get(*id).is_some_and(|w| w.exit_info().is_some()))
+            .cloned()
+            .collect();
+        let excess = exited.len().saturating_sub(self.config.exited_history);
+        for id in &exited[..excess] {
+            r.by_id.remove(id);
+            r.order.retain(|o| o != id);
+            for stream in ["stdout", "stderr"] {
+                let _ = std::fs::remove_file(self.logs_dir().join(format!("{id}.{stream}")));
+            }
+        }
+    }
+
+    /// Cleans up after a previous daemon: kills and removes leftover worker
+    /// cgroups and adds the workers it recorded, as lost. Returns them.
+    pub fn recover(&self) -> Vec<Arc<Worker>> {
+        for id in self.cgroups.existing() {
+            let cg = self.cgroups.open(&id);
+            if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
+                tracing::error!(worker = %id, error = %e, "cannot clean up a leftover worker cgroup");
+            }
+        }
+        let lost: Vec<Arc<Worker>> = self
+            .records
+            .take_all()
+            .into_iter()
+            .map(|r| Arc::new(Worker::lost(r, &self.logs_dir())))
+            .collect();
+        for w in &lost {
+            tracing::warn!(worker = %w.id, user = %w.user, "worker of a previous daemon was lost and cleaned up");
+            self.insert(w.clone());
+        }
+        lost
+    }
+
+    /// Checks a running worker's limits twice a second (v1 has no group OOM
+    /// kill: when the OOM counter moves, the rest of the worker is killed
+    /// here) and samples its usage every `sample_interval_seconds`.
+    async fn monitor(&self, w: &Worker) {
+        let every = Duration::from_secs(self.config.sample_interval_seconds);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_sample = Instant::now();
+        loop {
+            tick.tick().await;
+            if w.exit_info().is_some() {
+                break;
+            }
+            let Some(usage) = w.usage() else { break };
+            let oom = self.report_limits(w, &usage);
+            if oom && !self.cgroups.is_v2() {
+                if let Some(cg) = w.cgroup.clone() {
+                    let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
+                }
+            }
+            if last_sample.elapsed() >= every && w.exit_info().is_none() {
+                last_sample = Instant::now();
+                self.events.publish(
+                    Some(&w.id),
+                    Some(&w.user),
+                    EventKind::ResourceSample {
+                        memory_current: usage.memory_current,
+                        memory_peak: usage.memory_peak,
+                        cpu_usage_us: usage.cpu_usage_ns / 1000,
+                        pids: usage.pids_current,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Publishes a limit-reached event for each counter that moved since the
+    /// last report; returns whether the OOM killer struck.
+    fn report_limits(&self, w: &Worker, u: &Usage) -> bool {
+        let mut guard = w.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let r = &mut *guard;
+        let mut oom = false;
+        for (limit, now, seen) in [
+            ("oom_kill", u.oom_kills, &mut r.oom_kills),
+            ("pids_max", u.pids_max_hits, &mut r.pids_max_hits),
+            ("cpu_throttled", u.cpu_throttled, &mut r.cpu_throttled),
+        ] {
+            if now > *seen {
+                *seen = now;
+                oom |= limit == "oom_kill";
+                self.events.publish(
+                    Some(&w.id),
+                    Some(&w.user),
+                    EventKind::LimitReached {
+                        limit: limit.to_string(),
+                        count: now,
+                    },
+                );
+            }
+        }
+        oom
+    }
+
+    /// Records the exit: kills what is left, removes the cgroup and the
+    /// record, publishes the exit and releases the worker's slot.
+    fn finish(&self, w: &Worker, status: Option<std::process::ExitStatus>, timed_out: bool) {
+        use std::os::unix::process::ExitStatusExt;
+        let usage = w.usage().unwrap_or_default();
+        self.report_limits(w, &usage);
+        if let Some(cg) = &w.cgroup {
+            if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
+                tracing::error!(worker = %w.id, error = %e, "cannot remove the worker's cgroup");
+            }
+        }
+        let (code, signal) = match status.map(|s| (s.code(), s.signal())) {
+            Some((Some(c), _)) => (c, if c > 128 { c - 128 } else { 0 }),
+            Some((None, Some(sig))) => (128 + sig, sig),
+            _ => (-1, 0),
+        };
+        let reason = if usage.oom_kills > 0 {
+            ExitReason::Oom
+        } else if w.stop_requested.load(Ordering::SeqCst) {
+            ExitReason::Stopped
+        } else if timed_out {
+            ExitReason::TimedOut
+        } else if signal != 0 {
+            ExitReason::Killed
+        } else {
+            ExitReason::Exited
+        };
+        let info = ExitInfo {
+            code,
+            signal,
+            reason,
+            at: SystemTime::now(),
+            peak_memory: usage.memory_peak,
+            cpu_time_us: usage.cpu_usage_ns / 1000,
+        };
+        tracing::info!(worker = %w.id, code, signal, reason = ?reason, "worker exited");
+        let duration_ms = info
+            .at
+            .duration_since(w.started)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.events.publish(
+            Some(&w.id),
+            Some(&w.user),
+            EventKind::WorkerExited {
+                code,
+                signal,
+                reason,
+                duration_ms,
+                cpu_time_us: info.cpu_time_us,
+                peak_memory: info.peak_memory,
+            },
+        );
+        self.records.remove(&w.id);
+        w.exit.send_replace(Some(info));
+        w.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub fn signal(&self, id: &str, sig: Signal) -> Result<Arc<Worker>, WorkerError> {
+        let w = self.get(id)?;
+        let pid = i32::try_from(w.pid).ok().filter(|p| *p > 0);
+        let (None, Some(pid)) = (w.exit_info(), pid) else {
+            return Err(WorkerError::Exited(id.to_string()));
+        };
+        kill(Pid::from_raw(pid), sig).map_err(|source| WorkerError::Signal {
+            id: id.to_string(),
+            source,
+        })?;
+        Ok(w)
+    }
+
+    /// SIGTERM, `grace`, then SIGKILL of the whole cgroup; returns the exit.
+    pub async fn stop(&self, id: &str, grace: Option<Duration>) -> Result<ExitInfo, WorkerError> {
+        let w = self.get(id)?;
+        if let Some(e) = w.exit_info() {
+            return Ok(e);
+        }
+        w.stop_requested.store(true, Ordering::SeqCst);
+        let grace = grace.unwrap_or(Duration::from_secs(u64::from(self.config.stop_grace_seconds)));
+        let _ = self.signal(id, Signal::SIGTERM);
+        if let Ok(e) = tokio::time::timeout(grace, w.wait()).await {
+            return Ok(e);
+        }
+        if let Some(cg) = w.cgroup.clone() {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(10))).await;
+        }
+        Ok(w.wait().await)
+    }
+
+    /// Stops accepting spawns and stops every running worker (SIGTERM).
+    pub async fn shutdown(self: &Arc<Self>) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let stops = self.running().into_iter().map(|w| {
+            let this = self.clone();
+            tokio::spawn(async move { this.stop(&w.id, None).await })
+        });
+        for s in stops.collect::<Vec<_>>() {
+            let _ = s.await;
+        }
+    }
+}
+
+impl crate::landlock_audit::Placement for Supervisor {
+    fn by_init(&self, pid: u32) -> Option<(String, String)> {
+        let r = self.registry();
+        r.by_id
+            .values()
+            .find(|w| pid != 0 && w.init_pid == pid)
+            .map(|w| (w.id.clone(), w.user.clone()))
+    }
+
+    fn user_of(&self, id: &str) -> Option<String> {
+        self.get(id).ok().map(|w| w.user.clone())
+    }
+}

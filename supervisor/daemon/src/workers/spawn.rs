@@ -1,0 +1,493 @@
+//! A spawn, in phases: admit → resolve → prepare → launch → register →
+//! watch. [`Supervisor::spawn`] is their table of contents; each phase is
+//! one function here, read top to bottom.
+//!
+//! [`prepare`] and [`Prepared::launch`] are also what the test harness
+//! runs workers with, without a daemon: the same pipeline, not a copy.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use warden_policy::config::Config;
+use warden_policy::seccomp::Arch;
+use warden_policy::{ClaudeRequest, LaunchSpec, Profile, ProfileSet, SpawnRequest};
+
+use super::admission::Slot;
+use super::record::Record;
+use super::{Supervisor, Worker, WorkerError};
+use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
+use crate::claude::session::{self, Session, Start};
+use crate::events::{millis, EventKind};
+use crate::io::Stdin;
+use crate::launcher::{LaunchError, Launched};
+use crate::users::Users;
+
+/// Tightening limits a request may ask for (None: keep the profile's).
+#[derive(Debug, Clone, Default)]
+pub struct RequestedLimits {
+    pub memory: Option<u64>,
+    pub memory_swap: Option<u64>,
+    pub pids: Option<u64>,
+    pub cpu_quota_us: Option<u64>,
+    pub timeout_secs: Option<u64>,
+}
+
+/// What a spawn request asks for, validated field by field by the API.
+#[derive(Debug, Clone)]
+pub struct SpawnParams {
+    pub user: String,
+    pub project: String,
+    pub profile: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub limits: RequestedLimits,
+    /// `[claude]` profiles: keep stdin open after the initial prompt.
+    pub interactive: bool,
+    /// `[claude]` profiles: options that narrow the profile's.
+    pub claude: ClaudeRequest,
+}
+
+/// The host side a worker is prepared on: the daemon's, or a test's.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    pub config: &'a Config,
+    pub users: &'a Users,
+    pub cgroups: &'a Cgroups,
+}
+
+/// A worker ready to launch: its compiled spec and its cgroup, created
+/// with the profile's limits.
+#[derive(Debug)]
+pub struct Prepared {
+    pub spec: LaunchSpec,
+    pub cgroup: WorkerCgroup,
+    pub project: String,
+    /// Claude Code workers: how the daemon drives the session.
+    pub session: Option<Start>,
+}
+
+impl Supervisor {
+    /// Starts a worker: returns once the sandbox is in place and the command
+    /// exec'd, or with the phase's error (nothing of the worker is left).
+    pub async fn spawn(self: &Arc<Self>, p: SpawnParams) -> Result<Arc<Worker>, WorkerError> {
+        let slot = self.admit(&p.user)?;
+        let profile = resolve(&self.profiles.current(), &p)?;
+        let prepared = self.prepare(profile, p.clone()).await?;
+        let mut launched = self.launch(&prepared).await?;
+        let worker = self.register(&prepared, &mut launched, &p, slot);
+        let timeout = prepared.spec.timeout_secs.map(Duration::from_secs);
+        self.watch(&worker, launched, prepared.session, p.interactive, timeout);
+        Ok(worker)
+    }
+
+    /// Admission: reserves the worker's slot under the caps, or refuses.
+    fn admit(&self, user: &str) -> Result<Slot, WorkerError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(WorkerError::ShuttingDown);
+        }
+        Ok(self.admission.admit(user)?)
+    }
+
+    /// The user's directories, Claude Code's files, the cgroup and the spec
+    /// (blocking file system work, off the async threads).
+    async fn prepare(self: &Arc<Self>, profile: Profile, p: SpawnParams) -> Result<Prepared, WorkerError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let id = format!("w{:x}", this.next.fetch_add(1, Ordering::SeqCst));
+            prepare(&this.host(), &id, &profile, &p)
+        })
+        .await?
+    }
+
+    /// Persists the worker's record, then starts the launcher and waits for
+    /// its report. A failure removes what prepare made and is a
+    /// `spawn_failed` event.
+    async fn launch(&self, prepared: &Prepared) -> Result<Launched, WorkerError> {
+        let spec = &prepared.spec;
+        let logs = self.logs_dir();
+        let setup = || -> Result<(), WorkerError> {
+            std::fs::create_dir_all(&logs).map_err(|source| WorkerError::Logs {
+                path: logs.clone(),
+                source,
+            })?;
+            self.records.save(&Record {
+                id: spec.worker_id.clone(),
+                user: spec.user.clone(),
+                project: prepared.project.clone(),
+                profile: spec.profile.clone(),
+                policy_digest: spec.policy_digest.clone(),
+                command: spec.argv.clone(),
+                uid: spec.uid,
+                started_ms: millis(SystemTime::now()),
+            })?;
+            Ok(())
+        };
+        let result = match setup() {
+            Ok(()) => {
+                let (launcher, spec) = (self.launcher.clone(), spec.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::launcher::launch(&launcher, &spec, Stdio::piped(), Stdio::piped(), Stdio::piped())
+                })
+                .await
+                .map_err(WorkerError::from)
+                .and_then(|r| r.map_err(WorkerError::from))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            prepared.abandon();
+            self.records.remove(&spec.worker_id);
+            let (stage, errno, message) = match e {
+                WorkerError::Launch(LaunchError::Setup {
+                    stage, errno, message, ..
+                }) => (stage.clone(), *errno, message.clone()),
+                other => ("spawn".to_string(), 0, other.to_string()),
+            };
+            self.events.publish(
+                Some(&spec.worker_id),
+                Some(&spec.user),
+                EventKind::SpawnFailed {
+                    profile: spec.profile.clone(),
+                    stage,
+                    errno,
+                    message,
+                },
+            );
+        }
+        result
+    }
+
+    /// Builds the [`Worker`], adds it to the registry and publishes what the
+    /// kernel enforces for it.
+    fn register(&self, prepared: &Prepared, launched: &mut Launched, p: &SpawnParams, slot: Slot) -> Arc<Worker> {
+        let spec = &prepared.spec;
+        let stdin = launched
+            .child
+            .stdin
+            .take()
+            .and_then(|s| tokio::process::ChildStdin::from_std(s).ok());
+        let worker = Arc::new(Worker {
+            pid: launched.child.id(),
+            init_pid: launched.enforced.init_pid,
+            enforced: Some(launched.enforced.clone()),
+            stdin: Arc::new(Stdin::new(stdin)),
+            cgroup: Some(prepared.cgroup.clone()),
+            one_shot_session: prepared.session.is_some() && !p.interactive,
+            slot: std::sync::Mutex::new(Some(slot)),
+            ..Worker::new(
+                Record {
+                    id: spec.worker_id.clone(),
+                    user: spec.user.clone(),
+                    project: prepared.project.clone(),
+                    profile: spec.profile.clone(),
+                    policy_digest: spec.policy_digest.clone(),
+                    command: spec.argv.clone(),
+                    uid: spec.uid,
+                    started_ms: millis(SystemTime::now()),
+                },
+                &self.logs_dir(),
+            )
+        });
+        self.insert(worker.clone());
+        tracing::info!(worker = %worker.id, user = %worker.user, profile = %worker.profile, pid = worker.pid, "worker started");
+        let e = &launched.enforced;
+        self.events.publish(
+            Some(&worker.id),
+            Some(&worker.user),
+            EventKind::WorkerStarted {
+                profile: worker.profile.clone(),
+                policy_digest: worker.policy_digest.clone(),
+                uid: worker.uid,
+                cgroup: prepared
+                    .cgroup
+                    .paths()
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                command: worker.command.clone(),
+                landlock_abi: e.landlock_abi,
+                landlock_tcp: e.landlock_tcp,
+                landlock_scoped: e.landlock_scoped,
+                seccomp_filter_len: e.seccomp_filter_len,
+                namespaces: e.namespaces.clone(),
+                no_new_privs: e.no_new_privs,
+                capabilities_empty: e.capabilities_empty,
+                landlock_denials_observable: self.landlock_audit.load(Ordering::SeqCst) && e.landlock_abi >= 7,
+                seccomp_denials_observable: launched.seccomp_listener.is_some(),
+            },
+        );
+        worker
+    }
+
+    /// What runs alongside the worker until it ends: the denial reporter,
+    /// the Claude Code session, the output pumps, the waiter that records
+    /// the exit (a timeout when it ran for `timeout`), and the limit monitor.
+    fn watch(
+        self: &Arc<Self>,
+        worker: &Arc<Worker>,
+        mut launched: Launched,
+        session: Option<Start>,
+        interactive: bool,
+        timeout: Option<Duration>,
+    ) {
+        if let Some(listener) = launched.seccomp_listener.take() {
+            self.report_denials(worker, listener);
+        }
+        // Claude Code sessions: the daemon reads the worker's stream-json
+        // output to answer its permission requests and end one-shot runs.
+        let tap = session.map(|start| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let s = Session {
+                worker: worker.id.clone(),
+                user: worker.user.clone(),
+                events: self.events.clone(),
+                stdin: worker.stdin.clone(),
+                approvals: worker.approvals.clone(),
+            };
+            tokio::spawn(session::drive(s, start, interactive, rx));
+            tx
+        });
+        let cap = self.config.log_max_bytes;
+        let stdout = launched
+            .child
+            .stdout
+            .take()
+            .and_then(|s| tokio::process::ChildStdout::from_std(s).ok());
+        let stderr = launched
+            .child
+            .stderr
+            .take()
+            .and_then(|s| tokio::process::ChildStderr::from_std(s).ok());
+        let pumps = [
+            stdout.map(|s| {
+                let w = worker.clone();
+                tokio::spawn(async move { w.stdout.pump(s, cap, tap).await })
+            }),
+            stderr.map(|s| {
+                let w = worker.clone();
+                tokio::spawn(async move { w.stderr.pump(s, cap, None).await })
+            }),
+        ];
+        let (this, w, mut child) = (self.clone(), worker.clone(), launched.child);
+        tokio::spawn(async move {
+            let begun = Instant::now();
+            let status = tokio::task::spawn_blocking(move || child.wait()).await;
+            for p in pumps.into_iter().flatten() {
+                let _ = p.await;
+            }
+            let timed_out = timeout.is_some_and(|t| begun.elapsed() >= t);
+            this.finish(&w, status.ok().and_then(Result::ok), timed_out);
+        });
+        let (this, w) = (self.clone(), worker.clone());
+        tokio::spawn(async move { this.monitor(&w).await });
+    }
+
+    /// Answers the worker's denied system calls with EPERM and reports
+    /// them, on a thread of its own until the worker is gone.
+    fn report_denials(&self, worker: &Worker, listener: std::os::fd::OwnedFd) {
+        let events = self.events.clone();
+        let (id, user) = (worker.id.clone(), worker.user.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("denials-{id}"))
+            .spawn(move || {
+                crate::denials::serve(listener, crate::denials::default_limit(), |d| {
+                    events.publish(
+                        Some(&id),
+                        Some(&user),
+                        EventKind::SandboxDenial {
+                            layer: "seccomp".into(),
+                            syscall: Some(d.syscall),
+                            pid: i32::try_from(d.pid).ok(),
+                            path: None,
+                            access: None,
+                            suppressed: d.suppressed,
+                        },
+                    );
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::error!(worker = %worker.id, error = %e, "cannot start the denial reporter; denied calls will fail with ENOSYS");
+        }
+    }
+
+    /// The host side of this daemon, for [`prepare`].
+    fn host(&self) -> Host<'_> {
+        Host {
+            config: &self.config,
+            users: &self.users,
+            cgroups: &self.cgroups,
+        }
+    }
+}
+
+/// The profile the request names, with the request's limits applied (they
+/// may only tighten it).
+pub fn resolve(set: &ProfileSet, p: &SpawnParams) -> Result<Profile, WorkerError> {
+    let mut profile = set.get(&p.profile)?.clone();
+    let (l, r) = (&mut profile.limits, &p.limits);
+    l.memory = tighten("memory", l.memory, r.memory)?;
+    l.memory_swap = tighten("memory_swap", l.memory_swap, r.memory_swap.or(r.memory))?;
+    l.pids = tighten("pids", l.pids, r.pids)?;
+    l.cpu_quota_us = tighten("cpu_quota", l.cpu_quota_us, r.cpu_quota_us)?;
+    l.timeout_secs = tighten("timeout", l.timeout_secs, r.timeout_secs)?;
+    Ok(profile)
+}
+
+fn tighten(field: &'static str, profile: Option<u64>, asked: Option<u64>) -> Result<Option<u64>, WorkerError> {
+    match (profile, asked) {
+        (_, None) => Ok(profile),
+        (None, Some(a)) => Ok(Some(a)),
+        (Some(p), Some(a)) if a <= p => Ok(Some(a)),
+        (Some(p), Some(a)) => Err(WorkerError::LoosenedLimit {
+            field,
+            asked: a,
+            allowed: p,
+        }),
+    }
+}
+
+/// Prepares worker `id` on `host`: the user's uid and directories, Claude
+/// Code's files for a `[claude]` profile, the cgroup with the profile's
+/// limits, and the compiled spec. Blocking.
+pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) -> Result<Prepared, WorkerError> {
+    let identity = host.users.identity(&p.user)?;
+    let dirs = host.users.prepare(&p.user, &p.project)?;
+    // A [claude] profile runs the claude binary; the request's command is
+    // its initial prompt.
+    let claude = match &profile.claude {
+        Some(c) => Some(crate::claude::prepare::prepare(
+            host.config,
+            c,
+            &p.claude,
+            &p.user,
+            &p.command,
+            identity,
+            &dirs.workspace,
+        )?),
+        None => None,
+    };
+    let (argv, extra_binds) = match &claude {
+        Some(c) => (c.argv.clone(), c.binds.clone()),
+        None => (p.command.clone(), Vec::new()),
+    };
+    let cgroup = host.cgroups.create(id, &CgroupLimits::from(&profile.limits))?;
+    let req = SpawnRequest {
+        worker_id: id.to_string(),
+        user: p.user.clone(),
+        uid: identity.uid,
+        gid: identity.gid,
+        project: p.project.clone(),
+        argv,
+        env: p.env.clone(),
+        home_dir: dirs.home,
+        workspace_dir: dirs.workspace,
+        cgroup_procs: cgroup.procs_files(),
+        protected: host.config.protected_paths(),
+        extra_binds,
+    };
+    let arch = Arch::host().ok_or(WorkerError::Arch);
+    let mut spec = match arch.and_then(|a| Ok(warden_policy::compile(profile, &req, a)?)) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let _ = cgroup.remove();
+            return Err(e);
+        }
+    };
+    let session = claude.map(|c| {
+        // Credentials reach only this worker's environment (never its
+        // workspace, the spec on disk or the audit log).
+        for (k, v) in c.env {
+            spec.env.retain(|(name, _)| *name != k);
+            spec.env.push((k, v));
+        }
+        c.start
+    });
+    Ok(Prepared {
+        spec,
+        cgroup,
+        project: p.project.clone(),
+        session,
+    })
+}
+
+impl Prepared {
+    /// Starts the launcher for this worker with the given stdio (blocking).
+    pub fn launch(
+        &self,
+        launcher: &std::path::Path,
+        stdin: Stdio,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<Launched, LaunchError> {
+        crate::launcher::launch(launcher, &self.spec, stdin, stdout, stderr)
+    }
+
+    /// Undoes [`prepare`] for a worker that will not run: kills anything in
+    /// its cgroup and removes it.
+    pub fn abandon(&self) {
+        let _ = self.cgroup.kill_all(Duration::from_secs(5));
+        if let Err(e) = self.cgroup.remove() {
+            tracing::error!(worker = %self.spec.worker_id, error = %e, "cannot remove the cgroup of a worker that did not start");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(limits: RequestedLimits) -> SpawnParams {
+        SpawnParams {
+            user: "alice".into(),
+            project: "default".into(),
+            profile: "base".into(),
+            command: vec!["true".into()],
+            env: BTreeMap::new(),
+            limits,
+            interactive: false,
+            claude: ClaudeRequest::default(),
+        }
+    }
+
+    #[test]
+    fn requests_may_only_tighten() {
+        assert_eq!(tighten("pids", Some(10), Some(5)).unwrap(), Some(5));
+        assert_eq!(tighten("pids", Some(10), None).unwrap(), Some(10));
+        assert_eq!(tighten("pids", None, Some(7)).unwrap(), Some(7));
+        assert!(matches!(
+            tighten("pids", Some(10), Some(11)),
+            Err(WorkerError::LoosenedLimit { .. })
+        ));
+        let set = ProfileSet::embedded().unwrap();
+        let base = set.get("base").unwrap();
+        let p = resolve(
+            &set,
+            &params(RequestedLimits {
+                memory: Some(1 << 20),
+                pids: Some(3),
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.limits.memory, p.limits.memory_swap, p.limits.pids),
+            (Some(1 << 20), Some(1 << 20), Some(3))
+        );
+        assert_eq!(p.limits.timeout_secs, base.limits.timeout_secs);
+        let e = resolve(
+            &set,
+            &params(RequestedLimits {
+                pids: Some(100_000),
+                ..Default::default()
+            }),
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "Limit pids = 100000 would loosen the profile's 256");
+        let mut unknown = params(RequestedLimits::default());
+        unknown.profile = "nope".into();
+        assert!(matches!(resolve(&set, &unknown), Err(WorkerError::Policy(_))));
+    }
+}

@@ -1,0 +1,410 @@
+//! The `[claude]` part of a profile: how a worker runs the Claude Code CLI
+//! headless, which of its options a spawn request may narrow, and the
+//! rules that decide tool-call approvals without asking.
+//!
+//! Everything here is typed when the profile is read (permission modes,
+//! tool rules, URLs); nothing is parsed again when a worker starts.
+
+use serde::Serialize;
+
+use crate::units::deserialize_via;
+
+/// Claude Code's permission modes, as its `--permission-mode` takes them,
+/// ordered from the mode that asks most to the one that asks least.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(into = "String")]
+pub enum PermissionMode {
+    Plan,
+    Default,
+    AcceptEdits,
+    BypassPermissions,
+}
+
+impl PermissionMode {
+    pub const ALL: [PermissionMode; 4] = [
+        PermissionMode::Plan,
+        PermissionMode::Default,
+        PermissionMode::AcceptEdits,
+        PermissionMode::BypassPermissions,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PermissionMode::Plan => "plan",
+            PermissionMode::Default => "default",
+            PermissionMode::AcceptEdits => "acceptEdits",
+            PermissionMode::BypassPermissions => "bypassPermissions",
+        }
+    }
+
+    /// Tool calls need approval (any mode but bypassPermissions).
+    pub fn asks(self) -> bool {
+        self != PermissionMode::BypassPermissions
+    }
+}
+
+impl TryFrom<String> for PermissionMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        PermissionMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                let all: Vec<&str> = PermissionMode::ALL.iter().map(|m| m.as_str()).collect();
+                format!("unknown permission mode {s:?}; expected one of {}", all.join(", "))
+            })
+    }
+}
+
+impl From<PermissionMode> for String {
+    fn from(m: PermissionMode) -> String {
+        m.as_str().to_string()
+    }
+}
+
+/// A rule that decides a tool call without asking: `Tool` or `Tool(glob)`,
+/// the glob (`*` only) matched against the call's command, file path, URL
+/// or pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct ToolRule {
+    pub tool: String,
+    pub glob: Option<String>,
+}
+
+impl TryFrom<String> for ToolRule {
+    type Error = String;
+    fn try_from(rule: String) -> Result<Self, String> {
+        let bad = || format!("{rule:?}: expected Tool or Tool(pattern)");
+        let (tool, glob) = match rule.split_once('(') {
+            Some((n, rest)) => (n, Some(rest.strip_suffix(')').ok_or_else(bad)?)),
+            None => (rule.as_str(), None),
+        };
+        if tool.is_empty() || !tool.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(bad());
+        }
+        Ok(ToolRule {
+            tool: tool.to_string(),
+            glob: glob.map(str::to_string),
+        })
+    }
+}
+
+impl From<ToolRule> for String {
+    fn from(r: ToolRule) -> String {
+        r.to_string()
+    }
+}
+
+impl std::fmt::Display for ToolRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.glob {
+            Some(g) => write!(f, "{}({g})", self.tool),
+            None => f.write_str(&self.tool),
+        }
+    }
+}
+
+impl ToolRule {
+    fn matches(&self, tool: &str, subject: &str) -> bool {
+        self.tool == tool && self.glob.as_deref().is_none_or(|g| glob_match(g, subject))
+    }
+}
+
+/// An `http://` or `https://` URL, split once into its parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct HttpUrl {
+    /// The URL as written.
+    pub text: String,
+    pub https: bool,
+    /// The host as written (a name, an IPv4 address or `[v6]`).
+    pub host: String,
+    pub port: u16,
+    /// The path, "" or starting with '/'.
+    pub path: String,
+}
+
+impl TryFrom<String> for HttpUrl {
+    type Error = String;
+    fn try_from(url: String) -> Result<Self, String> {
+        let not_http = || format!("{url:?} is not an http:// or https:// URL");
+        let (scheme, rest) = url.split_once("://").ok_or_else(not_http)?;
+        let https = match scheme {
+            "http" => false,
+            "https" => true,
+            _ => return Err(not_http()),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!("{url:?} has no host (or has credentials in it)"));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !authority.ends_with(']') => {
+                (h, p.parse().map_err(|_| format!("{url:?} has an invalid port {p:?}"))?)
+            }
+            _ => (authority, if https { 443 } else { 80 }),
+        };
+        if host.is_empty() || port == 0 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("{url:?} has no usable host and port"));
+        }
+        Ok(HttpUrl {
+            https,
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+            text: url,
+        })
+    }
+}
+
+impl From<HttpUrl> for String {
+    fn from(u: HttpUrl) -> String {
+        u.text
+    }
+}
+
+deserialize_via!(String: PermissionMode, ToolRule, HttpUrl);
+
+/// How a `[claude]` profile runs the Claude Code CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ClaudePolicy {
+    pub permission_mode: PermissionMode,
+    pub model: Option<String>,
+    /// Further models a spawn request may choose.
+    pub models: Vec<String>,
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    pub max_turns: Option<u32>,
+    pub append_system_prompt: Option<String>,
+    /// `ANTHROPIC_BASE_URL`; its port is added to the TCP connect ports.
+    pub base_url: Option<HttpUrl>,
+    /// Placed as CLAUDE.md in a workspace that has none.
+    pub claude_md: Option<String>,
+    /// Claude Code's managed settings (JSON), mounted read-only at
+    /// `/etc/claude-code/managed-settings.json`.
+    pub managed_settings: Option<String>,
+    /// An approval nobody answers within this is a deny.
+    pub approval_timeout_secs: u64,
+    /// Tool calls decided without asking. Deny rules win.
+    pub auto_allow: Vec<ToolRule>,
+    pub auto_deny: Vec<ToolRule>,
+}
+
+impl Default for ClaudePolicy {
+    /// What a `[claude]` section with nothing in it means.
+    fn default() -> Self {
+        ClaudePolicy {
+            permission_mode: PermissionMode::BypassPermissions,
+            model: None,
+            models: Vec::new(),
+            allowed_tools: Vec::new(),
+            disallowed_tools: Vec::new(),
+            max_turns: None,
+            append_system_prompt: None,
+            base_url: None,
+            claude_md: None,
+            managed_settings: None,
+            // Under Claude Code's own one-minute wait for an answer.
+            approval_timeout_secs: 55,
+            auto_allow: Vec::new(),
+            auto_deny: Vec::new(),
+        }
+    }
+}
+
+/// What a spawn request asks of a `[claude]` profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaudeRequest {
+    pub model: Option<String>,
+    pub max_turns: Option<u32>,
+    pub disallowed_tools: Vec<String>,
+    pub append_system_prompt: Option<String>,
+    pub permission_mode: Option<String>,
+}
+
+impl ClaudePolicy {
+    /// The CLI arguments this policy stands for (after the binary).
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--permission-mode",
+            self.permission_mode.as_str(),
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        if let Some(m) = &self.model {
+            a.extend(["--model".into(), m.clone()]);
+        }
+        if let Some(n) = self.max_turns {
+            a.extend(["--max-turns".into(), n.to_string()]);
+        }
+        if !self.allowed_tools.is_empty() {
+            a.push("--allowedTools".into());
+            a.extend(self.allowed_tools.iter().cloned());
+        }
+        if !self.disallowed_tools.is_empty() {
+            a.push("--disallowedTools".into());
+            a.extend(self.disallowed_tools.iter().cloned());
+        }
+        if let Some(p) = &self.append_system_prompt {
+            a.extend(["--append-system-prompt".into(), p.clone()]);
+        }
+        if self.permission_mode.asks() {
+            // Permission prompts arrive on stdout as control requests, which
+            // wardend answers (see `Workers.Approve`).
+            a.extend(["--permission-prompt-tool".into(), "stdio".into()]);
+        }
+        a
+    }
+
+    /// This policy narrowed by a request; an option that would widen it is
+    /// an error naming the option.
+    pub fn narrowed(&self, r: &ClaudeRequest) -> Result<ClaudePolicy, String> {
+        let mut p = self.clone();
+        if let Some(m) = &r.model {
+            if p.model.as_ref() != Some(m) && !p.models.contains(m) {
+                return Err(format!("model {m:?} is not one the profile allows"));
+            }
+            p.model = Some(m.clone());
+        }
+        if let Some(n) = r.max_turns {
+            if let Some(max) = p.max_turns.filter(|max| n > *max) {
+                return Err(format!("max_turns {n} exceeds the profile's {max}"));
+            }
+            p.max_turns = Some(n);
+        }
+        for t in &r.disallowed_tools {
+            if t.is_empty() || t.starts_with('-') {
+                return Err(format!("invalid tool name {t:?}"));
+            }
+            p.disallowed_tools.push(t.clone());
+        }
+        if let Some(extra) = &r.append_system_prompt {
+            p.append_system_prompt = Some(match &p.append_system_prompt {
+                Some(base) => format!("{base}\n\n{extra}"),
+                None => extra.clone(),
+            });
+        }
+        if let Some(m) = &r.permission_mode {
+            let asked = PermissionMode::try_from(m.clone())?;
+            // The modes are ordered from most to least asking.
+            if asked > p.permission_mode {
+                return Err(format!(
+                    "permission mode {m:?} asks less than the profile's {:?}",
+                    p.permission_mode.as_str()
+                ));
+            }
+            p.permission_mode = asked;
+        }
+        Ok(p)
+    }
+
+    /// The rule that decides a tool call without asking, if any:
+    /// `(allow, rule)`.
+    pub fn rule_for(&self, tool: &str, input: &serde_json::Value) -> Option<(bool, &ToolRule)> {
+        let subject = ["command", "file_path", "path", "url", "pattern"]
+            .iter()
+            .find_map(|k| input.get(*k).and_then(|v| v.as_str()))
+            .map_or_else(|| input.to_string(), str::to_string);
+        if let Some(r) = self.auto_deny.iter().find(|r| r.matches(tool, &subject)) {
+            return Some((false, r));
+        }
+        self.auto_allow
+            .iter()
+            .find(|r| r.matches(tool, &subject))
+            .map(|r| (true, r))
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob_match(glob: &str, text: &str) -> bool {
+    let parts: Vec<&str> = glob.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return glob == text;
+    };
+    if text.len() < first.len() + last.len() || !text.starts_with(first) || !text[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(s: &str) -> ToolRule {
+        ToolRule::try_from(s.to_string()).unwrap()
+    }
+
+    #[test]
+    fn rules_decide_deny_first() {
+        let c = ClaudePolicy {
+            auto_allow: vec![rule("Read"), rule("Bash(git status*)")],
+            auto_deny: vec![rule("Bash(*rm -rf*)")],
+            ..ClaudePolicy::default()
+        };
+        let cmd = |c: &str| serde_json::json!({"command": c});
+        let decided = |tool: &str, input: &serde_json::Value| c.rule_for(tool, input).map(|(a, r)| (a, r.to_string()));
+        assert_eq!(
+            decided("Read", &serde_json::json!({"file_path": "/x"})),
+            Some((true, "Read".into()))
+        );
+        assert_eq!(
+            decided("Bash", &cmd("git status --short")),
+            Some((true, "Bash(git status*)".into()))
+        );
+        assert_eq!(
+            decided("Bash", &cmd("cd / && rm -rf x")),
+            Some((false, "Bash(*rm -rf*)".into()))
+        );
+        assert_eq!(decided("Bash", &cmd("git push")), None);
+        assert_eq!(decided("Write", &serde_json::json!({"file_path": "/x"})), None);
+    }
+
+    #[test]
+    fn values_are_checked_once() {
+        assert!(ToolRule::try_from("Bash(x".to_string())
+            .unwrap_err()
+            .contains("expected Tool or Tool(pattern)"));
+        assert!(PermissionMode::try_from("yolo".to_string())
+            .unwrap_err()
+            .starts_with("unknown permission mode"));
+        let u = HttpUrl::try_from("https://api.example.com/v1".to_string()).unwrap();
+        assert_eq!(
+            (u.https, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "api.example.com", 443, "/v1")
+        );
+        assert_eq!(HttpUrl::try_from("http://[::1]:9000".to_string()).unwrap().port, 9000);
+        assert!(HttpUrl::try_from("http://user@host:1".to_string()).is_err());
+        assert!(HttpUrl::try_from("ftp://x".to_string())
+            .unwrap_err()
+            .contains("not an http"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("git *", "git status"));
+        assert!(glob_match("*rm -rf*", "cd / && rm -rf x"));
+        assert!(glob_match("a*b*c", "aXbYc"));
+        assert!(!glob_match("a*b*c", "aXcYb"));
+        assert!(!glob_match("ab*ba", "aba"));
+        assert!(glob_match("exact", "exact"));
+    }
+}
