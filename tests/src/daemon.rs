@@ -156,7 +156,7 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().unwrap().id() as i32;
+        let pid = i32::try_from(self.child.as_ref().unwrap().id()).expect("a pid fits pid_t");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
     }
 }

@@ -26,9 +26,9 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// The uid range test users get (distinct from any real account here).
 pub const TEST_UIDS: std::ops::RangeInclusive<u32> = 210_000..=219_999;
 
-/// The directory holding this build's binaries (target/debug).
 /// The real `claude` binary the tests drive: `$WARDEN_CLAUDE_BIN`, else
-/// the pinned copy `tests/run-all` installs under `target/claude-code`.
+/// the pinned copy `tests/run-all` installs in the cargo target directory
+/// (`claude-code/` next to `debug/`).
 pub fn claude_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("WARDEN_CLAUDE_BIN") {
         return PathBuf::from(p);
@@ -38,6 +38,8 @@ pub fn claude_binary() -> PathBuf {
     target.join("claude-code/node_modules/.bin/claude")
 }
 
+/// The directory holding this build's binaries (`debug/` in the cargo
+/// target directory).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();

@@ -308,7 +308,7 @@ fn socket_activation_and_readiness_notification() {
         "the configured socket was not bound"
     );
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid fits pid_t")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();

@@ -381,7 +381,7 @@ fn a_slow_subscriber_is_told_it_lagged_while_a_fast_one_keeps_up() {
     assert!(got < n, "the slow one got {got} of {n}");
     // The fast one saw all of them.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(fast.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(fast.id()).expect("a pid fits pid_t")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .ok();

@@ -51,13 +51,15 @@ pub fn open() -> nix::Result<OwnedFd> {
     )?;
     bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1 << (AUDIT_NLGRP_READLOG - 1)))?;
     // struct audit_status { mask, enabled, failure, pid, rate_limit, backlog_limit, lost, backlog, ... }
-    let mut status = [0u8; 44];
+    const STATUS_LEN: u32 = 44;
+    const HEADER_LEN: u32 = 16;
+    let mut status = [0u8; STATUS_LEN as usize];
     status[0..4].copy_from_slice(&(AUDIT_STATUS_ENABLED | AUDIT_STATUS_BACKLOG_LIMIT).to_ne_bytes());
     status[4..8].copy_from_slice(&1u32.to_ne_bytes());
     // The default backlog of 64 records drops denials of busy workers.
     status[20..24].copy_from_slice(&AUDIT_BACKLOG.to_ne_bytes());
-    let mut msg = Vec::with_capacity(16 + status.len());
-    msg.extend_from_slice(&(16 + status.len() as u32).to_ne_bytes());
+    let mut msg = Vec::with_capacity((HEADER_LEN + STATUS_LEN) as usize);
+    msg.extend_from_slice(&(HEADER_LEN + STATUS_LEN).to_ne_bytes());
     msg.extend_from_slice(&AUDIT_SET.to_ne_bytes());
     msg.extend_from_slice(&1u16.to_ne_bytes()); // NLM_F_REQUEST
     msg.extend_from_slice(&1u32.to_ne_bytes()); // seq

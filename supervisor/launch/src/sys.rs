@@ -51,8 +51,9 @@ pub fn clone_tree(fd: &OwnedFd) -> Result<OwnedFd, Errno> {
     // SAFETY: `fd` is a valid open descriptor and `empty` a valid C string;
     // on success the kernel returns a new descriptor that we own.
     let ret = check(unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), empty.as_ptr(), flags) })?;
+    let raw = RawFd::try_from(ret).map_err(|_| Errno::EBADF)?;
     // SAFETY: ret is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Sets mount attributes on a whole detached tree.
@@ -137,8 +138,9 @@ pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<OwnedFd, Errno>
             &prog as *const libc::sock_fprog,
         )
     })?;
+    let raw = RawFd::try_from(ret).map_err(|_| Errno::EBADF)?;
     // SAFETY: with NEW_LISTENER the return value is a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Writes `data` on the report socket with `fd` attached (SCM_RIGHTS).
@@ -154,7 +156,7 @@ pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<(), Errno> {
 pub fn wait_signal(set: &SigSet, timeout: Option<std::time::Duration>) -> Option<i32> {
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+        tv_nsec: libc::c_long::from(t.subsec_nanos()),
     });
     let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `set` is a valid sigset, info may be NULL, ts is NULL or valid.
@@ -168,19 +170,22 @@ pub fn loopback_up() -> Result<(), Errno> {
     let fd = check(libc::c_long::from(unsafe {
         libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
     }))?;
+    let raw = RawFd::try_from(fd).map_err(|_| Errno::EBADF)?;
     // SAFETY: fresh descriptor, owned here.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     // SAFETY: SIOCGIFFLAGS reads the name and writes ifru_flags of `req`.
     check(libc::c_long::from(unsafe {
         libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)
     }))?;
+    // IFF_UP is 1: it fits the short the kernel keeps flags in.
+    let up = libc::c_short::try_from(libc::IFF_UP).map_err(|_| Errno::EINVAL)?;
     // SAFETY: reading and writing the flags member the kernel just filled.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    unsafe { req.ifr_ifru.ifru_flags |= up };
     // SAFETY: as above; the kernel reads `req`.
     check(libc::c_long::from(unsafe {
         libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req)

@@ -126,7 +126,7 @@ fn sigterm_to_the_launcher_reaches_the_worker() {
     let mut lines = BufReader::new(l.child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(l.child.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(l.child.id()).expect("a pid fits pid_t")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();

@@ -54,11 +54,12 @@ fn connect_unix(addr: &[u8]) -> String {
     }
     // SAFETY: sockaddr_un is plain data.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    sa.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).expect("AF_UNIX fits sa_family_t");
     for (d, s) in sa.sun_path.iter_mut().zip(addr) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + addr.len()) as libc::socklen_t;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sa_family_t>() + addr.len())
+        .expect("a sockaddr_un length fits socklen_t");
     // SAFETY: sa is a valid sockaddr_un of at least `len` bytes.
     res(libc::c_long::from(unsafe {
         libc::connect(fd, (&sa as *const libc::sockaddr_un).cast(), len)
@@ -186,7 +187,7 @@ fn main() {
             res(unsafe { libc::syscall(libc::SYS_open_by_handle_at, libc::AT_FDCWD, handle.as_mut_ptr(), 0) })
         }
         "tiocsti" => {
-            let ch: libc::c_char = b'x' as libc::c_char;
+            let ch = libc::c_char::from_ne_bytes([b'x']);
             // SAFETY: TIOCSTI reads one char from the pointer.
             res(libc::c_long::from(unsafe { libc::ioctl(0, libc::TIOCSTI, &ch) }))
         }
@@ -237,7 +238,7 @@ fn main() {
             let mb: usize = arg(&args, 2).parse().unwrap_or(1024);
             let mut chunks: Vec<Vec<u8>> = Vec::new();
             for i in 0..mb {
-                chunks.push(vec![(i % 251) as u8 + 1; 1 << 20]);
+                chunks.push(vec![u8::try_from(i % 251).unwrap_or(0) + 1; 1 << 20]);
             }
             format!("ALLOCATED {}", chunks.len())
         }

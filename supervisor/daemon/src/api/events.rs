@@ -121,3 +121,34 @@ impl pb::events_server::Events for EventsApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+    use crate::events::EventKind;
+
+    #[test]
+    fn subscribers_see_their_users_events_and_admins_the_daemons() {
+        let event = |user: Option<&str>| Event {
+            seq: 1,
+            time_ms: 0,
+            worker: None,
+            user: user.map(str::to_string),
+            kind: EventKind::DaemonStopping,
+        };
+        let alice = Caller {
+            uid: 1000,
+            pid: None,
+            role: Role::User("alice".into()),
+        };
+        let admin = Caller {
+            role: Role::Admin,
+            ..alice.clone()
+        };
+        assert!(visible(&alice, &event(Some("alice"))));
+        assert!(!visible(&alice, &event(Some("bob"))));
+        assert!(!visible(&alice, &event(None)), "daemon-wide events are for admins");
+        assert!(visible(&admin, &event(None)));
+    }
+}

@@ -118,3 +118,61 @@ fn respond(code: Code, e: &dyn std::fmt::Display, caller: &Caller) -> Status {
     }
     Status::new(code, e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+
+    fn caller(role: Role) -> Caller {
+        Caller {
+            uid: 1000,
+            pid: None,
+            role,
+        }
+    }
+
+    #[test]
+    fn errors_map_to_codes_and_internal_detail_reaches_admins_only() {
+        let user = caller(Role::User("alice".into()));
+        let admin = caller(Role::Admin);
+        let cases: Vec<(WorkerError, Code)> = vec![
+            (WorkerError::NotFound("w1".into()), Code::NotFound),
+            (
+                WorkerError::Policy(PolicyError::UnknownProfile("x".into())),
+                Code::InvalidArgument,
+            ),
+            (
+                WorkerError::Admission(crate::workers::admission::AdmissionError::TooMany { running: 1, limit: 1 }),
+                Code::ResourceExhausted,
+            ),
+            (
+                WorkerError::Launch(crate::launcher::LaunchError::Setup {
+                    stage: "exec".into(),
+                    errno: 2,
+                    errno_name: "ENOENT".into(),
+                    message: "Cannot execute x".into(),
+                }),
+                Code::FailedPrecondition,
+            ),
+            (
+                WorkerError::Claude(crate::claude::ClaudeError::Request("model".into())),
+                Code::InvalidArgument,
+            ),
+            (WorkerError::ShuttingDown, Code::Unavailable),
+        ];
+        for (e, code) in cases {
+            let s = status(&e, &user);
+            assert_eq!(s.code(), code, "{e}");
+            assert_eq!(s.message(), e.to_string());
+        }
+        let internal = WorkerError::Logs {
+            path: "/var/lib/warden/logs".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let s = status(&internal, &user);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("/var/lib/warden"), "{}", s.message());
+        assert!(status(&internal, &admin).message().contains("/var/lib/warden/logs"));
+    }
+}

@@ -371,3 +371,16 @@ impl pb::workers_server::Workers for WorkersApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_signals_that_stop_or_continue_a_worker_may_be_sent() {
+        assert_eq!(signal_of(15).unwrap(), Signal::SIGTERM);
+        assert_eq!(signal_of(9).unwrap(), Signal::SIGKILL);
+        assert!(signal_of(0).unwrap_err().message().contains("not a signal"));
+        assert!(signal_of(11).unwrap_err().message().contains("may not be sent"));
+    }
+}

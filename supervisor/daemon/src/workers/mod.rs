@@ -512,3 +512,43 @@ impl crate::landlock_audit::Placement for Supervisor {
         self.get(id).ok().map(|w| w.user.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_worker_comes_back_lost_with_its_output() {
+        let logs = tempfile::tempdir().unwrap();
+        std::fs::write(logs.path().join("w7.stdout"), "before the crash\n").unwrap();
+        let w = Worker::lost(
+            Record {
+                id: "w7".into(),
+                user: "alice".into(),
+                project: "default".into(),
+                profile: "base".into(),
+                policy_digest: "d".into(),
+                command: vec!["sleep".into(), "60".into()],
+                uid: 200_000,
+                started_ms: 1_000,
+            },
+            logs.path(),
+        );
+        let exit = w.exit_info().expect("a lost worker has ended");
+        assert_eq!((exit.reason, exit.code), (ExitReason::Lost, -1));
+        assert_eq!(w.started, UNIX_EPOCH + Duration::from_secs(1));
+        assert_eq!((w.stdout.kept(), w.stdout.produced()), (17, 17));
+        assert!(w.stdout.is_done() && w.stderr.is_done());
+        assert!(matches!(
+            w.approve(
+                "r1",
+                Decision {
+                    allow: true,
+                    by: "uid 0".into(),
+                    message: String::new(),
+                }
+            ),
+            Err(WorkerError::NoApproval(_))
+        ));
+    }
+}
