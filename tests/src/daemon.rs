@@ -17,6 +17,10 @@ pub struct Daemon {
     pub cgroup_name: String,
 }
 
+/// Names every test daemon's proxy maps to loopback, where the tests run
+/// their servers (the fake Messages API, git, package registries).
+pub const TEST_HOSTS: &[&str] = &["anthropic.test", "git.test", "pypi.test", "npm.test", "web.test"];
+
 /// A config value for [`Daemon::config_text`] and [`Daemon::start_with`].
 pub fn value(v: impl Into<toml::Value>) -> toml::Value {
     v.into()
@@ -46,6 +50,15 @@ impl Daemon {
             ("sample_interval_seconds", value(1)),
             ("uid_min", value(base)),
             ("uid_max", value(base + 99)),
+            (
+                "hosts",
+                value(
+                    TEST_HOSTS
+                        .iter()
+                        .map(|h| ((*h).to_string(), value("127.0.0.1")))
+                        .collect::<toml::Table>(),
+                ),
+            ),
         ];
         let mut table: toml::Table = warden_policy::config::DEFAULT_CONFIG
             .parse()

@@ -202,8 +202,11 @@ impl FakeAnthropic {
     }
 
     /// `http://127.0.0.1:PORT`, for ANTHROPIC_BASE_URL.
+    /// Its URL by the name test daemons map to loopback in their `hosts`
+    /// table ([`crate::daemon::TEST_HOSTS`]): workers reach it through the
+    /// proxy, as they would reach the real API.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://anthropic.test:{}", self.addr.port())
     }
 
     /// The tool results received so far: (tool_use_id, content, is_error).

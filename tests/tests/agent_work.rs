@@ -108,15 +108,26 @@ fn the_environment_is_the_profiles_not_the_hosts() {
     assert_eq!(
         names,
         [
+            "ALL_PROXY",
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
             "DISABLE_AUTOUPDATER",
             "HOME",
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
             "LANG",
             "LOGNAME",
+            "NODE_USE_ENV_PROXY",
+            "NO_PROXY",
             "PATH",
             "PWD",
             "TMPDIR",
-            "USER"
+            "USER",
+            "all_proxy",
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "npm_config_https_proxy",
+            "npm_config_proxy"
         ],
         "{}",
         out.stdout

@@ -193,22 +193,17 @@ fn processes_outside_cannot_be_signalled() {
 }
 
 #[test]
-fn abstract_unix_sockets_outside_are_scoped_away() {
+fn abstract_unix_sockets_outside_are_unreachable() {
     let Some(h) = host() else { return };
     let name = format!("warden-escape-{}", std::process::id());
     let addr =
         <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes())
             .unwrap();
     let _listener = UnixListener::bind_addr(&addr).unwrap();
-    // Landlock's abstract-socket scope (ABI 6) refuses the connect.
-    landlock_attack(
-        &h,
-        PROFILE,
-        &["abstract", &name],
-        "EPERM",
-        "scope.abstract_unix_socket",
-        None,
-    );
+    // Abstract names belong to a network namespace: the host's are not in
+    // the worker's (landlock's abstract-socket scope, ABI 6, is the second
+    // line).
+    assert_eq!(attack(&h, &["abstract", &name]), "ECONNREFUSED");
 }
 
 #[test]
@@ -222,15 +217,17 @@ fn pathname_sockets_outside_are_invisible() {
 }
 
 #[test]
-fn tcp_to_a_port_the_profile_does_not_allow_is_denied() {
+fn tcp_to_a_host_port_is_denied_and_the_workers_own_ports_are_its_own() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let allowing = format!("extends = \"claude-code\"\n[network]\ntcp_connect = [{port}]\n");
+    // A profile that lets the worker run a server on that port number.
+    let own = format!("extends = \"claude-code\"\n[network]\ntcp_bind = [{port}]\n");
     if !privileged("builds sandboxes") {
         return;
     }
-    let h = Host::new(&[("allow-port", &allowing)]);
+    let h = Host::new(&[("own-port", &own)]);
     let dest = format!("port {port}");
+    // Not one of its own ports: landlock refuses the connect (and reports it).
     landlock_attack(
         &h,
         PROFILE,
@@ -239,8 +236,118 @@ fn tcp_to_a_port_the_profile_does_not_allow_is_denied() {
         "net.connect_tcp",
         Some(&dest),
     );
-    // The same connect succeeds where the profile lists the port.
-    assert_eq!(attack_as(&h, "allow-port", &["tcp", &port.to_string()]), "OK");
+    // Its own port is on its own loopback: the host's listener is not there.
+    assert_eq!(attack_as(&h, "own-port", &["tcp", &port.to_string()]), "ECONNREFUSED");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "nothing reached the host's listener");
+}
+
+#[test]
+fn fast_open_mptcp_sctp_raw_icmp_packet_and_netlink_sockets_are_denied() {
+    let Some(h) = host() else { return };
+    // TCP Fast Open connects without a connect() call: refused by argument.
+    seccomp_attack(&h, &["tfo", "443"], "EPERM", "sendto");
+    seccomp_attack(&h, &["tfo_connect"], "EPERM", "setsockopt");
+    let (inet, inet6, packet, netlink) = ("2", "10", "17", "16");
+    let (stream, dgram, raw, seqpacket) = ("1", "2", "3", "5");
+    for (what, family, kind, protocol) in [
+        ("MPTCP", inet, stream, "262"),
+        ("MPTCP over IPv6", inet6, stream, "262"),
+        ("SCTP", inet, stream, "132"),
+        ("SCTP one-to-many", inet, seqpacket, "132"),
+        ("raw IP", inet, raw, "1"),
+        ("ICMP ping", inet, dgram, "1"),
+        ("ICMPv6 ping", inet6, dgram, "58"),
+        ("UDP (the profile has none)", inet, dgram, "0"),
+        ("packet", packet, raw, "0"),
+        ("netlink sock_diag", netlink, raw, "4"),
+        ("netlink audit", netlink, raw, "9"),
+    ] {
+        let bin = h.install_attack("alice", "demo");
+        let out = h.run("alice", "demo", PROFILE, &[&bin, "socket", family, kind, protocol]);
+        assert_eq!(out.result(), "EPERM", "{what}");
+        assert!(
+            out.denials.iter().any(|d| d == "socket"),
+            "{what}: reported, got {:?}",
+            out.denials
+        );
+    }
+    // What a worker needs stays: TCP, unix sockets, route netlink.
+    for (family, kind, protocol) in [
+        (inet, stream, "0"),
+        (inet6, stream, "6"),
+        ("1", stream, "0"),
+        (netlink, raw, "0"),
+    ] {
+        assert_eq!(
+            attack(&h, &["socket", family, kind, protocol]),
+            "OK",
+            "{family} {kind} {protocol}"
+        );
+    }
+}
+
+#[test]
+fn udp_and_listening_sockets_stay_in_the_workers_namespace() {
+    let udp_profile = "extends = \"claude-code\"\n[network]\nudp = true\n";
+    let Some(h) = privileged("builds sandboxes").then(|| Host::new(&[("udp", udp_profile)])) else {
+        return;
+    };
+    // A host UDP service on loopback: the worker's datagram goes to its own
+    // loopback, where nothing listens.
+    let service = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port().to_string();
+    let bin = h.install_attack("alice", "demo");
+    let out = h.run("alice", "demo", "udp", &[&bin, "udp", &port]);
+    assert_eq!(out.result(), "OK", "the send itself succeeds, inside");
+    service.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(service.recv_from(&mut buf).is_err(), "no datagram reached the host");
+
+    // listen() without bind() serves on every address of the worker's own
+    // namespace only: the host cannot reach it.
+    let dirs = h.prepare("alice", "demo");
+    let file = dirs.workspace.join("autobind-port");
+    let _ = std::fs::remove_file(&file);
+    let w = h
+        .spawn(
+            "alice",
+            "demo",
+            PROFILE,
+            &[&bin, "listen_autobind", "3", "/workspace/demo/autobind-port"],
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let port = loop {
+        if let Some(p) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u16>().ok())
+        {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker wrote its port");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500));
+    let out = w.wait(Duration::from_secs(30));
+    assert_eq!(
+        out.result(),
+        "NOBODY",
+        "the host's connect to port {port} did not reach the worker"
+    );
+}
+
+#[test]
+fn proc_net_shows_only_the_workers_own_sockets() {
+    let Some(h) = host() else { return };
+    let _tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let _unix = UnixListener::bind(h.state.path().join("host.sock")).unwrap();
+    // Its own namespace holds warden's three listeners (proxy, SOCKS,
+    // gateway) and nothing of the host's.
+    assert_eq!(attack(&h, &["procnet", "tcp"]), "3");
+    assert_eq!(attack(&h, &["procnet", "tcp6"]), "0");
+    assert_eq!(attack(&h, &["procnet", "unix"]), "0");
+    assert_eq!(attack(&h, &["procnet", "udp"]), "0");
 }
 
 #[test]

@@ -239,6 +239,14 @@ fn worker_json(w: &pb::Worker) -> serde_json::Value {
         "uid": w.uid, "pid": w.pid, "started_at_ms": w.started_at_ms, "exited_at_ms": w.exited_at_ms,
         "exit_code": w.exit_code, "signal": w.signal, "reason": reason_name(w),
         "peak_memory_bytes": w.peak_memory_bytes, "cpu_time_us": w.cpu_time_us,
+        "network": w.network.as_ref().map(|n| serde_json::json!({
+            "mode": n.mode, "allow": n.allow, "deny": n.deny, "ports": n.ports,
+            "connections": n.connections, "bytes_up": n.bytes_up, "bytes_down": n.bytes_down,
+            "denials": n.denials,
+            "hosts": n.hosts.iter().map(|h| (h.host.clone(), serde_json::json!({
+                "connections": h.connections, "bytes_up": h.bytes_up, "bytes_down": h.bytes_down,
+            }))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        })),
         "enforcement": w.enforcement.as_ref().map(|e| serde_json::json!({
             "landlock_abi": e.landlock_abi, "landlock_tcp": e.landlock_tcp, "landlock_scoped": e.landlock_scoped,
             "seccomp_filter_len": e.seccomp_filter_len, "namespaces": e.namespaces,

@@ -9,6 +9,7 @@
 //! that falls behind is told the last sequence it got and resumes from the
 //! log).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,6 +37,68 @@ pub enum ExitReason {
     Oom,
     /// Its daemon died while it ran; the next one cleaned it up.
     Lost,
+}
+
+/// How a destination was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetProtocol {
+    /// HTTP CONNECT (a tunnel, usually TLS).
+    Connect,
+    /// An absolute-form plain HTTP request.
+    Http,
+    /// A SOCKS5 CONNECT.
+    Socks,
+}
+
+/// Traffic to one destination host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostTraffic {
+    pub connections: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// A worker's allowed traffic, per destination host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetUsage {
+    pub connections: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Destinations refused (reported or suppressed).
+    pub denials: u64,
+    /// Per destination host; past [`MAX_HOSTS`] hosts, the rest add up
+    /// under `(other)`.
+    pub hosts: BTreeMap<String, HostTraffic>,
+}
+
+/// Hosts counted one by one per worker (the map a worker can grow).
+pub const MAX_HOSTS: usize = 256;
+
+impl NetUsage {
+    /// Adds one closed connection to `host`.
+    pub fn add(&mut self, host: &str, up: u64, down: u64) {
+        self.connections += 1;
+        self.bytes_up += up;
+        self.bytes_down += down;
+        let key = if self.hosts.len() < MAX_HOSTS || self.hosts.contains_key(host) {
+            host
+        } else {
+            "(other)"
+        };
+        let t = self.hosts.entry(key.to_string()).or_default();
+        t.connections += 1;
+        t.bytes_up += up;
+        t.bytes_down += down;
+    }
+
+    /// The totals without the per-host detail (for resource samples).
+    pub fn totals(&self) -> NetUsage {
+        NetUsage {
+            hosts: BTreeMap::new(),
+            ..self.clone()
+        }
+    }
 }
 
 /// One event. `worker` and `user` are set where they apply.
@@ -94,12 +157,18 @@ pub enum EventKind {
         duration_ms: u64,
         cpu_time_us: u64,
         peak_memory: u64,
+        /// Traffic through the proxy, per destination host.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<NetUsage>,
     },
     ResourceSample {
         memory_current: u64,
         memory_peak: u64,
         cpu_usage_us: u64,
         pids: u64,
+        /// Traffic through the proxy so far (totals).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<NetUsage>,
     },
     LimitReached {
         /// "oom_kill", "pids_max" or "cpu_throttled".
@@ -118,6 +187,21 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         access: Option<String>,
         /// Denials of this worker not reported since the last report (rate limit).
+        #[serde(default)]
+        suppressed: u64,
+    },
+    /// The proxy refused a destination of a worker (rate-limited per
+    /// worker; `suppressed` counts those not reported since the last one).
+    NetworkDenial {
+        host: String,
+        port: u16,
+        protocol: NetProtocol,
+        /// `not-allowed`, `deny-list`, `port`, `bad-host`,
+        /// `internal-address`, `sni-mismatch`, `too-many-connections`,
+        /// `offline`.
+        reason: String,
+        /// What the worker was told.
+        message: String,
         #[serde(default)]
         suppressed: u64,
     },
@@ -181,6 +265,7 @@ kind_names! {
     ResourceSample => "resource_sample",
     LimitReached => "limit_reached",
     SandboxDenial => "sandbox_denial",
+    NetworkDenial => "network_denial",
     AuthDenied => "auth_denied",
     ProfilesReloaded => "profiles_reloaded",
     ProfileReloadFailed => "profile_reload_failed",
@@ -327,12 +412,13 @@ mod tests {
             duration_ms: 0,
             cpu_time_us: 0,
             peak_memory: 0,
+            network: None,
         };
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["kind"], e.name());
         assert_eq!(json["reason"], "timed_out");
         assert!(KINDS.contains(&e.name()));
-        assert_eq!(KINDS.len(), 13);
+        assert_eq!(KINDS.len(), 14);
     }
 
     #[test]

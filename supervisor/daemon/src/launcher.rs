@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::socket::{recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType};
 use nix::unistd::pipe2;
-use warden_policy::{Enforced, LaunchReport, LaunchSpec};
+use warden_policy::{Enforced, LaunchReport, LaunchSpec, ListenerKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -41,6 +41,8 @@ pub enum LaunchError {
     },
     #[error("The launcher ended without a report (status {status})")]
     NoReport { status: String },
+    #[error("The launcher handed over {got} descriptors, expected {expected}")]
+    Descriptors { got: usize, expected: usize },
 }
 
 /// A worker whose sandbox is in place and whose command was exec'd.
@@ -53,6 +55,9 @@ pub struct Launched {
     /// worker waits on it until answered (see [`crate::denials`]). Dropping
     /// it makes denied calls fail with ENOSYS instead of EPERM.
     pub seccomp_listener: Option<OwnedFd>,
+    /// The listening sockets on the worker's loopback, for the proxy and
+    /// the API gateway (see [`crate::net`]).
+    pub listeners: Vec<(ListenerKind, OwnedFd)>,
 }
 
 /// Serializes the window in which the child's pipe ends are inheritable, so
@@ -115,11 +120,26 @@ pub fn launch(
         return Err(LaunchError::Pipe(e));
     }
     match read_report(report_r) {
-        Ok((Some(enforced), seccomp_listener)) => Ok(Launched {
-            child,
-            enforced,
-            seccomp_listener,
-        }),
+        Ok((Some(enforced), fds)) => {
+            let expected = 1 + spec.listeners.len();
+            if fds.len() != expected {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LaunchError::Descriptors {
+                    got: fds.len(),
+                    expected,
+                });
+            }
+            let mut fds = fds.into_iter();
+            let seccomp_listener = fds.next();
+            let listeners = spec.listeners.iter().map(|l| l.kind).zip(fds).collect();
+            Ok(Launched {
+                child,
+                enforced,
+                seccomp_listener,
+                listeners,
+            })
+        }
         Ok((None, _)) => {
             let status = child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
             Err(LaunchError::NoReport { status })
@@ -131,15 +151,16 @@ pub fn launch(
     }
 }
 
-/// Reads report records until EOF, with the fds passed alongside. A
-/// failure record wins over an earlier "enforced" record (exec can fail
-/// after the sandbox is built).
-fn read_report(fd: OwnedFd) -> Result<(Option<Enforced>, Option<OwnedFd>), LaunchError> {
+/// Reads report records until EOF, with the fds passed alongside (the
+/// seccomp listener, then the network listeners). A failure record wins
+/// over an earlier "enforced" record (exec can fail after the sandbox is
+/// built).
+fn read_report(fd: OwnedFd) -> Result<(Option<Enforced>, Vec<OwnedFd>), LaunchError> {
     let mut bytes = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let msg = match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(m) => m,
@@ -179,5 +200,5 @@ fn read_report(fd: OwnedFd) -> Result<(Option<Enforced>, Option<OwnedFd>), Launc
             }
         }
     }
-    Ok((enforced, fds.into_iter().next()))
+    Ok((enforced, fds))
 }

@@ -13,6 +13,8 @@
 //! - [`io`]: a worker's output logs and stdin.
 //! - [`denials`] and [`landlock_audit`]: seccomp and landlock denials,
 //!   answered and reported.
+//! - [`net`]: a worker's way out: the proxy on listeners in its own network
+//!   namespace, the one policy decision per destination, its traffic.
 //! - [`claude`]: what a Claude Code worker needs before it starts, and the
 //!   session the daemon drives while it runs.
 //! - [`profiles`]: the loaded profile set and its atomic reload.
@@ -36,6 +38,7 @@ pub mod events;
 pub mod io;
 pub mod landlock_audit;
 pub mod launcher;
+pub mod net;
 pub mod profiles;
 #[allow(unsafe_code)]
 pub mod sys;

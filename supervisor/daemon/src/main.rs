@@ -203,6 +203,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
                 duration_ms: 0,
                 cpu_time_us: 0,
                 peak_memory: 0,
+                network: None,
             },
         );
     }

@@ -35,7 +35,7 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, getpid, ForkResult, Pid};
-use warden_policy::{LaunchReport, LaunchSpec, NetworkMode, SPEC_VERSION};
+use warden_policy::{LaunchReport, LaunchSpec, SPEC_VERSION};
 
 use sandbox::{SetupError, Stage};
 
@@ -152,14 +152,14 @@ fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
             .map_err(|e| SetupError::io(Stage::Cgroup, &e, format!("Cannot join cgroup {}", procs.display())))?;
     }
 
-    let mut flags = CloneFlags::CLONE_NEWNS
+    // Every worker gets its own network namespace: no worker ever shares
+    // the host's.
+    let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWCGROUP;
-    if spec.network == NetworkMode::None {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
+        | CloneFlags::CLONE_NEWCGROUP
+        | CloneFlags::CLONE_NEWNET;
     unshare(flags).map_err(|e| SetupError::new(Stage::Namespaces, e, format!("Cannot create namespaces {flags:?}")))?;
 
     // Signals are handled synchronously: block them before the fork so that

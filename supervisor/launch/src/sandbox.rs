@@ -22,7 +22,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{
     chdir, execve, fork, pivot_root, setgroups, sethostname, setresgid, setresuid, setsid, ForkResult, Gid, Pid, Uid,
 };
-use warden_policy::{Enforced, LaunchReport, LaunchSpec, NetworkMode, MAX_LANDLOCK_ABI};
+use warden_policy::{Enforced, LaunchReport, LaunchSpec, MAX_LANDLOCK_ABI};
 
 use crate::sys;
 
@@ -213,13 +213,15 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     )
     .at(Stage::Mounts, || "Cannot mount /tmp".into())?;
 
-    // /etc/passwd and /etc/group naming only root, the worker and nobody.
-    for (name, content) in [("passwd", &spec.passwd), ("group", &spec.group)] {
-        let staged = PathBuf::from(format!("/{name}"));
-        std::fs::write(&staged, content).at(Stage::Mounts, || format!("Cannot write {}", staged.display()))?;
+    // /etc/passwd and /etc/group naming only root, the worker and nobody;
+    // /etc/hosts with only loopback names; /etc/resolv.conf pointing at no
+    // resolver. Staged on the scratch tmpfs, bound read-only.
+    for (i, file) in spec.files.iter().enumerate() {
+        let staged = PathBuf::from(format!("/file-{i}"));
+        std::fs::write(&staged, &file.content).at(Stage::Mounts, || format!("Cannot write {}", staged.display()))?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644))
             .at(Stage::Mounts, || format!("Cannot chmod {}", staged.display()))?;
-        let target = new_path(&format!("/etc/{name}"));
+        let target = new_path(&file.path);
         make_mountpoint(&target, false)?;
         bind_tree(
             &staged,
@@ -233,9 +235,19 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     // expect it.
     make_dir(&new_path("/run"))?;
 
-    if spec.network == NetworkMode::None {
-        sys::loopback_up().map_err(|e| SetupError::new(Stage::Network, e, "Cannot bring up the loopback interface"))?;
-    }
+    // --- Network: the namespace's loopback, and wardend's listeners on it.
+    // A socket stays in the namespace it was made in: the daemon accepts on
+    // these from the host's namespace, and nothing else leaves.
+    sys::loopback_up().map_err(|e| SetupError::new(Stage::Network, e, "Cannot bring up the loopback interface"))?;
+    let listeners = spec
+        .listeners
+        .iter()
+        .map(|l| {
+            sys::listen_loopback(l.port).at(Stage::Network, || {
+                format!("Cannot listen on 127.0.0.1:{} ({:?})", l.port, l.kind)
+            })
+        })
+        .collect::<Result<Vec<OwnedFd>, SetupError>>()?;
 
     // Switch to the new root and drop the host's root and the scratch tmpfs.
     chdir(NEW).at(Stage::Mounts, || format!("Cannot chdir to {NEW}"))?;
@@ -329,20 +341,27 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
         landlock_tcp: spec.landlock.restrict_tcp,
         landlock_scoped,
         seccomp_filter_len: spec.seccomp.program.len(),
-        namespaces: namespaces(spec),
+        namespaces: namespaces(),
         no_new_privs: true,
         capabilities_empty: caps_empty,
         uid: spec.uid,
         gid: spec.gid,
         init_pid,
+        listeners: spec.listeners.iter().map(|l| l.port).collect(),
     };
     let line = LaunchReport::Enforced(enforced).to_line();
-    // The daemon answers and reports denials; this process must not keep a
-    // copy (a listener nobody reads would hang denied calls).
-    sys::send_with_fd(report.as_raw_fd(), &line, listener.as_raw_fd()).at(Stage::Seccomp, || {
-        "Cannot hand the seccomp listener to the daemon".into()
+    // The daemon answers and reports denials and serves the proxy; this
+    // process keeps no copy (a listener nobody reads would hang the worker),
+    // and the worker never sees them. Descriptors only go to the daemon.
+    let fds: Vec<std::os::fd::RawFd> = std::iter::once(&listener)
+        .chain(&listeners)
+        .map(AsRawFd::as_raw_fd)
+        .collect();
+    sys::send_with_fds(report.as_raw_fd(), &line, &fds).at(Stage::Seccomp, || {
+        "Cannot hand the seccomp and network listeners to the daemon".into()
     })?;
     drop(listener);
+    drop(listeners);
 
     // --- The worker. ---
     // SAFETY: this process is single-threaded; the child only execs.
@@ -593,15 +612,11 @@ fn rlimit_resource(name: &str) -> Option<Resource> {
     })
 }
 
-fn namespaces(spec: &LaunchSpec) -> Vec<String> {
-    let mut v: Vec<String> = ["mnt", "pid", "ipc", "uts", "cgroup"]
+fn namespaces() -> Vec<String> {
+    ["mnt", "pid", "ipc", "uts", "cgroup", "net"]
         .iter()
         .map(|s| (*s).to_string())
-        .collect();
-    if spec.network == NetworkMode::None {
-        v.push("net".into());
-    }
-    v
+        .collect()
 }
 
 fn abi_of(n: u32) -> ABI {

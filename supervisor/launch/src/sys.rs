@@ -143,12 +143,21 @@ pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<OwnedFd, Errno>
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Writes `data` on the report socket with `fd` attached (SCM_RIGHTS).
-pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<(), Errno> {
+/// Writes `data` on the report socket with `fds` attached (SCM_RIGHTS).
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
     let iov = [std::io::IoSlice::new(data)];
-    let fds = [fd];
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(fds)];
     nix::sys::socket::sendmsg::<()>(sock, &iov, &cmsg, nix::sys::socket::MsgFlags::empty(), None).map(drop)
+}
+
+/// A listening TCP socket on 127.0.0.1:`port` of the current network
+/// namespace (close-on-exec).
+pub fn listen_loopback(port: u16) -> Result<OwnedFd, Errno> {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port))?;
+    listen(&fd, Backlog::new(128)?)?;
+    Ok(fd)
 }
 
 /// Waits for one of `set` (which must be blocked) for at most `timeout`.

@@ -118,8 +118,7 @@ pub struct HttpUrl {
     /// The URL as written.
     pub text: String,
     pub https: bool,
-    /// The host as written (a name, an IPv4 address or `[v6]`).
-    pub host: String,
+    pub host: crate::network::Host,
     pub port: u16,
     /// The path, "" or starting with '/'.
     pub path: String,
@@ -148,12 +147,13 @@ impl TryFrom<String> for HttpUrl {
             }
             _ => (authority, if https { 443 } else { 80 }),
         };
-        if host.is_empty() || port == 0 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if port == 0 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!("{url:?} has no usable host and port"));
         }
+        let host = crate::network::Host::parse(host).map_err(|e| format!("{url:?}: {e}"))?;
         Ok(HttpUrl {
             https,
-            host: host.to_string(),
+            host,
             port,
             path: path.to_string(),
             text: url,
@@ -388,8 +388,8 @@ mod tests {
             .starts_with("unknown permission mode"));
         let u = HttpUrl::try_from("https://api.example.com/v1".to_string()).unwrap();
         assert_eq!(
-            (u.https, u.host.as_str(), u.port, u.path.as_str()),
-            (true, "api.example.com", 443, "/v1")
+            (u.https, u.host.to_string(), u.port, u.path.as_str()),
+            (true, "api.example.com".to_string(), 443, "/v1")
         );
         assert_eq!(HttpUrl::try_from("http://[::1]:9000".to_string()).unwrap().port, 9000);
         assert!(HttpUrl::try_from("http://user@host:1".to_string()).is_err());

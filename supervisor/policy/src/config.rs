@@ -3,6 +3,8 @@
 //! validated before the daemon starts anything; an error names
 //! file:line:column.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -46,6 +48,14 @@ struct RawConfig {
     claude_install_dir: String,
     #[serde(default = "default_credentials_dir")]
     credentials_dir: String,
+    #[serde(default = "default_max_connections")]
+    max_connections_per_worker: Spanned<u32>,
+    #[serde(default)]
+    hosts: BTreeMap<String, Spanned<String>>,
+}
+
+fn default_max_connections() -> Spanned<u32> {
+    Spanned::new(0..0, 256)
 }
 
 fn default_claude_install_dir() -> String {
@@ -102,6 +112,11 @@ pub struct Config {
     pub claude_install_dir: PathBuf,
     /// Root-only API keys: `<user>` or `default`, mode 0600, owned by root.
     pub credentials_dir: PathBuf,
+    /// Connections a worker may have open through the proxy at once.
+    pub max_connections_per_worker: u32,
+    /// Names the proxy maps to an address without asking DNS, trusted as
+    /// mapped (internal addresses included), like Docker's `--add-host`.
+    pub hosts: BTreeMap<String, IpAddr>,
 }
 
 impl Config {
@@ -182,6 +197,29 @@ impl Config {
                 return Err(invalid(v.span(), format!("expected {what} of at least 1")));
             }
         }
+        if *raw.max_connections_per_worker.get_ref() == 0 {
+            return Err(invalid(
+                raw.max_connections_per_worker.span(),
+                "expected max_connections_per_worker of at least 1".into(),
+            ));
+        }
+        let mut hosts = BTreeMap::new();
+        for (name, addr) in &raw.hosts {
+            let host = crate::Host::parse(name);
+            let Ok(crate::Host::Name(canonical)) = host else {
+                return Err(invalid(
+                    addr.span(),
+                    format!("hosts: {name:?} is not a canonical host name"),
+                ));
+            };
+            let ip: IpAddr = addr.get_ref().parse().map_err(|_| {
+                invalid(
+                    addr.span(),
+                    format!("hosts: expected an IP address for {name}, got {:?}", addr.get_ref()),
+                )
+            })?;
+            hosts.insert(canonical, crate::network::canonical_ip(ip));
+        }
         if *raw.max_message_bytes.get_ref() < 1024 {
             return Err(invalid(
                 raw.max_message_bytes.span(),
@@ -216,6 +254,8 @@ impl Config {
             claude_binary: (!raw.claude_binary.is_empty()).then(|| PathBuf::from(&raw.claude_binary)),
             claude_install_dir: PathBuf::from(raw.claude_install_dir),
             credentials_dir: PathBuf::from(raw.credentials_dir),
+            max_connections_per_worker: raw.max_connections_per_worker.into_inner(),
+            hosts,
         })
     }
 }
@@ -246,5 +286,11 @@ mod tests {
         let bad = DEFAULT_CONFIG.replace("state_dir = \"/var/lib/warden\"", "state_dir = \"var/lib\"");
         let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("expected an absolute path"), "{e}");
+        let bad = format!("{DEFAULT_CONFIG}\"git.test\" = \"not-an-ip\"\n");
+        let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("hosts: expected an IP address for git.test"), "{e}");
+        let ok = format!("{DEFAULT_CONFIG}\"Git.Test.\" = \"127.0.0.1\"\n");
+        let c = Config::parse("w.toml", &ok).unwrap();
+        assert_eq!(c.hosts["git.test"], IpAddr::from([127, 0, 0, 1]));
     }
 }

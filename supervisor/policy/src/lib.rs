@@ -12,6 +12,7 @@ mod claude;
 pub mod config;
 mod error;
 pub mod names;
+pub mod network;
 mod profile;
 pub mod seccomp;
 mod spec;
@@ -19,12 +20,13 @@ mod units;
 
 pub use claude::{ClaudePolicy, ClaudeRequest, HttpUrl, PermissionMode, ToolRule};
 pub use error::{Location, PolicyError};
+pub use network::{Host, NetRule, NetworkMode, NetworkPolicy};
 pub use profile::{
-    Access, EnvPolicy, FsRule, Limits, NetworkMode, NetworkPolicy, Profile, ProfileSet, SeccompPolicy, Source,
-    EMBEDDED_PROFILES, MAX_LANDLOCK_ABI, RLIMITS, VARIABLES,
+    Access, EnvPolicy, FsRule, Limits, Profile, ProfileSet, SeccompPolicy, Source, EMBEDDED_PROFILES, MAX_LANDLOCK_ABI,
+    RLIMITS, VARIABLES,
 };
 pub use spec::{
-    compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Rlimit, SeccompSpec, SpawnRequest,
-    SPEC_VERSION,
+    compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Listener, ListenerKind, Rlimit,
+    SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
 };
 pub use units::{ByteSize, CpuQuota, Seconds};

@@ -86,6 +86,10 @@ const SOCK_STREAM: u64 = 1;
 const SOCK_DGRAM: u64 = 2;
 const SOCK_TYPE_MASK: u64 = 0xf;
 const NETLINK_ROUTE: u64 = 0;
+const IPPROTO_TCP: u64 = 6;
+const IPPROTO_UDP: u64 = 17;
+const MSG_FASTOPEN: u64 = 0x2000_0000;
+const TCP_FASTOPEN_CONNECT: u64 = 30;
 const ENOSYS: u32 = 38;
 const EPERM: u32 = 1;
 
@@ -194,33 +198,46 @@ fn argument_rules(name: &str, udp: bool) -> Option<Vec<SeccompRule>> {
             cond(1, Len::Dword, Op::Ne, TIOCSTI),
             cond(1, Len::Dword, Op::Ne, TIOCLINUX),
         ])]),
+        // Unix sockets; TCP (and UDP where the profile allows it) with
+        // protocol 0 or the family's own protocol only: MPTCP and SCTP
+        // sockets fall outside landlock's TCP rules, and raw and ICMP
+        // sockets have no business in a worker. Route netlink only:
+        // getaddrinfo() asks it which address families are up.
         "socket" => {
+            let mut kinds = vec![(SOCK_STREAM, IPPROTO_TCP)];
+            if udp {
+                kinds.push((SOCK_DGRAM, IPPROTO_UDP));
+            }
             let mut rules = vec![
                 rule(vec![cond(0, Len::Dword, Op::Eq, AF_UNIX)]),
-                rule(vec![
-                    cond(0, Len::Dword, Op::Eq, AF_INET),
-                    cond(1, Len::Dword, Op::MaskedEq(SOCK_TYPE_MASK), SOCK_STREAM),
-                ]),
-                rule(vec![
-                    cond(0, Len::Dword, Op::Eq, AF_INET6),
-                    cond(1, Len::Dword, Op::MaskedEq(SOCK_TYPE_MASK), SOCK_STREAM),
-                ]),
-                // getaddrinfo() asks rtnetlink which address families are up.
                 rule(vec![
                     cond(0, Len::Dword, Op::Eq, AF_NETLINK),
                     cond(2, Len::Dword, Op::Eq, NETLINK_ROUTE),
                 ]),
             ];
-            if udp {
-                for family in [AF_INET, AF_INET6] {
-                    rules.push(rule(vec![
-                        cond(0, Len::Dword, Op::Eq, family),
-                        cond(1, Len::Dword, Op::MaskedEq(SOCK_TYPE_MASK), SOCK_DGRAM),
-                    ]));
+            for family in [AF_INET, AF_INET6] {
+                for (kind, own) in &kinds {
+                    for protocol in [0, *own] {
+                        rules.push(rule(vec![
+                            cond(0, Len::Dword, Op::Eq, family),
+                            cond(1, Len::Dword, Op::MaskedEq(SOCK_TYPE_MASK), *kind),
+                            cond(2, Len::Dword, Op::Eq, protocol),
+                        ]));
+                    }
                 }
             }
             Some(rules)
         }
+        // TCP Fast Open sends data with the SYN without a connect() call
+        // (MSG_FASTOPEN), or lets connect() defer to the first send
+        // (TCP_FASTOPEN_CONNECT): both slip past landlock's connect check.
+        "sendto" => Some(vec![rule(vec![cond(3, Len::Dword, Op::MaskedEq(MSG_FASTOPEN), 0)])]),
+        "sendmsg" => Some(vec![rule(vec![cond(2, Len::Dword, Op::MaskedEq(MSG_FASTOPEN), 0)])]),
+        "sendmmsg" => Some(vec![rule(vec![cond(3, Len::Dword, Op::MaskedEq(MSG_FASTOPEN), 0)])]),
+        "setsockopt" => Some(vec![
+            rule(vec![cond(1, Len::Dword, Op::Ne, IPPROTO_TCP)]),
+            rule(vec![cond(2, Len::Dword, Op::Ne, TCP_FASTOPEN_CONNECT)]),
+        ]),
         _ => None,
     }
 }

@@ -11,11 +11,12 @@ use sha2::{Digest, Sha256};
 
 use crate::error::PolicyError;
 use crate::names;
-use crate::profile::{Access, FsRule, NetworkMode, Profile};
+use crate::network::{NetworkMode, GATEWAY_PORT, HTTP_PROXY_PORT, SOCKS_PORT};
+use crate::profile::{Access, FsRule, Profile};
 use crate::seccomp::{self, Arch};
 
 /// Bumped whenever the launcher cannot read an older spec correctly.
-pub const SPEC_VERSION: u32 = 1;
+pub const SPEC_VERSION: u32 = 2;
 
 /// What the daemon asks for: who, where, what to run.
 #[derive(Debug, Clone)]
@@ -64,7 +65,7 @@ pub struct LandlockSpec {
     pub min_abi: u32,
     /// Paths inside the sandbox and their rights.
     pub rules: Vec<FsRule>,
-    /// Restrict TCP bind/connect to these ports (network mode "tcp").
+    /// Restrict TCP bind/connect to these (loopback) ports.
     pub restrict_tcp: bool,
     pub tcp_connect: Vec<u16>,
     pub tcp_bind: Vec<u16>,
@@ -81,6 +82,30 @@ pub struct SeccompSpec {
     pub program: Vec<(u16, u8, u8, u32)>,
 }
 
+/// A file the launcher writes into the new root (read-only inside).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyntheticFile {
+    pub path: String,
+    pub content: String,
+}
+
+/// What a listener on the worker's loopback is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    HttpProxy,
+    Socks,
+    Gateway,
+}
+
+/// A listening TCP socket the launcher creates on 127.0.0.1 inside the
+/// worker's network namespace and hands to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    pub kind: ListenerKind,
+    pub port: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchSpec {
     pub version: u32,
@@ -95,11 +120,13 @@ pub struct LaunchSpec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: String,
-    pub network: NetworkMode,
+    /// The worker's listeners, in the order their descriptors go to the
+    /// daemon (after the seccomp listener). Empty in mode `none`.
+    pub listeners: Vec<Listener>,
     pub binds: Vec<Bind>,
     pub tmp_size: u64,
-    pub passwd: String,
-    pub group: String,
+    /// `/etc/passwd`, `/etc/group`, `/etc/hosts`, `/etc/resolv.conf`.
+    pub files: Vec<SyntheticFile>,
     pub rlimits: Vec<Rlimit>,
     pub landlock: LandlockSpec,
     pub seccomp: SeccompSpec,
@@ -108,7 +135,38 @@ pub struct LaunchSpec {
 }
 
 /// Paths the launcher builds itself rather than binding from the host.
-const SYNTHESIZED: &[&str] = &["/dev", "/proc", "/tmp"];
+const SYNTHESIZED: &[&str] = &[
+    "/dev",
+    "/proc",
+    "/tmp",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+];
+
+/// The proxy environment of a `proxy` worker: common tools (curl, git, pip,
+/// npm, node, cargo, Claude Code) send their traffic to wardend's proxy.
+fn proxy_env() -> Vec<(&'static str, String)> {
+    let http = format!("http://127.0.0.1:{HTTP_PROXY_PORT}");
+    let socks = format!("socks5h://127.0.0.1:{SOCKS_PORT}");
+    let local = "localhost,127.0.0.1,::1".to_string();
+    vec![
+        ("HTTP_PROXY", http.clone()),
+        ("HTTPS_PROXY", http.clone()),
+        ("ALL_PROXY", socks.clone()),
+        ("NO_PROXY", local.clone()),
+        // curl reads only the lower-case http_proxy.
+        ("http_proxy", http.clone()),
+        ("https_proxy", http.clone()),
+        ("all_proxy", socks),
+        ("no_proxy", local),
+        // Node's own fetch and http honour the variables with this (Node 22.21, 24).
+        ("NODE_USE_ENV_PROXY", "1".into()),
+        ("npm_config_proxy", http.clone()),
+        ("npm_config_https_proxy", http),
+    ]
+}
 
 fn substitute(s: &str, vars: &BTreeMap<&str, String>) -> String {
     let mut out = s.to_string();
@@ -163,6 +221,16 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
             access: r.access,
         })
         .collect();
+
+    // The files the launcher writes are readable, whatever the profile lists.
+    for f in ["/etc/passwd", "/etc/group", "/etc/hosts", "/etc/resolv.conf"] {
+        if !rules.iter().any(|r| r.path == f) {
+            rules.push(FsRule {
+                path: f.into(),
+                access: Access::READ,
+            });
+        }
+    }
 
     // Mounts: the user's directories, then every profile path that is not
     // inside them or synthesized by the launcher.
@@ -259,7 +327,31 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
     env.insert("LOGNAME".into(), req.user.clone());
     env.insert("PWD".into(), workspace.clone());
     env.entry("TMPDIR".into()).or_insert_with(|| "/tmp".into());
+    let net = &profile.network;
+    let listeners = match net.mode {
+        NetworkMode::None => Vec::new(),
+        NetworkMode::Proxy => {
+            for (k, v) in proxy_env() {
+                env.insert(k.into(), v);
+            }
+            vec![
+                Listener {
+                    kind: ListenerKind::HttpProxy,
+                    port: HTTP_PROXY_PORT,
+                },
+                Listener {
+                    kind: ListenerKind::Socks,
+                    port: SOCKS_PORT,
+                },
+                Listener {
+                    kind: ListenerKind::Gateway,
+                    port: GATEWAY_PORT,
+                },
+            ]
+        }
+    };
 
+    let hostname = format!("warden-{}", req.user);
     let passwd = format!(
         "root:x:0:0:root:/root:/usr/sbin/nologin\n{u}:x:{uid}:{gid}:warden user {u}:{home}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         u = req.user,
@@ -271,9 +363,25 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
         u = req.user,
         gid = req.gid
     );
+    let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n");
+    // No resolver is reachable inside: a tool that ignores the proxy fails at
+    // once (connection refused) instead of waiting or leaking.
+    let resolv = match net.mode {
+        NetworkMode::Proxy => {
+            "# warden: no DNS inside this sandbox. Names are resolved by wardend's proxy\n\
+             # (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY in the environment).\n"
+        }
+        NetworkMode::None => "# warden: no DNS inside this sandbox: its profile has no network.\n",
+    }
+    .to_string()
+        + "nameserver 127.0.0.1\noptions attempts:1 timeout:1\n";
+    let file = |path: &str, content: String| SyntheticFile {
+        path: path.into(),
+        content,
+    };
 
     let allowed = seccomp::allowed_calls(&profile.seccomp);
-    let program = seccomp::compile(&allowed, profile.network.udp, arch)?
+    let program = seccomp::compile(&allowed, net.udp, arch)?
         .into_iter()
         .map(|i| (i.code, i.jt, i.jf, i.k))
         .collect();
@@ -286,15 +394,18 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
         user: req.user.clone(),
         uid: req.uid,
         gid: req.gid,
-        hostname: format!("warden-{}", req.user),
+        hostname,
         argv: req.argv.clone(),
         env: env.into_iter().collect(),
         cwd: workspace,
-        network: profile.network.mode,
         binds,
         tmp_size: profile.limits.tmpfs_size,
-        passwd,
-        group,
+        files: vec![
+            file("/etc/passwd", passwd),
+            file("/etc/group", group),
+            file("/etc/hosts", hosts),
+            file("/etc/resolv.conf", resolv),
+        ],
         rlimits: profile
             .limits
             .rlimits
@@ -307,10 +418,18 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
         landlock: LandlockSpec {
             min_abi: profile.landlock_min_abi,
             rules,
-            restrict_tcp: profile.network.mode == NetworkMode::Tcp,
-            tcp_connect: profile.network.tcp_connect.iter().copied().collect(),
-            tcp_bind: profile.network.tcp_bind.iter().copied().collect(),
+            // Profiles that allow sockets require ABI 4 (checked when loaded).
+            restrict_tcp: profile.landlock_min_abi >= 4,
+            // The worker's own servers, and warden's listeners.
+            tcp_connect: net
+                .tcp_bind
+                .iter()
+                .copied()
+                .chain(listeners.iter().map(|l| l.port))
+                .collect(),
+            tcp_bind: net.tcp_bind.iter().copied().collect(),
         },
+        listeners,
         seccomp: SeccompSpec {
             arch: arch.name().to_string(),
             allowed,
@@ -394,7 +513,7 @@ mod tests {
         let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
         assert_eq!(env["HOME"], "/home/alice");
         assert_eq!(spec.cwd, "/workspace/demo");
-        assert!(spec.passwd.contains("alice:x:200001:200001:"));
+        assert!(spec.files[0].content.contains("alice:x:200001:200001:"));
 
         let mut r = req();
         r.env.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
@@ -457,6 +576,9 @@ pub struct Enforced {
     pub capabilities_empty: bool,
     pub uid: u32,
     pub gid: u32,
+    /// The ports of the listeners handed to the daemon, in the spec's order.
+    #[serde(default)]
+    pub listeners: Vec<u16>,
     /// The worker's init (its PID 1) as the host sees it: the creator of
     /// its landlock domain, by which the kernel's audit records name it.
     #[serde(default)]

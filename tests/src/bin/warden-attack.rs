@@ -206,6 +206,91 @@ fn main() {
             let port: u16 = arg(&args, 2).parse().unwrap_or(1);
             io_res(std::net::TcpStream::connect(("127.0.0.1", port)))
         }
+        // socket(family, type, protocol), as numbers: MPTCP, SCTP, raw, ICMP...
+        "socket" => {
+            let n = |i| arg(&args, i).parse::<libc::c_int>().unwrap_or(-1);
+            // SAFETY: no pointers.
+            let fd = unsafe { libc::socket(n(2), n(3), n(4)) };
+            res(libc::c_long::from(fd))
+        }
+        // TCP Fast Open: data with the SYN, no connect() call.
+        "tfo" => {
+            let port: u16 = arg(&args, 2).parse().unwrap_or(1);
+            // SAFETY: plain socket creation.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            let sa = sockaddr_v4(port);
+            let msg = b"x";
+            // SAFETY: msg and sa are valid for the lengths given.
+            res(unsafe {
+                libc::sendto(
+                    fd,
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    libc::MSG_FASTOPEN,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    socklen_of::<libc::sockaddr_in>(),
+                )
+            } as libc::c_long)
+        }
+        // TCP_FASTOPEN_CONNECT: a connect() that lands with the first send.
+        "tfo_connect" => {
+            // SAFETY: plain socket creation.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            let one: libc::c_int = 1;
+            // SAFETY: `one` is a valid int for the option.
+            res(libc::c_long::from(unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_FASTOPEN_CONNECT,
+                    (&one as *const libc::c_int).cast(),
+                    socklen_of::<libc::c_int>(),
+                )
+            }))
+        }
+        // listen() without bind(): the kernel picks a port on every address
+        // of the worker's namespace. Writes the port to FILE, then says
+        // whether anyone connected within SECS.
+        "listen_autobind" => {
+            let secs: u64 = arg(&args, 2).parse().unwrap_or(2);
+            let file = arg(&args, 3).to_string();
+            // SAFETY: plain socket calls on our own descriptor.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+            // SAFETY: as above.
+            if unsafe { libc::listen(fd, 8) } < 0 {
+                last()
+            } else {
+                // SAFETY: sockaddr_in is plain data; getsockname fills it.
+                let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                let mut len = socklen_of::<libc::sockaddr_in>();
+                // SAFETY: sa and len are valid for the call.
+                unsafe { libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) };
+                let _ = std::fs::write(&file, u16::from_be(sa.sin_port).to_string());
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+                let mut accepted = false;
+                while std::time::Instant::now() < deadline && !accepted {
+                    // SAFETY: a NULL address is allowed.
+                    accepted = unsafe { libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut()) } >= 0;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                if accepted {
+                    "ACCEPTED".into()
+                } else {
+                    "NOBODY".into()
+                }
+            }
+        }
+        "udp" => {
+            let port: u16 = arg(&args, 2).parse().unwrap_or(1);
+            io_res(
+                std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.send_to(b"warden-escape", ("127.0.0.1", port))),
+            )
+        }
+        // The sockets /proc/net shows this worker (lines after the header).
+        "procnet" => {
+            let text = std::fs::read_to_string(format!("/proc/net/{}", arg(&args, 2))).unwrap_or_default();
+            format!("{}", text.lines().count().saturating_sub(1))
+        }
         "ids" => {
             // SAFETY: no arguments.
             let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
@@ -275,6 +360,21 @@ fn main() {
 
 fn print_result(r: &str) {
     println!("RESULT {r}");
+}
+
+fn sockaddr_v4(port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits sa_family_t"),
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn socklen_of<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).expect("a sockaddr fits socklen_t")
 }
 
 fn unsafe_unshare(flags: libc::c_int) -> libc::c_int {

@@ -85,7 +85,9 @@ pub fn status(e: &WorkerError, caller: &Caller) -> Status {
             // The sandbox could not be built for this request (a missing
             // command, a profile the kernel cannot enforce).
             Launch::Setup { .. } => Code::FailedPrecondition,
-            Launch::Spawn { .. } | Launch::Pipe(_) | Launch::NoReport { .. } => Code::Internal,
+            Launch::Spawn { .. } | Launch::Pipe(_) | Launch::NoReport { .. } | Launch::Descriptors { .. } => {
+                Code::Internal
+            }
         },
         E::Cgroup(_) | E::Record(_) | E::Logs { .. } | E::Arch | E::Signal { .. } | E::Task(_) => Code::Internal,
     };

@@ -13,9 +13,10 @@ use warden_proto::v1 as pb;
 
 use super::{authorize, caller, status};
 use crate::auth::Caller;
-use crate::events::{millis, ExitReason};
+use crate::events::{millis, ExitReason, NetUsage};
 use crate::io::OutputLog;
 use crate::workers::{RequestedLimits, SpawnParams, Supervisor, Worker};
+use warden_policy::{NetworkMode, NetworkPolicy};
 
 #[derive(Debug)]
 pub struct WorkersApi {
@@ -59,6 +60,10 @@ pub fn to_pb(w: &Worker) -> pb::Worker {
         reason: reason as i32,
         peak_memory_bytes: exit.as_ref().map_or(0, |e| e.peak_memory),
         cpu_time_us: exit.as_ref().map_or(0, |e| e.cpu_time_us),
+        network: w
+            .network
+            .as_ref()
+            .map(|n| network_pb(n, &w.net_usage().unwrap_or_default())),
         enforcement: w.enforced.as_ref().map(|e| pb::Enforcement {
             landlock_abi: e.landlock_abi,
             landlock_tcp: e.landlock_tcp,
@@ -68,6 +73,33 @@ pub fn to_pb(w: &Worker) -> pb::Worker {
             no_new_privs: e.no_new_privs,
             capabilities_empty: e.capabilities_empty,
         }),
+    }
+}
+
+fn network_pb(policy: &NetworkPolicy, usage: &NetUsage) -> pb::Network {
+    let mode = match policy.mode {
+        NetworkMode::None => "none",
+        NetworkMode::Proxy => "proxy",
+    };
+    pb::Network {
+        mode: mode.into(),
+        allow: policy.allow.iter().map(ToString::to_string).collect(),
+        deny: policy.deny.iter().map(ToString::to_string).collect(),
+        ports: policy.tcp_connect.iter().map(|p| u32::from(*p)).collect(),
+        connections: usage.connections,
+        bytes_up: usage.bytes_up,
+        bytes_down: usage.bytes_down,
+        denials: usage.denials,
+        hosts: usage
+            .hosts
+            .iter()
+            .map(|(host, t)| pb::HostTraffic {
+                host: host.clone(),
+                connections: t.connections,
+                bytes_up: t.bytes_up,
+                bytes_down: t.bytes_down,
+            })
+            .collect(),
     }
 }
 

@@ -25,12 +25,14 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 use warden_policy::config::Config;
-use warden_policy::Enforced;
+use warden_policy::{Enforced, NetworkPolicy};
 
 use crate::cgroups::{Cgroups, Usage, WorkerCgroup};
 use crate::claude::{Approvals, Decision};
-use crate::events::{millis, EventKind, Events, ExitReason};
+use crate::events::{millis, EventKind, Events, ExitReason, NetUsage};
 use crate::io::{OutputLog, Stdin};
+use crate::net::resolve::Resolver;
+use crate::net::Egress;
 use crate::profiles::Profiles;
 use crate::users::Users;
 use admission::{Admission, AdmissionError, Slot};
@@ -148,6 +150,12 @@ pub struct Worker {
     approvals: Arc<Approvals>,
     /// The admission slot this worker holds until it ends.
     slot: Mutex<Option<Slot>>,
+    /// Where its traffic may go (None for a worker of a previous daemon).
+    pub network: Option<NetworkPolicy>,
+    /// Its proxy (mode `proxy`): decisions, counters.
+    pub egress: Option<Arc<Egress>>,
+    /// The tasks serving its listeners, stopped when it ends.
+    net_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Worker {
@@ -176,6 +184,9 @@ impl Worker {
             approvals: Arc::default(),
             one_shot_session: false,
             slot: Mutex::new(None),
+            network: None,
+            egress: None,
+            net_tasks: Mutex::default(),
         }
     }
 
@@ -214,6 +225,11 @@ impl Worker {
     pub fn usage(&self) -> Option<Usage> {
         self.cgroup.as_ref().map(WorkerCgroup::usage)
     }
+
+    /// Its traffic through the proxy so far (mode `proxy` only).
+    pub fn net_usage(&self) -> Option<NetUsage> {
+        self.egress.as_ref().map(|e| e.usage())
+    }
 }
 
 /// The workers, by id and in the order they started.
@@ -237,6 +253,8 @@ pub struct Supervisor {
     registry: Mutex<Registry>,
     admission: Admission,
     records: Records,
+    /// Name resolution for every worker's proxy (with the config's hosts).
+    resolver: Arc<Resolver>,
     next: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -253,6 +271,7 @@ impl Supervisor {
         Supervisor {
             admission: Admission::new(config.max_workers, config.max_workers_per_user),
             records: Records::new(config.state_dir.join("workers")),
+            resolver: Arc::new(Resolver::system(config.hosts.clone().into_iter().collect())),
             next: AtomicU64::new(millis(SystemTime::now())),
             config,
             users,
@@ -365,6 +384,7 @@ impl Supervisor {
                         memory_peak: usage.memory_peak,
                         cpu_usage_us: usage.cpu_usage_ns / 1000,
                         pids: usage.pids_current,
+                        network: w.net_usage().map(|n| n.totals()),
                     },
                 );
             }
@@ -404,6 +424,10 @@ impl Supervisor {
         use std::os::unix::process::ExitStatusExt;
         let usage = w.usage().unwrap_or_default();
         self.report_limits(w, &usage);
+        // Its listeners close: nothing more reaches the proxy from it.
+        for t in w.net_tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
         if let Some(cg) = &w.cgroup {
             if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
                 tracing::error!(worker = %w.id, error = %e, "cannot remove the worker's cgroup");
@@ -448,6 +472,7 @@ impl Supervisor {
                 duration_ms,
                 cpu_time_us: info.cpu_time_us,
                 peak_memory: info.peak_memory,
+                network: w.net_usage(),
             },
         );
         self.records.remove(&w.id);

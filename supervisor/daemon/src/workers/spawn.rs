@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use warden_policy::config::Config;
 use warden_policy::seccomp::Arch;
-use warden_policy::{ClaudeRequest, LaunchSpec, Profile, ProfileSet, SpawnRequest};
+use warden_policy::{ClaudeRequest, LaunchSpec, NetworkPolicy, Profile, ProfileSet, SpawnRequest};
 
 use super::admission::Slot;
 use super::record::Record;
@@ -23,6 +23,7 @@ use crate::claude::session::{self, Session, Start};
 use crate::events::{millis, EventKind};
 use crate::io::Stdin;
 use crate::launcher::{LaunchError, Launched};
+use crate::net::Egress;
 use crate::users::Users;
 
 /// Tightening limits a request may ask for (None: keep the profile's).
@@ -65,6 +66,8 @@ pub struct Prepared {
     pub spec: LaunchSpec,
     pub cgroup: WorkerCgroup,
     pub project: String,
+    /// Where the worker's traffic may go (its proxy decides by this).
+    pub network: NetworkPolicy,
     /// Claude Code workers: how the daemon drives the session.
     pub session: Option<Start>,
 }
@@ -169,8 +172,21 @@ impl Supervisor {
             .stdin
             .take()
             .and_then(|s| tokio::process::ChildStdin::from_std(s).ok());
+        let egress = (!launched.listeners.is_empty()).then(|| {
+            Arc::new(Egress::new(
+                &spec.worker_id,
+                &spec.user,
+                &spec.profile,
+                prepared.network.clone(),
+                self.resolver.clone(),
+                self.events.clone(),
+                self.config.max_connections_per_worker as usize,
+            ))
+        });
         let worker = Arc::new(Worker {
             pid: launched.child.id(),
+            egress,
+            network: Some(prepared.network.clone()),
             init_pid: launched.enforced.init_pid,
             enforced: Some(launched.enforced.clone()),
             stdin: Arc::new(Stdin::new(stdin)),
@@ -235,6 +251,11 @@ impl Supervisor {
     ) {
         if let Some(listener) = launched.seccomp_listener.take() {
             self.report_denials(worker, listener);
+        }
+        // The proxy, on listeners in the worker's own network namespace.
+        if let Some(egress) = &worker.egress {
+            let tasks = crate::net::serve(egress, std::mem::take(&mut launched.listeners));
+            worker.net_tasks.lock().unwrap_or_else(|p| p.into_inner()).extend(tasks);
         }
         // Claude Code sessions: the daemon reads the worker's stream-json
         // output to answer its permission requests and end one-shot runs.
@@ -409,6 +430,7 @@ pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) ->
         spec,
         cgroup,
         project: p.project.clone(),
+        network: profile.network.clone(),
         session,
     })
 }

@@ -82,9 +82,13 @@ pub(crate) struct RawFs {
 pub(crate) struct RawNet {
     pub mode: Option<Spanned<crate::NetworkMode>>,
     #[serde(default)]
+    pub allow: Vec<crate::NetRule>,
+    #[serde(default)]
+    pub deny: Vec<crate::NetRule>,
+    #[serde(default)]
     pub tcp_connect: Vec<Port>,
     #[serde(default)]
-    pub tcp_bind: Vec<Port>,
+    pub tcp_bind: Vec<BindPort>,
     pub udp: Option<bool>,
 }
 
@@ -150,7 +154,7 @@ pub(crate) struct RawClaude {
 // The typed values. Each checks itself when it is read.
 
 deserialize_via!(String: ProfileName, ProfilePath, GroupName, SyscallName, AllowedCall, RlimitName, EnvName, EnvValue);
-deserialize_via!(u64: LandlockAbi, Port, Pids, CpuWeight);
+deserialize_via!(u64: LandlockAbi, Port, BindPort, Pids, CpuWeight);
 
 /// A profile name (file stem): lowercase letters, digits, '-' and '_'.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +266,25 @@ impl TryFrom<u64> for Port {
             Ok(port @ 1..) => Ok(Port(port)),
             _ => Err(format!("expected a TCP port from 1 to 65535, got {v}")),
         }
+    }
+}
+
+/// A loopback port a worker may listen on: not one of those warden's own
+/// listeners take in every worker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BindPort(pub u16);
+
+impl TryFrom<u64> for BindPort {
+    type Error = String;
+    fn try_from(v: u64) -> Result<Self, String> {
+        let Port(port) = Port::try_from(v)?;
+        if crate::network::RESERVED_PORTS.contains(&port) {
+            return Err(format!(
+                "port {port} is taken by warden's proxy or gateway inside every worker (reserved: {:?})",
+                crate::network::RESERVED_PORTS
+            ));
+        }
+        Ok(BindPort(port))
     }
 }
 

@@ -83,6 +83,16 @@ fn merge(base: &mut Profile, r: &RawProfile) {
     if let Some(m) = &r.network.mode {
         net.mode = *m.get_ref();
     }
+    for rule in &r.network.allow {
+        if !net.allow.contains(rule) {
+            net.allow.push(rule.clone());
+        }
+    }
+    for rule in &r.network.deny {
+        if !net.deny.contains(rule) {
+            net.deny.push(rule.clone());
+        }
+    }
     net.tcp_connect.extend(r.network.tcp_connect.iter().map(|p| p.0));
     net.tcp_bind.extend(r.network.tcp_bind.iter().map(|p| p.0));
     if let Some(u) = r.network.udp {
@@ -145,7 +155,11 @@ fn merge(base: &mut Profile, r: &RawProfile) {
         }
         if let Some(u) = &c.base_url {
             claude.base_url = Some(u.clone());
-            base.network.tcp_connect.insert(u.port);
+            // Claude reaches its API through the proxy like any other host.
+            let api = crate::NetRule::exactly(&u.host, u.port);
+            if !base.network.allow.contains(&api) {
+                base.network.allow.push(api);
+            }
         }
         if c.claude_md.is_some() {
             claude.claude_md.clone_from(&c.claude_md);
@@ -181,11 +195,22 @@ fn validate(p: &Parsed, prof: &Profile) -> Result<(), PolicyError> {
             return Err(p.invalid(span, "memory_swap (memory plus swap) must be at least memory"));
         }
     }
-    if prof.network.mode == NetworkMode::Tcp && prof.landlock_min_abi < 4 {
+    let sockets = crate::seccomp::allowed_calls(&prof.seccomp)
+        .iter()
+        .any(|c| c == "socket");
+    if sockets && prof.landlock_min_abi < 4 {
         let span = p.raw.network.mode.as_ref().map_or(whole, toml::Spanned::span);
         return Err(p.invalid(
             span,
-            "network mode \"tcp\" is enforced by landlock ABI 4 or later: set [landlock] min_abi = 4 or more",
+            "a profile that allows sockets needs landlock ABI 4 or later, which limits the loopback ports a worker \
+             binds and connects to: set [landlock] min_abi = 4 or more",
+        ));
+    }
+    if prof.network.mode == NetworkMode::Proxy && !sockets {
+        let span = p.raw.network.mode.as_ref().map_or(whole, toml::Spanned::span);
+        return Err(p.invalid(
+            span,
+            "network mode \"proxy\" needs sockets: add the \"network\" group to [seccomp] groups, or use mode \"none\"",
         ));
     }
     Ok(())

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::claude::ClaudePolicy;
 use crate::error::{Location, PolicyError};
+use crate::network::{NetworkMode, NetworkPolicy};
 use file::{valid_profile_name, RawProfile};
 pub use file::{MAX_LANDLOCK_ABI, RLIMITS, VARIABLES};
 
@@ -107,38 +108,6 @@ pub struct FsRule {
     pub access: Access,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// A fresh network namespace with only a loopback interface.
-    None,
-    /// The host's network, with TCP limited by landlock to the listed ports.
-    Tcp,
-}
-
-crate::units::deserialize_via!(String: NetworkMode);
-
-impl TryFrom<String> for NetworkMode {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        match s.as_str() {
-            "none" => Ok(NetworkMode::None),
-            "tcp" => Ok(NetworkMode::Tcp),
-            _ => Err(format!("expected network mode \"none\" or \"tcp\", got {s:?}")),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkPolicy {
-    pub mode: NetworkMode,
-    pub tcp_connect: BTreeSet<u16>,
-    pub tcp_bind: BTreeSet<u16>,
-    /// UDP sockets (DNS). Landlock cannot restrict UDP by port, so this is
-    /// all or nothing, enforced by seccomp on `socket(2)`.
-    pub udp: bool,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeccompPolicy {
     pub groups: BTreeSet<String>,
@@ -170,7 +139,7 @@ pub struct EnvPolicy {
 }
 
 /// A profile with its `extends` chain merged and every field validated.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Profile {
     pub name: String,
     pub origin: String,
@@ -199,7 +168,10 @@ impl Profile {
             filesystem: Vec::new(),
             network: NetworkPolicy {
                 mode: NetworkMode::None,
-                tcp_connect: BTreeSet::new(),
+                allow: Vec::new(),
+                deny: Vec::new(),
+                // An allow entry without a port means HTTPS.
+                tcp_connect: BTreeSet::from([443]),
                 tcp_bind: BTreeSet::new(),
                 udp: false,
             },
@@ -364,15 +336,16 @@ groups = ["default"]
     fn claude_section_resolves_rules_port_and_arguments() {
         use crate::ClaudeRequest;
         let text = format!(
-            "{MINIMAL}[landlock]\nmin_abi = 4\n[network]\nmode = \"tcp\"\ntcp_connect = [443]\n[claude]\npermission_mode = \"default\"\n\
+            "{MINIMAL}[landlock]\nmin_abi = 4\n[network]\nmode = \"none\"\ntcp_connect = [443]\n[claude]\npermission_mode = \"default\"\n\
              model = \"m1\"\nmodels = [\"m2\"]\nmax_turns = 20\nbase_url = \"http://127.0.0.1:8089/x\"\n\
              approval_timeout = \"30s\"\nauto_allow = [\"Read\", \"Bash(git status*)\"]\nauto_deny = [\"Bash(*rm -rf*)\"]\n"
         );
         let set = ProfileSet::from_sources(vec![src("c", &text)]).unwrap();
         let p = set.get("c").unwrap();
         assert_eq!(
-            p.network.tcp_connect.iter().copied().collect::<Vec<_>>(),
-            vec![443, 8089]
+            p.network.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            vec!["127.0.0.1:8089".to_string()],
+            "the API's host and port are allowed"
         );
         let c = p.claude.as_ref().unwrap();
         assert_eq!(c.approval_timeout_secs, 30);
@@ -478,7 +451,19 @@ groups = ["default"]
         let e = err_of(vec![src("a", &format!("{MINIMAL}[network]\ntcp_connect = [70000]\n"))]);
         assert!(e.starts_with("a.toml:7:16:"), "{e}");
         let e = err_of(vec![src("a", &format!("{MINIMAL}[network]\nmode = \"open\"\n"))]);
-        assert!(e.contains("expected network mode \"none\" or \"tcp\""), "{e}");
+        assert!(e.contains("expected network mode \"none\" or \"proxy\""), "{e}");
+        let e = err_of(vec![src("a", &format!("{MINIMAL}[network]\nmode = \"tcp\"\n"))]);
+        assert!(e.starts_with("a.toml:7:8: network mode \"tcp\" was removed"), "{e}");
+        let e = err_of(vec![src(
+            "a",
+            &format!("{MINIMAL}[network]\nallow = [\"ok.com\", \"ev%il.com\"]\n"),
+        )]);
+        assert!(
+            e.starts_with("a.toml:7:20: \"ev%il.com\": the host name contains '%'"),
+            "{e}"
+        );
+        let e = err_of(vec![src("a", &format!("{MINIMAL}[network]\ntcp_bind = [3128]\n"))]);
+        assert!(e.contains("port 3128 is taken by warden's proxy"), "{e}");
     }
 
     #[test]
@@ -512,8 +497,16 @@ groups = ["default"]
         assert!(e.contains("seccomp allowlist is empty"), "{e}");
         let e = err_of(vec![src("a", "[seccomp]\ngroups = [\"default\"]\n")]);
         assert!(e.contains("no path is executable"), "{e}");
-        let e = err_of(vec![src("a", &format!("{MINIMAL}[network]\nmode = \"tcp\"\n"))]);
+        let e = err_of(vec![src(
+            "a",
+            "[filesystem]\nexec = [\"/usr\"]\n[seccomp]\ngroups = [\"default\", \"network\"]\n",
+        )]);
         assert!(e.contains("landlock ABI 4"), "{e}");
+        let e = err_of(vec![src(
+            "a",
+            &format!("{MINIMAL}[landlock]\nmin_abi = 4\n[network]\nmode = \"proxy\"\n"),
+        )]);
+        assert!(e.contains("network mode \"proxy\" needs sockets"), "{e}");
     }
 
     #[test]

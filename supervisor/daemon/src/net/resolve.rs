@@ -1,0 +1,228 @@
+//! Turning an allowed host name into the addresses the proxy may dial.
+//!
+//! Owns: the admin's static `hosts` table (trusted as mapped), name
+//! resolution in the daemon (never in the worker), and the refusal of
+//! internal addresses: loopback, link-local, private, shared, multicast,
+//! unspecified and reserved ranges, and the host's own addresses, unless
+//! the profile lists the address or a range holding it.
+//!
+//! Must never: let a worker choose the address (the proxy dials exactly the
+//! address checked here: no second lookup, so DNS rebinding gains nothing).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use warden_policy::network::{canonical_ip, internal_address};
+use warden_policy::{Host, NetworkPolicy};
+
+/// A name lookup: the system resolver in the daemon, a fake in tests.
+pub type Lookup =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>> + Send + Sync>;
+
+/// Why no address of a host may be dialled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{host} resolves to {addr}, a {class} address that profile {profile} does not list")]
+    Internal {
+        host: String,
+        addr: IpAddr,
+        class: &'static str,
+        profile: String,
+    },
+    #[error("cannot resolve {host}: {why}")]
+    Failed { host: String, why: String },
+}
+
+/// The resolver the proxy of every worker uses.
+pub struct Resolver {
+    hosts: HashMap<String, IpAddr>,
+    lookup: Lookup,
+    own: Mutex<Option<(Instant, Vec<IpAddr>)>>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long the host's own addresses are trusted before they are read again.
+const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
+
+impl Resolver {
+    /// The system resolver, with the admin's `hosts` table in front of it.
+    pub fn system(hosts: HashMap<String, IpAddr>) -> Self {
+        let lookup: Lookup = Arc::new(|name: String| {
+            Box::pin(async move {
+                let addrs = tokio::net::lookup_host((name.as_str(), 0)).await?;
+                Ok(addrs.map(|a| a.ip()).collect())
+            })
+        });
+        Self::with_lookup(hosts, lookup)
+    }
+
+    pub fn with_lookup(hosts: HashMap<String, IpAddr>, lookup: Lookup) -> Self {
+        Resolver {
+            hosts,
+            lookup,
+            own: Mutex::new(None),
+        }
+    }
+
+    /// The addresses of `host`:`port` the proxy may dial for a worker with
+    /// `policy`, in the order to try them.
+    pub async fn resolve(
+        &self,
+        profile: &str,
+        policy: &NetworkPolicy,
+        host: &Host,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, ResolveError> {
+        let (name, candidates) = match host {
+            // The policy admitted the address itself: it is listed.
+            Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, port)]),
+            Host::Name(n) => match self.hosts.get(n) {
+                // The admin's table is trusted as mapped.
+                Some(ip) => return Ok(vec![SocketAddr::new(*ip, port)]),
+                None => (n, (self.lookup)(n.clone()).await),
+            },
+        };
+        let candidates = candidates.map_err(|e| ResolveError::Failed {
+            host: name.clone(),
+            why: e.to_string(),
+        })?;
+        if candidates.is_empty() {
+            return Err(ResolveError::Failed {
+                host: name.clone(),
+                why: "no address".into(),
+            });
+        }
+        let own = self.own_addresses();
+        let mut allowed = Vec::new();
+        let mut refused = None;
+        for ip in candidates.into_iter().map(canonical_ip) {
+            let class = internal_address(ip).or_else(|| own.contains(&ip).then_some("this host's"));
+            match class {
+                Some(class) if !policy.lists_address(ip) => {
+                    refused.get_or_insert((ip, class));
+                }
+                _ => allowed.push(SocketAddr::new(ip, port)),
+            }
+        }
+        match (allowed.is_empty(), refused) {
+            (true, Some((addr, class))) => Err(ResolveError::Internal {
+                host: name.clone(),
+                addr,
+                class,
+                profile: profile.to_string(),
+            }),
+            _ => Ok(allowed),
+        }
+    }
+
+    /// The addresses of this host's interfaces (re-read every few seconds:
+    /// they change with DHCP and VPNs).
+    fn own_addresses(&self) -> Vec<IpAddr> {
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, addrs)) = own.as_ref() {
+            if at.elapsed() < OWN_ADDRESSES_TTL {
+                return addrs.clone();
+            }
+        }
+        let addrs: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+            .map(|ifs| {
+                ifs.filter_map(|i| {
+                    let a = i.address?;
+                    a.as_sockaddr_in()
+                        .map(|s| IpAddr::V4(s.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+                })
+                .map(canonical_ip)
+                .collect()
+            })
+            .unwrap_or_default();
+        *own = Some((Instant::now(), addrs.clone()));
+        addrs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use warden_policy::{NetRule, NetworkMode};
+
+    fn fake(table: &'static [(&'static str, &'static str)]) -> Lookup {
+        Arc::new(move |name: String| {
+            Box::pin(async move {
+                let found: Vec<IpAddr> = table
+                    .iter()
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, a)| a.parse().unwrap())
+                    .collect();
+                if found.is_empty() {
+                    Err(std::io::Error::other("no such host"))
+                } else {
+                    Ok(found)
+                }
+            })
+        })
+    }
+
+    fn policy(allow: &[&str]) -> NetworkPolicy {
+        NetworkPolicy {
+            mode: NetworkMode::Proxy,
+            allow: allow
+                .iter()
+                .map(|r| NetRule::try_from((*r).to_string()).unwrap())
+                .collect(),
+            deny: vec![],
+            tcp_connect: BTreeSet::from([443]),
+            tcp_bind: BTreeSet::new(),
+            udp: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn internal_addresses_are_refused_unless_listed_and_the_hosts_table_is_trusted() {
+        let r = Resolver::with_lookup(
+            HashMap::from([("git.test".to_string(), "127.0.0.1".parse().unwrap())]),
+            fake(&[
+                ("rebind.example", "169.254.169.254"),
+                ("mixed.example", "10.0.0.1"),
+                ("mixed.example", "93.184.216.34"),
+                ("lan.example", "192.168.1.10"),
+            ]),
+        );
+        let p = policy(&["*.example", "git.test"]);
+        let name = |n: &str| Host::Name(n.into());
+        let e = r.resolve("t", &p, &name("rebind.example"), 443).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rebind.example resolves to 169.254.169.254, a link-local address that profile t does not list"
+        );
+        // Only the public address of a mixed answer is dialled.
+        let ok = r.resolve("t", &p, &name("mixed.example"), 443).await.unwrap();
+        assert_eq!(ok, vec!["93.184.216.34:443".parse().unwrap()]);
+        assert_eq!(
+            r.resolve("t", &p, &name("git.test"), 8443).await.unwrap(),
+            vec!["127.0.0.1:8443".parse().unwrap()]
+        );
+        assert!(matches!(
+            r.resolve("t", &p, &name("nowhere.example"), 443).await,
+            Err(ResolveError::Failed { .. })
+        ));
+        // A profile that lists the range reaches it.
+        let lan = policy(&["*.example", "192.168.1.0/24"]);
+        assert_eq!(
+            r.resolve("t", &lan, &name("lan.example"), 443).await.unwrap(),
+            vec!["192.168.1.10:443".parse().unwrap()]
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! Tunnels: the bytes of an allowed connection, counted, with the TLS
+//! server name checked against the host the tunnel was opened for.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use warden_policy::Host;
+
+use super::sni::{server_name, Hello, MAX_HELLO};
+use super::{Egress, Protocol, Traffic};
+
+/// A stream whose bytes count towards a worker's traffic to one host.
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    traffic: Arc<Traffic>,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, egress: Arc<Egress>, host: String) -> Self {
+        Counted {
+            inner,
+            traffic: Arc::new(Traffic {
+                egress,
+                host,
+                up: AtomicU64::new(0),
+                down: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.traffic.down.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.traffic.up.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How long a tunnel waits for the client's first bytes before it checks
+/// nothing more and just carries the bytes (server-first protocols).
+const FIRST_BYTES: Duration = Duration::from_secs(30);
+
+/// Carries bytes both ways between a worker's client and an allowed
+/// upstream until both sides close. On port 443, the client's first bytes
+/// must be a ClientHello naming `host` (when they are TLS and name
+/// anything): another name closes the tunnel and is a denial.
+pub async fn splice<C, U>(egress: &Egress, protocol: Protocol, mut client: C, mut upstream: U, host: &Host, port: u16)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    if port == 443 {
+        let mut first = Vec::new();
+        let read = tokio::time::timeout(FIRST_BYTES, read_hello(&mut client, &mut first)).await;
+        match read.ok().and_then(Result::ok) {
+            Some(Hello::Name(sni)) if Host::parse(&sni).as_ref() != Ok(host) => {
+                egress.refuse(
+                    protocol,
+                    &host.to_string(),
+                    port,
+                    "sni-mismatch",
+                    format!("the TLS server name {sni:?} is not {host}, the host this tunnel was allowed for"),
+                );
+                return;
+            }
+            Some(Hello::Malformed) => {
+                egress.refuse(
+                    protocol,
+                    &host.to_string(),
+                    port,
+                    "sni-mismatch",
+                    format!("a malformed TLS ClientHello in a tunnel to {host}"),
+                );
+                return;
+            }
+            _ => {}
+        }
+        if upstream.write_all(&first).await.is_err() {
+            return;
+        }
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// Reads until `buf` holds a whole first TLS record (or shows it is not
+/// TLS, or the client closed).
+async fn read_hello<C: AsyncRead + Unpin>(client: &mut C, buf: &mut Vec<u8>) -> io::Result<Hello> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match server_name(buf) {
+            Hello::Incomplete if buf.len() < MAX_HELLO => {}
+            Hello::Incomplete => return Ok(Hello::Malformed),
+            other => return Ok(other),
+        }
+        let n = client.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(Hello::NotTls);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
