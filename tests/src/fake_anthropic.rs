@@ -201,7 +201,6 @@ impl FakeAnthropic {
         }
     }
 
-    /// `http://127.0.0.1:PORT`, for ANTHROPIC_BASE_URL.
     /// Its URL by the name test daemons map to loopback in their `hosts`
     /// table ([`crate::daemon::TEST_HOSTS`]): workers reach it through the
     /// proxy, as they would reach the real API.

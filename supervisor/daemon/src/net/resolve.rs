@@ -26,12 +26,18 @@ pub type Lookup =
 /// Why no address of a host may be dialled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
-    #[error("{host} resolves to {addr}, a {class} address that profile {profile} does not list")]
+    #[error("{host} resolves to {addr} ({class}), which profile {profile} does not list")]
     Internal {
         host: String,
         addr: IpAddr,
         class: &'static str,
         profile: String,
+    },
+    #[error("{host} is {addr} ({class}), which is never a destination")]
+    Never {
+        host: String,
+        addr: IpAddr,
+        class: &'static str,
     },
     #[error("cannot resolve {host}: {why}")]
     Failed { host: String, why: String },
@@ -84,12 +90,20 @@ impl Resolver {
         host: &Host,
         port: u16,
     ) -> Result<Vec<SocketAddr>, ResolveError> {
+        let never = |ip: IpAddr| {
+            never_dialled(ip).map(|class| ResolveError::Never {
+                host: host.to_string(),
+                addr: ip,
+                class,
+            })
+        };
         let (name, candidates) = match host {
             // The policy admitted the address itself: it is listed.
-            Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, port)]),
+            Host::Ip(ip) => return never(*ip).map_or(Ok(vec![SocketAddr::new(*ip, port)]), Err),
             Host::Name(n) => match self.hosts.get(n) {
-                // The admin's table is trusted as mapped.
-                Some(ip) => return Ok(vec![SocketAddr::new(*ip, port)]),
+                // The admin's table is trusted as mapped (but for addresses
+                // that mean "this host" or no host at all).
+                Some(ip) => return never(*ip).map_or(Ok(vec![SocketAddr::new(*ip, port)]), Err),
                 None => (n, (self.lookup)(n.clone()).await),
             },
         };
@@ -108,8 +122,9 @@ impl Resolver {
         let mut refused = None;
         for ip in candidates.into_iter().map(canonical_ip) {
             let class = internal_address(ip).or_else(|| own.contains(&ip).then_some("this host's"));
+            let listed = policy.lists_address(ip) && never_dialled(ip).is_none();
             match class {
-                Some(class) if !policy.lists_address(ip) => {
+                Some(class) if !listed => {
                     refused.get_or_insert((ip, class));
                 }
                 _ => allowed.push(SocketAddr::new(ip, port)),
@@ -125,7 +140,15 @@ impl Resolver {
             _ => Ok(allowed),
         }
     }
+}
 
+/// Addresses no listing makes dialable: the unspecified address (a connect
+/// to it reaches this host), multicast, broadcast and reserved ranges.
+fn never_dialled(ip: IpAddr) -> Option<&'static str> {
+    internal_address(ip).filter(|c| matches!(*c, "unspecified" | "multicast" | "reserved"))
+}
+
+impl Resolver {
     /// The addresses of this host's interfaces (re-read every few seconds:
     /// they change with DHCP and VPNs).
     fn own_addresses(&self) -> Vec<IpAddr> {
@@ -192,7 +215,10 @@ mod tests {
     #[tokio::test]
     async fn internal_addresses_are_refused_unless_listed_and_the_hosts_table_is_trusted() {
         let r = Resolver::with_lookup(
-            HashMap::from([("git.test".to_string(), "127.0.0.1".parse().unwrap())]),
+            HashMap::from([
+                ("git.test".to_string(), "127.0.0.1".parse().unwrap()),
+                ("zero.test".to_string(), "0.0.0.0".parse().unwrap()),
+            ]),
             fake(&[
                 ("rebind.example", "169.254.169.254"),
                 ("mixed.example", "10.0.0.1"),
@@ -200,12 +226,12 @@ mod tests {
                 ("lan.example", "192.168.1.10"),
             ]),
         );
-        let p = policy(&["*.example", "git.test"]);
+        let p = policy(&["*.example", "git.test", "zero.test", "0.0.0.0"]);
         let name = |n: &str| Host::Name(n.into());
         let e = r.resolve("t", &p, &name("rebind.example"), 443).await.unwrap_err();
         assert_eq!(
             e.to_string(),
-            "rebind.example resolves to 169.254.169.254, a link-local address that profile t does not list"
+            "rebind.example resolves to 169.254.169.254 (link-local), which profile t does not list"
         );
         // Only the public address of a mixed answer is dialled.
         let ok = r.resolve("t", &p, &name("mixed.example"), 443).await.unwrap();
@@ -218,6 +244,15 @@ mod tests {
             r.resolve("t", &p, &name("nowhere.example"), 443).await,
             Err(ResolveError::Failed { .. })
         ));
+        // "This host" is never a destination, not through the table, not listed.
+        for h in [name("zero.test"), Host::Ip("0.0.0.0".parse().unwrap())] {
+            let e = r.resolve("t", &p, &h, 443).await.unwrap_err();
+            assert!(
+                e.to_string()
+                    .ends_with("is 0.0.0.0 (unspecified), which is never a destination"),
+                "{e}"
+            );
+        }
         // A profile that lists the range reaches it.
         let lan = policy(&["*.example", "192.168.1.0/24"]);
         assert_eq!(

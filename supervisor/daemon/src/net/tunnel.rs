@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use warden_policy::Host;
@@ -61,59 +60,66 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
-/// How long a tunnel waits for the client's first bytes before it checks
-/// nothing more and just carries the bytes (server-first protocols).
-const FIRST_BYTES: Duration = Duration::from_secs(30);
-
 /// Carries bytes both ways between a worker's client and an allowed
-/// upstream until both sides close. On port 443, the client's first bytes
-/// must be a ClientHello naming `host` (when they are TLS and name
-/// anything): another name closes the tunnel and is a denial.
-pub async fn splice<C, U>(egress: &Egress, protocol: Protocol, mut client: C, mut upstream: U, host: &Host, port: u16)
+/// upstream until both sides close. When the client's first bytes are a
+/// TLS ClientHello, it must name `host` (or no name at all): another name
+/// closes the tunnel and is a denial. The upstream's bytes flow meanwhile,
+/// so protocols where the server speaks first are not held up.
+pub async fn splice<C, U>(egress: &Egress, protocol: Protocol, client: C, upstream: U, host: &Host, port: u16)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    if port == 443 {
+    let (mut client_r, mut client_w) = tokio::io::split(client);
+    let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let down = async {
+        let _ = tokio::io::copy(&mut up_r, &mut client_w).await;
+        let _ = client_w.shutdown().await;
+    };
+    let up = async {
         let mut first = Vec::new();
-        let read = tokio::time::timeout(FIRST_BYTES, read_hello(&mut client, &mut first)).await;
-        match read.ok().and_then(Result::ok) {
-            Some(Hello::Name(sni)) if Host::parse(&sni).as_ref() != Ok(host) => {
-                egress.refuse(
-                    protocol,
-                    &host.to_string(),
-                    port,
-                    "sni-mismatch",
-                    format!("the TLS server name {sni:?} is not {host}, the host this tunnel was allowed for"),
-                );
-                return;
-            }
-            Some(Hello::Malformed) => {
-                egress.refuse(
-                    protocol,
-                    &host.to_string(),
-                    port,
-                    "sni-mismatch",
-                    format!("a malformed TLS ClientHello in a tunnel to {host}"),
-                );
-                return;
-            }
-            _ => {}
+        let refusal = match read_hello(&mut client_r, &mut first).await {
+            Ok(Hello::Name(sni)) if Host::parse(&sni).as_ref() != Ok(host) => Some(format!(
+                "the TLS server name {:?} is not {host}, the host this tunnel was allowed for",
+                sni.escape_debug().to_string()
+            )),
+            Ok(Hello::Malformed) => Some(format!("a malformed TLS ClientHello in a tunnel to {host}")),
+            Ok(_) => None,
+            Err(_) => return Ok(()),
+        };
+        if let Some(message) = refusal {
+            egress.refuse(protocol, &host.to_string(), port, "sni-mismatch", message);
+            return Err(());
         }
-        if upstream.write_all(&first).await.is_err() {
-            return;
+        if up_w.write_all(&first).await.is_ok() {
+            let _ = tokio::io::copy(&mut client_r, &mut up_w).await;
+        }
+        let _ = up_w.shutdown().await;
+        Ok(())
+    };
+    // A refused ClientHello ends both directions at once.
+    tokio::pin!(up, down);
+    let mut down_done = false;
+    loop {
+        tokio::select! {
+            r = &mut up => {
+                if r.is_ok() && !down_done {
+                    (&mut down).await;
+                }
+                return;
+            }
+            () = &mut down, if !down_done => down_done = true,
         }
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-/// Reads until `buf` holds a whole first TLS record (or shows it is not
-/// TLS, or the client closed).
+/// Reads until `buf` holds a whole first TLS record, or shows it is not
+/// TLS, or the client closed.
 async fn read_hello<C: AsyncRead + Unpin>(client: &mut C, buf: &mut Vec<u8>) -> io::Result<Hello> {
     let mut chunk = [0u8; 4096];
     loop {
         match server_name(buf) {
-            Hello::Incomplete if buf.len() < MAX_HELLO => {}
+            Hello::Incomplete if buf.is_empty() || buf.len() < MAX_HELLO => {}
             Hello::Incomplete => return Ok(Hello::Malformed),
             other => return Ok(other),
         }
