@@ -67,21 +67,31 @@ async fn connect(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body> 
         Err(f) => return failure(f),
     };
     tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let host = upstream.host.clone();
-                tunnel::splice(
-                    &egress,
-                    Protocol::Connect,
-                    TokioIo::new(upgraded),
-                    upstream.stream,
-                    &host,
-                    port,
-                )
-                .await;
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "a CONNECT client went away before its tunnel");
+                return;
             }
-            Err(e) => tracing::debug!(error = %e, "a CONNECT client went away before its tunnel"),
-        }
+        };
+        // The tunnel runs on the client's own socket again (so the kernel
+        // can move its bytes), after what hyper had already read of it.
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            tracing::error!("a CONNECT tunnel is not on a TCP socket");
+            return;
+        };
+        let host = upstream.host.clone();
+        let early = parts.read_buf.to_vec();
+        tunnel::splice(
+            &egress,
+            Protocol::Connect,
+            parts.io.into_inner(),
+            early,
+            upstream.stream,
+            &host,
+            port,
+        )
+        .await;
     });
     Response::new(empty())
 }

@@ -64,7 +64,16 @@ pub async fn serve(egress: Arc<Egress>, mut stream: TcpStream) {
         return;
     }
     let host = upstream.host.clone();
-    tunnel::splice(&egress, Protocol::Socks, stream, upstream.stream, &host, port).await;
+    tunnel::splice(
+        &egress,
+        Protocol::Socks,
+        stream,
+        Vec::new(),
+        upstream.stream,
+        &host,
+        port,
+    )
+    .await;
 }
 
 /// The greeting and the request: the destination, or the reply that
