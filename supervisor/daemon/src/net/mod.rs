@@ -166,8 +166,9 @@ impl Egress {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .admit(Instant::now());
-        tracing::info!(worker = %self.worker, host, port, reason = code, "network denial");
         if let Some(suppressed) = admitted {
+            // Logged as often as reported: a flood costs no more log lines.
+            tracing::info!(worker = %self.worker, host, port, reason = code, suppressed, "network denial");
             self.events.publish(
                 Some(&self.worker),
                 Some(&self.user),
