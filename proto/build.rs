@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "warden/v1/workers.proto",
         "warden/v1/profiles.proto",
         "warden/v1/events.proto",
+        "warden/v1/usage.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -24,7 +24,7 @@ mod tests {
             .filter(|f| f.package() == "warden.v1")
             .flat_map(|f| f.service.iter().map(|s| s.name().to_string()))
             .collect();
-        assert_eq!(services, ["Workers", "Profiles", "Events"]);
+        assert_eq!(services, ["Workers", "Profiles", "Events", "Usage"]);
     }
 
     #[test]

@@ -7,13 +7,15 @@
 //! as an SSE stream (message_start, content_block_start/delta/stop,
 //! message_delta, message_stop), or as one JSON message when the request
 //! does not ask to stream. The `tool_result` blocks the client sends back
-//! are recorded, so a test can assert what happened inside the sandbox.
+//! are recorded, so a test can assert what happened inside the sandbox,
+//! and so is the credential each request came with (what wardend's gateway
+//! put there). Served plain or over TLS with a test CA.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -28,6 +30,21 @@ pub enum Turn {
     Text(String),
 }
 
+/// The usage every answer reports: input, output, cache creation, cache
+/// read tokens.
+pub const USAGE: (u64, u64, u64, u64) = (10, 5, 2, 3);
+
+/// What one request came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub path: String,
+    pub model: String,
+    pub stream: bool,
+    pub x_api_key: Option<String>,
+    pub authorization: Option<String>,
+    pub anthropic_beta: Option<String>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     script: Vec<Turn>,
@@ -35,15 +52,16 @@ struct Inner {
     /// (tool_use_id, content as text, is_error) of every tool_result received.
     results: Vec<(String, String, bool)>,
     requests: usize,
+    seen: Vec<Seen>,
 }
 
 /// A running fake API; stops when dropped.
 #[derive(Debug)]
 pub struct FakeAnthropic {
     pub addr: SocketAddr,
+    tls: bool,
     inner: Arc<Mutex<Inner>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _served: crate::servers::Served,
 }
 
 fn text_of(content: &Value) -> String {
@@ -105,7 +123,8 @@ fn stream_of(model: &str, blocks: &[Value], stop: &str) -> String {
         "message_start",
         &json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
             "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+            "usage": {"input_tokens": USAGE.0, "output_tokens": 1,
+                "cache_creation_input_tokens": USAGE.2, "cache_read_input_tokens": USAGE.3}}}),
     );
     for (i, b) in blocks.iter().enumerate() {
         let (start, delta) = if b["type"] == "tool_use" {
@@ -131,19 +150,35 @@ fn stream_of(model: &str, blocks: &[Value], stop: &str) -> String {
     }
     out += &sse(
         "message_delta",
-        &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 5}}),
+        &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": USAGE.1}}),
     );
     out += &sse("message_stop", &json!({"type": "message_stop"}));
     out
 }
 
-async fn messages(State(inner): State<Arc<Mutex<Inner>>>, Json(body): Json<Value>) -> Response {
+fn seen(path: &str, headers: &HeaderMap, body: &Value) -> Seen {
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Seen {
+        path: path.into(),
+        model: body.get("model").and_then(Value::as_str).unwrap_or("").into(),
+        stream: body.get("stream").and_then(Value::as_bool) == Some(true),
+        x_api_key: h("x-api-key"),
+        authorization: h("authorization"),
+        anthropic_beta: h("anthropic-beta"),
+    }
+}
+
+async fn messages(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let model = body
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("claude-fake")
         .to_string();
-    let (blocks, stop) = answer(&mut inner.lock().unwrap_or_else(|p| p.into_inner()), &body);
+    let (blocks, stop) = {
+        let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.seen.push(seen("/v1/messages", &headers, &body));
+        answer(&mut inner, &body)
+    };
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         (
             [(header::CONTENT_TYPE, "text/event-stream")],
@@ -153,59 +188,69 @@ async fn messages(State(inner): State<Arc<Mutex<Inner>>>, Json(body): Json<Value
     } else {
         Json(
             json!({"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": blocks,
-            "stop_reason": stop, "stop_sequence": null, "usage": {"input_tokens": 10, "output_tokens": 5}}),
+            "stop_reason": stop, "stop_sequence": null, "usage": {"input_tokens": USAGE.0, "output_tokens": USAGE.1,
+                "cache_creation_input_tokens": USAGE.2, "cache_read_input_tokens": USAGE.3}}),
         )
         .into_response()
     }
 }
 
-async fn count_tokens(Json(body): Json<Value>) -> impl IntoResponse {
+async fn count_tokens(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> impl IntoResponse {
+    inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .seen
+        .push(seen("/v1/messages/count_tokens", &headers, &body));
     let chars = body.to_string().len();
     (StatusCode::OK, Json(json!({"input_tokens": chars / 4 + 1})))
 }
 
 impl FakeAnthropic {
-    /// Starts serving `script` on 127.0.0.1 (a free port).
+    /// Starts serving `script` on 127.0.0.1 (a free port), plain HTTP.
     pub fn start(script: Vec<Turn>) -> FakeAnthropic {
+        Self::serve(script, None)
+    }
+
+    /// Starts serving `script` over TLS, with a certificate for
+    /// `anthropic.test` signed by `ca`.
+    pub fn start_tls(script: Vec<Turn>, ca: &crate::servers::TestCa) -> FakeAnthropic {
+        Self::serve(script, Some(ca.server_config(&["anthropic.test"])))
+    }
+
+    fn serve(script: Vec<Turn>, tls: Option<Arc<rustls::ServerConfig>>) -> FakeAnthropic {
         let inner = Arc::new(Mutex::new(Inner {
             script,
             ..Inner::default()
         }));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = Router::new()
             .route("/v1/messages", post(messages))
             .route("/v1/messages/count_tokens", post(count_tokens))
             .with_state(inner.clone());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
-        });
+        let is_tls = tls.is_some();
+        let served = crate::servers::Served::start(app, tls);
         FakeAnthropic {
-            addr,
+            addr: served.addr,
+            tls: is_tls,
             inner,
-            stop: Some(stop),
-            thread: Some(thread),
+            _served: served,
         }
     }
 
     /// Its URL by the name test daemons map to loopback in their `hosts`
-    /// table ([`crate::daemon::TEST_HOSTS`]): workers reach it through the
-    /// proxy, as they would reach the real API.
+    /// table ([`crate::daemon::TEST_HOSTS`]): what a profile's `base_url`
+    /// names for wardend's gateway to forward to.
     pub fn base_url(&self) -> String {
-        format!("http://anthropic.test:{}", self.addr.port())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://anthropic.test:{}", self.addr.port())
+    }
+
+    /// What every request came with, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).seen.clone()
     }
 
     /// The tool results received so far: (tool_use_id, content, is_error).
@@ -215,17 +260,6 @@ impl FakeAnthropic {
 
     pub fn requests(&self) -> usize {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).requests
-    }
-}
-
-impl Drop for FakeAnthropic {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -18,6 +18,7 @@ use warden_policy::{Enforced, ProfileSet, Source};
 
 pub use warden_daemon::privileged;
 
+pub mod claude;
 pub mod daemon;
 pub mod fake_anthropic;
 pub mod servers;

@@ -156,16 +156,25 @@ struct Fixtures {
 
 /// One router for every test name: `/repo.git/...` (git), `/simple/...`
 /// and `/files/...` (a Python package index), `/wardenpkg` (an npm
-/// registry) and `/hello`.
+/// registry), `/hello`, and `/headers` (what the request came with).
 pub fn package_servers(dir: &Path) -> Router {
     let fixtures = Arc::new(fixtures(dir));
     Router::new()
         .route("/hello", get(|| async { "hello through the proxy\n" }))
+        .route("/headers", get(echo_headers))
         .route("/repo.git/{*path}", get(git_file))
         .route("/simple/wardenpkg/", get(simple_index))
         .route("/files/{name}", get(wheel))
         .route("/wardenpkg", get(packument))
         .with_state(fixtures)
+}
+
+/// The request's headers, one `name: value` per line.
+async fn echo_headers(headers: axum::http::HeaderMap) -> String {
+    headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+        .collect()
 }
 
 fn run(dir: &Path, args: &[&str]) {

@@ -465,6 +465,7 @@ fn health_and_reflection_are_served_so_grpcurl_works() {
                 "grpc.reflection.v1.ServerReflection",
                 "warden.v1.Events",
                 "warden.v1.Profiles",
+                "warden.v1.Usage",
                 "warden.v1.Workers"
             ]
         );

@@ -342,9 +342,9 @@ fn proc_net_shows_only_the_workers_own_sockets() {
     let Some(h) = host() else { return };
     let _tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let _unix = UnixListener::bind(h.state.path().join("host.sock")).unwrap();
-    // Its own namespace holds warden's three listeners (proxy, SOCKS,
-    // gateway) and nothing of the host's.
-    assert_eq!(attack(&h, &["procnet", "tcp"]), "3");
+    // Its own namespace holds warden's two proxy listeners (HTTP, SOCKS; a
+    // Claude Code worker has its API gateway's too) and nothing of the host's.
+    assert_eq!(attack(&h, &["procnet", "tcp"]), "2");
     assert_eq!(attack(&h, &["procnet", "tcp6"]), "0");
     assert_eq!(attack(&h, &["procnet", "unix"]), "0");
     assert_eq!(attack(&h, &["procnet", "udp"]), "0");

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use warden_proto::v1 as pb;
 use warden_proto::v1::events_client::EventsClient;
 use warden_proto::v1::profiles_client::ProfilesClient;
+use warden_proto::v1::usage_client::UsageClient;
 use warden_proto::v1::workers_client::WorkersClient;
 
 #[derive(Debug, Parser)]
@@ -155,6 +156,13 @@ enum Cmd {
         #[arg(long = "kind")]
         kinds: Vec<String>,
     },
+    /// API use through wardend's gateway: per user (today, this month, all
+    /// time, and the budget) and per worker.
+    Usage {
+        /// Only this warden user.
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Sandbox profiles.
     Profile {
         #[command(subcommand)]
@@ -247,12 +255,82 @@ fn worker_json(w: &pb::Worker) -> serde_json::Value {
                 "connections": h.connections, "bytes_up": h.bytes_up, "bytes_down": h.bytes_down,
             }))).collect::<serde_json::Map<String, serde_json::Value>>(),
         })),
+        "api": w.api.as_ref().map(api_json),
         "enforcement": w.enforcement.as_ref().map(|e| serde_json::json!({
             "landlock_abi": e.landlock_abi, "landlock_tcp": e.landlock_tcp, "landlock_scoped": e.landlock_scoped,
             "seccomp_filter_len": e.seccomp_filter_len, "namespaces": e.namespaces,
             "no_new_privs": e.no_new_privs, "capabilities_empty": e.capabilities_empty,
         })),
     })
+}
+
+fn api_json(t: &pb::ApiTotals) -> serde_json::Value {
+    serde_json::json!({
+        "requests": t.requests, "input_tokens": t.input_tokens, "output_tokens": t.output_tokens,
+        "cache_creation_input_tokens": t.cache_creation_input_tokens,
+        "cache_read_input_tokens": t.cache_read_input_tokens,
+    })
+}
+
+fn budget_json(b: Option<&pb::Budget>) -> serde_json::Value {
+    let b = b.copied().unwrap_or_default();
+    let limit = |v: u64| (v > 0).then_some(v);
+    serde_json::json!({
+        "tokens_per_day": limit(b.tokens_per_day), "tokens_per_month": limit(b.tokens_per_month),
+        "requests_per_minute": limit(u64::from(b.requests_per_minute)),
+        "concurrent_requests": limit(u64::from(b.concurrent_requests)),
+        "count_cache_reads": b.count_cache_reads,
+    })
+}
+
+fn print_usage(r: &pb::UsageResponse, output: Output) {
+    let totals = |t: &Option<pb::ApiTotals>| api_json(&t.unwrap_or_default());
+    if output == Output::Json {
+        let users: Vec<_> = r
+            .users
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "user": u.user, "day": u.day, "today": totals(&u.today), "month": u.month,
+                    "this_month": totals(&u.this_month), "all_time": totals(&u.all_time),
+                    "budget": budget_json(u.budget.as_ref()),
+                })
+            })
+            .collect();
+        let workers: Vec<_> = r
+            .workers
+            .iter()
+            .map(|w| serde_json::json!({"worker": w.worker, "user": w.user, "totals": totals(&w.totals)}))
+            .collect();
+        println!("{}", serde_json::json!({"users": users, "workers": workers}));
+        return;
+    }
+    // Tokens as a budget counts them: input, output and cache creation.
+    let tokens = |t: &Option<pb::ApiTotals>| {
+        let t = t.unwrap_or_default();
+        format!(
+            "{} req {} tok",
+            t.requests,
+            t.input_tokens + t.output_tokens + t.cache_creation_input_tokens
+        )
+    };
+    let limit = |v: u64| if v == 0 { "-".to_string() } else { v.to_string() };
+    println!(
+        "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12}",
+        "USER", "TODAY", "THIS MONTH", "ALL TIME", "PER DAY", "PER MONTH"
+    );
+    for u in &r.users {
+        let b = u.budget.unwrap_or_default();
+        println!(
+            "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12}",
+            u.user,
+            tokens(&u.today),
+            tokens(&u.this_month),
+            tokens(&u.all_time),
+            limit(b.tokens_per_day),
+            limit(b.tokens_per_month)
+        );
+    }
 }
 
 fn print_workers(ws: &[pb::Worker], output: Output) {
@@ -425,7 +503,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let channel = connect(&cli.socket).await?;
     let mut workers = WorkersClient::new(channel.clone());
     let mut profiles = ProfilesClient::new(channel.clone());
-    let mut events = EventsClient::new(channel);
+    let mut events = EventsClient::new(channel.clone());
+    let mut usage = UsageClient::new(channel);
     match cli.command {
         Cmd::Spawn {
             user,
@@ -600,6 +679,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     None => {}
                 }
             }
+        }
+        Cmd::Usage { user } => {
+            let r = usage
+                .get(pb::UsageRequest {
+                    user: user.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_usage(&r, output);
         }
         Cmd::Profile { command } => match command {
             ProfileCmd::List => {

@@ -35,6 +35,11 @@ impl Caller {
         self.role == Role::Admin
     }
 
+    /// Admins and services may act for every warden user.
+    pub fn may_act_for_everyone(&self) -> bool {
+        matches!(self.role, Role::Admin | Role::Service)
+    }
+
     pub fn may_act_for(&self, user: &str) -> bool {
         match &self.role {
             Role::Admin | Role::Service => true,

@@ -49,6 +49,8 @@ pub enum NetProtocol {
     Http,
     /// A SOCKS5 CONNECT.
     Socks,
+    /// A request to the worker's Anthropic API gateway.
+    Gateway,
 }
 
 /// Traffic to one destination host.
@@ -160,6 +162,9 @@ pub enum EventKind {
         /// Traffic through the proxy, per destination host.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<NetUsage>,
+        /// Requests and tokens through the API gateway.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api: Option<crate::usage::Totals>,
     },
     ResourceSample {
         memory_current: u64,
@@ -204,6 +209,29 @@ pub enum EventKind {
         message: String,
         #[serde(default)]
         suppressed: u64,
+    },
+    /// One request of a worker through its API gateway, and what it cost.
+    ApiUsage {
+        /// `messages` or `count_tokens`.
+        endpoint: String,
+        model: String,
+        /// The upstream's HTTP status (0: no answer).
+        status: u16,
+        streamed: bool,
+        input_tokens: u64,
+        output_tokens: u64,
+        cache_creation_input_tokens: u64,
+        cache_read_input_tokens: u64,
+        duration_ms: u64,
+    },
+    /// A user's budget refused a request; once per budget and window.
+    BudgetExhausted {
+        /// `tokens_per_day`, `tokens_per_month`, `requests_per_minute` or
+        /// `concurrent_requests`.
+        budget: String,
+        limit: u64,
+        used: u64,
+        resets_at_ms: u64,
     },
     AuthDenied {
         peer_uid: u32,
@@ -266,6 +294,8 @@ kind_names! {
     LimitReached => "limit_reached",
     SandboxDenial => "sandbox_denial",
     NetworkDenial => "network_denial",
+    ApiUsage => "api_usage",
+    BudgetExhausted => "budget_exhausted",
     AuthDenied => "auth_denied",
     ProfilesReloaded => "profiles_reloaded",
     ProfileReloadFailed => "profile_reload_failed",
@@ -413,12 +443,13 @@ mod tests {
             cpu_time_us: 0,
             peak_memory: 0,
             network: None,
+            api: None,
         };
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["kind"], e.name());
         assert_eq!(json["reason"], "timed_out");
         assert!(KINDS.contains(&e.name()));
-        assert_eq!(KINDS.len(), 14);
+        assert_eq!(KINDS.len(), 16);
     }
 
     #[test]

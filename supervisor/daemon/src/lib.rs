@@ -13,6 +13,7 @@
 //! - [`io`]: a worker's output logs and stdin.
 //! - [`denials`] and [`landlock_audit`]: seccomp and landlock denials,
 //!   answered and reported.
+//! - [`usage`]: API usage over windows and the budgets it is held to.
 //! - [`net`]: a worker's way out: the proxy on listeners in its own network
 //!   namespace, the one policy decision per destination, its traffic.
 //! - [`claude`]: what a Claude Code worker needs before it starts, and the
@@ -42,6 +43,7 @@ pub mod net;
 pub mod profiles;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod usage;
 pub mod users;
 pub mod workers;
 

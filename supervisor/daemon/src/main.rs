@@ -18,15 +18,18 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
 use warden_daemon::api::events::EventsApi;
 use warden_daemon::api::profiles::ProfilesApi;
+use warden_daemon::api::usage::UsageApi;
 use warden_daemon::api::workers::WorkersApi;
 use warden_daemon::cgroups::Cgroups;
 use warden_daemon::events::{EventKind, Events, ExitReason};
+use warden_daemon::net::gateway::Upstream;
 use warden_daemon::profiles::Profiles;
 use warden_daemon::users::Users;
 use warden_daemon::workers::Supervisor;
 use warden_policy::config::Config;
 use warden_proto::v1::events_server::EventsServer;
 use warden_proto::v1::profiles_server::ProfilesServer;
+use warden_proto::v1::usage_server::UsageServer;
 use warden_proto::v1::workers_server::WorkersServer;
 
 /// Exit status for a bad configuration or profile (EX_USAGE... sysexits' EX_DATAERR is 65;
@@ -183,6 +186,8 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         );
     }
     let events = Arc::new(events);
+    let upstream = Upstream::new(&config.gateway, config.hosts.clone().into_iter().collect())
+        .context("Cannot set up the API gateway's upstream client")?;
     let sup = Arc::new(Supervisor::new(
         config.clone(),
         users,
@@ -190,7 +195,21 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         profiles,
         events.clone(),
         launcher,
+        upstream,
     ));
+    // The usage ledger is written at most a second after it changes, and at
+    // the end.
+    let ledger = sup.ledger.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let l = ledger.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.flush()).await {
+                tracing::error!(error = %e, "cannot write the usage ledger");
+            }
+        }
+    });
     let lost = sup.recover();
     for w in &lost {
         events.publish(
@@ -204,6 +223,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
                 cpu_time_us: 0,
                 peak_memory: 0,
                 network: None,
+                api: None,
             },
         );
     }
@@ -251,6 +271,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     health.set_serving::<WorkersServer<WorkersApi>>().await;
     health.set_serving::<ProfilesServer<ProfilesApi>>().await;
     health.set_serving::<EventsServer<EventsApi>>().await;
+    health.set_serving::<UsageServer<UsageApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(warden_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -262,6 +283,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .max_encoding_message_size(max);
     let profiles = ProfilesServer::new(ProfilesApi { sup: sup.clone() }).max_decoding_message_size(max);
     let events_api = EventsServer::new(EventsApi { sup: sup.clone() }).max_decoding_message_size(max);
+    let usage_api = UsageServer::new(UsageApi { sup: sup.clone() }).max_decoding_message_size(max);
 
     let mut term = signal(SignalKind::terminate()).context("Cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("Cannot handle SIGINT")?;
@@ -307,11 +329,15 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .add_service(workers)
         .add_service(profiles)
         .add_service(events_api)
+        .add_service(usage_api)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stop_rx.await;
         })
         .await
         .context("The gRPC server failed")?;
+    if let Err(e) = sup.ledger.flush() {
+        tracing::error!(error = %e, "cannot write the usage ledger");
+    }
     if owns_socket && config.socket.exists() {
         let _ = std::fs::remove_file(&config.socket);
     }

@@ -180,7 +180,8 @@ pub struct ClaudePolicy {
     pub disallowed_tools: Vec<String>,
     pub max_turns: Option<u32>,
     pub append_system_prompt: Option<String>,
-    /// `ANTHROPIC_BASE_URL`; its port is added to the TCP connect ports.
+    /// The API the worker's gateway forwards to (instead of the config's
+    /// `gateway.upstream`): an LLM gateway, or a test server.
     pub base_url: Option<HttpUrl>,
     /// Placed as CLAUDE.md in a workspace that has none.
     pub claude_md: Option<String>,

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Location, PolicyError};
+use crate::{ByteSize, HttpUrl};
 
 /// The configuration wardend uses when /etc/warden/wardend.toml is absent.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../systemd/wardend.toml");
@@ -52,6 +53,101 @@ struct RawConfig {
     max_connections_per_worker: Spanned<u32>,
     #[serde(default)]
     hosts: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    gateway: RawGateway,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    #[serde(default = "default_upstream")]
+    upstream: HttpUrl,
+    #[serde(default = "no_extra_ca")]
+    extra_ca: Spanned<String>,
+    #[serde(default)]
+    count_cache_reads: bool,
+    #[serde(default = "default_max_request")]
+    max_request_bytes: ByteSize,
+    #[serde(default)]
+    budget: Budget,
+    #[serde(default)]
+    users: BTreeMap<Spanned<String>, Budget>,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        RawGateway {
+            upstream: default_upstream(),
+            extra_ca: no_extra_ca(),
+            count_cache_reads: false,
+            max_request_bytes: default_max_request(),
+            budget: Budget::default(),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+fn no_extra_ca() -> Spanned<String> {
+    Spanned::new(0..0, String::new())
+}
+
+fn default_upstream() -> HttpUrl {
+    HttpUrl::try_from("https://api.anthropic.com".to_string()).expect("a valid URL")
+}
+
+fn default_max_request() -> ByteSize {
+    ByteSize(32 << 20)
+}
+
+/// Limits on one warden user's API use through the gateway. Unset: no
+/// limit. Tokens are input, output and cache-creation tokens, plus cache
+/// reads where `count_cache_reads` says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+    pub requests_per_minute: Option<u32>,
+    pub concurrent_requests: Option<u32>,
+}
+
+impl Budget {
+    /// This budget with each limit `over` sets taking its place.
+    pub fn overridden_by(self, over: &Budget) -> Budget {
+        Budget {
+            tokens_per_day: over.tokens_per_day.or(self.tokens_per_day),
+            tokens_per_month: over.tokens_per_month.or(self.tokens_per_month),
+            requests_per_minute: over.requests_per_minute.or(self.requests_per_minute),
+            concurrent_requests: over.concurrent_requests.or(self.concurrent_requests),
+        }
+    }
+}
+
+/// The Anthropic API gateway: where it forwards, what it trusts, and the
+/// budgets it holds users to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// For profiles whose `[claude]` names no `base_url`.
+    pub upstream: HttpUrl,
+    /// A PEM file of further CAs trusted for upstream TLS (besides the
+    /// system's roots): a corporate gateway's, or a test CA.
+    pub extra_ca: Option<PathBuf>,
+    /// Whether cache reads count toward token budgets.
+    pub count_cache_reads: bool,
+    /// The largest request body forwarded.
+    pub max_request_bytes: u64,
+    /// Every user's budget, unless `users` says otherwise.
+    pub budget: Budget,
+    pub users: BTreeMap<String, Budget>,
+}
+
+impl GatewayConfig {
+    /// The budget `user` is held to.
+    pub fn budget_for(&self, user: &str) -> Budget {
+        self.users
+            .get(user)
+            .map_or(self.budget, |b| self.budget.overridden_by(b))
+    }
 }
 
 fn default_max_connections() -> Spanned<u32> {
@@ -114,9 +210,11 @@ pub struct Config {
     pub credentials_dir: PathBuf,
     /// Connections a worker may have open through the proxy at once.
     pub max_connections_per_worker: u32,
-    /// Names the proxy maps to an address without asking DNS, trusted as
-    /// mapped (internal addresses included), like Docker's `--add-host`.
+    /// Names the proxy (and the gateway, for its upstream) maps to an
+    /// address without asking DNS, trusted as mapped (internal addresses
+    /// included), like Docker's `--add-host`.
     pub hosts: BTreeMap<String, IpAddr>,
+    pub gateway: GatewayConfig,
 }
 
 impl Config {
@@ -220,6 +318,17 @@ impl Config {
             })?;
             hosts.insert(canonical, crate::network::canonical_ip(ip));
         }
+        for name in raw.gateway.users.keys() {
+            crate::names::check_user(name.get_ref())
+                .map_err(|e| invalid(name.span(), format!("gateway.users: {e}")))?;
+        }
+        let extra_ca = raw.gateway.extra_ca.get_ref();
+        if !extra_ca.is_empty() && !extra_ca.starts_with('/') {
+            return Err(invalid(
+                raw.gateway.extra_ca.span(),
+                format!("gateway.extra_ca: expected an absolute path, got {extra_ca:?}"),
+            ));
+        }
         if *raw.max_message_bytes.get_ref() < 1024 {
             return Err(invalid(
                 raw.max_message_bytes.span(),
@@ -256,6 +365,19 @@ impl Config {
             credentials_dir: PathBuf::from(raw.credentials_dir),
             max_connections_per_worker: raw.max_connections_per_worker.into_inner(),
             hosts,
+            gateway: GatewayConfig {
+                upstream: raw.gateway.upstream,
+                extra_ca: (!extra_ca.is_empty()).then(|| PathBuf::from(extra_ca)),
+                count_cache_reads: raw.gateway.count_cache_reads,
+                max_request_bytes: raw.gateway.max_request_bytes.0,
+                budget: raw.gateway.budget,
+                users: raw
+                    .gateway
+                    .users
+                    .into_iter()
+                    .map(|(u, b)| (u.into_inner(), b))
+                    .collect(),
+            },
         })
     }
 }
@@ -286,11 +408,35 @@ mod tests {
         let bad = DEFAULT_CONFIG.replace("state_dir = \"/var/lib/warden\"", "state_dir = \"var/lib\"");
         let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("expected an absolute path"), "{e}");
-        let bad = format!("{DEFAULT_CONFIG}\"git.test\" = \"not-an-ip\"\n");
+        let host = |line: &str| DEFAULT_CONFIG.replace("[hosts]\n", &format!("[hosts]\n{line}\n"));
+        let bad = host("\"git.test\" = \"not-an-ip\"");
         let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("hosts: expected an IP address for git.test"), "{e}");
-        let ok = format!("{DEFAULT_CONFIG}\"Git.Test.\" = \"127.0.0.1\"\n");
+        let ok = host("\"Git.Test.\" = \"127.0.0.1\"");
         let c = Config::parse("w.toml", &ok).unwrap();
         assert_eq!(c.hosts["git.test"], IpAddr::from([127, 0, 0, 1]));
+        let bad = format!("{DEFAULT_CONFIG}[gateway.users.\"../x\"]\ntokens_per_day = 1\n");
+        let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("gateway.users: user name"), "{e}");
+    }
+
+    #[test]
+    fn budgets_are_the_default_with_a_users_overrides() {
+        let text = DEFAULT_CONFIG.replace(
+            "[gateway.budget]\n",
+            "[gateway.budget]\ntokens_per_day = 1000\nrequests_per_minute = 60\n",
+        ) + "[gateway.users.alice]\ntokens_per_day = 50\nconcurrent_requests = 2\n";
+        let c = Config::parse("w.toml", &text).unwrap();
+        assert_eq!(c.gateway.upstream.text, "https://api.anthropic.com");
+        let alice = c.gateway.budget_for("alice");
+        assert_eq!(
+            (
+                alice.tokens_per_day,
+                alice.requests_per_minute,
+                alice.concurrent_requests
+            ),
+            (Some(50), Some(60), Some(2))
+        );
+        assert_eq!(c.gateway.budget_for("bob").tokens_per_day, Some(1000));
     }
 }

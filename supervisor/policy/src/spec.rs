@@ -328,28 +328,28 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
     env.insert("PWD".into(), workspace.clone());
     env.entry("TMPDIR".into()).or_insert_with(|| "/tmp".into());
     let net = &profile.network;
-    let listeners = match net.mode {
-        NetworkMode::None => Vec::new(),
-        NetworkMode::Proxy => {
-            for (k, v) in proxy_env() {
-                env.insert(k.into(), v);
-            }
-            vec![
-                Listener {
-                    kind: ListenerKind::HttpProxy,
-                    port: HTTP_PROXY_PORT,
-                },
-                Listener {
-                    kind: ListenerKind::Socks,
-                    port: SOCKS_PORT,
-                },
-                Listener {
-                    kind: ListenerKind::Gateway,
-                    port: GATEWAY_PORT,
-                },
-            ]
+    let mut listeners = Vec::new();
+    if net.mode == NetworkMode::Proxy {
+        for (k, v) in proxy_env() {
+            env.insert(k.into(), v);
         }
-    };
+        listeners.push(Listener {
+            kind: ListenerKind::HttpProxy,
+            port: HTTP_PROXY_PORT,
+        });
+        listeners.push(Listener {
+            kind: ListenerKind::Socks,
+            port: SOCKS_PORT,
+        });
+    }
+    // Claude Code talks to the API through its gateway, in every mode: the
+    // agent's own requests, with a credential that works nowhere else.
+    if profile.claude.is_some() {
+        listeners.push(Listener {
+            kind: ListenerKind::Gateway,
+            port: GATEWAY_PORT,
+        });
+    }
 
     let hostname = format!("warden-{}", req.user);
     let passwd = format!(

@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod profiles;
+pub mod usage;
 pub mod workers;
 
 use tonic::{Code, Request, Status};
@@ -78,7 +79,7 @@ pub fn status(e: &WorkerError, caller: &Caller) -> Status {
         },
         E::Claude(c) => match c {
             Claude::Request(_) => Code::InvalidArgument,
-            Claude::Binary(_) | Claude::Credentials { .. } => Code::FailedPrecondition,
+            Claude::Binary(_) | Claude::Credentials { .. } | Claude::NoCredential { .. } => Code::FailedPrecondition,
             Claude::Io { .. } => Code::Internal,
         },
         E::Launch(l) => match l {

@@ -15,6 +15,7 @@ use super::{authorize, caller, status};
 use crate::auth::Caller;
 use crate::events::{millis, ExitReason, NetUsage};
 use crate::io::OutputLog;
+use crate::usage::Totals;
 use crate::workers::{RequestedLimits, SpawnParams, Supervisor, Worker};
 use warden_policy::{NetworkMode, NetworkPolicy};
 
@@ -64,6 +65,7 @@ pub fn to_pb(w: &Worker) -> pb::Worker {
             .network
             .as_ref()
             .map(|n| network_pb(n, &w.net_usage().unwrap_or_default())),
+        api: w.api_usage().map(|t| api_pb(&t)),
         enforcement: w.enforced.as_ref().map(|e| pb::Enforcement {
             landlock_abi: e.landlock_abi,
             landlock_tcp: e.landlock_tcp,
@@ -73,6 +75,16 @@ pub fn to_pb(w: &Worker) -> pb::Worker {
             no_new_privs: e.no_new_privs,
             capabilities_empty: e.capabilities_empty,
         }),
+    }
+}
+
+pub fn api_pb(t: &Totals) -> pb::ApiTotals {
+    pb::ApiTotals {
+        requests: t.requests,
+        input_tokens: t.tokens.input,
+        output_tokens: t.tokens.output,
+        cache_creation_input_tokens: t.tokens.cache_creation,
+        cache_read_input_tokens: t.tokens.cache_read,
     }
 }
 

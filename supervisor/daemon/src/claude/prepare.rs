@@ -30,6 +30,8 @@ pub enum ClaudeError {
     Binary(String),
     #[error("Credentials file {path} is refused: {why}")]
     Credentials { path: PathBuf, why: String },
+    #[error("No API credential for user {user}: put one in {}/{user} (or {}/default)", dir.display(), dir.display())]
+    NoCredential { user: String, dir: PathBuf },
     #[error("Cannot prepare {what}: {source}")]
     Io {
         what: String,
@@ -67,14 +69,48 @@ pub fn binary(config: &Config) -> Result<PathBuf, ClaudeError> {
     Ok(real)
 }
 
-/// The environment that carries `user`'s credentials: from
-/// `<dir>/<user>`, else `<dir>/default`; none when neither exists (Claude
-/// Code then uses what the user's own `~/.claude` holds).
+/// A user's API credential: it stays in the daemon, whose gateway adds it
+/// to the worker's requests. Its Debug output shows the kind only.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// An API key, sent as `x-api-key`.
+    ApiKey(String),
+    /// A bearer token for an LLM gateway (`ANTHROPIC_AUTH_TOKEN`).
+    AuthToken(String),
+    /// A Claude subscription's OAuth token (`CLAUDE_CODE_OAUTH_TOKEN`).
+    OAuthToken(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.variable())
+    }
+}
+
+impl Credential {
+    /// The variable Claude Code reads this kind of credential from (the
+    /// worker gets a placeholder in it).
+    pub fn variable(&self) -> &'static str {
+        match self {
+            Credential::ApiKey(_) => "ANTHROPIC_API_KEY",
+            Credential::AuthToken(_) => "ANTHROPIC_AUTH_TOKEN",
+            Credential::OAuthToken(_) => "CLAUDE_CODE_OAUTH_TOKEN",
+        }
+    }
+
+    pub fn secret(&self) -> &str {
+        match self {
+            Credential::ApiKey(s) | Credential::AuthToken(s) | Credential::OAuthToken(s) => s,
+        }
+    }
+}
+
+/// `user`'s credential: from `<dir>/<user>`, else `<dir>/default`; none
+/// when neither exists.
 ///
-/// A file holds either a bare API key or `NAME=value` lines, where NAME is
-/// one of `ANTHROPIC_API_KEY`, `ANTHROPIC_AUTH_TOKEN`,
-/// `CLAUDE_CODE_OAUTH_TOKEN`.
-pub fn credentials(dir: &Path, user: &str) -> Result<Vec<(String, String)>, ClaudeError> {
+/// A file holds a bare API key, or one `NAME=value` line where NAME is
+/// `ANTHROPIC_API_KEY`, `ANTHROPIC_AUTH_TOKEN` or `CLAUDE_CODE_OAUTH_TOKEN`.
+pub fn credentials(dir: &Path, user: &str) -> Result<Option<Credential>, ClaudeError> {
     const NAMES: &[&str] = &["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"];
     for name in [user, "default"] {
         let path = dir.join(name);
@@ -100,53 +136,93 @@ pub fn credentials(dir: &Path, user: &str) -> Result<Vec<(String, String)>, Clau
             )));
         }
         let text = std::io::read_to_string(file).map_err(|e| refuse(e.to_string()))?;
-        let mut env = Vec::new();
-        for line in text
+        let mut lines = text
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            match line.split_once('=') {
-                Some((k, v)) if NAMES.contains(&k.trim()) => env.push((k.trim().to_string(), v.trim().to_string())),
-                Some((k, _)) => return Err(refuse(format!("unknown name {k:?}; expected one of {NAMES:?}"))),
-                None if env.is_empty() => env.push(("ANTHROPIC_API_KEY".to_string(), line.to_string())),
-                None => return Err(refuse("a bare key must be the only line".into())),
-            }
+            .filter(|l| !l.is_empty() && !l.starts_with('#'));
+        let credential = match lines.next() {
+            None => return Err(refuse("it holds no credential".into())),
+            Some(line) => match line.split_once('=') {
+                Some((k, v)) => {
+                    let v = v.trim().to_string();
+                    match k.trim() {
+                        "ANTHROPIC_API_KEY" => Credential::ApiKey(v),
+                        "ANTHROPIC_AUTH_TOKEN" => Credential::AuthToken(v),
+                        "CLAUDE_CODE_OAUTH_TOKEN" => Credential::OAuthToken(v),
+                        k => return Err(refuse(format!("unknown name {k:?}; expected one of {NAMES:?}"))),
+                    }
+                }
+                None => Credential::ApiKey(line.to_string()),
+            },
+        };
+        if lines.next().is_some() {
+            return Err(refuse("it must hold one credential, on one line".into()));
         }
-        if env.iter().any(|(_, v)| v.is_empty() || v.contains('\0')) {
+        let secret = credential.secret();
+        if secret.is_empty() || secret.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(refuse("an empty or malformed value".into()));
         }
-        return Ok(env);
+        return Ok(Some(credential));
     }
-    Ok(Vec::new())
+    Ok(None)
 }
 
-/// What a `[claude]` spawn runs, mounts and passes. Its Debug output
-/// leaves out the credential values.
+/// A credential for the worker that is worthless anywhere but at its own
+/// gateway: `warden-` and 32 random hex digits, new for every worker.
+pub fn placeholder() -> Result<String, ClaudeError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| ClaudeError::Io {
+            what: "a placeholder credential from /dev/urandom".into(),
+            source,
+        })?;
+    Ok(std::iter::once("warden-".to_string())
+        .chain(bytes.iter().map(|b| format!("{b:02x}")))
+        .collect())
+}
+
+/// What the gateway of a `[claude]` worker needs: the real credential, the
+/// placeholder the worker holds instead, where to forward, which models.
+#[derive(Clone)]
+pub struct GatewaySetup {
+    pub credential: Credential,
+    pub placeholder: String,
+    pub upstream: warden_policy::HttpUrl,
+    /// The models requests may name (None: any).
+    pub models: Option<std::collections::BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for GatewaySetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewaySetup")
+            .field("credential", &self.credential)
+            .field("upstream", &self.upstream.text)
+            .field("models", &self.models)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a `[claude]` spawn runs, mounts, passes and keeps.
+#[derive(Debug)]
 pub struct Prepared {
     /// The claude binary (inside) and the policy's arguments.
     pub argv: Vec<String>,
     /// The binary and the managed settings, at their fixed paths inside.
     pub binds: Vec<Bind>,
-    /// Credentials and ANTHROPIC_BASE_URL.
+    /// ANTHROPIC_BASE_URL (the worker's gateway) and the placeholder
+    /// credential: nothing the worker could use elsewhere.
     pub env: Vec<(String, String)>,
     pub start: Start,
-}
-
-impl std::fmt::Debug for Prepared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prepared")
-            .field("argv", &self.argv)
-            .field("binds", &self.binds)
-            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
-            .field("start", &self.start)
-            .finish()
-    }
+    /// For the worker's gateway, in the daemon.
+    pub gateway: GatewaySetup,
 }
 
 /// Prepares a `[claude]` spawn for `user`: the profile's policy narrowed
-/// by the request, the binary, the workspace's CLAUDE.md, managed settings
-/// and credentials. `prompt` is the spawn request's command.
+/// by the request, the binary, the workspace's CLAUDE.md, managed settings,
+/// and the gateway (the user's credential, a placeholder for the worker,
+/// the upstream). `prompt` is the spawn request's command.
 pub fn prepare(
     config: &Config,
     profile_policy: &ClaudePolicy,
@@ -179,10 +255,39 @@ pub fn prepare(
             required: true,
         });
     }
-    let mut env = credentials(&config.credentials_dir, user)?;
-    if let Some(url) = &policy.base_url {
-        env.push(("ANTHROPIC_BASE_URL".into(), url.text.clone()));
+    let credential = credentials(&config.credentials_dir, user)?.ok_or_else(|| ClaudeError::NoCredential {
+        user: user.to_string(),
+        dir: config.credentials_dir.clone(),
+    })?;
+    let placeholder = placeholder()?;
+    let mut env = vec![
+        (
+            "ANTHROPIC_BASE_URL".to_string(),
+            format!("http://127.0.0.1:{}", warden_policy::network::GATEWAY_PORT),
+        ),
+        (credential.variable().to_string(), placeholder.clone()),
+    ];
+    // With the models restricted, Claude Code's background requests (which
+    // default to a small model) use the profile's model too.
+    let models: Option<std::collections::BTreeSet<String>> = policy.model.as_ref().map(|m| {
+        std::iter::once(m.clone())
+            .chain(policy.models.iter().cloned())
+            .collect()
+    });
+    if let Some(m) = &policy.model {
+        for var in ["ANTHROPIC_SMALL_FAST_MODEL", "ANTHROPIC_DEFAULT_HAIKU_MODEL"] {
+            env.push((var.to_string(), m.clone()));
+        }
     }
+    let gateway = GatewaySetup {
+        credential,
+        placeholder,
+        upstream: policy
+            .base_url
+            .clone()
+            .unwrap_or_else(|| config.gateway.upstream.clone()),
+        models,
+    };
     Ok(Prepared {
         argv: std::iter::once(BINARY_INSIDE.to_string())
             .chain(policy.args())
@@ -193,6 +298,7 @@ pub fn prepare(
             policy,
             prompt: (!prompt.is_empty()).then(|| prompt.join(" ")),
         },
+        gateway,
     })
 }
 
@@ -269,17 +375,33 @@ mod tests {
     #[test]
     fn credentials_are_per_user_then_default_and_root_only() {
         let d = tempfile::tempdir().unwrap();
-        assert!(credentials(d.path(), "alice").unwrap().is_empty());
+        assert!(credentials(d.path(), "alice").unwrap().is_none());
         write(d.path(), "default", "sk-shared\n", 0o600);
         write(d.path(), "alice", "# alice\nANTHROPIC_API_KEY=sk-alice\n", 0o600);
+        write(d.path(), "olga", "CLAUDE_CODE_OAUTH_TOKEN=sk-ant-oat-olga\n", 0o600);
         assert_eq!(
             credentials(d.path(), "alice").unwrap(),
-            vec![("ANTHROPIC_API_KEY".to_string(), "sk-alice".to_string())]
+            Some(Credential::ApiKey("sk-alice".into()))
         );
         assert_eq!(
             credentials(d.path(), "bob").unwrap(),
-            vec![("ANTHROPIC_API_KEY".to_string(), "sk-shared".to_string())]
+            Some(Credential::ApiKey("sk-shared".into()))
         );
+        let olga = credentials(d.path(), "olga").unwrap().unwrap();
+        assert_eq!(olga, Credential::OAuthToken("sk-ant-oat-olga".into()));
+        assert_eq!(
+            format!("{olga:?}"),
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "Debug never shows the secret"
+        );
+        write(d.path(), "two", "ANTHROPIC_API_KEY=a\nANTHROPIC_AUTH_TOKEN=b\n", 0o600);
+        assert!(credentials(d.path(), "two")
+            .unwrap_err()
+            .to_string()
+            .contains("one credential"));
+        let p = placeholder().unwrap();
+        assert!(p.starts_with("warden-") && p.len() == 39, "{p}");
+        assert_ne!(p, placeholder().unwrap());
         write(d.path(), "carol", "sk-carol", 0o644);
         let e = credentials(d.path(), "carol").unwrap_err().to_string();
         assert!(e.contains("mode 0600") && e.contains("644"), "{e}");

@@ -14,6 +14,7 @@
 //! worker count as another's, or let one worker hold more than its share
 //! of connections.
 
+pub mod gateway;
 pub mod proxy;
 pub mod resolve;
 pub mod sni;
@@ -55,6 +56,51 @@ pub enum Failure {
     Unreachable(String),
 }
 
+/// A worker's `network_denial` events: rate-limited (a burst, then a
+/// refill), each report counting those suppressed since the last; logged
+/// as often as reported, so a flood costs no more log lines.
+#[derive(Debug)]
+pub struct Denials {
+    worker: String,
+    user: String,
+    events: Arc<Events>,
+    limit: Mutex<RateLimit>,
+}
+
+impl Denials {
+    pub fn new(worker: &str, user: &str, events: Arc<Events>) -> Self {
+        Denials {
+            worker: worker.to_string(),
+            user: user.to_string(),
+            events,
+            limit: Mutex::new(default_limit()),
+        }
+    }
+
+    pub fn report(&self, protocol: Protocol, host: &str, port: u16, code: &'static str, message: &str) {
+        let admitted = self
+            .limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now());
+        if let Some(suppressed) = admitted {
+            tracing::info!(worker = %self.worker, ?protocol, host, port, reason = code, suppressed, "network denial");
+            self.events.publish(
+                Some(&self.worker),
+                Some(&self.user),
+                EventKind::NetworkDenial {
+                    host: host.to_string(),
+                    port,
+                    protocol,
+                    reason: code.to_string(),
+                    message: message.to_string(),
+                    suppressed,
+                },
+            );
+        }
+    }
+}
+
 /// One worker's egress: its policy, the resolver, its counters, its share
 /// of connections and its denial reports.
 #[derive(Debug)]
@@ -64,8 +110,7 @@ pub struct Egress {
     pub profile: String,
     pub policy: NetworkPolicy,
     resolver: Arc<Resolver>,
-    events: Arc<Events>,
-    denials: Mutex<RateLimit>,
+    denials: Denials,
     usage: Mutex<NetUsage>,
     slots: Arc<Semaphore>,
 }
@@ -89,8 +134,7 @@ impl Egress {
             profile: profile.to_string(),
             policy,
             resolver,
-            events,
-            denials: Mutex::new(default_limit()),
+            denials: Denials::new(worker, user, events),
             usage: Mutex::default(),
             slots: Arc::new(Semaphore::new(max_connections)),
         }
@@ -157,31 +201,11 @@ impl Egress {
         Err(Failure::Unreachable(last))
     }
 
-    /// Publishes a `network_denial` event (rate-limited per worker, with the
-    /// count of those suppressed) and returns the refusal to tell the worker.
+    /// Counts and reports a refused destination; returns the refusal to
+    /// tell the worker.
     pub fn refuse(&self, protocol: Protocol, host: &str, port: u16, code: &'static str, message: String) -> Denial {
         self.usage.lock().unwrap_or_else(|p| p.into_inner()).denials += 1;
-        let admitted = self
-            .denials
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .admit(Instant::now());
-        if let Some(suppressed) = admitted {
-            // Logged as often as reported: a flood costs no more log lines.
-            tracing::info!(worker = %self.worker, host, port, reason = code, suppressed, "network denial");
-            self.events.publish(
-                Some(&self.worker),
-                Some(&self.user),
-                EventKind::NetworkDenial {
-                    host: host.to_string(),
-                    port,
-                    protocol,
-                    reason: code.to_string(),
-                    message: message.clone(),
-                    suppressed,
-                },
-            );
-        }
+        self.denials.report(protocol, host, port, code, &message);
         Denial { code, message }
     }
 
@@ -204,8 +228,14 @@ pub struct Upstream {
 }
 
 /// Serves a worker's listeners until the returned tasks are aborted (when
-/// the worker ends). The API gateway's listener is served by the gateway.
-pub fn serve(egress: &Arc<Egress>, listeners: Vec<(ListenerKind, OwnedFd)>) -> Vec<tokio::task::JoinHandle<()>> {
+/// the worker ends): the proxy's with `egress`, the API gateway's with
+/// `gateway` (a worker without one is told so).
+pub fn serve(
+    worker: &str,
+    egress: Option<&Arc<Egress>>,
+    gateway: Option<&Arc<gateway::Gateway>>,
+    listeners: Vec<(ListenerKind, OwnedFd)>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     listeners
         .into_iter()
         .filter_map(|(kind, fd)| {
@@ -216,23 +246,24 @@ pub fn serve(egress: &Arc<Egress>, listeners: Vec<(ListenerKind, OwnedFd)>) -> V
             let listener = match listener {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!(worker = %egress.worker, ?kind, error = %e, "cannot serve a worker listener");
+                    tracing::error!(worker, ?kind, error = %e, "cannot serve a worker listener");
                     return None;
                 }
             };
-            let egress = egress.clone();
+            let (egress, gateway) = (egress.cloned(), gateway.cloned());
             Some(tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     };
-                    let egress = egress.clone();
+                    let (egress, gateway) = (egress.clone(), gateway.clone());
                     tokio::spawn(async move {
-                        match kind {
-                            ListenerKind::HttpProxy => proxy::serve(egress, stream).await,
-                            ListenerKind::Socks => socks::serve(egress, stream).await,
-                            ListenerKind::Gateway => proxy::gateway_unavailable(stream).await,
+                        match (kind, egress, gateway) {
+                            (ListenerKind::HttpProxy, Some(e), _) => proxy::serve(e, stream).await,
+                            (ListenerKind::Socks, Some(e), _) => socks::serve(e, stream).await,
+                            (ListenerKind::Gateway, _, Some(g)) => g.serve(stream).await,
+                            _ => proxy::unavailable(stream).await,
                         }
                     });
                 }

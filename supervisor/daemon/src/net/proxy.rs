@@ -194,11 +194,12 @@ async fn refuse_raw(mut stream: TcpStream, status: StatusCode, code: &str, body:
     stream.shutdown().await
 }
 
-/// The API gateway's listener until the gateway serves it: every request
-/// is told so, in the shape of an Anthropic API error.
-pub async fn gateway_unavailable(stream: TcpStream) {
+/// A listener of a worker that has no service behind it (a gateway for a
+/// worker that runs no Claude Code): every request is told so, in the
+/// shape of an Anthropic API error.
+pub async fn unavailable(stream: TcpStream) {
     let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-        let body = r#"{"type":"error","error":{"type":"api_error","message":"warden: the API gateway is not enabled for this worker"}}"#;
+        let body = r#"{"type":"error","error":{"type":"api_error","message":"warden: no API gateway is enabled for this worker (its profile runs no Claude Code)"}}"#;
         let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         Ok::<_, Infallible>(r)

@@ -112,7 +112,9 @@ async fn proxy(allow: &[String], deny: &[&str], max_connections: usize) -> Proxy
     let socks = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (http_addr, socks_addr) = (http.local_addr().unwrap(), socks.local_addr().unwrap());
     let tasks = serve(
-        &egress,
+        "w1",
+        Some(&egress),
+        None,
         vec![
             (ListenerKind::HttpProxy, http.into()),
             (ListenerKind::Socks, socks.into()),

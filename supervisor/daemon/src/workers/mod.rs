@@ -31,9 +31,11 @@ use crate::cgroups::{Cgroups, Usage, WorkerCgroup};
 use crate::claude::{Approvals, Decision};
 use crate::events::{millis, EventKind, Events, ExitReason, NetUsage};
 use crate::io::{OutputLog, Stdin};
+use crate::net::gateway::{Gateway, Upstream};
 use crate::net::resolve::Resolver;
 use crate::net::Egress;
 use crate::profiles::Profiles;
+use crate::usage::{Ledger, Totals};
 use crate::users::Users;
 use admission::{Admission, AdmissionError, Slot};
 use record::{Record, RecordError, Records};
@@ -154,6 +156,8 @@ pub struct Worker {
     pub network: Option<NetworkPolicy>,
     /// Its proxy (mode `proxy`): decisions, counters.
     pub egress: Option<Arc<Egress>>,
+    /// Its Anthropic API gateway (Claude Code workers).
+    pub gateway: Option<Arc<Gateway>>,
     /// The tasks serving its listeners, stopped when it ends.
     net_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -186,6 +190,7 @@ impl Worker {
             slot: Mutex::new(None),
             network: None,
             egress: None,
+            gateway: None,
             net_tasks: Mutex::default(),
         }
     }
@@ -230,6 +235,11 @@ impl Worker {
     pub fn net_usage(&self) -> Option<NetUsage> {
         self.egress.as_ref().map(|e| e.usage())
     }
+
+    /// Its requests and tokens through the API gateway so far.
+    pub fn api_usage(&self) -> Option<Totals> {
+        self.gateway.as_ref().map(|g| g.totals())
+    }
 }
 
 /// The workers, by id and in the order they started.
@@ -255,6 +265,10 @@ pub struct Supervisor {
     records: Records,
     /// Name resolution for every worker's proxy (with the config's hosts).
     resolver: Arc<Resolver>,
+    /// The client every worker's API gateway forwards with.
+    upstream: Upstream,
+    /// API use per user and worker, and the budgets.
+    pub ledger: Arc<Ledger>,
     next: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -267,8 +281,11 @@ impl Supervisor {
         profiles: Profiles,
         events: Arc<Events>,
         launcher: PathBuf,
+        upstream: Upstream,
     ) -> Self {
         Supervisor {
+            upstream,
+            ledger: Arc::new(Ledger::open(&config.state_dir.join("usage.json"))),
             admission: Admission::new(config.max_workers, config.max_workers_per_user),
             records: Records::new(config.state_dir.join("workers")),
             resolver: Arc::new(Resolver::system(config.hosts.clone().into_iter().collect())),
@@ -473,6 +490,7 @@ impl Supervisor {
                 cpu_time_us: info.cpu_time_us,
                 peak_memory: info.peak_memory,
                 network: w.net_usage(),
+                api: w.api_usage(),
             },
         );
         self.records.remove(&w.id);

@@ -13,16 +13,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use warden_policy::config::Config;
 use warden_policy::seccomp::Arch;
-use warden_policy::{ClaudeRequest, LaunchSpec, NetworkPolicy, Profile, ProfileSet, SpawnRequest};
+use warden_policy::{ClaudeRequest, LaunchSpec, NetworkMode, NetworkPolicy, Profile, ProfileSet, SpawnRequest};
 
 use super::admission::Slot;
 use super::record::Record;
 use super::{Supervisor, Worker, WorkerError};
 use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
+use crate::claude::prepare::GatewaySetup;
 use crate::claude::session::{self, Session, Start};
 use crate::events::{millis, EventKind};
 use crate::io::Stdin;
 use crate::launcher::{LaunchError, Launched};
+use crate::net::gateway::Gateway;
 use crate::net::Egress;
 use crate::users::Users;
 
@@ -68,6 +70,8 @@ pub struct Prepared {
     pub project: String,
     /// Where the worker's traffic may go (its proxy decides by this).
     pub network: NetworkPolicy,
+    /// Claude Code workers: what their API gateway needs.
+    pub gateway: Option<GatewaySetup>,
     /// Claude Code workers: how the daemon drives the session.
     pub session: Option<Start>,
 }
@@ -172,7 +176,8 @@ impl Supervisor {
             .stdin
             .take()
             .and_then(|s| tokio::process::ChildStdin::from_std(s).ok());
-        let egress = (!launched.listeners.is_empty()).then(|| {
+        let max_connections = self.config.max_connections_per_worker as usize;
+        let egress = (prepared.network.mode == NetworkMode::Proxy).then(|| {
             Arc::new(Egress::new(
                 &spec.worker_id,
                 &spec.user,
@@ -180,12 +185,26 @@ impl Supervisor {
                 prepared.network.clone(),
                 self.resolver.clone(),
                 self.events.clone(),
-                self.config.max_connections_per_worker as usize,
+                max_connections,
+            ))
+        });
+        let gateway = prepared.gateway.clone().map(|setup| {
+            Arc::new(Gateway::new(
+                &spec.worker_id,
+                &spec.user,
+                &spec.profile,
+                setup,
+                self.upstream.clone(),
+                self.ledger.clone(),
+                &self.config.gateway,
+                self.events.clone(),
+                max_connections,
             ))
         });
         let worker = Arc::new(Worker {
             pid: launched.child.id(),
             egress,
+            gateway,
             network: Some(prepared.network.clone()),
             init_pid: launched.enforced.init_pid,
             enforced: Some(launched.enforced.clone()),
@@ -252,11 +271,15 @@ impl Supervisor {
         if let Some(listener) = launched.seccomp_listener.take() {
             self.report_denials(worker, listener);
         }
-        // The proxy, on listeners in the worker's own network namespace.
-        if let Some(egress) = &worker.egress {
-            let tasks = crate::net::serve(egress, std::mem::take(&mut launched.listeners));
-            worker.net_tasks.lock().unwrap_or_else(|p| p.into_inner()).extend(tasks);
-        }
+        // The proxy and the API gateway, on listeners in the worker's own
+        // network namespace.
+        let tasks = crate::net::serve(
+            &worker.id,
+            worker.egress.as_ref(),
+            worker.gateway.as_ref(),
+            std::mem::take(&mut launched.listeners),
+        );
+        worker.net_tasks.lock().unwrap_or_else(|p| p.into_inner()).extend(tasks);
         // Claude Code sessions: the daemon reads the worker's stream-json
         // output to answer its permission requests and end one-shot runs.
         let tap = session.map(|start| {
@@ -417,20 +440,24 @@ pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) ->
             return Err(e);
         }
     };
-    let session = claude.map(|c| {
-        // Credentials reach only this worker's environment (never its
-        // workspace, the spec on disk or the audit log).
-        for (k, v) in c.env {
-            spec.env.retain(|(name, _)| *name != k);
-            spec.env.push((k, v));
+    // Claude Code gets its gateway's address and a placeholder credential;
+    // the user's real one stays in the daemon, with the gateway.
+    let (session, gateway) = match claude {
+        Some(c) => {
+            for (k, v) in c.env {
+                spec.env.retain(|(name, _)| *name != k);
+                spec.env.push((k, v));
+            }
+            (Some(c.start), Some(c.gateway))
         }
-        c.start
-    });
+        None => (None, None),
+    };
     Ok(Prepared {
         spec,
         cgroup,
         project: p.project.clone(),
         network: profile.network.clone(),
+        gateway,
         session,
     })
 }

@@ -154,12 +154,8 @@ fn merge(base: &mut Profile, r: &RawProfile) {
             claude.append_system_prompt.clone_from(&c.append_system_prompt);
         }
         if let Some(u) = &c.base_url {
+            // The gateway's upstream: wardend, not the worker, talks to it.
             claude.base_url = Some(u.clone());
-            // Claude reaches its API through the proxy like any other host.
-            let api = crate::NetRule::exactly(&u.host, u.port);
-            if !base.network.allow.contains(&api) {
-                base.network.allow.push(api);
-            }
         }
         if c.claude_md.is_some() {
             claude.claude_md.clone_from(&c.claude_md);

@@ -1,0 +1,728 @@
+//! The Anthropic API gateway of a Claude Code worker, on its own listener
+//! in the worker's network namespace (127.0.0.1:4180 inside, the worker's
+//! `ANTHROPIC_BASE_URL`).
+//!
+//! Owns: checking the worker's placeholder credential; the paths and
+//! models a worker may use; the user's budgets; swapping the placeholder
+//! for the user's real credential (which never leaves the daemon) and
+//! forwarding over verified TLS to the upstream; streaming the answer back
+//! as it arrives while reading its `usage`; and the `api_usage`,
+//! `budget_exhausted` and (for refusals) `network_denial` events.
+//!
+//! Must never: send the real credential anywhere but the upstream, let a
+//! response carry it back, forward a request it did not check, or buffer a
+//! whole streamed answer.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use warden_policy::config::{Budget, GatewayConfig};
+
+use crate::claude::prepare::{Credential, GatewaySetup};
+use crate::events::{millis, EventKind, Events, NetProtocol};
+use crate::usage::{Ledger, Tokens, Totals};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The client every gateway forwards with: system roots plus the
+/// configured CA, the admin's `hosts` table in front of DNS, a pool of
+/// kept-alive connections.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector<HostsResolver>>, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Upstream")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("Cannot read the gateway's extra CA file {path}")]
+    ExtraCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("The gateway trusts no certificate authority (no system roots, no extra CA)")]
+    NoRoots,
+}
+
+impl Upstream {
+    pub fn new(config: &GatewayConfig, hosts: HashMap<String, IpAddr>) -> Result<Upstream, UpstreamError> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = &config.extra_ca {
+            let certs =
+                rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|source| UpstreamError::ExtraCa {
+                    path: path.clone(),
+                    source,
+                })?;
+            for cert in certs {
+                let cert = cert.map_err(|source| UpstreamError::ExtraCa {
+                    path: path.clone(),
+                    source,
+                })?;
+                let _ = roots.add(cert);
+            }
+        }
+        if roots.is_empty() {
+            return Err(UpstreamError::NoRoots);
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|_| UpstreamError::NoRoots)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new_with_resolver(HostsResolver(Arc::new(hosts)));
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(15)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        Ok(Upstream { client })
+    }
+}
+
+/// Name resolution for the upstream: the admin's `hosts` table, then DNS.
+#[derive(Debug, Clone)]
+pub struct HostsResolver(Arc<HashMap<String, IpAddr>>);
+
+impl tower::Service<Name> for HostsResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let hosts = self.0.clone();
+        Box::pin(async move {
+            let n = name.as_str().trim_end_matches('.').to_ascii_lowercase();
+            if let Some(ip) = hosts.get(&n) {
+                return Ok(vec![SocketAddr::new(*ip, 0)].into_iter());
+            }
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((n.as_str(), 0)).await?.collect();
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+/// The API a worker may call, and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Messages,
+    CountTokens,
+    /// Claude Code's connectivity check (`HEAD /api/hello`): answered here.
+    Hello,
+}
+
+impl Endpoint {
+    fn of(method: &Method, path: &str) -> Option<Endpoint> {
+        match (method, path) {
+            (&Method::POST, "/v1/messages") => Some(Endpoint::Messages),
+            (&Method::POST, "/v1/messages/count_tokens") => Some(Endpoint::CountTokens),
+            (&Method::HEAD | &Method::GET, "/api/hello") => Some(Endpoint::Hello),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count_tokens",
+            Endpoint::Hello => "hello",
+        }
+    }
+}
+
+/// One worker's gateway.
+pub struct Gateway {
+    pub worker: String,
+    pub user: String,
+    pub profile: String,
+    setup: GatewaySetup,
+    upstream: Upstream,
+    ledger: Arc<Ledger>,
+    budget: Budget,
+    count_cache_reads: bool,
+    max_request_bytes: usize,
+    events: Arc<Events>,
+    denials: super::Denials,
+    totals: Mutex<Totals>,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("worker", &self.worker)
+            .field("setup", &self.setup)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The headers a worker's request never carries upstream: credentials of
+/// its own, hop-by-hop headers, and what the gateway sets itself.
+const DROPPED: &[&str] = &[
+    "x-api-key",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "proxy-connection",
+];
+
+/// The beta flag the API wants with an OAuth token.
+const OAUTH_BETA: &str = "oauth-2025-04-20";
+
+impl Gateway {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        worker: &str,
+        user: &str,
+        profile: &str,
+        setup: GatewaySetup,
+        upstream: Upstream,
+        ledger: Arc<Ledger>,
+        config: &GatewayConfig,
+        events: Arc<Events>,
+        max_connections: usize,
+    ) -> Self {
+        Gateway {
+            worker: worker.to_string(),
+            user: user.to_string(),
+            profile: profile.to_string(),
+            setup,
+            upstream,
+            ledger,
+            budget: config.budget_for(user),
+            count_cache_reads: config.count_cache_reads,
+            max_request_bytes: usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX),
+            denials: super::Denials::new(worker, user, events.clone()),
+            events,
+            totals: Mutex::default(),
+            slots: Arc::new(Semaphore::new(max_connections)),
+        }
+    }
+
+    /// The worker's requests and tokens so far.
+    pub fn totals(&self) -> Totals {
+        *self.totals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves one connection of the worker's gateway listener.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream) {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            self.refuse(
+                "-",
+                "too-many-connections",
+                "the worker has too many open connections to its gateway",
+            );
+            return;
+        };
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.handle(req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .max_buf_size(super::proxy::MAX_HEAD)
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    }
+
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let Some(endpoint) = Endpoint::of(req.method(), &path) else {
+            let what = format!("{} {path}", req.method());
+            self.refuse(&what, "path", &format!("{what} is not an API the gateway serves"));
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                &format!("warden: {what} is not an API this gateway serves (only POST /v1/messages and /v1/messages/count_tokens)"),
+            );
+        };
+        if !self.authorized(req.headers()) {
+            self.refuse(&path, "placeholder", "a request without this worker's credential");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "warden: this gateway takes only the credential warden gave this worker",
+            );
+        }
+        if endpoint == Endpoint::Hello {
+            return Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+        }
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, self.max_request_bytes).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    &format!(
+                        "warden: requests through this gateway are at most {} bytes",
+                        self.max_request_bytes
+                    ),
+                )
+            }
+        };
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let model = request["model"].as_str().unwrap_or("").to_string();
+        if let Some(models) = &self.setup.models {
+            if !models.contains(&model) {
+                self.refuse(
+                    &path,
+                    "model",
+                    &format!("model {model:?} is not allowed by profile {}", self.profile),
+                );
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    &format!(
+                        "warden: model {model:?} is not allowed by profile {} (allowed: {})",
+                        self.profile,
+                        models.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+        let ticket = match self
+            .ledger
+            .admit(&self.user, &self.budget, self.count_cache_reads, SystemTime::now())
+        {
+            Ok(t) => t,
+            Err(exhausted) => {
+                self.refuse(&path, "budget", &exhausted.to_string());
+                if exhausted.first {
+                    self.events.publish(
+                        Some(&self.worker),
+                        Some(&self.user),
+                        EventKind::BudgetExhausted {
+                            budget: exhausted.budget.to_string(),
+                            limit: exhausted.limit,
+                            used: exhausted.used,
+                            resets_at_ms: millis(exhausted.resets_at),
+                        },
+                    );
+                }
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    &exhausted.to_string(),
+                );
+                let wait = exhausted
+                    .resets_at
+                    .duration_since(SystemTime::now())
+                    .map_or(1, |d| d.as_secs().max(1));
+                // The API client in Claude Code retries a 429 unless told not to.
+                r.headers_mut()
+                    .insert("x-should-retry", HeaderValue::from_static("false"));
+                if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return r;
+            }
+        };
+        let started = Instant::now();
+        let streamed = request["stream"].as_bool() == Some(true);
+        let upstream_req = match self.upstream_request(&parts, body) {
+            Some(r) => r,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "warden: a request the gateway cannot forward",
+                )
+            }
+        };
+        let meter = Meter {
+            gateway: self.clone(),
+            endpoint,
+            model,
+            streamed,
+            started,
+            status: 0,
+            usage: UsageReader::default(),
+            _ticket: Some(ticket),
+        };
+        match self.upstream.client.request(upstream_req).await {
+            Ok(resp) => self.respond(resp, meter).await,
+            Err(e) => {
+                // Recorded with status 0: the request counts, nothing was used.
+                drop(meter);
+                tracing::warn!(worker = %self.worker, error = %e, "the API upstream failed");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    &format!("warden: the API upstream {} did not answer", self.setup.upstream.text),
+                )
+            }
+        }
+    }
+
+    /// Whether `headers` carry this worker's placeholder (and nothing else
+    /// as a credential).
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let want = self.setup.placeholder.as_bytes();
+        let presented = headers.get("x-api-key").map(HeaderValue::as_bytes).or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        });
+        presented.is_some_and(|p| constant_time_eq(p, want))
+    }
+
+    /// The request as it goes upstream: the worker's headers without any
+    /// credential or hop-by-hop header, the user's real credential added.
+    fn upstream_request(&self, parts: &http::request::Parts, body: Bytes) -> Option<Request<Full<Bytes>>> {
+        let base = self.setup.upstream.text.trim_end_matches('/');
+        let path = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+        let mut req = Request::builder()
+            .method(parts.method.clone())
+            .uri(format!("{base}{path}"))
+            .body(Full::new(body))
+            .ok()?;
+        let headers = req.headers_mut();
+        for (name, value) in &parts.headers {
+            if !DROPPED.contains(&name.as_str()) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let secret = |prefix: &str| HeaderValue::from_str(&format!("{prefix}{}", self.setup.credential.secret())).ok();
+        match &self.setup.credential {
+            Credential::ApiKey(_) => {
+                let mut v = secret("")?;
+                v.set_sensitive(true);
+                headers.insert(HeaderName::from_static("x-api-key"), v);
+            }
+            Credential::AuthToken(_) | Credential::OAuthToken(_) => {
+                let mut v = secret("Bearer ")?;
+                v.set_sensitive(true);
+                headers.insert(header::AUTHORIZATION, v);
+            }
+        }
+        if let Credential::OAuthToken(_) = &self.setup.credential {
+            let betas = headers
+                .get("anthropic-beta")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            if !betas.split(',').any(|b| b.trim() == OAUTH_BETA) {
+                let all = if betas.is_empty() {
+                    OAUTH_BETA.to_string()
+                } else {
+                    format!("{betas},{OAUTH_BETA}")
+                };
+                headers.insert("anthropic-beta", HeaderValue::from_str(&all).ok()?);
+            }
+        }
+        Some(req)
+    }
+
+    /// The upstream's answer for the worker: a success streams through the
+    /// meter as it arrives; an error is read whole (it is small) and any
+    /// trace of the credential taken out.
+    async fn respond(self: &Arc<Self>, resp: Response<Incoming>, mut meter: Meter) -> Response<Body> {
+        let (mut parts, body) = resp.into_parts();
+        meter.status = parts.status.as_u16();
+        let secret = self.setup.credential.secret().to_string();
+        let mut kept = HeaderMap::new();
+        for (name, value) in &parts.headers {
+            let hop = matches!(
+                name.as_str(),
+                "connection" | "keep-alive" | "transfer-encoding" | "set-cookie"
+            );
+            if !hop && !String::from_utf8_lossy(value.as_bytes()).contains(&secret) {
+                kept.append(name.clone(), value.clone());
+            }
+        }
+        parts.headers = kept;
+        if parts.status.is_success() {
+            let body = Metered { inner: body, meter };
+            return Response::from_parts(parts, body.boxed());
+        }
+        const MAX_ERROR: usize = 1 << 20;
+        let bytes = Limited::new(body, MAX_ERROR)
+            .collect()
+            .await
+            .map(http_body_util::Collected::to_bytes)
+            .unwrap_or_default();
+        drop(meter);
+        let text = String::from_utf8_lossy(&bytes).replace(&secret, "[credential removed by warden]");
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Response::from_parts(parts, Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed())
+    }
+
+    /// Reports a refused request (rate-limited, like every denial).
+    fn refuse(&self, what: &str, code: &'static str, message: &str) {
+        self.denials.report(
+            NetProtocol::Gateway,
+            "api gateway",
+            warden_policy::network::GATEWAY_PORT,
+            code,
+            &format!("{what}: {message}"),
+        );
+    }
+
+    fn record(&self, m: &Meter) {
+        let tokens = m.usage.tokens;
+        self.totals.lock().unwrap_or_else(|p| p.into_inner()).add(tokens);
+        self.ledger.record(&self.user, &self.worker, tokens, SystemTime::now());
+        self.events.publish(
+            Some(&self.worker),
+            Some(&self.user),
+            EventKind::ApiUsage {
+                endpoint: m.endpoint.name().into(),
+                model: m.model.clone(),
+                status: m.status,
+                streamed: m.streamed,
+                input_tokens: tokens.input,
+                output_tokens: tokens.output,
+                cache_creation_input_tokens: tokens.cache_creation,
+                cache_read_input_tokens: tokens.cache_read,
+                duration_ms: u64::try_from(m.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            },
+        );
+    }
+}
+
+/// Equality that takes as long whatever the bytes are.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An error in the shape the Anthropic API gives them.
+fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// One request's accounting, recorded when its answer ends (or is dropped).
+struct Meter {
+    gateway: Arc<Gateway>,
+    endpoint: Endpoint,
+    model: String,
+    streamed: bool,
+    started: Instant,
+    status: u16,
+    usage: UsageReader,
+    _ticket: Option<crate::usage::Ticket>,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.usage.finish();
+        self.gateway.record(self);
+    }
+}
+
+/// A streamed answer, passed on frame by frame while its usage is read.
+struct Metered {
+    inner: Incoming,
+    meter: Meter,
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.meter.usage.feed(data);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Reads `usage` from an answer as it passes: SSE (`message_start`'s
+/// message usage, then `message_delta`'s cumulative usage) or one JSON
+/// message. Lines and JSON bodies past a bound are not parsed.
+#[derive(Debug, Default)]
+struct UsageReader {
+    line: Vec<u8>,
+    overlong: bool,
+    whole: Vec<u8>,
+    sse: bool,
+    tokens: Tokens,
+}
+
+/// The longest SSE line (and the largest JSON answer) read for usage.
+const MAX_USAGE_LINE: usize = 4 << 20;
+
+impl UsageReader {
+    fn feed(&mut self, data: &[u8]) {
+        if !self.sse && self.whole.is_empty() && data.starts_with(b"event:") {
+            self.sse = true;
+        }
+        if !self.sse {
+            if self.whole.len() + data.len() <= MAX_USAGE_LINE {
+                self.whole.extend_from_slice(data);
+            }
+            // An SSE stream may start with a data line or a comment.
+            if self.whole.starts_with(b"data:") || self.whole.starts_with(b":") {
+                self.sse = true;
+                let whole = std::mem::take(&mut self.whole);
+                self.feed(&whole);
+            }
+            return;
+        }
+        for chunk in data.split_inclusive(|b| *b == b'\n') {
+            if self.overlong {
+                self.overlong = !chunk.ends_with(b"\n");
+                continue;
+            }
+            self.line.extend_from_slice(chunk);
+            if self.line.len() > MAX_USAGE_LINE {
+                self.line.clear();
+                self.overlong = !chunk.ends_with(b"\n");
+                continue;
+            }
+            if chunk.ends_with(b"\n") {
+                let line = std::mem::take(&mut self.line);
+                if let Some(json) = line.strip_prefix(b"data:") {
+                    if let Ok(v) = serde_json::from_slice::<Value>(json.trim_ascii()) {
+                        match v["type"].as_str() {
+                            Some("message_start") => self.take(&v["message"]["usage"]),
+                            Some("message_delta") => self.take(&v["usage"]),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// At the end of a non-streamed answer: its `usage`.
+    fn finish(&mut self) {
+        if !self.sse && !self.whole.is_empty() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.whole) {
+                self.take(&v["usage"]);
+            }
+        }
+    }
+
+    /// Takes the counts a usage object has (later ones are cumulative).
+    fn take(&mut self, u: &Value) {
+        let set = |key: &str, slot: &mut u64| {
+            if let Some(n) = u[key].as_u64() {
+                *slot = n;
+            }
+        };
+        set("input_tokens", &mut self.tokens.input);
+        set("output_tokens", &mut self.tokens.output);
+        set("cache_creation_input_tokens", &mut self.tokens.cache_creation);
+        set("cache_read_input_tokens", &mut self.tokens.cache_read);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_from_sse_across_chunks_and_from_json() {
+        let sse = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1,\"cache_creation_input_tokens\":3,\"cache_read_input_tokens\":7}}}\n\n\
+                   event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\n\
+                   event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
+        let mut r = UsageReader::default();
+        for piece in sse.as_bytes().chunks(7) {
+            r.feed(piece);
+        }
+        r.finish();
+        assert_eq!(
+            r.tokens,
+            Tokens {
+                input: 10,
+                output: 42,
+                cache_creation: 3,
+                cache_read: 7
+            }
+        );
+        let mut j = UsageReader::default();
+        j.feed(br#"{"type":"message","usage":{"input_tokens":5,"#);
+        j.feed(br#""output_tokens":6}}"#);
+        j.finish();
+        assert_eq!((j.tokens.input, j.tokens.output), (5, 6));
+    }
+
+    #[test]
+    fn only_the_claude_code_api_is_served() {
+        assert_eq!(Endpoint::of(&Method::POST, "/v1/messages"), Some(Endpoint::Messages));
+        assert_eq!(
+            Endpoint::of(&Method::POST, "/v1/messages/count_tokens"),
+            Some(Endpoint::CountTokens)
+        );
+        assert_eq!(Endpoint::of(&Method::HEAD, "/api/hello"), Some(Endpoint::Hello));
+        for (m, p) in [
+            (Method::GET, "/v1/models"),
+            (Method::POST, "/v1/files"),
+            (Method::GET, "/v1/messages"),
+            (Method::POST, "/v1/messages/batches"),
+            (Method::POST, "/api/oauth/token"),
+        ] {
+            assert_eq!(Endpoint::of(&m, p), None, "{m} {p}");
+        }
+        assert!(constant_time_eq(b"warden-1", b"warden-1"));
+        assert!(!constant_time_eq(b"warden-1", b"warden-2"));
+        assert!(!constant_time_eq(b"warden-1", b"warden-12"));
+    }
+}
