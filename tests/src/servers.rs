@@ -98,6 +98,10 @@ impl Served {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                 let Some(tls) = tls else {
+                    // Streamed answers go out as they come, as a real API's do.
+                    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     let _ = axum::serve(listener, app)
                         .with_graceful_shutdown(async {
                             let _ = stopped.await;
@@ -112,6 +116,7 @@ impl Served {
                         a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                     };
                     let (acceptor, app) = (acceptor.clone(), app.clone());
+                    let _ = tcp.set_nodelay(true);
                     tokio::spawn(async move {
                         let Ok(stream) = acceptor.accept(tcp).await else { return };
                         let svc = hyper_util::service::TowerToHyperService::new(app);

@@ -356,3 +356,36 @@ fn an_oauth_token_goes_the_same_way() {
         );
     }
 }
+
+#[test]
+fn an_upstream_whose_certificate_is_not_trusted_gets_no_request() {
+    if !root() {
+        return;
+    }
+    // The API's certificate comes from a CA the daemon was not told about.
+    let (trusted, stranger) = (TestCa::new(), TestCa::new());
+    let api = FakeAnthropic::start_tls(vec![Turn::Text("never".into())], &stranger);
+    let (d, _ca_dir) = daemon_trusting(&trusted, &[]);
+    add_test_profile(&d, "cc-test", &api, "bypassPermissions", "");
+    d.set_credentials("alice", "sk-alice-real-key\n");
+    let started = Instant::now();
+    let out = run(&d, "alice", "hello");
+    let t = transcript(&out.stdout);
+    let result = t.iter().find(|l| l["type"] == "result").expect("a result line");
+    assert_eq!(result["is_error"], true, "{result}");
+    assert!(
+        serde_json::to_string(&t).unwrap().contains("did not answer"),
+        "the gateway's error is shown: {t:#?}"
+    );
+    let usage = events(&d, "api_usage", "alice");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "no retry storm: {usage:#?}"
+    );
+    assert!(api.seen().is_empty(), "no request, and so no key, reached it");
+    let usage = events(&d, "api_usage", "alice");
+    assert!(
+        !usage.is_empty() && usage.iter().all(|e| e["status"] == 0),
+        "{usage:#?}"
+    );
+}

@@ -7,7 +7,11 @@
 //!   seccomp filter) against the same binary on the host;
 //! - network: a 100 MB download through wardend's proxy (absolute-form HTTP
 //!   and a CONNECT tunnel) against the same download on the host, and the
-//!   time to the first byte of a small answer, with and without the proxy.
+//!   time to the first byte of a small answer, with and without the proxy;
+//! - gateway: a streamed Messages answer through the API gateway against
+//!   the same answer straight from the (fake) API: time to its first event
+//!   (the API sends the rest 20 ms later, so a gateway that buffered would
+//!   show it) and to its end; and requests per second on loopback.
 //!
 //! Run as root: `cargo build --release --workspace --bins && target/release/warden-bench`
 
@@ -72,6 +76,7 @@ fn main() {
     let (out_early, out_late) = parse(out_text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or(""));
 
     let net = network();
+    let gw = gateway();
 
     println!("warden-bench ({runs} runs, medians; {n} calls per syscall figure)");
     println!("{:<58} {:>12} {:>12}", "", "sandboxed", "host");
@@ -98,6 +103,184 @@ fn main() {
     for (what, proxied, direct, unit) in net {
         println!("{what:<58} {proxied:>9.2} {unit} {direct:>9.2} {unit}");
     }
+    println!("{:<58} {:>12} {:>12}", "", "gateway", "direct");
+    for (what, through, direct, unit) in gw {
+        println!("{what:<58} {through:>9.2} {unit} {direct:>9.2} {unit}");
+    }
+}
+
+/// A fake Messages API that streams one answer: its first event at once,
+/// the rest 20 ms later; and answers plain requests at once.
+fn streaming_api() -> Served {
+    use axum::routing::post;
+    let stream = || {
+        let first = bytes::Bytes::from_static(
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+        );
+        let rest = bytes::Bytes::from_static(
+            b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let body = tokio_stream::StreamExt::chain(
+            tokio_stream::once(Ok::<_, std::io::Error>(first)),
+            tokio_stream::StreamExt::then(tokio_stream::once(rest), |r| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(r)
+            }),
+        );
+        std::future::ready(
+            axum::response::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::from_stream(body))
+                .unwrap_or_default(),
+        )
+    };
+    let app = axum::Router::new().route("/v1/messages", post(stream)).route(
+        "/plain/v1/messages",
+        post(|| async { "{\"type\":\"message\",\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}" }),
+    );
+    Served::start(app, None)
+}
+
+/// Sends one request over a fresh connection to `addr`; returns the time
+/// to the first byte of the first SSE event and to the end of the answer.
+fn one_stream(addr: std::net::SocketAddr, key: &str) -> (Duration, Duration) {
+    use std::io::{Read, Write};
+    let body = r#"{"model":"m","stream":true,"max_tokens":5,"messages":[]}"#;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).ok();
+    let t = Instant::now();
+    write!(
+        s,
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut seen = Vec::new();
+    let mut first = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if first.is_none() && seen.windows(13).any(|w| w == b"message_start") {
+            first = Some(t.elapsed());
+        }
+    }
+    (first.unwrap_or_default(), t.elapsed())
+}
+
+/// The gateway's rows: (what, through the gateway, straight to the API, unit).
+fn gateway() -> Vec<(&'static str, f64, f64, &'static str)> {
+    use std::sync::Arc;
+    use warden_daemon::claude::prepare::{Credential, GatewaySetup};
+    use warden_daemon::net::gateway::{Gateway, Upstream};
+    let api = streaming_api();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = warden_policy::config::Config::embedded();
+    let (events, _) =
+        warden_daemon::events::Events::open(&dir.path().join("audit.jsonl"), 1 << 30, 1, 1024).expect("events");
+    let placeholder = "warden-bench".to_string();
+    let setup = |path: &str| GatewaySetup {
+        credential: Credential::ApiKey("sk-bench".into()),
+        placeholder: placeholder.clone(),
+        upstream: warden_policy::HttpUrl::try_from(format!("http://127.0.0.1:{}{path}", api.port())).expect("url"),
+        models: None,
+    };
+    let listen = |gateway: Arc<Gateway>| {
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        rt.spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(gateway.clone().serve(s));
+            }
+        });
+        addr
+    };
+    let _guard = rt.enter();
+    let upstream = Upstream::new(&config.gateway, Default::default()).expect("upstream client");
+    let ledger = Arc::new(warden_daemon::usage::Ledger::open(&dir.path().join("usage.json")));
+    let events = Arc::new(events);
+    let make = |path: &str| {
+        Arc::new(Gateway::new(
+            "wbench",
+            "bench",
+            "bench",
+            setup(path),
+            upstream.clone(),
+            ledger.clone(),
+            &config.gateway,
+            events.clone(),
+            1024,
+        ))
+    };
+    let streamed = listen(make(""));
+    let plain = listen(make("/plain"));
+    let rounds = 50;
+    let (mut g_first, mut g_total, mut d_first, mut d_total) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        let (f, t) = one_stream(streamed, &placeholder);
+        g_first.push(f);
+        g_total.push(t);
+        let (f, t) = one_stream(api.addr, "sk-bench");
+        d_first.push(f);
+        d_total.push(t);
+    }
+    let ms = |v: Vec<Duration>| median(v).as_secs_f64() * 1e3;
+    // Requests per second: 8 clients on kept-alive connections.
+    let rate = |base: String, key: &'static str| -> f64 {
+        let n: u32 = 2000;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let t = Instant::now();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let (client, base) = (client.clone(), base.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..n / 8 {
+                            let req = http::Request::post(format!("{base}/v1/messages"))
+                                .header("x-api-key", key)
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                    br#"{"model":"m","max_tokens":1,"messages":[]}"#,
+                                )))
+                                .expect("request");
+                            let resp = client.request(req).await.expect("answer");
+                            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("client task");
+            }
+        });
+        f64::from(n) / t.elapsed().as_secs_f64()
+    };
+    let through = rate(format!("http://{plain}"), "warden-bench");
+    let direct = rate(format!("http://127.0.0.1:{}/plain", api.port()), "sk-bench");
+    vec![
+        (
+            "streamed answer: first event (API sends the rest 20 ms later)",
+            ms(g_first),
+            ms(d_first),
+            "ms",
+        ),
+        ("streamed answer: to its end", ms(g_total), ms(d_total), "ms"),
+        (
+            "requests per second, 8 clients, kept-alive (loopback)",
+            through,
+            direct,
+            "/s",
+        ),
+    ]
 }
 
 /// Runs `script` in a worker of `d` (profile `bench-net`) and returns its

@@ -253,6 +253,8 @@ impl Gateway {
 
     /// Serves one connection of the worker's gateway listener.
     pub async fn serve(self: Arc<Self>, stream: TcpStream) {
+        // A streamed event goes out as it comes, not after a delayed ACK.
+        let _ = stream.set_nodelay(true);
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             self.refuse(
                 "-",
@@ -358,9 +360,6 @@ impl Gateway {
                     .resets_at
                     .duration_since(SystemTime::now())
                     .map_or(1, |d| d.as_secs().max(1));
-                // The API client in Claude Code retries a 429 unless told not to.
-                r.headers_mut()
-                    .insert("x-should-retry", HeaderValue::from_static("false"));
                 if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
                     r.headers_mut().insert(header::RETRY_AFTER, v);
                 }
@@ -535,13 +534,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// An error in the shape the Anthropic API gives them.
+/// An error of the gateway's own, in the shape the Anthropic API gives
+/// them. None is worth retrying at once (a budget, a refusal, an upstream
+/// the gateway could not reach), and Claude Code's client retries unless
+/// told so: it is told.
 fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
     let body = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}).to_string();
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert("x-should-retry", HeaderValue::from_static("false"));
     r
 }
 
@@ -724,5 +727,96 @@ mod tests {
         assert!(constant_time_eq(b"warden-1", b"warden-1"));
         assert!(!constant_time_eq(b"warden-1", b"warden-2"));
         assert!(!constant_time_eq(b"warden-1", b"warden-12"));
+    }
+}
+
+#[cfg(test)]
+mod upstream_tests {
+    //! The gateway between a raw client and a loopback upstream that
+    //! misbehaves: it echoes the credential it got in an error answer.
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream that answers every request with a 400 whose body and
+    /// headers repeat the request's credential.
+    async fn echoing_upstream() -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let key = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-api-key: "))
+                        .unwrap_or("")
+                        .to_string();
+                    let body = format!("{{\"type\":\"error\",\"error\":{{\"type\":\"invalid_request_error\",\"message\":\"bad key {key}\"}}}}");
+                    let reply = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nx-echo: {key}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_never_carries_the_credential_back() {
+        let port = echoing_upstream().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (events, _) = Events::open(&dir.path().join("audit.jsonl"), 1 << 20, 1, 64).unwrap();
+        let config = warden_policy::config::Config::embedded();
+        let setup = GatewaySetup {
+            credential: Credential::ApiKey("sk-real-secret".into()),
+            placeholder: "warden-test".into(),
+            upstream: warden_policy::HttpUrl::try_from(format!("http://127.0.0.1:{port}")).unwrap(),
+            models: None,
+        };
+        let gateway = Arc::new(Gateway::new(
+            "w1",
+            "alice",
+            "p",
+            setup,
+            Upstream::new(&config.gateway, HashMap::new()).unwrap(),
+            Arc::new(Ledger::open(&dir.path().join("usage.json"))),
+            &config.gateway,
+            Arc::new(events),
+            8,
+        ));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(gateway.clone().serve(s));
+            }
+        });
+        let body = r#"{"model":"m","max_tokens":1,"messages":[]}"#;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(!answer.contains("sk-real-secret"), "{answer}");
+        assert!(answer.contains("bad key [credential removed by warden]"), "{answer}");
+        assert!(!answer.to_ascii_lowercase().contains("x-echo"), "{answer}");
     }
 }

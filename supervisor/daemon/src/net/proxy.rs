@@ -26,6 +26,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one client connection of a worker's HTTP proxy listener.
 pub async fn serve(egress: Arc<Egress>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
     let Ok(_slot) = egress.slot(Protocol::Http) else {
         let _ = refuse_raw(
             stream,

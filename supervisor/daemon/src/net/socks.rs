@@ -36,6 +36,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one client connection of a worker's SOCKS5 listener.
 pub async fn serve(egress: Arc<Egress>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
     let Ok(_slot) = egress.slot(Protocol::Socks) else {
         let _ = reply(&mut stream, Reply::GeneralFailure).await;
         return;
