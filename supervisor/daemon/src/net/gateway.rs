@@ -48,6 +48,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector<HostsResolver>>, Full<Bytes>>,
+    /// Certificate authorities trusted (0: every HTTPS upstream fails,
+    /// with an error that says why).
+    roots: usize,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -64,8 +67,8 @@ pub enum UpstreamError {
         #[source]
         source: rustls::pki_types::pem::Error,
     },
-    #[error("The gateway trusts no certificate authority (no system roots, no extra CA)")]
-    NoRoots,
+    #[error("The gateway's TLS settings are not supported")]
+    Tls,
 }
 
 impl Upstream {
@@ -90,12 +93,15 @@ impl Upstream {
                 let _ = roots.add(cert);
             }
         }
-        if roots.is_empty() {
-            return Err(UpstreamError::NoRoots);
+        let trusted = roots.len();
+        if trusted == 0 {
+            // A host without ca-certificates can still run every other
+            // worker; HTTPS upstreams fail closed, saying why.
+            tracing::warn!("{NO_ROOTS}");
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|_| UpstreamError::NoRoots)?
+            .map_err(|_| UpstreamError::Tls)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let mut http = HttpConnector::new_with_resolver(HostsResolver(Arc::new(hosts)));
@@ -111,9 +117,13 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
             .build(https);
-        Ok(Upstream { client })
+        Ok(Upstream { client, roots: trusted })
     }
 }
+
+/// Why every HTTPS upstream fails on a host without trusted roots.
+const NO_ROOTS: &str = "the API gateway trusts no certificate authority (no system roots: install \
+                        ca-certificates, or set gateway.extra_ca): HTTPS upstreams will be refused";
 
 /// Name resolution for the upstream: the admin's `hosts` table, then DNS.
 #[derive(Debug, Clone)]
@@ -394,11 +404,12 @@ impl Gateway {
                 // Recorded with status 0: the request counts, nothing was used.
                 drop(meter);
                 tracing::warn!(worker = %self.worker, error = %e, "the API upstream failed");
-                error(
-                    StatusCode::BAD_GATEWAY,
-                    "api_error",
-                    &format!("warden: the API upstream {} did not answer", self.setup.upstream.text),
-                )
+                let message = if self.upstream.roots == 0 && self.setup.upstream.https {
+                    format!("warden: {NO_ROOTS}")
+                } else {
+                    format!("warden: the API upstream {} did not answer", self.setup.upstream.text)
+                };
+                error(StatusCode::BAD_GATEWAY, "api_error", &message)
             }
         }
     }
