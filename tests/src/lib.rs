@@ -226,10 +226,11 @@ impl Host {
         let out = drain(launched.child.stdout.take().expect("stdout"));
         let err = drain(launched.child.stderr.take().expect("stderr"));
         // Answer denied calls as the daemon does, and collect their reports.
+        let rate = self.config.rate_limits.worker_denials;
         let denials = launched.seccomp_listener.take().map(|listener| {
             std::thread::spawn(move || {
                 let mut seen = Vec::new();
-                warden_daemon::denials::serve(listener, warden_daemon::denials::default_limit(), |d| {
+                warden_daemon::denials::serve(listener, warden_daemon::limits::Bucket::new(rate), |d| {
                     seen.push(d.syscall)
                 });
                 seen

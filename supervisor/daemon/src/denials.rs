@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use warden_policy::seccomp::Arch;
 
+use crate::limits::Bucket;
 use crate::sys::{notif_fail, notif_recv};
 
 /// One reported denial.
@@ -25,47 +26,6 @@ pub struct Denial {
     pub pid: u32,
     /// Denials of this worker not reported since the previous report.
     pub suppressed: u64,
-}
-
-/// Per-worker token bucket: `burst` reports, refilled at `per_second`.
-#[derive(Debug)]
-pub struct RateLimit {
-    tokens: f64,
-    burst: f64,
-    per_second: f64,
-    last: Instant,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    pub fn new(burst: u32, per_second: u32) -> Self {
-        RateLimit {
-            tokens: f64::from(burst),
-            burst: f64::from(burst),
-            per_second: f64::from(per_second),
-            last: Instant::now(),
-            suppressed: 0,
-        }
-    }
-
-    /// Whether to report now; when it says yes, returns how many were
-    /// suppressed since the last report.
-    pub fn admit(&mut self, now: Instant) -> Option<u64> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-
-    pub fn pending(&self) -> u64 {
-        self.suppressed
-    }
 }
 
 fn arch_of(audit_arch: u32) -> Option<Arch> {
@@ -81,7 +41,7 @@ fn arch_of(audit_arch: u32) -> Option<Arch> {
 /// Serves one worker's listener until the worker is gone (blocking: run it
 /// on its own thread). `report` gets each admitted denial; a final call with
 /// `syscall` "(suppressed)" flushes a pending count.
-pub fn serve(listener: OwnedFd, mut limit: RateLimit, mut report: impl FnMut(Denial)) {
+pub fn serve(listener: OwnedFd, mut limit: Bucket, mut report: impl FnMut(Denial)) {
     let mut last_pid = 0;
     loop {
         // POLLHUP: the filter has no task left (the worker is gone).
@@ -122,28 +82,5 @@ pub fn serve(listener: OwnedFd, mut limit: RateLimit, mut report: impl FnMut(Den
             pid: last_pid,
             suppressed: limit.pending(),
         });
-    }
-}
-
-/// Default limits: a burst of 50 reports, then 10 a second.
-pub fn default_limit() -> RateLimit {
-    RateLimit::new(50, 10)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn a_storm_is_cut_to_the_burst_then_the_refill_and_counted() {
-        let mut l = RateLimit::new(3, 10);
-        let t0 = Instant::now();
-        let admitted: Vec<Option<u64>> = (0..6).map(|_| l.admit(t0)).collect();
-        assert_eq!(admitted, [Some(0), Some(0), Some(0), None, None, None]);
-        // 100 ms later one token is back, and it reports the 3 suppressed.
-        assert_eq!(l.admit(t0 + Duration::from_millis(100)), Some(3));
-        assert_eq!(l.admit(t0 + Duration::from_millis(100)), None);
-        assert_eq!(l.pending(), 1);
     }
 }

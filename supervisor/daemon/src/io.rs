@@ -15,6 +15,12 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 
+/// Chunks (of at most [`READ`] bytes) the live feed keeps for attached
+/// clients that are behind: the most it holds per stream.
+const LIVE_CHUNKS: usize = 64;
+/// One read from a worker's pipe.
+const READ: usize = 64 << 10;
+
 /// One output stream's log and live feed.
 #[derive(Debug)]
 pub struct OutputLog {
@@ -40,7 +46,7 @@ impl OutputLog {
             path,
             produced: AtomicU64::new(0),
             kept: AtomicU64::new(0),
-            live: broadcast::channel(1024).0,
+            live: broadcast::channel(LIVE_CHUNKS).0,
             done: AtomicBool::new(false),
         }
     }
@@ -93,7 +99,7 @@ impl OutputLog {
         &self,
         mut from: impl tokio::io::AsyncRead + Unpin,
         cap: u64,
-        tap: Option<tokio::sync::mpsc::UnboundedSender<Arc<Vec<u8>>>>,
+        tap: Option<tokio::sync::mpsc::Sender<Arc<Vec<u8>>>>,
     ) {
         let mut file = match tokio::fs::OpenOptions::new()
             .create(true)
@@ -107,7 +113,7 @@ impl OutputLog {
                 None
             }
         };
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; READ];
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -126,8 +132,10 @@ impl OutputLog {
             }
             self.produced.fetch_add(n as u64, Ordering::SeqCst);
             let data = Arc::new(data.to_vec());
+            // The session driver reads at its pace: while it is behind, the
+            // pipe is not read and the worker's writes block.
             if let Some(t) = &tap {
-                let _ = t.send(data.clone());
+                let _ = t.send(data.clone()).await;
             }
             // A lagging receiver loses live chunks, never the worker: it replays from the log.
             let _ = self.live.send(Chunk { offset, data });

@@ -19,8 +19,8 @@ use nix::sys::socket::{
     bind, recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
 
-use crate::denials::{default_limit, RateLimit};
 use crate::events::{EventKind, Events};
+use crate::limits::Keyed;
 
 /// Which of the daemon's workers a denial belongs to.
 pub trait Placement {
@@ -211,13 +211,18 @@ pub fn worker_of_pid(pid: &str, known: impl Fn(&str) -> bool) -> Option<String> 
         .map(str::to_string)
 }
 
+/// Domains remembered (by their creator) at most.
+const MAX_DOMAINS: usize = 4096;
+/// Denials waiting for their worker to be registered, at most.
+const MAX_DEFERRED: usize = 1024;
+
 /// Reports the daemon's workers' landlock denials forever (own thread).
 /// A denial is placed by its domain's creator, the worker's init (known
 /// from the spawn, so it works after the worker is gone), or else by the
 /// denied process's cgroup. A record read before the spawn registered its
 /// worker is retried for a few seconds.
-pub fn serve(sock: OwnedFd, events: Arc<Events>, workers: Arc<dyn Placement + Send + Sync>) {
-    let limits = std::cell::RefCell::new(HashMap::<String, RateLimit>::new());
+pub fn serve(sock: OwnedFd, events: Arc<Events>, workers: Arc<dyn Placement + Send + Sync>, rate: warden_policy::Rate) {
+    let limits = Keyed::<String>::new(rate);
     let domains = std::cell::RefCell::new(HashMap::<String, String>::new());
     let deferred = std::cell::RefCell::new(Vec::<(std::time::Instant, LandlockDenial)>::new());
     let place = |d: &LandlockDenial| -> Option<(String, String)> {
@@ -230,9 +235,7 @@ pub fn serve(sock: OwnedFd, events: Arc<Events>, workers: Arc<dyn Placement + Se
         })
     };
     let publish = |(id, user): (String, String), d: LandlockDenial| {
-        let mut limits = limits.borrow_mut();
-        let limit = limits.entry(id.clone()).or_insert_with(default_limit);
-        if let Some(suppressed) = limit.admit(std::time::Instant::now()) {
+        if let Some(suppressed) = limits.admit(&id) {
             events.publish(
                 Some(&id),
                 Some(&user),
@@ -264,11 +267,22 @@ pub fn serve(sock: OwnedFd, events: Arc<Events>, workers: Arc<dyn Placement + Se
             false
         },
         |domain, pid| {
-            domains.borrow_mut().insert(domain.to_string(), pid.to_string());
+            let mut domains = domains.borrow_mut();
+            // Domains of long-gone workers: placement falls back to the
+            // denied process's cgroup.
+            if domains.len() >= MAX_DOMAINS {
+                domains.clear();
+            }
+            domains.insert(domain.to_string(), pid.to_string());
         },
         |d| match place(&d) {
             Some(w) => publish(w, d),
-            None => deferred.borrow_mut().push((std::time::Instant::now(), d)),
+            None => {
+                let mut deferred = deferred.borrow_mut();
+                if deferred.len() < MAX_DEFERRED {
+                    deferred.push((std::time::Instant::now(), d));
+                }
+            }
         },
     );
 }

@@ -39,6 +39,7 @@ pub mod events;
 pub mod io;
 pub mod landlock_audit;
 pub mod launcher;
+pub mod limits;
 pub mod net;
 pub mod profiles;
 #[allow(unsafe_code)]

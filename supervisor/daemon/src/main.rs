@@ -21,7 +21,7 @@ use warden_daemon::api::profiles::ProfilesApi;
 use warden_daemon::api::usage::UsageApi;
 use warden_daemon::api::workers::WorkersApi;
 use warden_daemon::cgroups::Cgroups;
-use warden_daemon::events::{EventKind, Events, ExitReason};
+use warden_daemon::events::{EventKind, Events, ExitReason, Settings};
 use warden_daemon::net::gateway::Upstream;
 use warden_daemon::profiles::Profiles;
 use warden_daemon::users::Users;
@@ -172,13 +172,8 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     let cgroups = Cgroups::detect(&config.cgroup_name).context("Cannot set up cgroups")?;
     let launcher = launcher_path(&config.launcher);
     anyhow::ensure!(launcher.exists(), "The launcher {} does not exist", launcher.display());
-    let (events, recovery) = Events::open(
-        &config.audit_log,
-        config.audit_max_bytes,
-        config.audit_keep,
-        config.events_buffer,
-    )
-    .context("Cannot open the audit log")?;
+    let (events, recovery) = Events::open(Settings::from_config(&config)).context("Cannot open the audit log")?;
+    log_retention(&config, events.capacity());
     if recovery.torn_bytes > 0 {
         tracing::warn!(
             bytes = recovery.torn_bytes,
@@ -227,25 +222,28 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
             },
         );
     }
-    events.publish(
-        None,
-        None,
-        EventKind::DaemonStarted {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            cgroup_v2: sup.cgroups.is_v2(),
-            lost: lost.iter().map(|w| w.id.clone()).collect(),
-            audit_torn_bytes: recovery.torn_bytes,
-        },
-    );
+    events
+        .submit(
+            None,
+            None,
+            EventKind::DaemonStarted {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                cgroup_v2: sup.cgroups.is_v2(),
+                lost: lost.iter().map(|w| w.id.clone()).collect(),
+                audit_torn_bytes: recovery.torn_bytes,
+            },
+        )
+        .written()
+        .await;
 
     if config.landlock_audit {
         match warden_daemon::landlock_audit::open() {
             Ok(sock) => {
                 sup.landlock_audit.store(true, std::sync::atomic::Ordering::SeqCst);
-                let (events, workers) = (events.clone(), sup.clone());
+                let (events, workers, rate) = (events.clone(), sup.clone(), config.rate_limits.worker_denials);
                 std::thread::Builder::new()
                     .name("landlock-audit".into())
-                    .spawn(move || warden_daemon::landlock_audit::serve(sock, events, workers))
+                    .spawn(move || warden_daemon::landlock_audit::serve(sock, events, workers, rate))
                     .context("Cannot start the audit reader")?;
             }
             Err(e) => {
@@ -282,7 +280,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let profiles = ProfilesServer::new(ProfilesApi { sup: sup.clone() }).max_decoding_message_size(max);
-    let events_api = EventsServer::new(EventsApi { sup: sup.clone() }).max_decoding_message_size(max);
+    let events_api = EventsServer::new(EventsApi::new(sup.clone())).max_decoding_message_size(max);
     let usage_api = UsageServer::new(UsageApi { sup: sup.clone() }).max_decoding_message_size(max);
 
     let mut term = signal(SignalKind::terminate()).context("Cannot handle SIGTERM")?;
@@ -338,9 +336,35 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     if let Err(e) = sup.ledger.flush() {
         tracing::error!(error = %e, "cannot write the usage ledger");
     }
+    let bus = events.clone();
+    let _ = tokio::task::spawn_blocking(move || bus.flush()).await;
     if owns_socket && config.socket.exists() {
         let _ = std::fs::remove_file(&config.socket);
     }
     tracing::info!("wardend stopped");
     Ok(())
+}
+
+/// Says at start how long the audit log keeps others' events against a
+/// flood: its capacity over what one identity may add per day.
+fn log_retention(config: &Config, capacity: u64) {
+    let budget = config.audit_budget;
+    #[allow(clippy::cast_precision_loss)] // Byte counts far below 2^52.
+    let days = capacity.saturating_sub(budget.burst) as f64 / (budget.per_second * 86400.0);
+    tracing::info!(
+        capacity_bytes = capacity,
+        burst_bytes = budget.burst,
+        bytes_per_day = budget.per_second * 86400.0,
+        "audit log: a flood by one user or caller pushes nobody else's events out in less than {days:.1} days"
+    );
+    if let Some(age) = config.audit_max_age {
+        #[allow(clippy::cast_precision_loss)]
+        let wanted = age as f64 / 86400.0;
+        if days < wanted {
+            tracing::warn!(
+                "audit_max_age is {wanted:.0} days, but one identity at its audit_budget fills the log in \
+                 {days:.1}: raise audit_max_bytes or audit_keep, or lower audit_budget"
+            );
+        }
+    }
 }

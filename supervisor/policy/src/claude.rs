@@ -311,12 +311,11 @@ impl ClaudePolicy {
     }
 
     /// The rule that decides a tool call without asking, if any:
-    /// `(allow, rule)`.
-    pub fn rule_for(&self, tool: &str, input: &serde_json::Value) -> Option<(bool, &ToolRule)> {
-        let subject = ["command", "file_path", "path", "url", "pattern"]
-            .iter()
-            .find_map(|k| input.get(*k).and_then(|v| v.as_str()))
-            .map_or_else(|| input.to_string(), str::to_string);
+    /// `(allow, rule)`. `input` is the call's input as the worker sent it
+    /// (JSON text); it is read for its subject only, never built into a
+    /// tree (its size is the worker's choice).
+    pub fn rule_for(&self, tool: &str, input: &str) -> Option<(bool, &ToolRule)> {
+        let subject = subject_of(input);
         if let Some(r) = self.auto_deny.iter().find(|r| r.matches(tool, &subject)) {
             return Some((false, r));
         }
@@ -325,6 +324,39 @@ impl ClaudePolicy {
             .find(|r| r.matches(tool, &subject))
             .map(|r| (true, r))
     }
+}
+
+/// What a tool rule's pattern is matched against: the input's first
+/// string field among `command`, `file_path`, `path`, `url` and
+/// `pattern`, else the whole input text.
+pub fn subject_of(input: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow)]
+        command: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        file_path: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        path: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        url: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        pattern: Option<&'a serde_json::value::RawValue>,
+    }
+    let string = |v: Option<&serde_json::value::RawValue>| {
+        v.filter(|r| r.get().starts_with('"'))
+            .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
+    };
+    serde_json::from_str::<Fields<'_>>(input)
+        .ok()
+        .and_then(|f| {
+            string(f.command)
+                .or_else(|| string(f.file_path))
+                .or_else(|| string(f.path))
+                .or_else(|| string(f.url))
+                .or_else(|| string(f.pattern))
+        })
+        .unwrap_or_else(|| input.to_string())
 }
 
 /// `*` matches any run of characters; everything else matches itself.
@@ -362,7 +394,9 @@ mod tests {
             ..ClaudePolicy::default()
         };
         let cmd = |c: &str| serde_json::json!({"command": c});
-        let decided = |tool: &str, input: &serde_json::Value| c.rule_for(tool, input).map(|(a, r)| (a, r.to_string()));
+        let decided = |tool: &str, input: &serde_json::Value| {
+            c.rule_for(tool, &input.to_string()).map(|(a, r)| (a, r.to_string()))
+        };
         assert_eq!(
             decided("Read", &serde_json::json!({"file_path": "/x"})),
             Some((true, "Read".into()))
@@ -377,6 +411,14 @@ mod tests {
         );
         assert_eq!(decided("Bash", &cmd("git push")), None);
         assert_eq!(decided("Write", &serde_json::json!({"file_path": "/x"})), None);
+    }
+
+    #[test]
+    fn the_subject_is_the_first_string_field_else_the_whole_input() {
+        assert_eq!(subject_of(r#"{"description":"d","command":"ls -l"}"#), "ls -l");
+        assert_eq!(subject_of(r#"{"command":5,"file_path":"/a\"b"}"#), "/a\"b");
+        assert_eq!(subject_of(r#"{"query":"x"}"#), r#"{"query":"x"}"#);
+        assert_eq!(subject_of("not json"), "not json");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Location, PolicyError};
-use crate::{ByteSize, HttpUrl};
+use crate::{ByteSize, HttpUrl, Rate, Seconds};
 
 /// The configuration wardend uses when /etc/warden/wardend.toml is absent.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../systemd/wardend.toml");
@@ -55,6 +55,67 @@ struct RawConfig {
     hosts: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     gateway: RawGateway,
+    #[serde(default)]
+    audit_max_age: Option<Seconds>,
+    #[serde(default = "default_audit_budget")]
+    audit_budget: Rate,
+    #[serde(default = "default_rate_limits")]
+    rate_limits: Spanned<RateLimits>,
+    #[serde(default = "default_client_timeout")]
+    client_timeout_seconds: Spanned<u64>,
+}
+
+fn default_client_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 30)
+}
+
+fn default_rate_limits() -> Spanned<RateLimits> {
+    Spanned::new(0..0, RateLimits::default())
+}
+
+fn default_audit_budget() -> Rate {
+    Rate::new(16 << 20, f64::from(128u32 << 20) / 86400.0)
+}
+
+/// How fast tenants may make the daemon work: each a burst, then a steady
+/// rate. Past a limit, a spawn is refused (`RESOURCE_EXHAUSTED`), an
+/// approval request denied, and a report (a denial, a refused call) not
+/// written but counted in the next one that is.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// Spawns of one warden user.
+    pub spawns_per_user: Rate,
+    /// Spawns asked for by one calling uid (for whichever users).
+    pub spawns_per_caller: Rate,
+    /// `auth_denied` events of one calling uid.
+    pub auth_denied_per_peer: Rate,
+    /// Per worker: reports of denied system calls and file accesses.
+    pub worker_denials: Rate,
+    /// Per worker: reports of refused destinations.
+    pub worker_network_denials: Rate,
+    /// Per worker: Claude Code permission requests (past it, denied).
+    pub worker_approvals: Rate,
+    /// Per worker: `api_usage` events (the requests still count in the
+    /// ledger and the worker's totals).
+    pub worker_api_events: Rate,
+    /// Per worker: permission requests waiting for a client at once.
+    pub pending_approvals: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            spawns_per_user: Rate::new(30, 1.0),
+            spawns_per_caller: Rate::new(120, 10.0),
+            auth_denied_per_peer: Rate::new(20, 1.0),
+            worker_denials: Rate::new(50, 10.0),
+            worker_network_denials: Rate::new(50, 10.0),
+            worker_approvals: Rate::new(64, 4.0),
+            worker_api_events: Rate::new(100, 10.0),
+            pending_approvals: 16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,7 +224,7 @@ fn default_credentials_dir() -> String {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub origin: String,
     pub socket: PathBuf,
@@ -215,6 +276,15 @@ pub struct Config {
     /// included), like Docker's `--add-host`.
     pub hosts: BTreeMap<String, IpAddr>,
     pub gateway: GatewayConfig,
+    /// Rotated audit files last written longer ago than this are deleted.
+    pub audit_max_age: Option<u64>,
+    /// What one user (or, for refused calls, one calling uid) may add to
+    /// the audit log, in bytes.
+    pub audit_budget: Rate,
+    pub rate_limits: RateLimits,
+    /// A streaming client (Watch, Attach, Logs) that reads nothing for
+    /// this long while messages wait for it is cut off.
+    pub client_timeout_seconds: u64,
 }
 
 impl Config {
@@ -335,6 +405,18 @@ impl Config {
                 "expected max_message_bytes of at least 1024".into(),
             ));
         }
+        if *raw.client_timeout_seconds.get_ref() == 0 {
+            return Err(invalid(
+                raw.client_timeout_seconds.span(),
+                "expected client_timeout_seconds of at least 1".into(),
+            ));
+        }
+        if raw.rate_limits.get_ref().pending_approvals == 0 {
+            return Err(invalid(
+                raw.rate_limits.span(),
+                "rate_limits.pending_approvals: expected at least 1 (a worker could never ask)".into(),
+            ));
+        }
         Ok(Config {
             origin: origin.to_string(),
             socket: PathBuf::from(raw.socket.into_inner()),
@@ -378,6 +460,10 @@ impl Config {
                     .map(|(u, b)| (u.into_inner(), b))
                     .collect(),
             },
+            audit_max_age: raw.audit_max_age.map(u64::from),
+            audit_budget: raw.audit_budget,
+            rate_limits: raw.rate_limits.into_inner(),
+            client_timeout_seconds: raw.client_timeout_seconds.into_inner(),
         })
     }
 }
@@ -392,6 +478,22 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from("/run/warden/warden.sock"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/warden"));
         assert!(c.uid_min >= 1000);
+        // The written-out limits are the ones a config without them gets.
+        assert_eq!(c.rate_limits, RateLimits::default());
+        assert_eq!(c.audit_budget, default_audit_budget());
+        assert_eq!(c.audit_max_age, None);
+    }
+
+    #[test]
+    fn rate_limits_are_checked_where_they_are_written() {
+        let bad = DEFAULT_CONFIG.replace("rate = \"60/min\"", "rate = \"60 per minute\"");
+        let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("expected a rate like"), "{e}");
+        let bad = DEFAULT_CONFIG.replace("pending_approvals = 16", "pending_approvals = 0");
+        let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("pending_approvals: expected at least 1"), "{e}");
+        let aged = DEFAULT_CONFIG.replace("# audit_max_age = \"90d\"", "audit_max_age = \"90d\"");
+        assert_eq!(Config::parse("w.toml", &aged).unwrap().audit_max_age, Some(90 * 86400));
     }
 
     #[test]

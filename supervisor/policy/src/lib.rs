@@ -29,4 +29,4 @@ pub use spec::{
     compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Listener, ListenerKind, Rlimit,
     SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
 };
-pub use units::{ByteSize, CpuQuota, Seconds};
+pub use units::{ByteSize, CpuQuota, Rate, Seconds};

@@ -1,13 +1,14 @@
 //! Human-friendly values in profiles and the config, each parsed once into a
 //! type: sizes ([`ByteSize`], "512M"), durations ([`Seconds`], "2h") and
-//! CPU quotas ([`CpuQuota`], "150%"). They deserialize straight from the
+//! CPU quotas ([`CpuQuota`], "150%"), rate limits ([`Rate`], a burst then
+//! "60/min"). They deserialize straight from the
 //! TOML string, so a bad value is reported at its place in the file and no
 //! later code parses it again.
 
 use std::marker::PhantomData;
 
 use serde::de::{self, Deserializer, Visitor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Implements `Deserialize` for types read from a TOML string or integer
 /// through their `TryFrom<String>` or `TryFrom<u64>`. The conversion runs
@@ -123,6 +124,90 @@ impl From<CpuQuota> for u64 {
     }
 }
 
+/// An amount: a plain integer, or a size string like "16M".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Amount(u64);
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Amount;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a count, or a size like \"16M\"")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Amount, E> {
+                Ok(Amount(n))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Amount, E> {
+                u64::try_from(n)
+                    .map(Amount)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(n), &self))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Amount, E> {
+                parse_size(s).map(Amount).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A rate limit: a burst, then a steady rate (a token bucket). Written
+/// `{ burst = 30, rate = "60/min" }`; the rate is an amount per `s`,
+/// `min`, `h` or `day`, and amounts may be sizes (`rate = "256M/day"`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Rate {
+    pub burst: u64,
+    pub per_second: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    burst: Amount,
+    rate: String,
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawRate::deserialize(d)?;
+        let per_second = parse_rate(&raw.rate).map_err(de::Error::custom)?;
+        if raw.burst.0 == 0 {
+            return Err(de::Error::custom("expected a burst of at least 1"));
+        }
+        Ok(Rate {
+            burst: raw.burst.0,
+            per_second,
+        })
+    }
+}
+
+impl Rate {
+    pub const fn new(burst: u64, per_second: f64) -> Rate {
+        Rate { burst, per_second }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let expected = || format!("expected a rate like \"10/s\", \"60/min\" or \"256M/day\", got {s:?}");
+    let (amount, per) = s.split_once('/').ok_or_else(expected)?;
+    let n = parse_size(amount).map_err(|_| expected())?;
+    let secs: u32 = match per.trim() {
+        "s" => 1,
+        "min" => 60,
+        "h" => 3600,
+        "day" => 86400,
+        _ => return Err(expected()),
+    };
+    if n == 0 {
+        return Err(format!(
+            "rate {s:?} is zero: nothing would ever be allowed after the burst"
+        ));
+    }
+    #[allow(clippy::cast_precision_loss)] // Rates far below 2^52 per second.
+    Ok(n as f64 / f64::from(secs))
+}
+
 /// `<digits><suffix>` split at the first non-digit.
 fn split_number(s: &str) -> Option<(u64, &str)> {
     let t = s.trim();
@@ -188,6 +273,26 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        let r: Rate =
+            toml::from_str::<std::collections::BTreeMap<String, Rate>>("r = { burst = 30, rate = \"60/min\" }")
+                .unwrap()["r"];
+        assert_eq!(r, Rate::new(30, 1.0));
+        let r: Rate =
+            toml::from_str::<std::collections::BTreeMap<String, Rate>>("r = { burst = \"16M\", rate = \"864K/day\" }")
+                .unwrap()["r"];
+        assert_eq!(r.burst, 16 << 20);
+        assert!((r.per_second - 10.24).abs() < 1e-9, "{r:?}");
+        assert!(parse_rate("10").is_err());
+        assert!(parse_rate("10/week").is_err());
+        assert!(parse_rate("0/s").unwrap_err().contains("zero"));
+        let e = toml::from_str::<std::collections::BTreeMap<String, Rate>>("r = { burst = 0, rate = \"1/s\" }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("burst of at least 1"), "{e}");
     }
 
     #[test]

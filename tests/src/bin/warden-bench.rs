@@ -183,9 +183,11 @@ fn gateway() -> Vec<(&'static str, f64, f64, &'static str)> {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = warden_policy::config::Config::embedded();
+    let mut config = warden_policy::config::Config::embedded();
+    config.max_connections_per_worker = 1024;
     let (events, _) =
-        warden_daemon::events::Events::open(&dir.path().join("audit.jsonl"), 1 << 30, 1, 1024).expect("events");
+        warden_daemon::events::Events::open(warden_daemon::events::Settings::at(&dir.path().join("audit.jsonl")))
+            .expect("events");
     let placeholder = "warden-bench".to_string();
     let setup = |path: &str| GatewaySetup {
         credential: Credential::ApiKey("sk-bench".into()),
@@ -215,9 +217,8 @@ fn gateway() -> Vec<(&'static str, f64, f64, &'static str)> {
             setup(path),
             upstream.clone(),
             ledger.clone(),
-            &config.gateway,
             events.clone(),
-            1024,
+            &config,
         ))
     };
     let streamed = listen(make(""));

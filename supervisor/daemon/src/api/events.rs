@@ -1,22 +1,43 @@
 //! `warden.v1.Events`.
+//!
+//! A Watch replays from the audit log in bounded chunks (a few at a time
+//! daemon-wide, each a short blocking read), then follows the live
+//! broadcast; when it falls behind that, it goes back to the log. Per
+//! subscriber the daemon holds a cursor, a broadcast receiver and a short
+//! queue, whatever the subscriber does.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio::sync::{broadcast, Semaphore};
 use tonic::{Request, Response, Status};
 use warden_proto::v1 as pb;
 
 use super::caller;
+use super::outbox::{outbox, Gone, Out, Outbox};
+use crate::audit::Cursor;
 use crate::auth::Caller;
-use crate::events::{Event, Filter, KINDS};
+use crate::events::{Event, Events, Filter, KINDS};
 use crate::workers::Supervisor;
+
+/// Chunks of the log read at once, daemon-wide (each holds a blocking
+/// thread for one bounded read).
+const REPLAY_READERS: usize = 4;
+/// Events queued per subscriber.
+const QUEUE: usize = 64;
 
 #[derive(Debug)]
 pub struct EventsApi {
     pub sup: Arc<Supervisor>,
+    replays: Arc<Semaphore>,
+}
+
+impl EventsApi {
+    pub fn new(sup: Arc<Supervisor>) -> Self {
+        EventsApi {
+            sup,
+            replays: Arc::new(Semaphore::new(REPLAY_READERS)),
+        }
+    }
 }
 
 fn visible(c: &Caller, e: &Event) -> bool {
@@ -39,19 +60,110 @@ fn to_pb(e: &Event) -> pb::WatchResponse {
     }
 }
 
-type Out = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+/// One subscriber's stream.
+struct Subscriber {
+    events: Arc<Events>,
+    replays: Arc<Semaphore>,
+    caller: Caller,
+    filter: Filter,
+    out: Outbox<pb::WatchResponse>,
+    /// Where replays read the log from.
+    cursor: Cursor,
+    /// The last sequence number looked at (sent or filtered out).
+    last: u64,
+}
+
+impl Subscriber {
+    /// Replays, then follows; back to the log whenever it falls behind.
+    async fn run(mut self, replay_only: bool) {
+        let end = loop {
+            // Subscribe before reading the log, so nothing published
+            // meanwhile is missed; duplicates are dropped by sequence.
+            let mut live = self.events.subscribe();
+            if let Err(g) = self.replay().await {
+                break g;
+            }
+            if replay_only {
+                return;
+            }
+            match self.follow(&mut live).await {
+                Ok(()) => {}
+                Err(g) => break g,
+            }
+        };
+        if end == Gone::Slow {
+            let status = self.out.too_slow(&format!("resume with from_seq {}", self.last + 1));
+            self.out.end_with(status);
+        }
+    }
+
+    /// Sends what the log has after `last`, a chunk at a time.
+    async fn replay(&mut self) -> Result<(), Gone> {
+        // From where the last replay stopped; what was seen live since is
+        // skipped by sequence.
+        let mut cursor = self.cursor.clone();
+        cursor.next_seq = cursor.next_seq.max(self.last + 1);
+        loop {
+            let Ok(permit) = self.replays.clone().acquire_owned().await else {
+                return Err(Gone::Left);
+            };
+            let events = self.events.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let (chunk, at_end) = events.read_chunk(&mut cursor);
+                (chunk, at_end, cursor)
+            })
+            .await;
+            let Ok((chunk, at_end, next)) = read else {
+                return Err(Gone::Left);
+            };
+            cursor = next;
+            self.cursor = cursor.clone();
+            for e in &chunk {
+                self.offer(e).await?;
+            }
+            if at_end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends live events until the subscriber falls behind (Ok: back to
+    /// the log) or the stream ends.
+    async fn follow(&mut self, live: &mut broadcast::Receiver<Arc<Event>>) -> Result<(), Gone> {
+        loop {
+            match live.recv().await {
+                Ok(e) => self.offer(&e).await?,
+                Err(broadcast::error::RecvError::Lagged(_)) => return Ok(()),
+                Err(broadcast::error::RecvError::Closed) => return Err(Gone::Left),
+            }
+        }
+    }
+
+    async fn offer(&mut self, e: &Event) -> Result<(), Gone> {
+        if e.seq <= self.last {
+            return Ok(());
+        }
+        if self.filter.matches(e) && visible(&self.caller, e) {
+            self.out.send(to_pb(e)).await?;
+        }
+        self.last = e.seq;
+        Ok(())
+    }
+}
 
 #[tonic::async_trait]
 impl pb::events_server::Events for EventsApi {
-    type WatchStream = Out;
+    type WatchStream = Out<pb::WatchResponse>;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Out>, Status> {
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let c = caller(&req, &self.sup.config)?;
         let r = req.into_inner();
         for k in &r.kinds {
             if !KINDS.contains(&k.as_str()) {
                 return Err(Status::invalid_argument(format!(
-                    "kinds: unknown kind {k:?}; expected one of {}",
+                    "kinds: unknown kind {:?}; expected one of {}",
+                    crate::events::clip(k, 64),
                     KINDS.join(", ")
                 )));
             }
@@ -70,55 +182,25 @@ impl pb::events_server::Events for EventsApi {
             user: (!r.user.is_empty()).then(|| r.user.clone()),
             kinds: r.kinds.clone(),
         };
-        let (tx, rx) = mpsc::channel(256);
-        // Subscribe before replaying, so nothing published meanwhile is missed;
-        // duplicates are dropped by sequence number.
-        let mut live = self.sup.events.subscribe();
         let events = self.sup.events.clone();
-        let from = if r.from_seq == 0 {
-            events.last_seq() + 1
+        // 0: only what comes next (from the end of the log as it is now).
+        let cursor = if r.from_seq == 0 {
+            events.end()
         } else {
-            r.from_seq
+            Cursor::new(r.from_seq)
         };
-        let replay_only = r.replay_only;
-        tokio::spawn(async move {
-            let (rtx, mut rrx) = mpsc::channel::<Event>(256);
-            let replay_events = events.clone();
-            let replayer = tokio::task::spawn_blocking(move || {
-                replay_events.replay(from, |e| rtx.blocking_send(e).is_ok());
-            });
-            let mut last = from.saturating_sub(1);
-            while let Some(e) = rrx.recv().await {
-                last = e.seq;
-                if filter.matches(&e) && visible(&c, &e) && tx.send(Ok(to_pb(&e))).await.is_err() {
-                    return;
-                }
-            }
-            let _ = replayer.await;
-            if replay_only {
-                return;
-            }
-            loop {
-                match live.recv().await {
-                    Ok(e) if e.seq <= last => {}
-                    Ok(e) => {
-                        last = e.seq;
-                        if filter.matches(&e) && visible(&c, &e) && tx.send(Ok(to_pb(&e))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let lagged = pb::WatchResponse {
-                            msg: Some(pb::watch_response::Msg::Lagged(pb::Lagged { last_seq: last })),
-                        };
-                        let _ = tx.send(Ok(lagged)).await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (out, stream) = outbox(QUEUE, self.sup.client_timeout());
+        let subscriber = Subscriber {
+            events,
+            replays: self.replays.clone(),
+            caller: c,
+            filter,
+            out,
+            last: cursor.next_seq.saturating_sub(1),
+            cursor,
+        };
+        tokio::spawn(subscriber.run(r.replay_only));
+        Ok(Response::new(stream))
     }
 }
 

@@ -1,16 +1,14 @@
 //! `warden.v1.Workers`.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use warden_proto::v1 as pb;
 
+use super::outbox::{outbox, Gone, Out, Outbox};
 use super::{authorize, caller, status};
 use crate::auth::Caller;
 use crate::events::{millis, ExitReason, NetUsage};
@@ -23,8 +21,6 @@ use warden_policy::{NetworkMode, NetworkPolicy};
 pub struct WorkersApi {
     pub sup: Arc<Supervisor>,
 }
-
-type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 const CHUNK: usize = 64 * 1024;
 
@@ -150,33 +146,37 @@ fn signal_of(n: i32) -> Result<Signal, Status> {
 
 /// Sends `log` from `from` (replayed from the kept log, then live if
 /// `follow`) as output chunks until the stream ends or the client goes.
-async fn send_output(
+/// Sends one output stream from `from` to a client: what the log kept,
+/// then (when following) live chunks until the stream ends. Ok when it
+/// ended; otherwise the client is gone or too slow.
+async fn send_output<M>(
     log: &OutputLog,
     stream: pb::Stream,
     mut from: u64,
     follow: bool,
-    tx: &mpsc::Sender<Result<pb::OutputChunk, Status>>,
-) {
+    out: &Outbox<M>,
+    wrap: fn(pb::OutputChunk) -> M,
+) -> Result<(), Gone> {
     let mut live = log.subscribe();
-    let send = |offset: u64, data: Vec<u8>| pb::OutputChunk {
-        stream: stream as i32,
-        offset,
-        data,
+    let send = |offset: u64, data: Vec<u8>| {
+        wrap(pb::OutputChunk {
+            stream: stream as i32,
+            offset,
+            data,
+        })
     };
     loop {
         let kept = log.kept();
         while from < kept {
             let to = kept.min(from + CHUNK as u64);
             let Ok(data) = log.read_kept(from, to).await else {
-                return;
+                return Ok(());
             };
-            if tx.send(Ok(send(from, data))).await.is_err() {
-                return;
-            }
+            out.send(send(from, data)).await?;
             from = to;
         }
         if !follow || (log.is_done() && from >= log.produced()) {
-            return;
+            return Ok(());
         }
         match tokio::time::timeout(Duration::from_millis(200), live.recv()).await {
             Ok(Ok(chunk)) => {
@@ -186,9 +186,7 @@ async fn send_output(
                 }
                 let skip = usize::try_from(from.saturating_sub(chunk.offset)).unwrap_or(0);
                 let start = chunk.offset.max(from);
-                if tx.send(Ok(send(start, chunk.data[skip..].to_vec()))).await.is_err() {
-                    return;
-                }
+                out.send(send(start, chunk.data[skip..].to_vec())).await?;
                 from = end;
             }
             // Lagged: the loop replays what the log kept; output beyond the
@@ -198,9 +196,20 @@ async fn send_output(
                     from = from.max(log.produced());
                 }
             }
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return Ok(()),
             Err(_) => {}
         }
+    }
+}
+
+/// Chunks queued per Attach or Logs client (of at most [`CHUNK`] bytes).
+const QUEUE: usize = 8;
+
+/// Ends `out` with the cut-off status when its client stopped reading.
+fn end_slow<M>(out: Outbox<M>, result: Result<(), Gone>) {
+    if result == Err(Gone::Slow) {
+        let status = out.too_slow("resume from the offsets after the last chunks received");
+        out.end_with(status);
     }
 }
 
@@ -364,38 +373,32 @@ impl pb::workers_server::Workers for WorkersApi {
                 }
             }
         });
-        let (tx, rx) = mpsc::channel(64);
+        let (out, stream) = outbox(QUEUE, self.sup.client_timeout());
         tokio::spawn(async move {
             let (from_out, from_err) = if start.live_only {
                 (w.stdout.produced(), w.stderr.produced())
             } else {
                 (start.stdout_offset, start.stderr_offset)
             };
-            let (otx, mut orx) = mpsc::channel(64);
-            let etx = otx.clone();
-            let (w1, w2) = (w.clone(), w.clone());
-            let a =
-                tokio::spawn(async move { send_output(&w1.stdout, pb::Stream::Stdout, from_out, true, &otx).await });
-            let b =
-                tokio::spawn(async move { send_output(&w2.stderr, pb::Stream::Stderr, from_err, true, &etx).await });
-            while let Some(chunk) = orx.recv().await {
-                let msg = chunk.map(|c| pb::AttachResponse {
-                    msg: Some(pb::attach_response::Msg::Output(c)),
-                });
-                if tx.send(msg).await.is_err() {
-                    a.abort();
-                    b.abort();
-                    return;
+            let wrap = |c| pb::AttachResponse {
+                msg: Some(pb::attach_response::Msg::Output(c)),
+            };
+            let result = match tokio::join!(
+                send_output(&w.stdout, pb::Stream::Stdout, from_out, true, &out, wrap),
+                send_output(&w.stderr, pb::Stream::Stderr, from_err, true, &out, wrap),
+            ) {
+                (Ok(()), Ok(())) => {
+                    w.wait().await;
+                    out.send(pb::AttachResponse {
+                        msg: Some(pb::attach_response::Msg::Exited(to_pb(&w))),
+                    })
+                    .await
                 }
-            }
-            w.wait().await;
-            let _ = tx
-                .send(Ok(pb::AttachResponse {
-                    msg: Some(pb::attach_response::Msg::Exited(to_pb(&w))),
-                }))
-                .await;
+                (Err(g), _) | (_, Err(g)) => Err(g),
+            };
+            end_slow(out, result);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 
     type LogsStream = Out<pb::OutputChunk>;
@@ -404,15 +407,19 @@ impl pb::workers_server::Workers for WorkersApi {
         let c = caller(&req, &self.sup.config)?;
         let r = req.into_inner();
         let w = self.visible(&c, &r.id, "Workers.Logs")?;
-        let (tx, rx) = mpsc::channel(64);
+        let (out, stream) = outbox(QUEUE, self.sup.client_timeout());
         tokio::spawn(async move {
-            let etx = tx.clone();
-            let w2 = w.clone();
-            let a = send_output(&w.stdout, pb::Stream::Stdout, r.stdout_offset, r.follow, &tx);
-            let b = send_output(&w2.stderr, pb::Stream::Stderr, r.stderr_offset, r.follow, &etx);
-            tokio::join!(a, b);
+            let wrap = |c| c;
+            let result = match tokio::join!(
+                send_output(&w.stdout, pb::Stream::Stdout, r.stdout_offset, r.follow, &out, wrap),
+                send_output(&w.stderr, pb::Stream::Stderr, r.stderr_offset, r.follow, &out, wrap),
+            ) {
+                (Err(g), _) | (_, Err(g)) => Err(g),
+                _ => Ok(()),
+            };
+            end_slow(out, result);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 }
 

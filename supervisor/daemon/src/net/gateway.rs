@@ -34,10 +34,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use warden_policy::config::{Budget, GatewayConfig};
+use warden_policy::config::{Budget, Config, GatewayConfig};
 
 use crate::claude::prepare::{Credential, GatewaySetup};
-use crate::events::{millis, EventKind, Events, NetProtocol};
+use crate::events::{clip, millis, EventKind, Events, NetProtocol};
+use crate::limits::Bucket;
 use crate::usage::{Ledger, Tokens, Totals};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -194,6 +195,8 @@ pub struct Gateway {
     denials: super::Denials,
     totals: Mutex<Totals>,
     slots: Arc<Semaphore>,
+    /// The worker's `api_usage` events (limited; requests are all counted).
+    reported: Mutex<Bucket>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -235,10 +238,12 @@ impl Gateway {
         setup: GatewaySetup,
         upstream: Upstream,
         ledger: Arc<Ledger>,
-        config: &GatewayConfig,
         events: Arc<Events>,
-        max_connections: usize,
+        config: &Config,
     ) -> Self {
+        let limits = &config.rate_limits;
+        let max_connections = config.max_connections_per_worker as usize;
+        let config = &config.gateway;
         Gateway {
             worker: worker.to_string(),
             user: user.to_string(),
@@ -249,7 +254,8 @@ impl Gateway {
             budget: config.budget_for(user),
             count_cache_reads: config.count_cache_reads,
             max_request_bytes: usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX),
-            denials: super::Denials::new(worker, user, events.clone()),
+            denials: super::Denials::new(worker, user, events.clone(), limits.worker_network_denials),
+            reported: Mutex::new(Bucket::new(limits.worker_api_events)),
             events,
             totals: Mutex::default(),
             slots: Arc::new(Semaphore::new(max_connections)),
@@ -522,12 +528,19 @@ impl Gateway {
         let tokens = m.usage.tokens;
         self.totals.lock().unwrap_or_else(|p| p.into_inner()).add(tokens);
         self.ledger.record(&self.user, &self.worker, tokens, SystemTime::now());
+        // Every request counts above; its event is limited per worker.
+        let admitted = self
+            .reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now());
+        let Some(suppressed) = admitted else { return };
         self.events.publish(
             Some(&self.worker),
             Some(&self.user),
             EventKind::ApiUsage {
                 endpoint: m.endpoint.name().into(),
-                model: m.model.clone(),
+                model: clip(&m.model, 256),
                 status: m.status,
                 streamed: m.streamed,
                 input_tokens: tokens.input,
@@ -535,6 +548,7 @@ impl Gateway {
                 cache_creation_input_tokens: tokens.cache_creation,
                 cache_read_input_tokens: tokens.cache_read,
                 duration_ms: u64::try_from(m.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                suppressed,
             },
         );
     }
@@ -786,7 +800,7 @@ mod upstream_tests {
     async fn an_upstream_error_never_carries_the_credential_back() {
         let port = echoing_upstream().await;
         let dir = tempfile::tempdir().unwrap();
-        let (events, _) = Events::open(&dir.path().join("audit.jsonl"), 1 << 20, 1, 64).unwrap();
+        let (events, _) = Events::open(crate::events::Settings::at(&dir.path().join("audit.jsonl"))).unwrap();
         let config = warden_policy::config::Config::embedded();
         let setup = GatewaySetup {
             credential: Credential::ApiKey("sk-real-secret".into()),
@@ -801,9 +815,8 @@ mod upstream_tests {
             setup,
             Upstream::new(&config.gateway, HashMap::new()).unwrap(),
             Arc::new(Ledger::open(&dir.path().join("usage.json"))),
-            &config.gateway,
             Arc::new(events),
-            8,
+            &config,
         ));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -31,11 +31,12 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use warden_policy::config::Config;
 use warden_policy::{Host, ListenerKind, NetworkPolicy};
 
-use crate::denials::{default_limit, RateLimit};
 pub use crate::events::NetProtocol as Protocol;
 use crate::events::{EventKind, Events, NetUsage};
+use crate::limits::Bucket;
 use resolve::{ResolveError, Resolver};
 
 /// A refused destination: what the worker is told, and the event's reason.
@@ -64,16 +65,16 @@ pub struct Denials {
     worker: String,
     user: String,
     events: Arc<Events>,
-    limit: Mutex<RateLimit>,
+    limit: Mutex<Bucket>,
 }
 
 impl Denials {
-    pub fn new(worker: &str, user: &str, events: Arc<Events>) -> Self {
+    pub fn new(worker: &str, user: &str, events: Arc<Events>, rate: warden_policy::Rate) -> Self {
         Denials {
             worker: worker.to_string(),
             user: user.to_string(),
             events,
-            limit: Mutex::new(default_limit()),
+            limit: Mutex::new(Bucket::new(rate)),
         }
     }
 
@@ -126,7 +127,7 @@ impl Egress {
         policy: NetworkPolicy,
         resolver: Arc<Resolver>,
         events: Arc<Events>,
-        max_connections: usize,
+        config: &Config,
     ) -> Self {
         Egress {
             worker: worker.to_string(),
@@ -134,9 +135,9 @@ impl Egress {
             profile: profile.to_string(),
             policy,
             resolver,
-            denials: Denials::new(worker, user, events),
+            denials: Denials::new(worker, user, events, config.rate_limits.worker_network_denials),
             usage: Mutex::default(),
-            slots: Arc::new(Semaphore::new(max_connections)),
+            slots: Arc::new(Semaphore::new(config.max_connections_per_worker as usize)),
         }
     }
 

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use warden_policy::config::Config;
 use warden_policy::{ListenerKind, NetRule, NetworkMode, NetworkPolicy};
 
 use super::resolve::{Lookup, Resolver};
 use super::{serve, Egress};
-use crate::events::{Event, EventKind, Events};
+use crate::events::{Event, EventKind, Events, Settings};
 
 struct Proxy {
     http: SocketAddr,
@@ -72,7 +73,9 @@ async fn http_upstream() -> u16 {
 
 async fn proxy(allow: &[String], deny: &[&str], max_connections: usize) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
-    let (events, _) = Events::open(&dir.path().join("audit.jsonl"), 1 << 22, 2, 1 << 16).unwrap();
+    let (events, _) = Events::open(Settings::at(&dir.path().join("audit.jsonl"))).unwrap();
+    let mut config = Config::embedded();
+    config.max_connections_per_worker = u32::try_from(max_connections).unwrap();
     let events = Arc::new(events);
     let lookup: Lookup = Arc::new(|name: String| {
         Box::pin(async move {
@@ -106,7 +109,7 @@ async fn proxy(allow: &[String], deny: &[&str], max_connections: usize) -> Proxy
         policy,
         Arc::new(Resolver::with_lookup(hosts, lookup)),
         events.clone(),
-        max_connections,
+        &config,
     ));
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let socks = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -145,6 +148,7 @@ async fn ask(p: &Proxy, request: &[u8]) -> (TcpStream, String) {
 
 fn denials(p: &Proxy) -> Vec<Event> {
     let mut out = Vec::new();
+    p.events.flush();
     p.events.replay(1, |e| {
         if matches!(e.kind, EventKind::NetworkDenial { .. }) {
             out.push(e);

@@ -274,6 +274,11 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// How long a streaming client may read nothing before it is cut off.
+    pub fn client_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.client_timeout_seconds)
+    }
+
     pub fn new(
         config: Config,
         users: Users,
@@ -436,8 +441,9 @@ impl Supervisor {
     }
 
     /// Records the exit: kills what is left, removes the cgroup and the
-    /// record, publishes the exit and releases the worker's slot.
-    fn finish(&self, w: &Worker, status: Option<std::process::ExitStatus>, timed_out: bool) {
+    /// record, publishes the exit (on disk before anyone waiting hears of
+    /// it) and releases the worker's slot.
+    async fn finish(&self, w: &Worker, status: Option<std::process::ExitStatus>, timed_out: bool) {
         use std::os::unix::process::ExitStatusExt;
         let usage = w.usage().unwrap_or_default();
         self.report_limits(w, &usage);
@@ -445,10 +451,14 @@ impl Supervisor {
         for t in w.net_tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }
-        if let Some(cg) = &w.cgroup {
-            if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
-                tracing::error!(worker = %w.id, error = %e, "cannot remove the worker's cgroup");
-            }
+        if let Some(cg) = w.cgroup.clone() {
+            let id = w.id.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
+                    tracing::error!(worker = %id, error = %e, "cannot remove the worker's cgroup");
+                }
+            })
+            .await;
         }
         let (code, signal) = match status.map(|s| (s.code(), s.signal())) {
             Some((Some(c), _)) => (c, if c > 128 { c - 128 } else { 0 }),
@@ -479,7 +489,7 @@ impl Supervisor {
             .at
             .duration_since(w.started)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.events.publish(
+        let written = self.events.submit(
             Some(&w.id),
             Some(&w.user),
             EventKind::WorkerExited {
@@ -493,6 +503,7 @@ impl Supervisor {
                 api: w.api_usage(),
             },
         );
+        written.written().await;
         self.records.remove(&w.id);
         w.exit.send_replace(Some(info));
         w.slot.lock().unwrap_or_else(|p| p.into_inner()).take();

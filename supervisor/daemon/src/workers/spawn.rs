@@ -21,9 +21,10 @@ use super::{Supervisor, Worker, WorkerError};
 use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
 use crate::claude::prepare::GatewaySetup;
 use crate::claude::session::{self, Session, Start};
-use crate::events::{millis, EventKind};
+use crate::events::{clip, logged_command, millis, EventKind, Written, MAX_FIELD};
 use crate::io::Stdin;
 use crate::launcher::{LaunchError, Launched};
+use crate::limits::Bucket;
 use crate::net::gateway::Gateway;
 use crate::net::Egress;
 use crate::users::Users;
@@ -84,9 +85,11 @@ impl Supervisor {
         let profile = resolve(&self.profiles.current(), &p)?;
         let prepared = self.prepare(profile, p.clone()).await?;
         let mut launched = self.launch(&prepared).await?;
-        let worker = self.register(&prepared, &mut launched, &p, slot);
+        let (worker, started) = self.register(&prepared, &mut launched, &p, slot);
         let timeout = prepared.spec.timeout_secs.map(Duration::from_secs);
         self.watch(&worker, launched, prepared.session, p.interactive, timeout);
+        // The caller hears of the worker once its start is in the log.
+        started.written().await;
         Ok(worker)
     }
 
@@ -153,30 +156,38 @@ impl Supervisor {
                 }) => (stage.clone(), *errno, message.clone()),
                 other => ("spawn".to_string(), 0, other.to_string()),
             };
-            self.events.publish(
-                Some(&spec.worker_id),
-                Some(&spec.user),
-                EventKind::SpawnFailed {
-                    profile: spec.profile.clone(),
-                    stage,
-                    errno,
-                    message,
-                },
-            );
+            self.events
+                .submit(
+                    Some(&spec.worker_id),
+                    Some(&spec.user),
+                    EventKind::SpawnFailed {
+                        profile: spec.profile.clone(),
+                        stage,
+                        errno,
+                        message: clip(&message, MAX_FIELD),
+                    },
+                )
+                .written()
+                .await;
         }
         result
     }
 
     /// Builds the [`Worker`], adds it to the registry and publishes what the
     /// kernel enforces for it.
-    fn register(&self, prepared: &Prepared, launched: &mut Launched, p: &SpawnParams, slot: Slot) -> Arc<Worker> {
+    fn register(
+        &self,
+        prepared: &Prepared,
+        launched: &mut Launched,
+        p: &SpawnParams,
+        slot: Slot,
+    ) -> (Arc<Worker>, Written) {
         let spec = &prepared.spec;
         let stdin = launched
             .child
             .stdin
             .take()
             .and_then(|s| tokio::process::ChildStdin::from_std(s).ok());
-        let max_connections = self.config.max_connections_per_worker as usize;
         let egress = (prepared.network.mode == NetworkMode::Proxy).then(|| {
             Arc::new(Egress::new(
                 &spec.worker_id,
@@ -185,7 +196,7 @@ impl Supervisor {
                 prepared.network.clone(),
                 self.resolver.clone(),
                 self.events.clone(),
-                max_connections,
+                &self.config,
             ))
         });
         let gateway = prepared.gateway.clone().map(|setup| {
@@ -196,9 +207,8 @@ impl Supervisor {
                 setup,
                 self.upstream.clone(),
                 self.ledger.clone(),
-                &self.config.gateway,
                 self.events.clone(),
-                max_connections,
+                &self.config,
             ))
         });
         let worker = Arc::new(Worker {
@@ -229,7 +239,8 @@ impl Supervisor {
         self.insert(worker.clone());
         tracing::info!(worker = %worker.id, user = %worker.user, profile = %worker.profile, pid = worker.pid, "worker started");
         let e = &launched.enforced;
-        self.events.publish(
+        let (command, command_truncated) = logged_command(&worker.command);
+        let started = self.events.submit(
             Some(&worker.id),
             Some(&worker.user),
             EventKind::WorkerStarted {
@@ -242,7 +253,8 @@ impl Supervisor {
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect(),
-                command: worker.command.clone(),
+                command,
+                command_truncated,
                 landlock_abi: e.landlock_abi,
                 landlock_tcp: e.landlock_tcp,
                 landlock_scoped: e.landlock_scoped,
@@ -254,7 +266,7 @@ impl Supervisor {
                 seccomp_denials_observable: launched.seccomp_listener.is_some(),
             },
         );
-        worker
+        (worker, started)
     }
 
     /// What runs alongside the worker until it ends: the denial reporter,
@@ -283,13 +295,19 @@ impl Supervisor {
         // Claude Code sessions: the daemon reads the worker's stream-json
         // output to answer its permission requests and end one-shot runs.
         let tap = session.map(|start| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            // A few reads' worth: past it the pump waits for the driver.
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let limits = &self.config.rate_limits;
             let s = Session {
                 worker: worker.id.clone(),
                 user: worker.user.clone(),
                 events: self.events.clone(),
                 stdin: worker.stdin.clone(),
                 approvals: worker.approvals.clone(),
+                limits: session::Limits {
+                    rate: limits.worker_approvals,
+                    pending: limits.pending_approvals,
+                },
             };
             tokio::spawn(session::drive(s, start, interactive, rx));
             tx
@@ -323,7 +341,7 @@ impl Supervisor {
                 let _ = p.await;
             }
             let timed_out = timeout.is_some_and(|t| begun.elapsed() >= t);
-            this.finish(&w, status.ok().and_then(Result::ok), timed_out);
+            this.finish(&w, status.ok().and_then(Result::ok), timed_out).await;
         });
         let (this, w) = (self.clone(), worker.clone());
         tokio::spawn(async move { this.monitor(&w).await });
@@ -333,11 +351,12 @@ impl Supervisor {
     /// them, on a thread of its own until the worker is gone.
     fn report_denials(&self, worker: &Worker, listener: std::os::fd::OwnedFd) {
         let events = self.events.clone();
+        let rate = self.config.rate_limits.worker_denials;
         let (id, user) = (worker.id.clone(), worker.user.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("denials-{id}"))
             .spawn(move || {
-                crate::denials::serve(listener, crate::denials::default_limit(), |d| {
+                crate::denials::serve(listener, Bucket::new(rate), |d| {
                     events.publish(
                         Some(&id),
                         Some(&user),

@@ -356,7 +356,9 @@ groups = ["default"]
         );
         assert!(args.ends_with("--permission-prompt-tool stdio"), "{args}");
         let cmd = |c: &str| serde_json::json!({"command": c});
-        let decided = |tool: &str, input: &serde_json::Value| c.rule_for(tool, input).map(|(a, r)| (a, r.to_string()));
+        let decided = |tool: &str, input: &serde_json::Value| {
+            c.rule_for(tool, &input.to_string()).map(|(a, r)| (a, r.to_string()))
+        };
         assert_eq!(
             decided("Read", &serde_json::json!({"file_path": "/x"})),
             Some((true, "Read".into()))

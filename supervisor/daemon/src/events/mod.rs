@@ -1,23 +1,25 @@
 //! Events: everything that happens to workers and to the daemon, numbered,
 //! written to the audit log, then published to subscribers.
 //!
-//! Owns: the event model, sequence assignment, the live broadcast and the
-//! replay-then-live hand-over for `Events.Watch`.
+//! Owns: the event model (this file), and the bus ([`bus`]): sequence
+//! assignment, the one writer that makes events durable in batches, the
+//! audit budget per user, the live broadcast and chunked replay for
+//! `Events.Watch`.
 //!
-//! Must never: publish before the audit log has the event on disk, or let a
-//! slow subscriber slow the daemon (the broadcast is bounded; a subscriber
-//! that falls behind is told the last sequence it got and resumes from the
-//! log).
+//! Must never: publish before the audit log has the event on disk, let a
+//! slow subscriber slow the daemon, or carry a field of unbounded size (a
+//! tenant's strings are clipped with [`clip`], large inputs summarised
+//! with [`Truncated`]).
+
+pub mod bus;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use sha2::Digest;
 
-use crate::audit::{AuditError, AuditLog, Recovery};
+pub use bus::{Events, Settings, Written};
 
 /// Milliseconds since the Unix epoch: how every time in an event, a worker
 /// record and the API is given.
@@ -134,6 +136,9 @@ pub enum EventKind {
         uid: u32,
         cgroup: Vec<String>,
         command: Vec<String>,
+        /// Set when `command` was cut to [`MAX_COMMAND`] bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        command_truncated: Option<Truncated>,
         landlock_abi: u32,
         landlock_tcp: bool,
         landlock_scoped: bool,
@@ -223,6 +228,11 @@ pub enum EventKind {
         cache_creation_input_tokens: u64,
         cache_read_input_tokens: u64,
         duration_ms: u64,
+        /// Requests of this worker without an event since the last one
+        /// (the `worker_api_events` limit); they still count in the usage
+        /// ledger and the worker's totals.
+        #[serde(default)]
+        suppressed: u64,
     },
     /// A user's budget refused a request; once per budget and window.
     BudgetExhausted {
@@ -246,13 +256,30 @@ pub enum EventKind {
     ProfileReloadFailed {
         error: String,
     },
+    /// A rate limit was hit. `limit` names it as the config does
+    /// (`spawns_per_user`, `spawns_per_caller`, `auth_denied_per_peer`,
+    /// `worker_approvals`, `pending_approvals`, `worker_api_events`,
+    /// `audit_budget`, or `audit_queue` when the disk fell behind);
+    /// `suppressed` counts what it refused or left unwritten since the last
+    /// such event for the same limit and key. At most one per limit and
+    /// key every 10 s.
+    RateLimited {
+        limit: String,
+        suppressed: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_uid: Option<u32>,
+    },
     /// A Claude Code worker asks whether it may run a tool call; answer with
     /// `Workers.Approve` before `timeout_seconds` or it is denied.
     ApprovalRequested {
         request_id: String,
         tool: String,
-        /// The tool call's input, as JSON.
+        /// The tool call's input, as JSON; when it is larger than
+        /// [`MAX_INPUT`], its first bytes as a string, and `truncated`
+        /// says how long it was and its digest.
         input: serde_json::Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        truncated: Option<Truncated>,
         timeout_seconds: u64,
     },
     /// How an approval request was decided: `by` is `uid N` (a client),
@@ -265,6 +292,87 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         message: String,
     },
+}
+
+/// The longest a tenant-controlled string gets in an event (an error
+/// message, a host name as sent, a tool name); longer ones are cut.
+pub const MAX_FIELD: usize = 1024;
+
+/// `s`, cut to at most `max` bytes at a character boundary, with how much
+/// was cut said at the end.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[{} bytes]", &s[..end], s.len())
+}
+
+/// What was left out of an event field too large to log whole: its full
+/// length and a digest of it (so the whole can be matched later).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncated {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Truncated {
+    pub fn of(data: &[u8]) -> Truncated {
+        Truncated {
+            bytes: data.len() as u64,
+            sha256: format!("{:x}", sha2::Sha256::digest(data)),
+        }
+    }
+}
+
+/// The longest command line an event carries whole (its arguments,
+/// joined); a longer one keeps its first arguments up to this, clipped.
+pub const MAX_COMMAND: usize = 4096;
+
+/// A command line as events carry it: whole, or cut to [`MAX_COMMAND`]
+/// bytes with the original's length and digest.
+pub fn logged_command(argv: &[String]) -> (Vec<String>, Option<Truncated>) {
+    let total: usize = argv.iter().map(|a| a.len() + 1).sum();
+    if total <= MAX_COMMAND && argv.len() <= 256 {
+        return (argv.to_vec(), None);
+    }
+    let mut kept = Vec::new();
+    let mut room = MAX_COMMAND;
+    for a in argv.iter().take(256) {
+        if room == 0 {
+            break;
+        }
+        let c = clip(a, room);
+        room = room.saturating_sub(c.len() + 1);
+        kept.push(c);
+    }
+    (kept, Some(Truncated::of(argv.join("\0").as_bytes())))
+}
+
+/// The largest tool-call input an `approval_requested` event carries
+/// whole (as JSON); a larger one is carried as a string of its first bytes.
+pub const MAX_INPUT: usize = 16 << 10;
+
+/// A tool call's input (JSON text, as the worker sent it) as events carry
+/// it: parsed when it is at most [`MAX_INPUT`] bytes (its tree is then
+/// small), else the first bytes as a string with the length and digest.
+pub fn logged_input(raw: &str) -> (serde_json::Value, Option<Truncated>) {
+    if raw.len() <= MAX_INPUT {
+        if let Ok(v) = serde_json::from_str(raw) {
+            return (v, None);
+        }
+    }
+    let mut end = raw.len().min(MAX_INPUT);
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    (
+        serde_json::Value::String(raw[..end].to_string()),
+        Some(Truncated::of(raw.as_bytes())),
+    )
 }
 
 /// Each kind's name, as `kind` in the log and in `Events.Watch` filters:
@@ -301,80 +409,7 @@ kind_names! {
     ProfileReloadFailed => "profile_reload_failed",
     ApprovalRequested => "approval_requested",
     ApprovalDecided => "approval_decided",
-}
-
-/// The log and the last sequence number written to it, changed together.
-#[derive(Debug)]
-struct Writer {
-    log: AuditLog,
-    last_seq: u64,
-}
-
-/// The bus: numbered, durable, then broadcast.
-#[derive(Debug)]
-pub struct Events {
-    writer: Mutex<Writer>,
-    live: broadcast::Sender<Arc<Event>>,
-    path: PathBuf,
-    keep: usize,
-}
-
-impl Events {
-    pub fn open(path: &Path, max_bytes: u64, keep: usize, capacity: usize) -> Result<(Self, Recovery), AuditError> {
-        let (log, recovery) = AuditLog::open(path, max_bytes, keep)?;
-        let events = Events {
-            writer: Mutex::new(Writer {
-                log,
-                last_seq: recovery.last_seq,
-            }),
-            live: broadcast::channel(capacity.max(16)).0,
-            path: path.to_path_buf(),
-            keep,
-        };
-        Ok((events, recovery))
-    }
-
-    /// Numbers, writes and publishes one event. If the audit log cannot be
-    /// written the event is not published (and the failure is logged): a
-    /// published event is always on disk.
-    pub fn publish(&self, worker: Option<&str>, user: Option<&str>, kind: EventKind) -> Option<Arc<Event>> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let event = Event {
-            seq: w.last_seq + 1,
-            time_ms: millis(SystemTime::now()),
-            worker: worker.map(str::to_string),
-            user: user.map(str::to_string),
-            kind,
-        };
-        let line = serde_json::to_string(&event).unwrap_or_default();
-        if let Err(e) = w.log.append(&line) {
-            tracing::error!(error = %e, kind = event.kind.name(), "cannot write the audit log; event dropped");
-            return None;
-        }
-        w.last_seq = event.seq;
-        let event = Arc::new(event);
-        // Sent under the lock, so subscribers see sequence order.
-        let _ = self.live.send(event.clone());
-        Some(event)
-    }
-
-    pub fn last_seq(&self) -> u64 {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).last_seq
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.live.subscribe()
-    }
-
-    /// Events with `seq >= from` from the log, oldest first, until `f` says stop.
-    pub fn replay(&self, from: u64, mut f: impl FnMut(Event) -> bool) {
-        AuditLog::replay(&self.path, self.keep, from, |_, line| {
-            match serde_json::from_str::<Event>(line) {
-                Ok(e) => f(e),
-                Err(_) => true,
-            }
-        });
-    }
+    RateLimited => "rate_limited",
 }
 
 /// Which events a subscriber wants.
@@ -398,42 +433,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn events_round_trip_through_the_log_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("audit.jsonl");
-        let (bus, _) = Events::open(&p, 1 << 20, 2, 64).unwrap();
-        let mut rx = bus.subscribe();
-        bus.publish(None, None, EventKind::DaemonStopping).unwrap();
-        let e = bus
-            .publish(
-                Some("w1"),
-                Some("alice"),
-                EventKind::LimitReached {
-                    limit: "pids_max".into(),
-                    count: 3,
-                },
-            )
-            .unwrap();
-        assert_eq!(e.seq, 2);
-        assert_eq!(rx.try_recv().unwrap().seq, 1);
-        let mut got = Vec::new();
-        bus.replay(2, |e| {
-            got.push(e);
-            true
-        });
-        assert_eq!(got, vec![(*e).clone()]);
-        let line = std::fs::read_to_string(&p).unwrap();
-        assert!(
-            line.contains(r#""kind":"limit_reached","limit":"pids_max","count":3"#),
-            "{line}"
-        );
-        drop(bus);
-        let (bus, r) = Events::open(&p, 1 << 20, 2, 64).unwrap();
-        assert_eq!(r.last_seq, 2);
-        assert_eq!(bus.publish(None, None, EventKind::DaemonStopping).unwrap().seq, 3);
-    }
-
-    #[test]
     fn every_kind_is_named_as_serde_names_it() {
         let e = EventKind::WorkerExited {
             code: 0,
@@ -449,7 +448,30 @@ mod tests {
         assert_eq!(json["kind"], e.name());
         assert_eq!(json["reason"], "timed_out");
         assert!(KINDS.contains(&e.name()));
-        assert_eq!(KINDS.len(), 16);
+        assert_eq!(KINDS.len(), 17);
+    }
+
+    #[test]
+    fn tenant_strings_are_bounded() {
+        assert_eq!(clip("short", 10), "short");
+        let c = clip(&"é".repeat(100), 11);
+        assert!(c.starts_with("ééééé…"), "{c}");
+        assert!(c.ends_with("[200 bytes]"), "{c}");
+        let (argv, t) = logged_command(&["echo".into(), "x".repeat(100_000)]);
+        assert_eq!(argv[0], "echo");
+        assert!(argv.iter().map(String::len).sum::<usize>() <= MAX_COMMAND + 64);
+        let t = t.unwrap();
+        assert_eq!(t.bytes, 100_005);
+        assert_eq!(t.sha256.len(), 64);
+        let (argv, t) = logged_command(&vec!["a".to_string(); 10_000]);
+        assert_eq!((argv.len(), t.is_some()), (256, true));
+        assert_eq!(logged_command(&["true".into()]), (vec!["true".to_string()], None));
+        let (v, t) = logged_input(r#"{"command":"ls"}"#);
+        assert_eq!((v["command"].as_str(), t), (Some("ls"), None));
+        let big = format!(r#"{{"content":"{}"}}"#, "x".repeat(100_000));
+        let (v, t) = logged_input(&big);
+        assert_eq!(v.as_str().unwrap().len(), MAX_INPUT);
+        assert_eq!(t.unwrap().bytes, big.len() as u64);
     }
 
     #[test]

@@ -1,0 +1,252 @@
+//! Rate limits: token buckets (a burst, then a steady refill), one per
+//! worker, user, calling uid or audit identity.
+//!
+//! Owns: the bucket arithmetic, the count of what a bucket refused since
+//! it last let something through (so the next report can say how much was
+//! suppressed), and keyed sets of buckets that stay small (a bucket that
+//! has refilled completely holds nothing worth keeping and is dropped).
+//!
+//! Must never: let more through than burst + rate × time, or grow without
+//! bound with the number of keys ever seen.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use warden_policy::Rate;
+
+/// One token bucket.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    tokens: f64,
+    rate: Rate,
+    last: Instant,
+    suppressed: u64,
+}
+
+impl Bucket {
+    pub fn new(rate: Rate) -> Self {
+        Bucket {
+            tokens: burst(rate),
+            rate,
+            last: Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.rate.per_second).min(burst(self.rate));
+    }
+
+    /// Takes one token. When there is one, returns how many were refused
+    /// since the last time one was taken (to report them); otherwise counts
+    /// this one as refused.
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
+        self.take(1.0, now).then(|| std::mem::take(&mut self.suppressed))
+    }
+
+    /// Takes `n` tokens if there are that many; counts a refusal if not.
+    pub fn take(&mut self, n: f64, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Takes `n` tokens even into debt (for what must happen anyway; the
+    /// debt is paid back by the refill before anything else is let through).
+    pub fn charge(&mut self, n: f64, now: Instant) {
+        self.refill(now);
+        self.tokens -= n;
+    }
+
+    /// Whether there is at least one token.
+    pub fn has_tokens(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+
+    /// Refused since the last admission.
+    pub fn pending(&self) -> u64 {
+        self.suppressed
+    }
+
+    /// Takes the refused count (it is being reported).
+    pub fn take_pending(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+
+    /// How long until `n` tokens are there (zero: now).
+    pub fn wait_for(&mut self, n: f64, now: Instant) -> Duration {
+        self.refill(now);
+        let missing = n - self.tokens;
+        if missing <= 0.0 || self.rate.per_second <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(missing / self.rate.per_second)
+        }
+    }
+
+    /// Full, with nothing refused left to report: the same as a new one.
+    pub fn is_idle(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.suppressed == 0 && self.tokens >= burst(self.rate)
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // Bursts are far below 2^52.
+fn burst(rate: Rate) -> f64 {
+    rate.burst as f64
+}
+
+/// A bucket per key (user, uid, worker), all with one rate. Idle buckets
+/// are dropped when the set grows, so its size follows the keys active in
+/// the last refill period, not every key ever seen.
+#[derive(Debug)]
+pub struct Keyed<K> {
+    rate: Rate,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: Eq + Hash + Clone> Keyed<K> {
+    pub fn new(rate: Rate) -> Self {
+        Keyed {
+            rate,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `f` on `key`'s bucket.
+    pub fn with<T>(&self, key: &K, f: impl FnOnce(&mut Bucket) -> T) -> T {
+        let now = Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= 1024 && !map.contains_key(key) {
+            map.retain(|_, b| !b.is_idle(now));
+        }
+        let b = map.entry(key.clone()).or_insert_with(|| Bucket::new(self.rate));
+        f(b)
+    }
+
+    /// [`Bucket::admit`] on `key`'s bucket.
+    pub fn admit(&self, key: &K) -> Option<u64> {
+        self.with(key, |b| b.admit(Instant::now()))
+    }
+
+    /// Buckets held now.
+    pub fn len(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reports of a limit being hit, themselves limited: the first refusal is
+/// reported at once, later ones at most once per `every`, each report
+/// counting the refusals since the previous one.
+#[derive(Debug)]
+pub struct Reporter {
+    every: Duration,
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Reporter {
+    pub fn new(every: Duration) -> Self {
+        Reporter {
+            every,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Counts one refusal; returns the count to report when a report is due.
+    pub fn refused(&mut self, now: Instant) -> Option<u64> {
+        self.count += 1;
+        let due = self.last.is_none_or(|t| now.saturating_duration_since(t) >= self.every);
+        due.then(|| {
+            self.last = Some(now);
+            std::mem::take(&mut self.count)
+        })
+    }
+
+    /// Refusals not reported yet.
+    pub fn pending(&self) -> u64 {
+        self.count
+    }
+
+    /// The refusals not reported yet, when there are some and a report is
+    /// due (for saying the rest once a flood has ended).
+    pub fn due(&mut self, now: Instant) -> Option<u64> {
+        let due = self.count > 0 && self.last.is_none_or(|t| now.saturating_duration_since(t) >= self.every);
+        due.then(|| {
+            self.last = Some(now);
+            std::mem::take(&mut self.count)
+        })
+    }
+
+    pub fn take_pending(&mut self) -> u64 {
+        std::mem::take(&mut self.count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storm_is_cut_to_the_burst_then_the_refill_and_counted() {
+        let mut l = Bucket::new(Rate::new(3, 10.0));
+        let t0 = Instant::now();
+        let admitted: Vec<Option<u64>> = (0..6).map(|_| l.admit(t0)).collect();
+        assert_eq!(admitted, [Some(0), Some(0), Some(0), None, None, None]);
+        // 100 ms later one token is back, and it reports the 3 suppressed.
+        assert_eq!(l.admit(t0 + Duration::from_millis(100)), Some(3));
+        assert_eq!(l.admit(t0 + Duration::from_millis(100)), None);
+        assert_eq!(l.pending(), 1);
+    }
+
+    #[test]
+    fn a_charge_into_debt_is_paid_back_first() {
+        let mut b = Bucket::new(Rate::new(10, 10.0));
+        let t0 = Instant::now();
+        b.charge(30.0, t0);
+        assert!(!b.take(1.0, t0 + Duration::from_secs(1)), "still 10 in debt");
+        let wait = b.wait_for(1.0, t0 + Duration::from_secs(1));
+        assert_eq!(wait.as_millis(), 1100, "{wait:?}");
+        assert!(b.take(1.0, t0 + Duration::from_millis(2100)));
+    }
+
+    #[test]
+    fn keyed_buckets_forget_idle_keys() {
+        let k = Keyed::<u32>::new(Rate::new(1, 1000.0));
+        for uid in 0..5000 {
+            k.admit(&uid);
+            if uid % 1000 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert!(k.len() <= 2048, "{}", k.len());
+        assert_eq!(k.admit(&7), Some(0));
+        assert_eq!(k.admit(&7), None);
+    }
+
+    #[test]
+    fn reports_of_a_limit_are_limited_and_count_what_they_cover() {
+        let t0 = Instant::now();
+        let mut r = Reporter::new(Duration::from_secs(10));
+        assert_eq!(r.refused(t0), Some(1));
+        assert_eq!(r.refused(t0 + Duration::from_secs(1)), None);
+        assert_eq!(r.refused(t0 + Duration::from_secs(2)), None);
+        assert_eq!(r.refused(t0 + Duration::from_secs(10)), Some(3));
+        assert_eq!(r.pending(), 0);
+    }
+}
