@@ -26,6 +26,27 @@ pub fn value(v: impl Into<toml::Value>) -> toml::Value {
     v.into()
 }
 
+/// A `rate` value: `{ burst = B, rate = "R" }`.
+pub fn rate(burst: i64, per: &str) -> toml::Value {
+    let mut t = toml::Table::new();
+    t.insert("burst".into(), value(burst));
+    t.insert("rate".into(), value(per));
+    value(t)
+}
+
+/// The default `[rate_limits]` table with `overrides` set in it.
+pub fn rate_limits(overrides: &[(&str, toml::Value)]) -> toml::Value {
+    let table: toml::Table = warden_policy::config::DEFAULT_CONFIG
+        .parse()
+        .expect("the default config parses");
+    let mut limits = table["rate_limits"].as_table().expect("a [rate_limits] table").clone();
+    for (k, v) in overrides {
+        assert!(limits.contains_key(*k), "{k} is not a rate limit");
+        limits.insert((*k).to_string(), v.clone());
+    }
+    value(limits)
+}
+
 impl Daemon {
     /// The test daemon's wardend.toml: the embedded default with every path
     /// under `dir`, its own cgroup and uid range, short intervals, and then
@@ -122,6 +143,21 @@ impl Daemon {
             assert!(Instant::now() < deadline, "wardend did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon runs").id()
+    }
+
+    /// The daemon's resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -201,6 +201,7 @@ impl Host {
             limits: RequestedLimits::default(),
             interactive: false,
             claude: Default::default(),
+            caller_uid: None,
         };
         let mut profile = spawn::resolve(&self.profiles, &params).expect("profile");
         // The command runs itself in the profile's sandbox, also under a

@@ -14,6 +14,7 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use warden_policy::config::RateLimits;
 use warden_policy::Rate;
 
 /// One token bucket.
@@ -106,13 +107,20 @@ fn burst(rate: Rate) -> f64 {
     rate.burst as f64
 }
 
+/// One key's bucket, and the reports of it refusing.
+#[derive(Debug)]
+pub struct Limited {
+    pub bucket: Bucket,
+    pub reports: Reporter,
+}
+
 /// A bucket per key (user, uid, worker), all with one rate. Idle buckets
 /// are dropped when the set grows, so its size follows the keys active in
 /// the last refill period, not every key ever seen.
 #[derive(Debug)]
 pub struct Keyed<K> {
     rate: Rate,
-    buckets: Mutex<HashMap<K, Bucket>>,
+    buckets: Mutex<HashMap<K, Limited>>,
 }
 
 impl<K: Eq + Hash + Clone> Keyed<K> {
@@ -124,19 +132,22 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
     }
 
     /// Runs `f` on `key`'s bucket.
-    pub fn with<T>(&self, key: &K, f: impl FnOnce(&mut Bucket) -> T) -> T {
+    pub fn with<T>(&self, key: &K, f: impl FnOnce(&mut Limited) -> T) -> T {
         let now = Instant::now();
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= 1024 && !map.contains_key(key) {
-            map.retain(|_, b| !b.is_idle(now));
+            map.retain(|_, l| !(l.bucket.is_idle(now) && l.reports.pending() == 0));
         }
-        let b = map.entry(key.clone()).or_insert_with(|| Bucket::new(self.rate));
-        f(b)
+        let l = map.entry(key.clone()).or_insert_with(|| Limited {
+            bucket: Bucket::new(self.rate),
+            reports: Reporter::new(REPORT_EVERY),
+        });
+        f(l)
     }
 
     /// [`Bucket::admit`] on `key`'s bucket.
     pub fn admit(&self, key: &K) -> Option<u64> {
-        self.with(key, |b| b.admit(Instant::now()))
+        self.with(key, |l| l.bucket.admit(Instant::now()))
     }
 
     /// Buckets held now.
@@ -146,6 +157,27 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// How often hitting one limit for one key is reported, at most.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The daemon-wide limits on what tenants ask of it.
+#[derive(Debug)]
+pub struct Limiters {
+    pub spawns_per_user: Keyed<String>,
+    pub spawns_per_caller: Keyed<u32>,
+    pub auth_denied_per_peer: Keyed<u32>,
+}
+
+impl Limiters {
+    pub fn new(limits: &RateLimits) -> Self {
+        Limiters {
+            spawns_per_user: Keyed::new(limits.spawns_per_user),
+            spawns_per_caller: Keyed::new(limits.spawns_per_caller),
+            auth_denied_per_peer: Keyed::new(limits.auth_denied_per_peer),
+        }
     }
 }
 

@@ -15,7 +15,6 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_stream::wrappers::UnixListenerStream;
 use warden_daemon::api::events::EventsApi;
 use warden_daemon::api::profiles::ProfilesApi;
 use warden_daemon::api::usage::UsageApi;
@@ -321,18 +320,23 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
 
     tracing::info!(socket = %config.socket.display(), cgroup_v2 = sup.cgroups.is_v2(), "wardend ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    tonic::transport::Server::builder()
+    let mut routes = tonic::service::Routes::builder();
+    routes
         .add_service(health_service)
         .add_service(reflection)
         .add_service(workers)
         .add_service(profiles)
         .add_service(events_api)
-        .add_service(usage_api)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        .add_service(usage_api);
+    warden_daemon::api::serve::serve(
+        listener,
+        routes.routes(),
+        config.max_connections_per_caller as usize,
+        async {
             let _ = stop_rx.await;
-        })
-        .await
-        .context("The gRPC server failed")?;
+        },
+    )
+    .await;
     if let Err(e) = sup.ledger.flush() {
         tracing::error!(error = %e, "cannot write the usage ledger");
     }

@@ -63,6 +63,12 @@ struct RawConfig {
     rate_limits: Spanned<RateLimits>,
     #[serde(default = "default_client_timeout")]
     client_timeout_seconds: Spanned<u64>,
+    #[serde(default = "default_connections_per_caller")]
+    max_connections_per_caller: Spanned<u32>,
+}
+
+fn default_connections_per_caller() -> Spanned<u32> {
+    Spanned::new(0..0, 64)
 }
 
 fn default_client_timeout() -> Spanned<u64> {
@@ -285,6 +291,8 @@ pub struct Config {
     /// A streaming client (Watch, Attach, Logs) that reads nothing for
     /// this long while messages wait for it is cut off.
     pub client_timeout_seconds: u64,
+    /// API connections one uid may have open at once.
+    pub max_connections_per_caller: u32,
 }
 
 impl Config {
@@ -405,6 +413,12 @@ impl Config {
                 "expected max_message_bytes of at least 1024".into(),
             ));
         }
+        if *raw.max_connections_per_caller.get_ref() == 0 {
+            return Err(invalid(
+                raw.max_connections_per_caller.span(),
+                "expected max_connections_per_caller of at least 1".into(),
+            ));
+        }
         if *raw.client_timeout_seconds.get_ref() == 0 {
             return Err(invalid(
                 raw.client_timeout_seconds.span(),
@@ -464,6 +478,7 @@ impl Config {
             audit_budget: raw.audit_budget,
             rate_limits: raw.rate_limits.into_inner(),
             client_timeout_seconds: raw.client_timeout_seconds.into_inner(),
+            max_connections_per_caller: raw.max_connections_per_caller.into_inner(),
         })
     }
 }

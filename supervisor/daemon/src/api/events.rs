@@ -23,7 +23,7 @@ use crate::workers::Supervisor;
 /// thread for one bounded read).
 const REPLAY_READERS: usize = 4;
 /// Events queued per subscriber.
-const QUEUE: usize = 64;
+const QUEUE: usize = 16;
 
 #[derive(Debug)]
 pub struct EventsApi {
@@ -170,7 +170,7 @@ impl pb::events_server::Events for EventsApi {
         }
         if !r.user.is_empty() && !c.may_act_for(&r.user) {
             return Err(super::denied(
-                &self.sup.events,
+                &self.sup,
                 &c,
                 "Events.Watch",
                 Some(&r.user),

@@ -5,14 +5,15 @@
 pub mod events;
 pub mod outbox;
 pub mod profiles;
+pub mod serve;
 pub mod usage;
 pub mod workers;
 
 use tonic::{Code, Request, Status};
 
 use crate::auth::{identify, Caller};
-use crate::events::{EventKind, Events};
-use crate::workers::WorkerError;
+use crate::events::{clip, EventKind};
+use crate::workers::{Supervisor, WorkerError};
 use warden_policy::config::Config;
 use warden_policy::PolicyError;
 
@@ -27,28 +28,33 @@ pub fn caller<T>(req: &Request<T>, config: &Config) -> Result<Caller, Status> {
 }
 
 /// Refuses a caller who may not act for `user`, and audits the refusal.
-pub fn authorize(events: &Events, caller: &Caller, user: &str, method: &str) -> Result<(), Status> {
+pub fn authorize(sup: &Supervisor, caller: &Caller, user: &str, method: &str) -> Result<(), Status> {
     if caller.may_act_for(user) {
         Ok(())
     } else {
-        let message = format!("uid {} may not act for warden user {user:?}", caller.uid);
-        Err(denied(events, caller, method, Some(user), message))
+        let message = format!("uid {} may not act for warden user {:?}", caller.uid, clip(user, 256));
+        Err(denied(sup, caller, method, Some(user), message))
     }
 }
 
-/// Logs and audits a refused call; returns the PERMISSION_DENIED status.
-pub fn denied(events: &Events, caller: &Caller, method: &str, user: Option<&str>, message: String) -> Status {
-    tracing::warn!(uid = caller.uid, pid = ?caller.pid, method, user, "permission denied");
-    events.publish(
-        None,
-        None,
-        EventKind::AuthDenied {
-            peer_uid: caller.uid,
-            peer_pid: caller.pid,
-            method: method.to_string(),
-            target_user: user.map(str::to_string),
-        },
-    );
+/// Logs and audits a refused call (at most as often as the calling uid's
+/// `auth_denied_per_peer` limit allows; each report counts those left out
+/// since the last); returns the PERMISSION_DENIED status.
+pub fn denied(sup: &Supervisor, caller: &Caller, method: &str, user: Option<&str>, message: String) -> Status {
+    if let Some(suppressed) = sup.limiters.auth_denied_per_peer.admit(&caller.uid) {
+        tracing::warn!(uid = caller.uid, pid = ?caller.pid, method, user, suppressed, "permission denied");
+        sup.events.publish(
+            None,
+            None,
+            EventKind::AuthDenied {
+                peer_uid: caller.uid,
+                peer_pid: caller.pid,
+                method: method.to_string(),
+                target_user: user.map(|u| clip(u, 256)),
+                suppressed,
+            },
+        );
+    }
     Status::permission_denied(message)
 }
 

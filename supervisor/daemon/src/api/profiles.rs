@@ -72,7 +72,7 @@ impl pb::profiles_server::Profiles for ProfilesApi {
         let c = caller(&req, &self.sup.config)?;
         if !c.is_admin() {
             return Err(super::denied(
-                &self.sup.events,
+                &self.sup,
                 &c,
                 "Profiles.Reload",
                 None,

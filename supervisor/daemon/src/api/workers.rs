@@ -22,7 +22,8 @@ pub struct WorkersApi {
     pub sup: Arc<Supervisor>,
 }
 
-const CHUNK: usize = 64 * 1024;
+/// The most output one message carries.
+const CHUNK: usize = 16 << 10;
 
 pub fn to_pb(w: &Worker) -> pb::Worker {
     let exit = w.exit_info();
@@ -116,8 +117,7 @@ impl WorkersApi {
     /// caller learns nothing about whether it exists.
     fn visible(&self, c: &Caller, id: &str, method: &str) -> Result<Arc<Worker>, Status> {
         let w = self.sup.get(id).map_err(|e| status(&e, c))?;
-        authorize(&self.sup.events, c, &w.user, method)
-            .map_err(|_| Status::not_found(format!("Unknown worker {id}")))?;
+        authorize(&self.sup, c, &w.user, method).map_err(|_| Status::not_found(format!("Unknown worker {id}")))?;
         Ok(w)
     }
 }
@@ -185,8 +185,11 @@ async fn send_output<M>(
                     continue;
                 }
                 let skip = usize::try_from(from.saturating_sub(chunk.offset)).unwrap_or(0);
-                let start = chunk.offset.max(from);
-                out.send(send(start, chunk.data[skip..].to_vec())).await?;
+                let mut start = chunk.offset.max(from);
+                for piece in chunk.data[skip..].chunks(CHUNK) {
+                    out.send(send(start, piece.to_vec())).await?;
+                    start += piece.len() as u64;
+                }
                 from = end;
             }
             // Lagged: the loop replays what the log kept; output beyond the
@@ -202,8 +205,8 @@ async fn send_output<M>(
     }
 }
 
-/// Chunks queued per Attach or Logs client (of at most [`CHUNK`] bytes).
-const QUEUE: usize = 8;
+/// Messages queued per Attach or Logs client (of at most [`CHUNK`] bytes).
+const QUEUE: usize = 4;
 
 /// Ends `out` with the cut-off status when its client stopped reading.
 fn end_slow<M>(out: Outbox<M>, result: Result<(), Gone>) {
@@ -226,7 +229,7 @@ impl pb::workers_server::Workers for WorkersApi {
             r.user
         };
         warden_policy::names::check_user(&user).map_err(|e| Status::invalid_argument(format!("user: {e}")))?;
-        authorize(&self.sup.events, &c, &user, "Workers.Spawn")?;
+        authorize(&self.sup, &c, &user, "Workers.Spawn")?;
         let project = if r.project.is_empty() {
             "default".to_string()
         } else {
@@ -249,6 +252,7 @@ impl pb::workers_server::Workers for WorkersApi {
                 r.profile
             },
             command: r.command,
+            caller_uid: Some(c.uid),
             interactive: r.interactive,
             claude: {
                 let c = r.claude.unwrap_or_default();
@@ -383,18 +387,19 @@ impl pb::workers_server::Workers for WorkersApi {
             let wrap = |c| pb::AttachResponse {
                 msg: Some(pb::attach_response::Msg::Output(c)),
             };
-            let result = match tokio::join!(
+            // The first stream the client cannot take ends both.
+            let result = match tokio::try_join!(
                 send_output(&w.stdout, pb::Stream::Stdout, from_out, true, &out, wrap),
                 send_output(&w.stderr, pb::Stream::Stderr, from_err, true, &out, wrap),
             ) {
-                (Ok(()), Ok(())) => {
+                Ok(_) => {
                     w.wait().await;
                     out.send(pb::AttachResponse {
                         msg: Some(pb::attach_response::Msg::Exited(to_pb(&w))),
                     })
                     .await
                 }
-                (Err(g), _) | (_, Err(g)) => Err(g),
+                Err(g) => Err(g),
             };
             end_slow(out, result);
         });
@@ -410,13 +415,11 @@ impl pb::workers_server::Workers for WorkersApi {
         let (out, stream) = outbox(QUEUE, self.sup.client_timeout());
         tokio::spawn(async move {
             let wrap = |c| c;
-            let result = match tokio::join!(
+            let result = tokio::try_join!(
                 send_output(&w.stdout, pb::Stream::Stdout, r.stdout_offset, r.follow, &out, wrap),
                 send_output(&w.stderr, pb::Stream::Stderr, r.stderr_offset, r.follow, &out, wrap),
-            ) {
-                (Err(g), _) | (_, Err(g)) => Err(g),
-                _ => Ok(()),
-            };
+            )
+            .map(|_| ());
             end_slow(out, result);
         });
         Ok(Response::new(stream))

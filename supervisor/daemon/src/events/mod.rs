@@ -249,6 +249,10 @@ pub enum EventKind {
         method: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         target_user: Option<String>,
+        /// Refusals of this uid not reported since the last report (the
+        /// `auth_denied_per_peer` limit).
+        #[serde(default)]
+        suppressed: u64,
     },
     ProfilesReloaded {
         loaded: Vec<String>,

@@ -18,6 +18,16 @@ pub enum AdmissionError {
     TooMany { running: usize, limit: u32 },
     #[error("Too many workers for user {user}: {running} running, the limit is {limit}")]
     TooManyForUser { user: String, running: usize, limit: u32 },
+    #[error("Too many spawns by {who} (rate_limits.{limit}); try again in {retry_secs} s")]
+    Rate {
+        who: String,
+        limit: &'static str,
+        retry_secs: u64,
+    },
+    #[error(
+        "User {user} has written more to the audit log than its audit_budget allows; spawns resume in {retry_secs} s"
+    )]
+    AuditBudget { user: String, retry_secs: u64 },
 }
 
 #[derive(Debug, Default)]

@@ -31,6 +31,7 @@ use crate::cgroups::{Cgroups, Usage, WorkerCgroup};
 use crate::claude::{Approvals, Decision};
 use crate::events::{millis, EventKind, Events, ExitReason, NetUsage};
 use crate::io::{OutputLog, Stdin};
+use crate::limits::Limiters;
 use crate::net::gateway::{Gateway, Upstream};
 use crate::net::resolve::Resolver;
 use crate::net::Egress;
@@ -271,6 +272,8 @@ pub struct Supervisor {
     pub ledger: Arc<Ledger>,
     next: AtomicU64,
     shutting_down: AtomicBool,
+    /// Spawn rates per user and caller, refused-call reports per peer.
+    pub limiters: Limiters,
 }
 
 impl Supervisor {
@@ -292,6 +295,7 @@ impl Supervisor {
             upstream,
             ledger: Arc::new(Ledger::open(&config.state_dir.join("usage.json"))),
             admission: Admission::new(config.max_workers, config.max_workers_per_user),
+            limiters: Limiters::new(&config.rate_limits),
             records: Records::new(config.state_dir.join("workers")),
             resolver: Arc::new(Resolver::system(config.hosts.clone().into_iter().collect())),
             next: AtomicU64::new(millis(SystemTime::now())),

@@ -15,7 +15,7 @@ use warden_policy::config::Config;
 use warden_policy::seccomp::Arch;
 use warden_policy::{ClaudeRequest, LaunchSpec, NetworkMode, NetworkPolicy, Profile, ProfileSet, SpawnRequest};
 
-use super::admission::Slot;
+use super::admission::{AdmissionError, Slot};
 use super::record::Record;
 use super::{Supervisor, Worker, WorkerError};
 use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
@@ -28,6 +28,15 @@ use crate::limits::Bucket;
 use crate::net::gateway::Gateway;
 use crate::net::Egress;
 use crate::users::Users;
+
+fn rate_error(who: String, limit: &'static str, wait: Duration) -> WorkerError {
+    AdmissionError::Rate {
+        who,
+        limit,
+        retry_secs: wait.as_secs() + 1,
+    }
+    .into()
+}
 
 /// Tightening limits a request may ask for (None: keep the profile's).
 #[derive(Debug, Clone, Default)]
@@ -52,6 +61,9 @@ pub struct SpawnParams {
     pub interactive: bool,
     /// `[claude]` profiles: options that narrow the profile's.
     pub claude: ClaudeRequest,
+    /// The uid that asked (for the per-caller spawn rate); None: the
+    /// daemon itself or a test harness.
+    pub caller_uid: Option<u32>,
 }
 
 /// The host side a worker is prepared on: the daemon's, or a test's.
@@ -81,7 +93,7 @@ impl Supervisor {
     /// Starts a worker: returns once the sandbox is in place and the command
     /// exec'd, or with the phase's error (nothing of the worker is left).
     pub async fn spawn(self: &Arc<Self>, p: SpawnParams) -> Result<Arc<Worker>, WorkerError> {
-        let slot = self.admit(&p.user)?;
+        let slot = self.admit(&p)?;
         let profile = resolve(&self.profiles.current(), &p)?;
         let prepared = self.prepare(profile, p.clone()).await?;
         let mut launched = self.launch(&prepared).await?;
@@ -93,12 +105,58 @@ impl Supervisor {
         Ok(worker)
     }
 
-    /// Admission: reserves the worker's slot under the caps, or refuses.
-    fn admit(&self, user: &str) -> Result<Slot, WorkerError> {
+    /// Admission: refuses a user in debt with its audit budget or past its
+    /// spawn rate (or a caller past its own), then reserves the worker's
+    /// slot under the caps. A rate refusal is a `rate_limited` event (at
+    /// most one per key every 10 s, counting the refusals in between).
+    fn admit(&self, p: &SpawnParams) -> Result<Slot, WorkerError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(WorkerError::ShuttingDown);
         }
-        Ok(self.admission.admit(user)?)
+        if let Some(wait) = self.events.budget_debt(&p.user) {
+            return Err(AdmissionError::AuditBudget {
+                user: p.user.clone(),
+                retry_secs: wait.as_secs() + 1,
+            }
+            .into());
+        }
+        let now = Instant::now();
+        let l = &self.limiters;
+        // Both buckets must have a token before either is taken.
+        let user_wait = l.spawns_per_user.with(&p.user, |b| b.bucket.wait_for(1.0, now));
+        let caller_wait = p.caller_uid.map_or(Duration::ZERO, |uid| {
+            l.spawns_per_caller.with(&uid, |b| b.bucket.wait_for(1.0, now))
+        });
+        if !user_wait.is_zero() {
+            if let Some(n) = l.spawns_per_user.with(&p.user, |b| b.reports.refused(now)) {
+                self.rate_limited("spawns_per_user", Some(&p.user), None, n);
+            }
+            return Err(rate_error(format!("user {}", p.user), "spawns_per_user", user_wait));
+        }
+        if let Some(uid) = p.caller_uid.filter(|_| !caller_wait.is_zero()) {
+            if let Some(n) = l.spawns_per_caller.with(&uid, |b| b.reports.refused(now)) {
+                self.rate_limited("spawns_per_caller", None, Some(uid), n);
+            }
+            return Err(rate_error(format!("uid {uid}"), "spawns_per_caller", caller_wait));
+        }
+        let slot = self.admission.admit(&p.user)?;
+        l.spawns_per_user.with(&p.user, |b| b.bucket.take(1.0, now));
+        if let Some(uid) = p.caller_uid {
+            l.spawns_per_caller.with(&uid, |b| b.bucket.take(1.0, now));
+        }
+        Ok(slot)
+    }
+
+    fn rate_limited(&self, limit: &str, user: Option<&str>, peer_uid: Option<u32>, suppressed: u64) {
+        self.events.publish(
+            None,
+            user,
+            EventKind::RateLimited {
+                limit: limit.into(),
+                suppressed,
+                peer_uid,
+            },
+        );
     }
 
     /// The user's directories, Claude Code's files, the cgroup and the spec
@@ -517,6 +575,7 @@ mod tests {
             limits,
             interactive: false,
             claude: ClaudeRequest::default(),
+            caller_uid: None,
         }
     }
 

@@ -1,0 +1,499 @@
+//! The daemon under hostile load: caps that hold under concurrency, rate
+//! limits, a worker flooding its output or forging permission requests,
+//! floods that try to push others' events out of the audit log, and
+//! clients that never read. Each needs root (a real wardend and workers).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use warden_proto::v1 as pb;
+use warden_proto::v1::workers_client::WorkersClient;
+use warden_tests::daemon::{channel, rate, rate_limits, value, Daemon};
+use warden_tests::privileged;
+
+fn root() -> bool {
+    privileged("runs wardend and its workers")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn spawn_request(user: &str, command: &[&str]) -> pb::SpawnRequest {
+    pb::SpawnRequest {
+        user: user.into(),
+        command: command.iter().map(|s| (*s).to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// `n` spawns at once (each on its own connection); their results in order.
+async fn spawn_at_once(d: &Daemon, reqs: Vec<pb::SpawnRequest>) -> Vec<Result<pb::Worker, tonic::Status>> {
+    let mut clients = Vec::new();
+    for _ in 0..reqs.len() {
+        clients.push(WorkersClient::new(channel(d.socket()).await));
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(reqs.len()));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .zip(reqs)
+        .map(|(mut c, r)| {
+            let b = barrier.clone();
+            tokio::spawn(async move {
+                b.wait().await;
+                c.spawn(r).await.map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[test]
+fn concurrent_spawns_never_pass_a_cap() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[("max_workers_per_user", value(8)), ("max_workers", value(12))]);
+    let rt = runtime();
+    // 40 spawns of one user at once: exactly its cap get through.
+    let results = rt.block_on(spawn_at_once(
+        &d,
+        (0..40).map(|_| spawn_request("alice", &["sleep", "60"])).collect(),
+    ));
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 8, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.code(), tonic::Code::ResourceExhausted, "{r:?}");
+        assert!(r.message().contains("Too many workers for user alice"), "{r:?}");
+    }
+    // 40 spawns of 40 users at once: exactly the rest of the global cap.
+    let results = rt.block_on(spawn_at_once(
+        &d,
+        (0..40)
+            .map(|i| spawn_request(&format!("u{i}"), &["sleep", "60"]))
+            .collect(),
+    ));
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 4, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.code(), tonic::Code::ResourceExhausted, "{r:?}");
+        assert!(r.message().starts_with("Too many workers: 12 running"), "{r:?}");
+    }
+    let listed = d.ctl(&["ps", "--output", "json"]);
+    let running = String::from_utf8_lossy(&listed.stdout).matches("\"running\"").count();
+    assert_eq!(running, 12, "{}", String::from_utf8_lossy(&listed.stdout));
+}
+
+#[test]
+fn spawns_past_the_rate_are_refused_and_reported() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[(
+        "rate_limits",
+        rate_limits(&[
+            ("spawns_per_user", rate(5, "1/min")),
+            ("spawns_per_caller", rate(8, "1/min")),
+        ]),
+    )]);
+    let spawn = |user: &str| d.ctl(&["spawn", "--user", user, "--", "true"]);
+    for _ in 0..5 {
+        assert!(spawn("alice").status.success());
+    }
+    let refused = spawn("alice");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("ResourceExhausted")
+            && err.contains("Too many spawns by user alice (rate_limits.spawns_per_user); try again in"),
+        "{err}"
+    );
+    for _ in 0..3 {
+        assert!(!spawn("alice").status.success());
+    }
+    // Another user is not held back by alice's rate, up to the caller's.
+    for _ in 0..3 {
+        assert!(spawn("bob").status.success());
+    }
+    let err = String::from_utf8_lossy(&spawn("bob").stderr).into_owned();
+    assert!(
+        err.contains("Too many spawns by uid 0 (rate_limits.spawns_per_caller)"),
+        "{err}"
+    );
+    // Hitting a limit is an event, once per limit and key per 10 s.
+    let limited = d.events(&["--kind", "rate_limited"]);
+    let of = |limit: &str| limited.iter().filter(|e| e["limit"] == limit).count();
+    assert_eq!(of("spawns_per_user"), 1, "{limited:?}");
+    assert_eq!(of("spawns_per_caller"), 1, "{limited:?}");
+    let user_event = limited.iter().find(|e| e["limit"] == "spawns_per_user").unwrap();
+    assert_eq!(
+        (user_event["user"].as_str(), user_event["suppressed"].as_u64()),
+        (Some("alice"), Some(1))
+    );
+}
+
+/// A stand-in for `claude`: reads the initial prompt, then floods its
+/// stdout as the prompt says (`lines`, `one-line`, `approvals`).
+fn flooding_claude(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("flooding-claude");
+    std::fs::write(
+        &path,
+        r#"#!/usr/bin/python3
+import json, sys, threading
+mode = json.loads(sys.stdin.readline())["message"]["content"]
+out = sys.stdout.buffer
+if mode == "lines":
+    block = (b"x" * 1000 + b"\n") * 64
+    while True:
+        out.write(block)
+elif mode == "one-line":
+    block = b"y" * 65536
+    while True:
+        out.write(block)
+elif mode == "approvals":
+    # Read the daemon's answers, so that nothing blocks but the daemon.
+    threading.Thread(target=lambda: [None for _ in sys.stdin], daemon=True).start()
+    content = "z" * 100000
+    i = 0
+    while True:
+        i += 1
+        msg = {"type": "control_request", "request_id": "forged-%d" % i,
+               "request": {"subtype": "can_use_tool", "tool_name": "Write",
+                           "input": {"file_path": "/workspace/x", "content": content}}}
+        out.write((json.dumps(msg) + "\n").encode())
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn a_flooding_claude_worker_cannot_grow_the_daemon() {
+    if !root() {
+        return;
+    }
+    let stand_in = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(stand_in.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let claude = flooding_claude(stand_in.path());
+    let d = Daemon::start_with(&[("claude_binary", value(claude.display().to_string()))]);
+    d.set_credentials("mallory", "sk-test");
+    // The daemon, warmed up: a worker of another user has run.
+    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    let before = d.rss();
+    let mut ids = Vec::new();
+    for mode in ["lines", "one-line", "approvals"] {
+        let out = d.ctl(&["spawn", "--user", "mallory", "--profile", "claude-code", "--", mode]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let started = Instant::now();
+    let mut peak = before;
+    let mut lists = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        peak = peak.max(d.rss());
+        // Another user's List is answered throughout. (How fast is the
+        // benchmark's business: warden-bench's `list under load` row.)
+        let asked = Instant::now();
+        let out = d.ctl(&["ps", "--user", "bob", "--output", "json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "a List took {:?}",
+            asked.elapsed()
+        );
+        lists += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "wardend RSS {} MiB before, peak {} MiB; {lists} Lists answered",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(grown < 64 << 20, "wardend grew by {} MiB", grown >> 20);
+    // The three ran all along (their floods were slowed, not fatal).
+    for id in &ids {
+        let out = d.ctl(&["inspect", "--output", "json", id]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"running\""), "{id}");
+    }
+    // The forged permission requests: a few asked, the rest denied and
+    // counted, in bounded events.
+    let events = d.events(&["--worker", &ids[2]]);
+    let asked = events.iter().filter(|e| e["kind"] == "approval_requested").count();
+    assert!((1..=16).contains(&asked), "{asked} requests wait (16 at most)");
+    let request = events.iter().find(|e| e["kind"] == "approval_requested").unwrap();
+    assert!(request["truncated"]["bytes"].as_u64().unwrap() > 100_000, "{request}");
+    assert!(request["input"].as_str().unwrap().len() <= 16 << 10);
+    let suppressed: u64 = events
+        .iter()
+        .filter(|e| e["kind"] == "rate_limited" && e["limit"] == "worker_approvals")
+        .map(|e| e["suppressed"].as_u64().unwrap())
+        .sum();
+    assert!(
+        suppressed > 100,
+        "forged requests past the rate are counted: {suppressed}"
+    );
+    for id in &ids {
+        assert!(d.ctl(&["stop", id]).status.success());
+    }
+}
+
+#[test]
+fn floods_do_not_push_another_users_events_out_of_the_log() {
+    if !root() {
+        return;
+    }
+    let stand_in = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(stand_in.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let claude = flooding_claude(stand_in.path());
+    // A small log (3 × 128 KiB) and a budget of 32 KiB then 2 KiB/s per
+    // user and per calling uid.
+    let d = Daemon::start_with(&[
+        ("claude_binary", value(claude.display().to_string())),
+        ("audit_max_bytes", value(128 << 10)),
+        ("audit_keep", value(2)),
+        ("audit_budget", rate(32 << 10, "2K/s")),
+    ]);
+    d.set_credentials("mallory", "sk-test");
+    for i in 0..3 {
+        let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "echo", &format!("bob {i}")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let bobs = |events: &[serde_json::Value]| -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| e["user"] == "bob")
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let before = bobs(&d.audit_events());
+    assert!(before.len() >= 6, "{before:?}");
+    let flood_started = Instant::now();
+    // 1. Spawns with a 100 KiB command line, as fast as they are taken.
+    let huge = "A".repeat(100 << 10);
+    let mut refused = String::new();
+    for _ in 0..60 {
+        let out = d.ctl(&["spawn", "--user", "mallory", "--", "echo", &huge]);
+        if !out.status.success() {
+            refused = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+    }
+    assert!(
+        refused.contains("Too many spawns by user mallory") || refused.contains("audit_budget"),
+        "{refused}"
+    );
+    // 2. Refused calls by a local account in group warden.
+    for _ in 0..200 {
+        let out = d.ctl_as_nobody(&["spawn", "--user", "bob", "--", "true"]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
+    }
+    // 3. A worker forging permission requests (once mallory's spawns are
+    // let through again).
+    let retry_until = Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        let out = d.ctl(&[
+            "spawn",
+            "--user",
+            "mallory",
+            "--profile",
+            "claude-code",
+            "--",
+            "approvals",
+        ]);
+        if out.status.success() || Instant::now() > retry_until {
+            break out;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("ResourceExhausted"), "{err}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(10));
+    let forger = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(d.ctl(&["stop", &forger]).status.success());
+    // One more refusal, once a report is due again: it carries the count
+    // of those before it that were left out.
+    assert!(!d
+        .ctl_as_nobody(&["spawn", "--user", "bob", "--", "true"])
+        .status
+        .success());
+    let flood = flood_started.elapsed();
+    let after = d.audit_events();
+    // Every one of bob's events is still there.
+    let kept = bobs(&after);
+    assert!(
+        before.iter().all(|s| kept.contains(s)),
+        "bob's events {before:?}, kept {kept:?}"
+    );
+    // The log never rotated away its first file's events.
+    assert_eq!(after[0]["seq"], 1, "the oldest event is still the first");
+    // The flood shows as counted, suppressed events.
+    let limited: Vec<_> = after.iter().filter(|e| e["kind"] == "rate_limited").collect();
+    let suppressed = |limit: &str| -> u64 {
+        limited
+            .iter()
+            .filter(|e| e["limit"] == limit)
+            .map(|e| e["suppressed"].as_u64().unwrap())
+            .sum()
+    };
+    let denied: Vec<_> = after.iter().filter(|e| e["kind"] == "auth_denied").collect();
+    // Each report counts the refusals left out before it; the audit
+    // budget of uid 65534 counts what it kept out itself.
+    let reported: u64 = denied.len() as u64
+        + denied.iter().map(|e| e["suppressed"].as_u64().unwrap()).sum::<u64>()
+        + limited
+            .iter()
+            .filter(|e| e["limit"] == "audit_budget" && e["peer_uid"] == 65534)
+            .map(|e| e["suppressed"].as_u64().unwrap())
+            .sum::<u64>();
+    assert!(
+        denied.len() < 60,
+        "{} auth_denied events for 200 refusals",
+        denied.len()
+    );
+    assert!(reported >= 100, "refusals reported and counted: {reported} of 201");
+    assert!(
+        suppressed("worker_approvals") + suppressed("audit_budget") > 0,
+        "{limited:?}"
+    );
+    // What mallory (and nobody's uid) could have left out, it did, past
+    // the budget (burst + rate × time); what must be written (starts,
+    // exits, decisions) was, and held mallory's spawns back meanwhile.
+    let bytes_of = |pred: &dyn Fn(&serde_json::Value) -> bool| -> usize {
+        after.iter().filter(|e| pred(e)).map(|e| e.to_string().len() + 1).sum()
+    };
+    let budget = (32 << 10) + 2048 * (usize::try_from(flood.as_secs()).unwrap() + 1);
+    let must = [
+        "worker_started",
+        "worker_exited",
+        "spawn_failed",
+        "approval_decided",
+        "rate_limited",
+    ];
+    let optional = bytes_of(&|e| e["user"] == "mallory" && !must.contains(&e["kind"].as_str().unwrap_or("")));
+    let written = bytes_of(&|e| e["user"] == "mallory");
+    eprintln!("mallory wrote {written} bytes ({optional} of reports) in {flood:?}; budget {budget}");
+    assert!(optional <= budget, "{optional} > {budget}");
+    let started = after
+        .iter()
+        .filter(|e| e["user"] == "mallory" && e["kind"] == "worker_started")
+        .count();
+    assert!(started < 60, "{started} of 60 large spawns ran");
+    let nobody = bytes_of(&|e| e["kind"] == "auth_denied" && e["peer_uid"] == 65534);
+    assert!(nobody <= budget, "{nobody}");
+}
+
+#[test]
+fn idle_watchers_and_stalled_attach_clients_leave_the_daemon_responsive() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[
+        ("max_workers_per_user", value(8)),
+        ("client_timeout_seconds", value(5)),
+        ("max_connections_per_caller", value(128)),
+    ]);
+    let rt = runtime();
+    // A worker with endless output that 100 attached clients never read.
+    let out = d.ctl(&["spawn", "--user", "alice", "--", "sh", "-c", "yes output-line"]);
+    let loud = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let before = d.rss();
+    let sock = d.socket();
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        // 600 Watch streams on 10 connections, live from now.
+        for _ in 0..10 {
+            let ch = channel(sock.clone()).await;
+            for _ in 0..60 {
+                let mut c = pb::events_client::EventsClient::new(ch.clone());
+                let s = c
+                    .watch(pb::WatchRequest {
+                        from_seq: 0,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                held.push(Box::new(s) as Box<dyn std::any::Any + Send>);
+            }
+        }
+        for _ in 0..100 {
+            let mut c = WorkersClient::new(channel(sock.clone()).await);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Start(pb::AttachStart {
+                    id: loud.clone(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let s = c
+                .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            held.push(Box::new((s, tx, c)) as Box<dyn std::any::Any + Send>);
+        }
+        held
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // Another user's spawn, stop and List still work promptly (a deadline
+    // that only a stalled daemon misses; the latency is the benchmark's).
+    let t = Instant::now();
+    let out = d.ctl(&["spawn", "--user", "bob", "--", "sleep", "30"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(d.ctl(&["ps", "--user", "bob"]).status.success());
+    assert!(d.ctl(&["stop", &id]).status.success());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // The stalled clients are cut off, and the daemon holds little for them.
+    std::thread::sleep(Duration::from_secs(7));
+    let during = d.rss();
+    eprintln!(
+        "wardend RSS {} MiB before, {} MiB with 600 watchers and 100 stalled attach clients",
+        before >> 20,
+        during >> 20
+    );
+    assert!(
+        during.saturating_sub(before) < 64 << 20,
+        "{} MiB",
+        (during - before) >> 20
+    );
+    rt.block_on(async move {
+        let mut cut = 0;
+        for h in held {
+            if let Ok(mut a) = h.downcast::<(
+                tonic::Streaming<pb::AttachResponse>,
+                tokio::sync::mpsc::Sender<pb::AttachRequest>,
+                WorkersClient<tonic::transport::Channel>,
+            )>() {
+                // Read what was queued; the end is the cut-off status.
+                let end = loop {
+                    match tokio::time::timeout(Duration::from_secs(10), a.0.next()).await {
+                        Ok(Some(Ok(_))) => continue,
+                        Ok(Some(Err(e))) => break Some(e),
+                        _ => break None,
+                    }
+                };
+                if let Some(e) = end {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                    assert!(e.message().contains("read nothing for 5 s"), "{e:?}");
+                    cut += 1;
+                }
+            }
+        }
+        assert_eq!(cut, 100, "every stalled Attach client was cut off");
+    });
+    assert!(d.ctl(&["stop", &loud]).status.success());
+}
