@@ -160,6 +160,22 @@ impl Daemon {
             .map_or(0, |kb| kb * 1024)
     }
 
+    /// CPU time the daemon has used (user and system, all its threads).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command (which may hold spaces) in parentheses.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat; `after` starts at 3.
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = field(14) + field(15);
+        // SAFETY: sysconf has no memory arguments.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .unwrap_or(100)
+            .max(1);
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("run/warden.sock")
     }

@@ -226,15 +226,16 @@ impl Host {
         register_init(launched.enforced.init_pid, cgroup.id());
         let out = drain(launched.child.stdout.take().expect("stdout"));
         let err = drain(launched.child.stderr.take().expect("stderr"));
-        // Answer denied calls as the daemon does, and collect their reports.
-        let rate = self.config.rate_limits.worker_denials;
-        let denials = launched.seccomp_listener.take().map(|listener| {
+        // The init answers denied calls; collect its reports.
+        let denials = launched.denials.take().map(|pipe| {
             std::thread::spawn(move || {
-                let mut seen = Vec::new();
-                warden_daemon::denials::serve(listener, warden_daemon::limits::Bucket::new(rate), |d| {
-                    seen.push(d.syscall)
-                });
-                seen
+                let mut buf = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut std::fs::File::from(pipe), &mut buf);
+                warden_daemon::denials::parse(&mut buf)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| r.syscall)
+                    .collect::<Vec<_>>()
             })
         });
         Ok(Running {

@@ -497,3 +497,39 @@ fn idle_watchers_and_stalled_attach_clients_leave_the_daemon_responsive() {
     });
     assert!(d.ctl(&["stop", &loud]).status.success());
 }
+
+#[test]
+fn denied_calls_cost_the_worker_not_the_daemon() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    // Warm: the daemon has served a worker.
+    assert!(d
+        .ctl(&["spawn", "--user", "alice", "-w", "--", "true"])
+        .status
+        .success());
+    let before = d.cpu_time();
+    // chroot is denied by every profile: each call waits for its answer.
+    let script = "import os, time\nn = 0\nend = time.time() + 10\nwhile time.time() < end:\n    try:\n        os.chroot('/tmp')\n    except PermissionError:\n        n += 1\nprint(n)\n";
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "python3", "-c", script]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let denied: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let daemon = d.cpu_time().saturating_sub(before);
+    let exited = d.events(&["--kind", "worker_exited", "--user", "alice"]).pop().unwrap();
+    let worker = Duration::from_micros(exited["cpu_time_us"].as_u64().unwrap());
+    eprintln!("{denied} denied calls; the worker's cgroup used {worker:?} of CPU, the daemon {daemon:?}");
+    assert!(denied > 10_000, "every call was answered EPERM: {denied}");
+    // Answering them (in the worker's init) is the worker's CPU, not ours.
+    assert!(daemon < Duration::from_millis(1500), "the daemon used {daemon:?}");
+    assert!(daemon * 5 < worker, "daemon {daemon:?}, worker {worker:?}");
+    // And they are reported, rate-limited, with the rest counted.
+    let reports = d.events(&["--kind", "sandbox_denial", "--user", "alice"]);
+    let counted: u64 = reports
+        .iter()
+        .map(|e| 1 + e["suppressed"].as_u64().unwrap())
+        .sum::<u64>()
+        - u64::from(reports.last().is_some_and(|e| e["syscall"] == "(suppressed)"));
+    assert!(reports.len() < 200, "{} reports", reports.len());
+    assert_eq!(counted, denied, "every denial is reported or counted");
+}

@@ -51,10 +51,9 @@ pub struct Launched {
     /// The outer launcher process; its exit status is the worker's.
     pub child: Child,
     pub enforced: Enforced,
-    /// The seccomp user-notification listener: every denied call of the
-    /// worker waits on it until answered (see [`crate::denials`]). Dropping
-    /// it makes denied calls fail with ENOSYS instead of EPERM.
-    pub seccomp_listener: Option<OwnedFd>,
+    /// The read end of the worker's denial pipe: its init answers the
+    /// denied system calls and reports them here (see [`crate::denials`]).
+    pub denials: Option<OwnedFd>,
     /// The listening sockets on the worker's loopback, for the proxy and
     /// the API gateway (see [`crate::net`]).
     pub listeners: Vec<(ListenerKind, OwnedFd)>,
@@ -80,7 +79,7 @@ pub fn launch(
     stderr: Stdio,
 ) -> Result<Launched, LaunchError> {
     let (spec_r, spec_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| LaunchError::Pipe(e.into()))?;
-    // A socket, not a pipe: the launcher passes the seccomp listener fd on it.
+    // A socket, not a pipe: the launcher passes descriptors on it.
     let (report_r, report_w) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| LaunchError::Pipe(e.into()))?;
     let mut child = {
@@ -131,12 +130,12 @@ pub fn launch(
                 });
             }
             let mut fds = fds.into_iter();
-            let seccomp_listener = fds.next();
+            let denials = fds.next();
             let listeners = spec.listeners.iter().map(|l| l.kind).zip(fds).collect();
             Ok(Launched {
                 child,
                 enforced,
-                seccomp_listener,
+                denials,
                 listeners,
             })
         }
@@ -152,7 +151,7 @@ pub fn launch(
 }
 
 /// Reads report records until EOF, with the fds passed alongside (the
-/// seccomp listener, then the network listeners). A failure record wins
+/// denial pipe, then the network listeners). A failure record wins
 /// over an earlier "enforced" record (exec can fail after the sandbox is
 /// built).
 fn read_report(fd: OwnedFd) -> Result<(Option<Enforced>, Vec<OwnedFd>), LaunchError> {

@@ -10,10 +10,13 @@
 //! - the outer launcher (this process, in the host PID namespace): joins the
 //!   worker's cgroup, creates the namespaces, forks the init and then only
 //!   forwards signals to it and exits with its status;
-//! - the init (PID 1 of the new PID namespace): builds the sandbox in
-//!   [`sandbox::setup`], forks the worker, reaps zombies, forwards signals and
-//!   exits with the worker's status (128+signal when it was killed);
-//! - the worker, exec'd by the init's child.
+//! - the init (PID 1 of the new PID namespace, in the worker's cgroup, as
+//!   the worker's uid, under its landlock rules): builds the sandbox in
+//!   [`sandbox::setup`], forks the worker, answers the worker's denied
+//!   system calls ([`denials`]), reaps zombies, forwards signals and exits
+//!   with the worker's status (128+signal when it was killed);
+//! - the worker, the init's child: installs the seccomp filter on itself,
+//!   hands its listener to the init, and execs.
 //!
 //! Any setup failure is written to the report pipe as a typed record (stage,
 //! errno, message) and the worker never runs. EOF on the pipe without a
@@ -21,18 +24,21 @@
 
 #![deny(unsafe_code)]
 
+mod denials;
 mod sandbox;
 #[allow(unsafe_code)]
 mod sys;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, getpid, ForkResult, Pid};
 use warden_policy::{LaunchReport, LaunchSpec, SPEC_VERSION};
@@ -180,7 +186,7 @@ fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
         ForkResult::Parent { child } => {
             // Only the init and the worker write reports from here on.
             let _ = nix::unistd::close(3);
-            Ok(supervise(child, None))
+            Ok(supervise(child, None, None))
         }
     }
 }
@@ -197,39 +203,71 @@ fn supervised_signals() -> SigSet {
 }
 
 /// The wait loop of the outer launcher and of the init alike: forwards
-/// signals to `child`, reaps every zombie, and, with a `timeout`, sends
-/// SIGTERM when it passes and SIGKILL to everything the caller may signal
-/// (the init: its whole PID namespace) ten seconds later. Returns the
-/// child's status as an exit code (128+signal when it was killed).
-pub fn supervise(child: Pid, timeout: Option<Duration>) -> i32 {
+/// signals to `child`, reaps every zombie, answers the worker's denied
+/// calls (the init), and, with a `timeout`, sends SIGTERM when it passes
+/// and SIGKILL to everything the caller may signal (the init: its whole
+/// PID namespace) ten seconds later. Returns the child's status as an exit
+/// code (128+signal when it was killed).
+pub fn supervise(child: Pid, timeout: Option<Duration>, mut denials: Option<denials::Denials>) -> i32 {
     let set = supervised_signals();
+    let Ok(signals) = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) else {
+        // Without a signalfd nothing can be waited for: end the worker.
+        let _ = kill(child, Signal::SIGKILL);
+        return EXIT_SETUP_FAILED;
+    };
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut killing_at: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let wake = killing_at.or(deadline).map(|t| t.saturating_duration_since(now));
-        match sys::wait_signal(&set, wake) {
-            Some(sig) if sig == libc::SIGCHLD => {
-                if let Some(code) = reap(child) {
-                    return code;
-                }
+        let poll_timeout = wake.map_or(PollTimeout::NONE, |w| {
+            PollTimeout::try_from(w.as_millis().min(60_000)).unwrap_or(PollTimeout::MAX)
+        });
+        let (signalled, denied, gone) = {
+            let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+            if let Some(d) = &denials {
+                fds.push(PollFd::new(d.fd(), PollFlags::POLLIN));
             }
-            Some(sig) => {
-                if let Ok(s) = Signal::try_from(sig) {
+            match poll(&mut fds, poll_timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+            let ready = |i: usize, f: PollFlags| fds.get(i).and_then(PollFd::revents).is_some_and(|r| r.intersects(f));
+            (
+                ready(0, PollFlags::POLLIN),
+                ready(1, PollFlags::POLLIN),
+                ready(1, PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL),
+            )
+        };
+        if denied && denials.as_mut().is_some_and(|d| !d.answer()) || gone {
+            // Every process under the filter has exited.
+            if let Some(d) = denials.take() {
+                d.finish();
+            }
+        }
+        if signalled {
+            while let Ok(Some(info)) = signals.read_signal() {
+                let sig = i32::try_from(info.ssi_signo).unwrap_or(0);
+                if sig == libc::SIGCHLD {
+                    if let Some(code) = reap(child) {
+                        if let Some(d) = denials.take() {
+                            d.finish();
+                        }
+                        return code;
+                    }
+                } else if let Ok(s) = Signal::try_from(sig) {
                     let _ = kill(child, s);
                 }
             }
-            None => {
-                let now = Instant::now();
-                if killing_at.is_some_and(|k| now >= k) {
-                    // Grace is over: kill everything in the namespace but us.
-                    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-                    killing_at = None;
-                } else if deadline.is_some_and(|d| now >= d) && killing_at.is_none() {
-                    let _ = kill(child, Signal::SIGTERM);
-                    killing_at = Some(now + Duration::from_secs(10));
-                }
-            }
+        }
+        let now = Instant::now();
+        if killing_at.is_some_and(|k| now >= k) {
+            // Grace is over: kill everything in the namespace but us.
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            killing_at = None;
+        } else if deadline.is_some_and(|d| now >= d) && killing_at.is_none() {
+            let _ = kill(child, Signal::SIGTERM);
+            killing_at = Some(now + Duration::from_secs(10));
         }
     }
 }

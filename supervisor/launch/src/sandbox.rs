@@ -18,12 +18,15 @@ use nix::fcntl::{open, openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::Mode;
+use nix::unistd::pipe2;
 use nix::unistd::{
     chdir, execve, fork, pivot_root, setgroups, sethostname, setresgid, setresuid, setsid, ForkResult, Gid, Pid, Uid,
 };
-use warden_policy::{Enforced, LaunchReport, LaunchSpec, MAX_LANDLOCK_ABI};
+use warden_policy::{Bucket, Enforced, LaunchReport, LaunchSpec, MAX_LANDLOCK_ABI};
 
+use crate::denials::Denials;
 use crate::sys;
 
 /// The steps of the setup, in order; a failure names the one that failed.
@@ -116,17 +119,19 @@ const NEW: &str = "/newroot";
 /// Runs as PID 1 of the new PID namespace. Never returns.
 pub fn init(spec: &LaunchSpec, mut report: File) -> ! {
     let worker = match setup(spec, &mut report) {
-        Ok(pid) => pid,
+        Ok(w) => w,
         Err(e) => crate::fail(&mut report, &e, crate::EXIT_SETUP_FAILED),
     };
     // The worker (or its failed exec) holds the other end of the report now.
     drop(report);
-    std::process::exit(crate::supervise(worker, spec.timeout_secs.map(Duration::from_secs)));
+    let timeout = spec.timeout_secs.map(Duration::from_secs);
+    std::process::exit(crate::supervise(worker.pid, timeout, Some(worker.denials)));
 }
 
 /// Builds the sandbox around this process, then forks and execs the worker.
-/// Each step is here, in the order it happens; returns the worker's PID.
-fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
+/// Each step is here, in the order it happens; returns the worker, whose
+/// denied calls the init answers.
+fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
     // If the outer launcher dies, so does this namespace: no orphaned workers.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .at(Stage::Namespaces, || "Cannot set the parent-death signal".into())?;
@@ -331,10 +336,61 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
     // --- Landlock: file system, TCP ports, scoping. Fails closed. ---
     let (landlock_abi, landlock_scoped) = restrict_landlock(spec)?;
 
-    // --- seccomp, last: from here on only the allowlist can be called. ---
-    let listener = sys::install_seccomp(&spec.seccomp.program)
-        .at(Stage::Seccomp, || "Cannot install the seccomp filter".into())?;
+    // --- The worker: a child that installs the seccomp filter on itself,
+    // last, and hands its listener to us. The init stays outside the
+    // filter (it answers the listener: a call of its own that the filter
+    // held would wait on itself) but inside everything else.
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+        .at(Stage::Seccomp, || "Cannot create the listener socket pair".into())?;
+    // SAFETY: this process is single-threaded; the child only installs the
+    // filter, sends one message and execs.
+    #[allow(unsafe_code)]
+    let forked = unsafe { fork() };
+    let worker = match forked.at(Stage::Spawn, || "Cannot fork the worker".into())? {
+        ForkResult::Child => {
+            drop(ours);
+            drop(listeners);
+            let listener = match sys::install_seccomp(&spec.seccomp.program) {
+                Ok(l) => l,
+                Err(e) => crate::fail(
+                    report,
+                    &SetupError::new(Stage::Seccomp, e, "Cannot install the seccomp filter"),
+                    crate::EXIT_SETUP_FAILED,
+                ),
+            };
+            if let Err(e) = sys::send_with_fds(theirs.as_raw_fd(), b"L", &[listener.as_raw_fd()]) {
+                crate::fail(
+                    report,
+                    &SetupError::new(Stage::Seccomp, e, "Cannot hand the seccomp listener to the init"),
+                    crate::EXIT_SETUP_FAILED,
+                );
+            }
+            drop(listener);
+            drop(theirs);
+            exec_worker(spec, report)
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(theirs);
+    // Nobody may take the listener from us (ptrace, /proc/1/fd, pidfd_getfd
+    // all need the init to be dumpable).
+    nix::sys::prctl::set_dumpable(false).at(Stage::Seccomp, || "Cannot make the init non-dumpable".into())?;
+    // No listener: the child failed before sending it, and reported why.
+    let listener = match sys::recv_fd(ours.as_raw_fd()) {
+        Ok(Some(l)) => l,
+        _ => {
+            let _ = nix::sys::wait::waitpid(worker, None);
+            std::process::exit(crate::EXIT_SETUP_FAILED);
+        }
+    };
+    drop(ours);
 
+    // Reports of denied calls go to the daemon on a pipe of their own,
+    // never blocking the init.
+    let (reports_r, reports_w) =
+        pipe2(OFlag::O_CLOEXEC).at(Stage::Seccomp, || "Cannot create the denial pipe".into())?;
+    nix::fcntl::fcntl(&reports_w, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+        .at(Stage::Seccomp, || "Cannot make the denial pipe non-blocking".into())?;
     let enforced = Enforced {
         landlock_abi,
         landlock_fs: true,
@@ -350,27 +406,33 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Pid, SetupError> {
         listeners: spec.listeners.iter().map(|l| l.port).collect(),
     };
     let line = LaunchReport::Enforced(enforced).to_line();
-    // The daemon answers and reports denials and serves the proxy; this
-    // process keeps no copy (a listener nobody reads would hang the worker),
-    // and the worker never sees them. Descriptors only go to the daemon.
-    let fds: Vec<std::os::fd::RawFd> = std::iter::once(&listener)
+    // The daemon reads the denial reports and serves the proxy; the worker
+    // never sees these descriptors.
+    let fds: Vec<std::os::fd::RawFd> = std::iter::once(&reports_r)
         .chain(&listeners)
         .map(AsRawFd::as_raw_fd)
         .collect();
-    sys::send_with_fds(report.as_raw_fd(), &line, &fds).at(Stage::Seccomp, || {
-        "Cannot hand the seccomp and network listeners to the daemon".into()
-    })?;
-    drop(listener);
-    drop(listeners);
-
-    // --- The worker. ---
-    // SAFETY: this process is single-threaded; the child only execs.
-    #[allow(unsafe_code)]
-    let forked = unsafe { fork() };
-    match forked.at(Stage::Spawn, || "Cannot fork the worker".into())? {
-        ForkResult::Child => exec_worker(spec, report),
-        ForkResult::Parent { child } => Ok(child),
+    if let Err(e) = sys::send_with_fds(report.as_raw_fd(), &line, &fds) {
+        let _ = nix::sys::signal::kill(worker, Signal::SIGKILL);
+        return Err(SetupError::new(
+            Stage::Seccomp,
+            e,
+            "Cannot hand the denial pipe and network listeners to the daemon",
+        ));
     }
+    drop(reports_r);
+    drop(listeners);
+    let limit = Bucket::new(spec.seccomp.report_rate());
+    Ok(Started {
+        pid: worker,
+        denials: Denials::new(listener, File::from(reports_w), limit),
+    })
+}
+
+/// The worker, as the init supervises it.
+pub struct Started {
+    pub pid: Pid,
+    pub denials: Denials,
 }
 
 fn new_path(p: &str) -> PathBuf {

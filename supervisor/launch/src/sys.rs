@@ -6,7 +6,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::sys::signal::SigSet;
 
 fn cstr(p: &Path) -> Result<CString, Errno> {
     CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)
@@ -160,19 +159,6 @@ pub fn listen_loopback(port: u16) -> Result<OwnedFd, Errno> {
     Ok(fd)
 }
 
-/// Waits for one of `set` (which must be blocked) for at most `timeout`.
-/// Returns the signal number, or None on timeout.
-pub fn wait_signal(set: &SigSet, timeout: Option<std::time::Duration>) -> Option<i32> {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::from(t.subsec_nanos()),
-    });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `set` is a valid sigset, info may be NULL, ts is NULL or valid.
-    let ret = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), ts_ptr) };
-    (ret > 0).then_some(ret)
-}
-
 /// Brings the loopback interface of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
     // SAFETY: socket() has no memory arguments; we own the returned fd.
@@ -230,4 +216,76 @@ pub fn adopt_fd_as(fd: RawFd, to: RawFd) -> Result<std::fs::File, Errno> {
     }
     // SAFETY: `to` is now a valid descriptor owned only by the returned File.
     Ok(unsafe { std::fs::File::from_raw_fd(to) })
+}
+
+/// One pending notification: a process of the worker waits in a denied call.
+#[derive(Debug, Clone, Copy)]
+pub struct Notification {
+    pub id: u64,
+    pub pid: u32,
+    pub nr: i32,
+    pub arch: u32,
+}
+
+/// Takes the next notification (the listener must be readable, or this
+/// blocks). Errors when the filter is gone or the caller died (ENOENT).
+pub fn notif_recv(listener: &OwnedFd) -> Result<Notification, Errno> {
+    // SAFETY: seccomp_notif is plain data; the kernel requires it zeroed.
+    let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl writes one seccomp_notif into `n`, which we own.
+    let ret = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut n) };
+    if ret < 0 {
+        return Err(Errno::last());
+    }
+    Ok(Notification {
+        id: n.id,
+        pid: n.pid,
+        nr: n.data.nr,
+        arch: n.data.arch,
+    })
+}
+
+/// Answers a notification: the call fails with `errno`.
+pub fn notif_fail(listener: &OwnedFd, id: u64, errno: i32) -> Result<(), Errno> {
+    let resp = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: -errno,
+        flags: 0,
+    };
+    // SAFETY: the ioctl reads one seccomp_notif_resp from `resp`.
+    let ret = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) };
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// Receives one descriptor sent with [`send_with_fds`] on `sock`; None at
+/// EOF (the sender went away without sending).
+pub fn recv_fd(sock: RawFd) -> Result<Option<OwnedFd>, Errno> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut buf = [0u8; 16];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => m,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut got = None;
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    // SAFETY: the kernel installed this descriptor for us
+                    // in recvmsg; nothing else owns it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                    got.get_or_insert(owned);
+                }
+            }
+        }
+        return Ok(got);
+    }
 }

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bucket;
 mod claude;
 pub mod config;
 mod error;
@@ -18,6 +19,7 @@ pub mod seccomp;
 mod spec;
 mod units;
 
+pub use bucket::Bucket;
 pub use claude::{ClaudePolicy, ClaudeRequest, HttpUrl, PermissionMode, ToolRule};
 pub use error::{Location, PolicyError};
 pub use network::{Host, NetRule, NetworkMode, NetworkPolicy};
@@ -26,7 +28,7 @@ pub use profile::{
     RLIMITS, VARIABLES,
 };
 pub use spec::{
-    compile, policy_digest, Bind, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Listener, ListenerKind, Rlimit,
-    SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
+    compile, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Listener,
+    ListenerKind, Rlimit, SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
 };
 pub use units::{ByteSize, CpuQuota, Rate, Seconds};

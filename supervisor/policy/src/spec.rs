@@ -16,7 +16,7 @@ use crate::profile::{Access, FsRule, Profile};
 use crate::seccomp::{self, Arch};
 
 /// Bumped whenever the launcher cannot read an older spec correctly.
-pub const SPEC_VERSION: u32 = 2;
+pub const SPEC_VERSION: u32 = 3;
 
 /// What the daemon asks for: who, where, what to run.
 #[derive(Debug, Clone)]
@@ -77,9 +77,42 @@ pub struct SeccompSpec {
     /// The resolved allowlist, for reports and `profile explain`.
     pub allowed: Vec<String>,
     /// The BPF program as (code, jt, jf, k). Denied calls return
-    /// `SECCOMP_RET_USER_NOTIF`: the launcher installs it with a listener,
-    /// which travels back to the daemon on the report socket.
+    /// `SECCOMP_RET_USER_NOTIF`: the worker's process installs it with a
+    /// listener, which it hands to its init; the init answers every denied
+    /// call with EPERM and reports them on a pipe to the daemon.
     pub program: Vec<(u16, u8, u8, u32)>,
+    /// The init's reports: a burst, then one per `report_interval_us`
+    /// (the rest are counted, in the next report's `suppressed`).
+    pub report_burst: u64,
+    pub report_interval_us: u64,
+}
+
+impl SeccompSpec {
+    /// The rate the init reports denials at.
+    pub fn report_rate(&self) -> crate::Rate {
+        #[allow(clippy::cast_precision_loss)] // Intervals far below 2^52 µs.
+        let per_second = 1e6 / self.report_interval_us.max(1) as f64;
+        crate::Rate::new(self.report_burst, per_second)
+    }
+
+    /// Sets the report rate (from the daemon's `rate_limits.worker_denials`).
+    pub fn set_report_rate(&mut self, rate: crate::Rate) {
+        self.report_burst = rate.burst;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // A positive interval in µs.
+        let interval = (1e6 / rate.per_second.max(1e-6)).round() as u64;
+        self.report_interval_us = interval.max(1);
+    }
+}
+
+/// One line on a worker's denial pipe, from its init to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenialReport {
+    /// The call's name (or `syscall_N`), or `(suppressed)` for a last count.
+    pub syscall: String,
+    /// The calling process, in the worker's PID namespace.
+    pub pid: u32,
+    /// Denials not reported since the previous report.
+    pub suppressed: u64,
 }
 
 /// A file the launcher writes into the new root (read-only inside).
@@ -121,7 +154,7 @@ pub struct LaunchSpec {
     pub env: Vec<(String, String)>,
     pub cwd: String,
     /// The worker's listeners, in the order their descriptors go to the
-    /// daemon (after the seccomp listener). Empty in mode `none`.
+    /// daemon (after the denial pipe). Empty in mode `none`.
     pub listeners: Vec<Listener>,
     pub binds: Vec<Bind>,
     pub tmp_size: u64,
@@ -386,6 +419,16 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
         .map(|i| (i.code, i.jt, i.jf, i.k))
         .collect();
 
+    let mut seccomp = SeccompSpec {
+        arch: arch.name().to_string(),
+        allowed,
+        program,
+        report_burst: 0,
+        report_interval_us: 0,
+    };
+    // The daemon sets its configured rate over this default.
+    seccomp.set_report_rate(crate::config::RateLimits::default().worker_denials);
+
     Ok(LaunchSpec {
         version: SPEC_VERSION,
         worker_id: req.worker_id.clone(),
@@ -430,11 +473,7 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
             tcp_bind: net.tcp_bind.iter().copied().collect(),
         },
         listeners,
-        seccomp: SeccompSpec {
-            arch: arch.name().to_string(),
-            allowed,
-            program,
-        },
+        seccomp,
         timeout_secs: profile.limits.timeout_secs,
         cgroup_procs: req.cgroup_procs.clone(),
     })

@@ -321,7 +321,7 @@ impl Supervisor {
                 no_new_privs: e.no_new_privs,
                 capabilities_empty: e.capabilities_empty,
                 landlock_denials_observable: self.landlock_audit.load(Ordering::SeqCst) && e.landlock_abi >= 7,
-                seccomp_denials_observable: launched.seccomp_listener.is_some(),
+                seccomp_denials_observable: launched.denials.is_some(),
             },
         );
         (worker, started)
@@ -338,8 +338,8 @@ impl Supervisor {
         interactive: bool,
         timeout: Option<Duration>,
     ) {
-        if let Some(listener) = launched.seccomp_listener.take() {
-            self.report_denials(worker, listener);
+        if let Some(pipe) = launched.denials.take() {
+            self.report_denials(worker, pipe);
         }
         // The proxy and the API gateway, on listeners in the worker's own
         // network namespace.
@@ -405,33 +405,26 @@ impl Supervisor {
         tokio::spawn(async move { this.monitor(&w).await });
     }
 
-    /// Answers the worker's denied system calls with EPERM and reports
-    /// them, on a thread of its own until the worker is gone.
-    fn report_denials(&self, worker: &Worker, listener: std::os::fd::OwnedFd) {
+    /// Makes the worker's denial reports (its init answers the calls)
+    /// `sandbox_denial` events, until its init is gone.
+    fn report_denials(&self, worker: &Worker, pipe: std::os::fd::OwnedFd) {
         let events = self.events.clone();
-        let rate = self.config.rate_limits.worker_denials;
+        let limit = Bucket::new(self.config.rate_limits.worker_denials);
         let (id, user) = (worker.id.clone(), worker.user.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("denials-{id}"))
-            .spawn(move || {
-                crate::denials::serve(listener, Bucket::new(rate), |d| {
-                    events.publish(
-                        Some(&id),
-                        Some(&user),
-                        EventKind::SandboxDenial {
-                            layer: "seccomp".into(),
-                            syscall: Some(d.syscall),
-                            pid: i32::try_from(d.pid).ok(),
-                            path: None,
-                            access: None,
-                            suppressed: d.suppressed,
-                        },
-                    );
-                });
-            });
-        if let Err(e) = spawned {
-            tracing::error!(worker = %worker.id, error = %e, "cannot start the denial reporter; denied calls will fail with ENOSYS");
-        }
+        tokio::spawn(crate::denials::relay(pipe, limit, move |d| {
+            events.publish(
+                Some(&id),
+                Some(&user),
+                EventKind::SandboxDenial {
+                    layer: "seccomp".into(),
+                    syscall: Some(d.syscall),
+                    pid: i32::try_from(d.pid).ok(),
+                    path: None,
+                    access: None,
+                    suppressed: d.suppressed,
+                },
+            );
+        }));
     }
 
     /// The host side of this daemon, for [`prepare`].
@@ -517,6 +510,7 @@ pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) ->
             return Err(e);
         }
     };
+    spec.seccomp.set_report_rate(host.config.rate_limits.worker_denials);
     // Claude Code gets its gateway's address and a placeholder credential;
     // the user's real one stays in the daemon, with the gateway.
     let (session, gateway) = match claude {
