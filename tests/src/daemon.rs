@@ -317,6 +317,11 @@ impl Daemon {
 
 /// A gRPC channel to a daemon's socket, for tests that speak gRPC directly.
 pub async fn channel(socket: PathBuf) -> tonic::transport::Channel {
+    try_channel(socket).await.expect("connect to wardend")
+}
+
+/// The same, for a daemon that may not be there (yet, or any more).
+pub async fn try_channel(socket: PathBuf) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     tonic::transport::Endpoint::try_from("http://wardend.invalid")
         .expect("a valid placeholder URI")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
@@ -324,5 +329,4 @@ pub async fn channel(socket: PathBuf) -> tonic::transport::Channel {
             async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
         }))
         .await
-        .expect("connect to wardend")
 }

@@ -508,9 +508,13 @@ impl Supervisor {
             },
         );
         written.written().await;
+        // Nobody reads it any more; an exited worker kept in the history
+        // holds no descriptor.
+        w.stdin.close().await;
         self.records.remove(&w.id);
-        w.exit.send_replace(Some(info));
+        // The slot is free before anyone waiting hears of the exit.
         w.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        w.exit.send_replace(Some(info));
     }
 
     pub fn signal(&self, id: &str, sig: Signal) -> Result<Arc<Worker>, WorkerError> {

@@ -1,0 +1,278 @@
+//! Soak: many short workers through a real wardend, with the daemon
+//! killed (SIGKILL) in the middle and restarted. Afterwards nothing has
+//! leaked (descriptors, threads, cgroups, mounts, processes), the daemon's
+//! memory is back where it was, and the audit log is whole: it parses,
+//! its sequence numbers are dense, and every event a client saw is in it.
+//!
+//! `WARDEN_SOAK_SPAWNS` sets the number of spawns (default 10,000; the
+//! README says how to run a longer one).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use warden_proto::v1 as pb;
+use warden_tests::daemon::{rate, rate_limits, try_channel, value, Daemon};
+use warden_tests::privileged;
+
+const CONCURRENCY: usize = 64;
+const USERS: usize = 16;
+
+/// What the host and the daemon hold, to compare before and after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holdings {
+    fds: usize,
+    threads: usize,
+    rss: u64,
+    cgroups: usize,
+    mounts: usize,
+    worker_processes: usize,
+}
+
+fn count_dir(p: &str) -> usize {
+    std::fs::read_dir(p).map_or(0, Iterator::count)
+}
+
+fn holdings(d: &Daemon, uids: std::ops::RangeInclusive<u32>) -> Holdings {
+    let pid = d.pid();
+    let worker_processes = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))
+                        .and_then(|u| u.split_whitespace().next()?.parse::<u32>().ok())
+                })
+                .is_some_and(|uid| uids.contains(&uid))
+        })
+        .count();
+    Holdings {
+        fds: count_dir(&format!("/proc/{pid}/fd")),
+        threads: count_dir(&format!("/proc/{pid}/task")),
+        rss: d.rss(),
+        cgroups: d.cgroup_children().len(),
+        mounts: std::fs::read_to_string("/proc/self/mountinfo").map_or(0, |m| m.lines().count()),
+        worker_processes,
+    }
+}
+
+/// Spawns and waits for `n` workers at [`CONCURRENCY`], retrying through
+/// a daemon that goes away; `kill_at` completions in, `on_half` runs once.
+async fn run_spawns(socket: PathBuf, n: u64, done: Arc<AtomicU64>) -> u64 {
+    let next = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..CONCURRENCY {
+        let (socket, next, done, retries) = (socket.clone(), next.clone(), done.clone(), retries.clone());
+        tasks.push(tokio::spawn(async move {
+            let user = format!("soak{}", t % USERS);
+            let mut client: Option<pb::workers_client::WorkersClient<tonic::transport::Channel>> = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    return;
+                }
+                loop {
+                    if client.is_none() {
+                        client = try_channel(socket.clone())
+                            .await
+                            .ok()
+                            .map(pb::workers_client::WorkersClient::new);
+                    }
+                    let Some(c) = client.as_mut() else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let spawned = c
+                        .spawn(pb::SpawnRequest {
+                            user: user.clone(),
+                            command: vec!["true".into()],
+                            ..Default::default()
+                        })
+                        .await;
+                    let ok = match spawned {
+                        Ok(w) => c.wait(pb::WaitRequest { id: w.into_inner().id }).await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if ok {
+                        done.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                    // The daemon went away (or is restarting): reconnect.
+                    retries.fetch_add(1, Ordering::SeqCst);
+                    client = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    retries.load(Ordering::SeqCst)
+}
+
+/// Follows every event from seq 1 (reconnecting from the last one seen
+/// after the daemon's restart) until `stop`; records (seq, kind, worker).
+async fn watch_all(socket: PathBuf, seen: Arc<Mutex<BTreeMap<u64, (String, String)>>>, stop: Arc<AtomicBool>) {
+    let mut from = 1;
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(ch) = try_channel(socket.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut c = pb::events_client::EventsClient::new(ch);
+        let Ok(stream) = c
+            .watch(pb::WatchRequest {
+                from_seq: from,
+                ..Default::default()
+            })
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            let next = tokio::select! {
+                m = stream.next() => m,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if stop.load(Ordering::SeqCst) { return; }
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok(pb::WatchResponse {
+                    msg: Some(pb::watch_response::Msg::Event(e)),
+                })) => {
+                    from = e.seq + 1;
+                    seen.lock().unwrap().insert(e.seq, (e.kind, e.worker));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+    }
+}
+
+#[test]
+fn thousands_of_workers_and_a_crash_leak_nothing_and_lose_no_event() {
+    if !privileged("runs wardend and thousands of workers") {
+        return;
+    }
+    let total: u64 = std::env::var("WARDEN_SOAK_SPAWNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut d = Daemon::start_with(&[
+        ("max_workers", value(256)),
+        ("max_workers_per_user", value(8)),
+        ("sample_interval_seconds", value(5)),
+        // A short history, full before the baseline: what it holds is
+        // not a leak.
+        ("exited_history", value(100)),
+        ("audit_max_bytes", value(1i64 << 30)),
+        ("audit_budget", rate(1 << 40, "1T/s")),
+        (
+            "rate_limits",
+            rate_limits(&[
+                ("spawns_per_user", rate(1_000_000, "100000/s")),
+                ("spawns_per_caller", rate(1_000_000, "100000/s")),
+            ]),
+        ),
+    ]);
+    let config = std::fs::read_to_string(d.dir.path().join("wardend.toml")).unwrap();
+    let parsed = warden_policy::config::Config::parse("soak", &config).unwrap();
+    let uids = parsed.uid_min..=parsed.uid_max;
+    let mounts_before = holdings(&d, uids.clone()).mounts;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = d.socket();
+    let seen: Arc<Mutex<BTreeMap<u64, (String, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = rt.spawn(watch_all(socket.clone(), seen.clone(), stop.clone()));
+    let started = Instant::now();
+
+    // First half, with the daemon killed while spawns are under way.
+    let done = Arc::new(AtomicU64::new(0));
+    let half = total / 2;
+    let first = rt.spawn(run_spawns(socket.clone(), half, done.clone()));
+    // Early, so that the restarted daemon warms up before the baseline.
+    while done.load(Ordering::SeqCst) < half / 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.crash();
+    std::thread::sleep(Duration::from_millis(200));
+    d.spawn_daemon();
+    let retried = rt.block_on(first).unwrap();
+    eprintln!(
+        "soak: {half} spawns (with a SIGKILL of the daemon) in {:?}, {retried} retried",
+        started.elapsed()
+    );
+
+    // A warm baseline of the restarted daemon, then the second half.
+    std::thread::sleep(Duration::from_secs(12));
+    let base = holdings(&d, uids.clone());
+    let second_started = Instant::now();
+    let done = Arc::new(AtomicU64::new(0));
+    let retried = rt.block_on(run_spawns(socket.clone(), total - half, done));
+    let second = second_started.elapsed();
+    eprintln!(
+        "soak: {} more spawns in {second:?} ({:.0}/s), {retried} retried",
+        total - half,
+        (total - half) as f64 / second.as_secs_f64()
+    );
+    // Idle blocking threads go after 10 s; samples of ended workers stop.
+    std::thread::sleep(Duration::from_secs(12));
+    let end = holdings(&d, uids.clone());
+    eprintln!("soak: before {base:?}\nsoak: after  {end:?}");
+    assert_eq!(end.fds, base.fds, "descriptors leaked");
+    assert!(end.threads <= base.threads, "threads leaked: {base:?} -> {end:?}");
+    assert_eq!(end.cgroups, 0, "worker cgroups left");
+    assert_eq!(end.mounts, mounts_before, "mounts left on the host");
+    assert_eq!(end.worker_processes, 0, "worker processes left");
+    assert!(
+        end.rss <= base.rss + base.rss / 10,
+        "RSS grew from {} to {} KiB",
+        base.rss >> 10,
+        end.rss >> 10
+    );
+
+    // The audit log: every line parses, seqs are dense, and every event a
+    // client saw is in it as seen.
+    stop.store(true, Ordering::SeqCst);
+    rt.block_on(watcher).unwrap();
+    let log = d.audit_events();
+    let seqs: Vec<u64> = log.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs.first(), Some(&1));
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "sequence numbers are dense");
+    let by_seq: BTreeMap<u64, &serde_json::Value> = log.iter().map(|e| (e["seq"].as_u64().unwrap(), e)).collect();
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() as u64 >= total * 2, "the watcher saw {} events", seen.len());
+    for (seq, (kind, worker)) in seen.iter() {
+        let e = by_seq
+            .get(seq)
+            .unwrap_or_else(|| panic!("seq {seq} was seen but is not in the log"));
+        assert_eq!(e["kind"].as_str(), Some(kind.as_str()), "seq {seq}");
+        assert_eq!(e["worker"].as_str().unwrap_or(""), worker, "seq {seq}");
+    }
+    let exits = log.iter().filter(|e| e["kind"] == "worker_exited").count() as u64;
+    assert!(exits >= total, "{exits} exits for {total} spawns");
+    eprintln!(
+        "soak: {} events, all {} seen by the client in the log; {:?} in all",
+        log.len(),
+        seen.len(),
+        started.elapsed()
+    );
+}
