@@ -13,6 +13,15 @@
 //!   (the API sends the rest 20 ms later, so a gateway that buffered would
 //!   show it) and to its end; and requests per second on loopback.
 //!
+//! - events: audit events per second the daemon writes (durably) and
+//!   publishes, with its group commit (one writer thread, one fdatasync per
+//!   batch) against one fdatasync per event under a lock (the daemon before
+//!   #13), with 64 publishers waiting for the disk and with one that does
+//!   not wait;
+//! - list under load: latency of another user's `List` (p50, p99) while 64
+//!   clients spawn and wait for short workers and a worker floods its
+//!   output, against the same `List` on the idle daemon.
+//!
 //! Run as root: `cargo build --release --workspace --bins && target/release/warden-bench`
 
 #![allow(clippy::print_stdout)]
@@ -77,6 +86,8 @@ fn main() {
 
     let net = network();
     let gw = gateway();
+    let ev = events();
+    let list = list_under_load();
 
     println!("warden-bench ({runs} runs, medians; {n} calls per syscall figure)");
     println!("{:<58} {:>12} {:>12}", "", "sandboxed", "host");
@@ -107,6 +118,228 @@ fn main() {
     for (what, through, direct, unit) in gw {
         println!("{what:<58} {through:>9.2} {unit} {direct:>9.2} {unit}");
     }
+    println!("{:<58} {:>12} {:>12}", "", "group commit", "per event");
+    for (what, group, per_event, unit) in ev {
+        println!("{what:<58} {group:>9.0} {unit} {per_event:>9.0} {unit}");
+    }
+    println!("{:<58} {:>12} {:>12}", "", "under load", "idle");
+    for (what, loaded, idle, unit) in list {
+        println!("{what:<58} {loaded:>9.2} {unit} {idle:>9.2} {unit}");
+    }
+}
+
+/// A typical small event.
+fn bench_event() -> warden_daemon::events::EventKind {
+    warden_daemon::events::EventKind::LimitReached {
+        limit: "pids_max".into(),
+        count: 1,
+    }
+}
+
+/// The daemon before group commit: each event numbered, written and
+/// fdatasync'ed under one lock, then broadcast.
+struct PerEvent {
+    log: std::sync::Mutex<(warden_daemon::audit::AuditLog, u64)>,
+    live: tokio::sync::broadcast::Sender<std::sync::Arc<warden_daemon::events::Event>>,
+}
+
+impl PerEvent {
+    fn publish(&self) {
+        let mut guard = self.log.lock().expect("the log lock");
+        let (log, seq) = &mut *guard;
+        *seq += 1;
+        let event = warden_daemon::events::Event {
+            seq: *seq,
+            time_ms: 0,
+            worker: Some("w-bench".into()),
+            user: Some("bench".into()),
+            kind: bench_event(),
+        };
+        let line = serde_json::to_string(&event).expect("an event serializes");
+        log.append(&[line]).expect("the audit log");
+        let _ = self.live.send(std::sync::Arc::new(event));
+    }
+}
+
+/// Events per second from `threads` threads calling `f` for `for_`.
+fn per_second(threads: usize, for_: Duration, f: &(dyn Fn() + Sync)) -> f64 {
+    let count = std::sync::atomic::AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while started.elapsed() < for_ {
+                    f();
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    count.into_inner() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The audit writer's rows: (what, group commit, per event, unit). The
+/// logs live on the disk that holds the cargo target directory.
+fn events() -> Vec<(&'static str, f64, f64, &'static str)> {
+    use warden_daemon::events::bus::{Events, Settings};
+    let dir = tempfile::tempdir_in(warden_tests::bin_dir()).expect("a directory on disk");
+    let for_ = Duration::from_secs(3);
+
+    let (bus, _) = Events::open(Settings::at(&dir.path().join("group.log"))).expect("the bus");
+    let _live = bus.subscribe();
+    let group_waiting = per_second(64, for_, &|| {
+        bus.submit(Some("w-bench"), Some("bench"), bench_event()).wait();
+    });
+    // Within the writer's queue, so that nothing is dropped.
+    let n: u32 = 50_000;
+    let before = bus.stats().written;
+    let started = Instant::now();
+    for _ in 0..n {
+        bus.publish(Some("w-bench"), Some("bench"), bench_event());
+    }
+    bus.flush();
+    let group_not_waiting = f64::from(n) / started.elapsed().as_secs_f64();
+    assert_eq!(bus.stats().written - before, u64::from(n), "the bench dropped events");
+
+    let (log, _) =
+        warden_daemon::audit::AuditLog::open(&dir.path().join("per-event.log"), 1 << 30, 1).expect("the audit log");
+    let per = PerEvent {
+        log: std::sync::Mutex::new((log, 0)),
+        live: tokio::sync::broadcast::channel(1 << 16).0,
+    };
+    let _live = per.live.subscribe();
+    let per_waiting = per_second(64, for_, &|| per.publish());
+    let per_not_waiting = per_second(1, for_, &|| per.publish());
+    vec![
+        (
+            "audit events/s, 64 publishers each waiting for the disk",
+            group_waiting,
+            per_waiting,
+            "/s",
+        ),
+        (
+            "audit events/s, one publisher not waiting (then a flush)",
+            group_not_waiting,
+            per_not_waiting,
+            "/s",
+        ),
+    ]
+}
+
+/// Latencies of another user's `List`, every 5 ms for `for_`.
+async fn list_latencies(d: &Daemon, for_: Duration) -> Vec<Duration> {
+    use warden_proto::v1 as pb;
+    let mut client = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while started.elapsed() < for_ {
+        let asked = Instant::now();
+        client
+            .list(pb::ListWorkersRequest {
+                user: "bob".into(),
+                include_exited: false,
+            })
+            .await
+            .expect("List");
+        out.push(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    out
+}
+
+/// The `per_mille`th latency of `v`, in ms.
+fn percentile(mut v: Vec<Duration>, per_mille: usize) -> f64 {
+    v.sort();
+    let i = (v.len() - 1) * per_mille / 1000;
+    v[i].as_secs_f64() * 1e3
+}
+
+/// The `List` rows: (what, under load, idle, unit).
+fn list_under_load() -> Vec<(&'static str, f64, f64, &'static str)> {
+    use warden_proto::v1 as pb;
+    use warden_tests::daemon::{rate, rate_limits, value};
+    let d = Daemon::start_with(&[
+        ("max_workers", value(256)),
+        ("max_workers_per_user", value(64)),
+        (
+            "rate_limits",
+            rate_limits(&[
+                ("spawns_per_user", rate(100_000, "100000/s")),
+                ("spawns_per_caller", rate(100_000, "100000/s")),
+            ]),
+        ),
+    ]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    let for_ = Duration::from_secs(10);
+    let idle = rt.block_on(list_latencies(&d, for_));
+
+    let flood = d.ctl(&[
+        "spawn",
+        "--user",
+        "flood",
+        "--",
+        "sh",
+        "-c",
+        "yes 0123456789abcdef0123456789abcdef",
+    ]);
+    assert!(flood.status.success(), "{}", String::from_utf8_lossy(&flood.stderr));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawned = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let load_started = Instant::now();
+    let loaded = rt.block_on(async {
+        let mut clients = Vec::new();
+        for i in 0..64 {
+            let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+            let (stop, spawned) = (stop.clone(), spawned.clone());
+            clients.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let w = c
+                        .spawn(pb::SpawnRequest {
+                            user: format!("load{}", i % 8),
+                            command: vec!["true".into()],
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("Spawn under load")
+                        .into_inner();
+                    c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+                    spawned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
+        }
+        // The load settles first.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let loaded = list_latencies(&d, for_).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in clients {
+            c.await.expect("a spawning client");
+        }
+        loaded
+    });
+    let loaded_for = load_started.elapsed();
+    let spawns = spawned.load(std::sync::atomic::Ordering::Relaxed) as f64 / loaded_for.as_secs_f64();
+    let id = String::from_utf8_lossy(&flood.stdout).trim().to_string();
+    let _ = d.ctl(&["stop", &id]);
+    vec![
+        (
+            "List p50 (64 clients spawning, a worker flooding stdout)",
+            percentile(loaded.clone(), 500),
+            percentile(idle.clone(), 500),
+            "ms",
+        ),
+        (
+            "List p99 (64 clients spawning, a worker flooding stdout)",
+            percentile(loaded, 990),
+            percentile(idle, 990),
+            "ms",
+        ),
+        ("spawns (each waited for) per second meanwhile", spawns, f64::NAN, "/s"),
+    ]
 }
 
 /// A fake Messages API that streams one answer: its first event at once,

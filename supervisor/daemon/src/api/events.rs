@@ -152,6 +152,24 @@ impl Subscriber {
     }
 }
 
+/// What a Watch asks for, checked.
+pub fn watch_filter(r: &pb::WatchRequest) -> Result<Filter, Status> {
+    for k in &r.kinds {
+        if !KINDS.contains(&k.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "kinds: unknown kind {:?}; expected one of {}",
+                crate::events::clip(k, 64),
+                KINDS.join(", ")
+            )));
+        }
+    }
+    Ok(Filter {
+        worker: (!r.worker.is_empty()).then(|| r.worker.clone()),
+        user: (!r.user.is_empty()).then(|| r.user.clone()),
+        kinds: r.kinds.clone(),
+    })
+}
+
 #[tonic::async_trait]
 impl pb::events_server::Events for EventsApi {
     type WatchStream = Out<pb::WatchResponse>;
@@ -159,15 +177,7 @@ impl pb::events_server::Events for EventsApi {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let c = caller(&req, &self.sup.config)?;
         let r = req.into_inner();
-        for k in &r.kinds {
-            if !KINDS.contains(&k.as_str()) {
-                return Err(Status::invalid_argument(format!(
-                    "kinds: unknown kind {:?}; expected one of {}",
-                    crate::events::clip(k, 64),
-                    KINDS.join(", ")
-                )));
-            }
-        }
+        let filter = watch_filter(&r)?;
         if !r.user.is_empty() && !c.may_act_for(&r.user) {
             return Err(super::denied(
                 &self.sup,
@@ -177,11 +187,6 @@ impl pb::events_server::Events for EventsApi {
                 format!("uid {} may not watch warden user {:?}", c.uid, r.user),
             ));
         }
-        let filter = Filter {
-            worker: (!r.worker.is_empty()).then(|| r.worker.clone()),
-            user: (!r.user.is_empty()).then(|| r.user.clone()),
-            kinds: r.kinds.clone(),
-        };
         let events = self.sup.events.clone();
         // 0: only what comes next (from the end of the log as it is now).
         let cursor = if r.from_seq == 0 {

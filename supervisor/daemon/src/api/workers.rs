@@ -216,64 +216,75 @@ fn end_slow<M>(out: Outbox<M>, result: Result<(), Gone>) {
     }
 }
 
+/// A spawn request, checked field by field, as the domain takes it (who
+/// may act for the user is checked apart: it is audited).
+pub fn spawn_params(c: &Caller, default_profile: &str, r: pb::SpawnRequest) -> Result<SpawnParams, Status> {
+    let user = if r.user.is_empty() {
+        c.default_user()
+            .map(str::to_string)
+            .ok_or_else(|| Status::invalid_argument("user: required"))?
+    } else {
+        r.user
+    };
+    warden_policy::names::check_user(&user).map_err(|e| Status::invalid_argument(format!("user: {e}")))?;
+    let project = if r.project.is_empty() {
+        "default".to_string()
+    } else {
+        r.project
+    };
+    warden_policy::names::check_project(&project).map_err(|e| Status::invalid_argument(format!("project: {e}")))?;
+    if r.command.is_empty() || r.command[0].is_empty() {
+        return Err(Status::invalid_argument("command: required"));
+    }
+    if r.command.iter().any(|a| a.contains('\0')) {
+        return Err(Status::invalid_argument("command: an argument contains NUL"));
+    }
+    if r.env
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+    {
+        return Err(Status::invalid_argument(
+            "env: a name is empty or holds '=' or NUL, or a value holds NUL",
+        ));
+    }
+    let limits = r.limits.unwrap_or_default();
+    let claude = r.claude.unwrap_or_default();
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    Ok(SpawnParams {
+        user,
+        project,
+        profile: if r.profile.is_empty() {
+            default_profile.to_string()
+        } else {
+            r.profile
+        },
+        command: r.command,
+        caller_uid: Some(c.uid),
+        interactive: r.interactive,
+        claude: warden_policy::ClaudeRequest {
+            model: some(claude.model),
+            max_turns: (claude.max_turns > 0).then_some(claude.max_turns),
+            disallowed_tools: claude.disallowed_tools,
+            append_system_prompt: some(claude.append_system_prompt),
+            permission_mode: some(claude.permission_mode),
+        },
+        env: r.env.into_iter().collect(),
+        limits: RequestedLimits {
+            memory: nonzero(limits.memory_bytes),
+            memory_swap: nonzero(limits.memory_swap_bytes),
+            pids: nonzero(limits.pids),
+            cpu_quota_us: nonzero(limits.cpu_quota_us),
+            timeout_secs: nonzero(limits.timeout_seconds),
+        },
+    })
+}
+
 #[tonic::async_trait]
 impl pb::workers_server::Workers for WorkersApi {
     async fn spawn(&self, req: Request<pb::SpawnRequest>) -> Result<Response<pb::Worker>, Status> {
         let c = caller(&req, &self.sup.config)?;
-        let r = req.into_inner();
-        let user = if r.user.is_empty() {
-            c.default_user()
-                .map(str::to_string)
-                .ok_or_else(|| Status::invalid_argument("user: required"))?
-        } else {
-            r.user
-        };
-        warden_policy::names::check_user(&user).map_err(|e| Status::invalid_argument(format!("user: {e}")))?;
-        authorize(&self.sup, &c, &user, "Workers.Spawn")?;
-        let project = if r.project.is_empty() {
-            "default".to_string()
-        } else {
-            r.project
-        };
-        warden_policy::names::check_project(&project).map_err(|e| Status::invalid_argument(format!("project: {e}")))?;
-        if r.command.is_empty() || r.command[0].is_empty() {
-            return Err(Status::invalid_argument("command: required"));
-        }
-        if r.command.iter().any(|a| a.contains('\0')) {
-            return Err(Status::invalid_argument("command: an argument contains NUL"));
-        }
-        let limits = r.limits.unwrap_or_default();
-        let params = SpawnParams {
-            user,
-            project,
-            profile: if r.profile.is_empty() {
-                self.sup.config.default_profile.clone()
-            } else {
-                r.profile
-            },
-            command: r.command,
-            caller_uid: Some(c.uid),
-            interactive: r.interactive,
-            claude: {
-                let c = r.claude.unwrap_or_default();
-                let some = |s: String| (!s.is_empty()).then_some(s);
-                warden_policy::ClaudeRequest {
-                    model: some(c.model),
-                    max_turns: (c.max_turns > 0).then_some(c.max_turns),
-                    disallowed_tools: c.disallowed_tools,
-                    append_system_prompt: some(c.append_system_prompt),
-                    permission_mode: some(c.permission_mode),
-                }
-            },
-            env: r.env.into_iter().collect(),
-            limits: RequestedLimits {
-                memory: nonzero(limits.memory_bytes),
-                memory_swap: nonzero(limits.memory_swap_bytes),
-                pids: nonzero(limits.pids),
-                cpu_quota_us: nonzero(limits.cpu_quota_us),
-                timeout_secs: nonzero(limits.timeout_seconds),
-            },
-        };
+        let params = spawn_params(&c, &self.sup.config.default_profile, req.into_inner())?;
+        authorize(&self.sup, &c, &params.user, "Workers.Spawn")?;
         let w = self.sup.spawn(params).await.map_err(|e| status(&e, &c))?;
         Ok(Response::new(to_pb(&w)))
     }

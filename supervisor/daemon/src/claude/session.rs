@@ -264,52 +264,94 @@ struct Driver {
     pending_reports: Reporter,
 }
 
+/// What the driver makes of one line of the worker's output.
+#[derive(Debug)]
+pub enum Message<'a> {
+    /// A control request: a permission request when `subtype` is
+    /// `can_use_tool`.
+    Control {
+        id: Cow<'a, str>,
+        subtype: Option<Cow<'a, str>>,
+        tool: Option<Cow<'a, str>>,
+        input: Option<&'a RawValue>,
+    },
+    /// Claude's result: a one-shot session ends.
+    Result,
+    /// A control request too long to read, by the id at its start.
+    TooLong { id: String, len: u64 },
+    /// Anything else (assistant turns, tool results, noise).
+    Other,
+}
+
+/// Reads one line the way the driver does: a small typed envelope, never
+/// a whole JSON tree.
+pub fn read_message(line: &Line) -> Message<'_> {
+    match line {
+        Line::Whole(bytes) => {
+            let Ok(msg) = serde_json::from_slice::<Envelope<'_>>(bytes) else {
+                return Message::Other;
+            };
+            match msg.kind.as_deref() {
+                Some("control_request") => {
+                    let (Some(id), Some(request)) = (msg.request_id, msg.request) else {
+                        return Message::Other;
+                    };
+                    let Ok(r) = serde_json::from_str::<ControlRequest<'_>>(request.get()) else {
+                        return Message::Other;
+                    };
+                    Message::Control {
+                        id,
+                        subtype: r.subtype,
+                        tool: r.tool_name,
+                        input: r.input,
+                    }
+                }
+                Some("result") => Message::Result,
+                _ => Message::Other,
+            }
+        }
+        Line::TooLong { head, len } => match request_id_in(head) {
+            Some(id) => Message::TooLong { id, len: *len },
+            None => Message::Other,
+        },
+    }
+}
+
 impl Driver {
     async fn line(&mut self, line: Line) {
-        match line {
-            Line::Whole(bytes) => {
-                let Ok(msg) = serde_json::from_slice::<Envelope<'_>>(&bytes) else {
-                    return;
-                };
-                match msg.kind.as_deref() {
-                    Some("control_request") => {
-                        if let (Some(id), Some(request)) = (msg.request_id, msg.request) {
-                            self.control(&id, request).await;
-                        }
-                    }
-                    Some("result") if !self.interactive => self.s.stdin.close().await,
-                    _ => {}
+        match read_message(&line) {
+            Message::Control {
+                id,
+                subtype,
+                tool,
+                input,
+            } => self.control(&id, subtype.as_deref(), tool.as_deref(), input).await,
+            Message::Result if !self.interactive => self.s.stdin.close().await,
+            Message::TooLong { id, len } => {
+                let message = format!(
+                    "Denied by warden: this request is too large to review ({len} bytes; the limit is {MAX_LINE})"
+                );
+                if self.admit() {
+                    self.decided(&id, "(unknown)", false, "limit", &message);
                 }
+                self.reply(&deny(&id, &message)).await;
             }
-            Line::TooLong { head, len } => {
-                if let Some(id) = request_id_in(&head) {
-                    let message = format!(
-                        "Denied by warden: this request is too large to review ({len} bytes; the limit is {MAX_LINE})"
-                    );
-                    if self.admit() {
-                        self.decided(&id, "(unknown)", false, "limit", &message);
-                    }
-                    self.reply(&deny(&id, &message)).await;
-                }
-            }
+            Message::Result | Message::Other => {}
         }
     }
 
     /// Answers one control request of the worker.
-    async fn control(&mut self, request_id: &str, request: &RawValue) {
-        let Ok(r) = serde_json::from_str::<ControlRequest<'_>>(request.get()) else {
-            return;
-        };
-        if r.subtype.as_deref() != Some("can_use_tool") || request_id.len() > MAX_REQUEST_ID {
+    async fn control(&mut self, request_id: &str, subtype: Option<&str>, tool: Option<&str>, raw: Option<&RawValue>) {
+        if subtype != Some("can_use_tool") || request_id.len() > MAX_REQUEST_ID {
             let reply = serde_json::json!({"type": "control_response", "response": {
                 "subtype": "error", "request_id": clip(request_id, MAX_REQUEST_ID),
-                "error": format!("warden does not support {} requests", clip(r.subtype.as_deref().unwrap_or("these"), 64)),
+                "error": format!("warden does not support {} requests", clip(subtype.unwrap_or("these"), 64)),
             }});
             self.reply(&line_of(&reply)).await;
             return;
         }
-        let tool = clip(r.tool_name.as_deref().unwrap_or(""), 256);
-        let input = r.input.map_or("{}", RawValue::get);
+        let tool = clip(tool.unwrap_or(""), 256);
+        let input = raw.map_or("{}", RawValue::get);
         if !self.admit() {
             let message = "Denied by warden: too many permission requests (the worker_approvals rate limit)";
             self.reply(&deny(request_id, message)).await;
@@ -343,7 +385,7 @@ impl Driver {
         };
         // The raw input is echoed back on allow; it is held (and counted in
         // the worker's waiting bytes) until then.
-        let input: Box<RawValue> = match r.input {
+        let input: Box<RawValue> = match raw {
             Some(i) => i.to_owned(),
             None => RawValue::from_string("{}".into()).expect("valid JSON"),
         };

@@ -54,14 +54,34 @@ async fn handle(egress: Arc<Egress>, req: Request<Incoming>) -> Result<Response<
     Ok(forward(egress, req).await)
 }
 
+/// Where a request asks to go: `CONNECT host:port`, or an absolute-form
+/// `http://` request (port 80 unless given). The host is as sent; the
+/// error is the 400 answer's text.
+pub fn destination(method: &Method, uri: &Uri) -> Result<(Protocol, String, u16), &'static str> {
+    if method == Method::CONNECT {
+        return uri
+            .authority()
+            .and_then(|a| Some((Protocol::Connect, a.host().to_string(), a.port_u16()?)))
+            .ok_or("warden: CONNECT needs host:port\n");
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("warden: this is a proxy: send absolute-form (http://host/path) or CONNECT requests\n");
+    };
+    if uri.scheme_str() != Some("http") {
+        return Err("warden: only http:// is forwarded as a request; use CONNECT for https\n");
+    }
+    Ok((
+        Protocol::Http,
+        authority.host().to_string(),
+        authority.port_u16().unwrap_or(80),
+    ))
+}
+
 /// `CONNECT host:port`: dial, answer 200, then carry the tunnel.
 async fn connect(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body> {
-    let Some((host, port)) = req
-        .uri()
-        .authority()
-        .and_then(|a| Some((a.host().to_string(), a.port_u16()?)))
-    else {
-        return text(StatusCode::BAD_REQUEST, "warden: CONNECT needs host:port\n");
+    let (host, port) = match destination(req.method(), req.uri()) {
+        Ok((_, host, port)) => (host, port),
+        Err(why) => return text(StatusCode::BAD_REQUEST, why),
     };
     let upstream = match egress.open(Protocol::Connect, &host, port).await {
         Ok(u) => u,
@@ -101,20 +121,11 @@ async fn connect(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body> 
 /// Host header naming the checked host, stream the answer back.
 async fn forward(egress: Arc<Egress>, mut req: Request<Incoming>) -> Response<Body> {
     let uri = req.uri().clone();
-    let Some(authority) = uri.authority().cloned() else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "warden: this is a proxy: send absolute-form (http://host/path) or CONNECT requests\n",
-        );
+    let (host, port) = match destination(req.method(), &uri) {
+        Ok((_, host, port)) => (host, port),
+        Err(why) => return text(StatusCode::BAD_REQUEST, why),
     };
-    if uri.scheme_str() != Some("http") {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "warden: only http:// is forwarded as a request; use CONNECT for https\n",
-        );
-    }
-    let port = authority.port_u16().unwrap_or(80);
-    let upstream = match egress.open(Protocol::Http, authority.host(), port).await {
+    let upstream = match egress.open(Protocol::Http, &host, port).await {
         Ok(u) => u,
         Err(f) => return failure(f),
     };

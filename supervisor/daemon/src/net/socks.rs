@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{tunnel, Egress, Failure, Protocol};
@@ -79,7 +79,7 @@ pub async fn serve(egress: Arc<Egress>, mut stream: TcpStream) {
 
 /// The greeting and the request: the destination, or the reply that
 /// refuses it. A name is returned as sent, for the one canonicaliser.
-async fn handshake(s: &mut TcpStream) -> std::io::Result<Result<(String, u16), Reply>> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> std::io::Result<Result<(String, u16), Reply>> {
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await?;
     if head[0] != VERSION {
