@@ -533,3 +533,133 @@ fn denied_calls_cost_the_worker_not_the_daemon() {
     assert!(reports.len() < 200, "{} reports", reports.len());
     assert_eq!(counted, denied, "every denial is reported or counted");
 }
+
+/// Opens `streams` Spawn requests on a raw HTTP/2 connection to `sock`,
+/// each declaring a message of `len` bytes and sending all of it but the
+/// last byte; returns what keeps them open.
+async fn half_sent_messages(sock: &std::path::Path, streams: usize, len: u32) -> Vec<Box<dyn std::any::Any + Send>> {
+    let io = hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(sock).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    for _ in 0..streams {
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>(1);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = hyper::Request::post("http://wardend/warden.v1.Workers/Spawn")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        sender.ready().await.unwrap();
+        let answer = tokio::spawn(sender.send_request(req));
+        let feed = tokio::spawn(async move {
+            let mut prefix = vec![0u8];
+            prefix.extend_from_slice(&len.to_be_bytes());
+            if tx.send(Ok(hyper::body::Frame::data(prefix.into()))).await.is_err() {
+                return;
+            }
+            let chunk = bytes::Bytes::from(vec![b'a'; 64 << 10]);
+            let mut left = len as usize - 1;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if tx.send(Ok(hyper::body::Frame::data(chunk.slice(..n)))).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            // Never the last byte.
+            std::future::pending::<()>().await;
+        });
+        held.push(Box::new((answer, feed)));
+    }
+    held.push(Box::new(sender));
+    held
+}
+
+#[test]
+fn half_sent_requests_cannot_grow_the_daemon() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[("max_connections_per_caller", value(64))]);
+    let rt = runtime();
+    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    let before = d.rss();
+    // One uid (root, this test) opens 16 connections with 20 requests each,
+    // every one a Spawn of 4 MiB (the largest message) short of its last
+    // byte: 1.3 GB if the daemon took all of it.
+    let sock = d.socket();
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..16 {
+            held.extend(half_sent_messages(&sock, 20, (4 << 20) - 64).await);
+        }
+        held
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let during = d.rss();
+    eprintln!(
+        "wardend RSS {} MiB before, {} MiB with 320 half-sent 4 MiB requests",
+        before >> 20,
+        during >> 20
+    );
+
+    // Its pool (64 MiB) and the connections' receive windows (1 MiB each).
+    assert!(
+        during.saturating_sub(before) < 112 << 20,
+        "wardend grew by {} MiB",
+        (during - before) >> 20
+    );
+    // Another uid is served as ever: a plain member of the socket group
+    // lists and runs its own workers.
+    let t = Instant::now();
+    let out = d.ctl_as_nobody(&["spawn", "--user", "nobody", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d.ctl_as_nobody(&["ps"]).status.success());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Once they go, the uid's pool is whole again.
+    drop(rt);
+    drop(held);
+    let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn connections_past_the_per_uid_cap_are_refused() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[("max_connections_per_caller", value(4))]);
+    let rt = runtime();
+    let list = |c: tonic::transport::Channel| async move {
+        WorkersClient::new(c)
+            .list(pb::ListWorkersRequest::default())
+            .await
+            .map(|_| ())
+    };
+    let mut open = rt.block_on(async {
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            let c = channel(d.socket()).await;
+            list(c.clone()).await.expect("within the cap");
+            open.push(c);
+        }
+        open
+    });
+    let fifth = rt.block_on(async { list(channel(d.socket()).await).await });
+    let e = fifth.expect_err("a fifth connection of the same uid");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("uid 0 has 4 connections"), "{e:?}");
+    // The cap is per uid: another uid is served.
+    assert!(d.ctl_as_nobody(&["ps"]).status.success());
+    // The open ones still work, and a closed one makes room.
+    rt.block_on(async {
+        list(open[0].clone()).await.expect("an open connection");
+        drop(open.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        list(channel(d.socket()).await).await.expect("room again");
+    });
+}

@@ -331,7 +331,11 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     warden_daemon::api::serve::serve(
         listener,
         routes.routes(),
-        config.max_connections_per_caller as usize,
+        warden_daemon::api::serve::Limits {
+            connections_per_uid: config.max_connections_per_caller as usize,
+            max_message: config.max_message_bytes,
+            client_timeout: std::time::Duration::from_secs(config.client_timeout_seconds),
+        },
         async {
             let _ = stop_rx.await;
         },

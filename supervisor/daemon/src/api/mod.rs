@@ -3,6 +3,7 @@
 //! here; internal detail (paths, errno text) reaches admins only.
 
 pub mod events;
+pub mod metered;
 pub mod outbox;
 pub mod profiles;
 pub mod serve;

@@ -3,9 +3,10 @@
 //! `caller`, served by the gRPC routes.
 //!
 //! Owns: what one client can make the daemon hold for its connections:
-//! connections per calling uid, streams per connection, and bytes
-//! buffered per stream in either direction (HTTP/2 flow control does the
-//! rest: a client that does not read stops the daemon writing).
+//! connections per calling uid, streams per connection, bytes buffered
+//! per stream in either direction (HTTP/2 flow control does the rest: a
+//! client that does not read stops the daemon writing), and the bytes of
+//! partial request messages per calling uid (`metered`).
 //!
 //! Must never: let one uid's connections or streams grow the daemon
 //! without bound, or serve a request without its peer's credentials.
@@ -22,6 +23,8 @@ use tonic::service::Routes;
 use tonic::transport::server::Connected;
 use tower::ServiceExt;
 
+use super::metered::{self, Metered};
+
 /// Bytes queued to send on one stream that the socket has not taken
 /// (hyper's default is 400 KiB).
 const MAX_SEND_BUFFER: usize = 16 << 10;
@@ -29,37 +32,58 @@ const MAX_SEND_BUFFER: usize = 16 << 10;
 /// all on a connection, before it must wait for the daemon to read.
 const STREAM_WINDOW: u32 = 256 << 10;
 const CONNECTION_WINDOW: u32 = 1 << 20;
+/// Bytes of headers in one request.
+const MAX_HEADERS: u32 = 16 << 10;
 /// Streams open at once on one connection.
 const MAX_STREAMS: u32 = 100;
 /// How long connections get to finish at shutdown.
 const GRACE: Duration = Duration::from_secs(5);
 
-/// Open connections per uid.
+/// What one calling uid may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; past it, every request on a further
+    /// connection is answered RESOURCE_EXHAUSTED.
+    pub connections_per_uid: usize,
+    /// The largest request message (`max_message_bytes`): partial
+    /// messages draw on a pool of [`metered::POOL_BYTES`] per uid.
+    pub max_message: usize,
+    /// How long a request may wait for room in that pool.
+    pub client_timeout: Duration,
+}
+
+/// Open connections per uid, and the pool their partial request messages
+/// share.
 #[derive(Debug, Default)]
-struct Connections(Mutex<HashMap<u32, usize>>);
+struct Connections(Mutex<HashMap<u32, (usize, Arc<tokio::sync::Semaphore>)>>);
 
 /// A connection counted against its uid until it is dropped.
 struct Counted {
     uid: u32,
+    pool: Arc<tokio::sync::Semaphore>,
     all: Arc<Connections>,
 }
 
 impl Connections {
-    fn open(self: &Arc<Self>, uid: u32, max: usize) -> Option<Counted> {
+    fn open(self: &Arc<Self>, uid: u32, limits: &Limits) -> Option<Counted> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(uid).or_default();
-        if *n >= max {
+        let (n, pool) = m.entry(uid).or_insert_with(|| (0, metered::pool(limits.max_message)));
+        if *n >= limits.connections_per_uid {
             return None;
         }
         *n += 1;
-        Some(Counted { uid, all: self.clone() })
+        Some(Counted {
+            uid,
+            pool: pool.clone(),
+            all: self.clone(),
+        })
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         let mut m = self.all.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.uid) {
+        if let Some((n, _)) = m.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {
                 m.remove(&self.uid);
@@ -69,10 +93,8 @@ impl Drop for Counted {
 }
 
 /// Serves `routes` on `listener` until `shutdown`, then lets open
-/// connections finish for a grace period. At most `per_uid` connections
-/// of one uid are served at once; past it, every request on a further
-/// connection is answered RESOURCE_EXHAUSTED.
-pub async fn serve(listener: UnixListener, routes: Routes, per_uid: usize, shutdown: impl Future<Output = ()>) {
+/// connections finish for a grace period, within `limits` per calling uid.
+pub async fn serve(listener: UnixListener, routes: Routes, limits: Limits, shutdown: impl Future<Output = ()>) {
     let routes = routes.prepare();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Arc::new(Connections::default());
@@ -92,23 +114,28 @@ pub async fn serve(listener: UnixListener, routes: Routes, per_uid: usize, shutd
         };
         let info = stream.connect_info();
         let uid = info.peer_cred.map_or(u32::MAX, |c| c.uid());
-        let counted = connections.open(uid, per_uid);
+        let counted = connections.open(uid, &limits);
+        let per_uid = limits.connections_per_uid;
         if counted.is_none() {
             tracing::warn!(uid, per_uid, "too many connections from one uid; refusing its requests");
         }
         let routes = routes.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(info.clone());
+        // The service (and with it `counted`) lives as long as the connection.
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let routes = routes.clone();
-            let refused = counted.is_none();
+            let pool = counted.as_ref().map(|c| c.pool.clone());
+            let info = info.clone();
             async move {
-                if refused {
+                let Some(pool) = pool else {
                     let status = tonic::Status::resource_exhausted(format!(
                         "uid {uid} has {per_uid} connections to wardend open, the most it may"
                     ));
                     return Ok(status.into_http::<tonic::body::Body>());
-                }
-                routes.oneshot(req).await
+                };
+                let (mut parts, body) = req.into_parts();
+                parts.extensions.insert(info);
+                let body = Metered::new(body, pool, uid, limits.max_message, limits.client_timeout);
+                routes.oneshot(hyper::Request::from_parts(parts, body)).await
             }
         });
         let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -116,7 +143,8 @@ pub async fn serve(listener: UnixListener, routes: Routes, per_uid: usize, shutd
             .max_send_buf_size(MAX_SEND_BUFFER)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_concurrent_streams(MAX_STREAMS);
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_header_list_size(MAX_HEADERS);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
