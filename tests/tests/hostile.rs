@@ -663,3 +663,90 @@ fn connections_past_the_per_uid_cap_are_refused() {
         list(channel(d.socket()).await).await.expect("room again");
     });
 }
+
+/// The daemon's child processes (launchers), zombies included.
+fn children_of(pid: u32) -> Vec<String> {
+    let out = std::process::Command::new("ps")
+        .args(["-o", "pid=,stat=,comm=", "--ppid", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn clients_that_vanish_mid_spawn_or_mid_stop_leave_nothing_half_done() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[("max_workers_per_user", value(32))]);
+    let rt = runtime();
+    let ids = rt.block_on(async {
+        let mut c = WorkersClient::new(channel(d.socket()).await);
+        // Spawns whose clients give up after a few milliseconds, in the
+        // middle of the spawn's phases.
+        let mut gave_up = 0;
+        for i in 0..20u64 {
+            let r = tokio::time::timeout(
+                Duration::from_millis(1 + i % 7),
+                c.spawn(spawn_request("alice", &["sh", "-c", "trap '' TERM; sleep 30"])),
+            )
+            .await;
+            if r.is_err() {
+                gave_up += 1;
+            }
+        }
+        assert!(gave_up > 0, "no client gave up mid-spawn");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Every spawn that started finished: each worker is registered.
+        let listed = c
+            .list(pb::ListWorkersRequest {
+                user: "alice".into(),
+                include_exited: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        listed.into_iter().map(|w| w.id).collect::<Vec<_>>()
+    });
+    let started = d
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "worker_started")
+        .count();
+    assert_eq!(ids.len(), started, "a started worker is missing from the registry");
+    assert_eq!(
+        children_of(d.pid()).len(),
+        started,
+        "a launcher without a worker: {:?}",
+        children_of(d.pid())
+    );
+    // Stops whose clients give up during the grace period: the workers
+    // ignore SIGTERM, and are still killed when the grace runs out.
+    rt.block_on(async {
+        let mut c = WorkersClient::new(channel(d.socket()).await);
+        for id in &ids {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(50),
+                c.stop(pb::StopRequest {
+                    id: id.clone(),
+                    grace_seconds: 1,
+                }),
+            )
+            .await;
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let events = d.audit_events();
+    let killed = events
+        .iter()
+        .filter(|e| e["kind"] == "worker_exited" && e["signal"] == 9)
+        .count();
+    assert_eq!(killed, started, "every stop escalated to SIGKILL");
+    assert!(children_of(d.pid()).is_empty(), "{:?}", children_of(d.pid()));
+    assert!(d.cgroup_children().is_empty(), "{:?}", d.cgroup_children());
+}

@@ -18,6 +18,20 @@ use crate::workers::{Supervisor, WorkerError};
 use warden_policy::config::Config;
 use warden_policy::PolicyError;
 
+/// Runs `work` to its end even if the client goes away meanwhile (a
+/// handler's future is dropped when its client resets the stream). For
+/// work that must not stop halfway: a spawn that has a process and a
+/// cgroup but no registration, a stop that has sent SIGTERM but would
+/// never escalate.
+pub async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work).await.map_err(|e| {
+        tracing::error!(error = %e, "a request's work failed");
+        Status::internal("wardend failed to carry out the request (see its log)")
+    })
+}
+
 /// The authenticated caller of a request (from SO_PEERCRED).
 pub fn caller<T>(req: &Request<T>, config: &Config) -> Result<Caller, Status> {
     let cred = req

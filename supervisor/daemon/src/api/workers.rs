@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 use warden_proto::v1 as pb;
 
 use super::outbox::{outbox, Gone, Out, Outbox};
-use super::{authorize, caller, status};
+use super::{authorize, caller, status, to_completion};
 use crate::auth::Caller;
 use crate::events::{millis, ExitReason, NetUsage};
 use crate::io::OutputLog;
@@ -285,7 +285,10 @@ impl pb::workers_server::Workers for WorkersApi {
         let c = caller(&req, &self.sup.config)?;
         let params = spawn_params(&c, &self.sup.config.default_profile, req.into_inner())?;
         authorize(&self.sup, &c, &params.user, "Workers.Spawn")?;
-        let w = self.sup.spawn(params).await.map_err(|e| status(&e, &c))?;
+        let sup = self.sup.clone();
+        let w = to_completion(async move { sup.spawn(params).await })
+            .await?
+            .map_err(|e| status(&e, &c))?;
         Ok(Response::new(to_pb(&w)))
     }
 
@@ -326,7 +329,11 @@ impl pb::workers_server::Workers for WorkersApi {
         let r = req.into_inner();
         let w = self.visible(&c, &r.id, "Workers.Stop")?;
         let grace = (r.grace_seconds > 0).then(|| Duration::from_secs(u64::from(r.grace_seconds)));
-        self.sup.stop(&r.id, grace).await.map_err(|e| status(&e, &c))?;
+        let sup = self.sup.clone();
+        let id = r.id.clone();
+        to_completion(async move { sup.stop(&id, grace).await })
+            .await?
+            .map_err(|e| status(&e, &c))?;
         Ok(Response::new(to_pb(&w)))
     }
 
