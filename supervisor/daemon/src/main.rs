@@ -358,21 +358,35 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
 fn log_retention(config: &Config, capacity: u64) {
     let budget = config.audit_budget;
     #[allow(clippy::cast_precision_loss)] // Byte counts far below 2^52.
-    let days = capacity.saturating_sub(budget.burst) as f64 / (budget.per_second * 86400.0);
+    let seconds = capacity.saturating_sub(budget.burst) as f64 / budget.per_second;
     tracing::info!(
         capacity_bytes = capacity,
         burst_bytes = budget.burst,
         bytes_per_day = budget.per_second * 86400.0,
-        "audit log: a flood by one user or caller pushes nobody else's events out in less than {days:.1} days"
+        "audit log: a flood by one user or caller pushes nobody else's events out in no less than {}",
+        span(seconds)
     );
     if let Some(age) = config.audit_max_age {
         #[allow(clippy::cast_precision_loss)]
-        let wanted = age as f64 / 86400.0;
-        if days < wanted {
+        let wanted = age as f64;
+        if seconds < wanted {
             tracing::warn!(
-                "audit_max_age is {wanted:.0} days, but one identity at its audit_budget fills the log in \
-                 {days:.1}: raise audit_max_bytes or audit_keep, or lower audit_budget"
+                "audit_max_age is {}, but one identity at its audit_budget fills the log in {}: raise \
+                 audit_max_bytes or audit_keep, or lower audit_budget",
+                span(wanted),
+                span(seconds)
             );
         }
+    }
+}
+
+/// A span of time for people: seconds, hours or days.
+fn span(seconds: f64) -> String {
+    if seconds < 3600.0 {
+        format!("{seconds:.0} s")
+    } else if seconds < 86400.0 {
+        format!("{:.1} hours", seconds / 3600.0)
+    } else {
+        format!("{:.1} days", seconds / 86400.0)
     }
 }
