@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -33,7 +33,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warden_policy::config::{Budget, Config, GatewayConfig};
 
 use crate::claude::prepare::{Credential, GatewaySetup};
@@ -195,6 +195,10 @@ pub struct Gateway {
     denials: super::Denials,
     totals: Mutex<Totals>,
     slots: Arc<Semaphore>,
+    /// Bytes of request bodies the worker's connections may have the
+    /// gateway hold at once (see [`BODY_POOL`]).
+    bodies: Arc<Semaphore>,
+    body_wait: Duration,
     /// The worker's `api_usage` events (limited; requests are all counted).
     reported: Mutex<Bucket>,
 }
@@ -225,6 +229,23 @@ const DROPPED: &[&str] = &[
     "content-length",
     "proxy-connection",
 ];
+
+/// Bytes of request bodies one worker may have the gateway hold at once
+/// (at least one body of `max_request_bytes`): each of its connections
+/// could otherwise hold that much. A request waits for room, at most
+/// [`BODY_WAIT`].
+const BODY_POOL: usize = 64 << 20;
+const BODY_WAIT: Duration = Duration::from_secs(30);
+
+/// What the gateway reads of a request: its model and whether it streams,
+/// without building a tree of the rest.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
 
 /// The beta flag the API wants with an OAuth token.
 const OAUTH_BETA: &str = "oauth-2025-04-20";
@@ -259,7 +280,21 @@ impl Gateway {
             events,
             totals: Mutex::default(),
             slots: Arc::new(Semaphore::new(max_connections)),
+            bodies: Arc::new(Semaphore::new(
+                BODY_POOL
+                    .max(usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX))
+                    .min(Semaphore::MAX_PERMITS),
+            )),
+            body_wait: BODY_WAIT,
         }
+    }
+
+    /// A smaller pool of request bytes and a shorter wait (for tests).
+    #[cfg(test)]
+    fn with_body_pool(mut self, bytes: usize, wait: Duration) -> Self {
+        self.bodies = Arc::new(Semaphore::new(bytes));
+        self.body_wait = wait;
+        self
     }
 
     /// The worker's requests and tokens so far.
@@ -315,21 +350,14 @@ impl Gateway {
             return Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
         }
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, self.max_request_bytes).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request_too_large",
-                    &format!(
-                        "warden: requests through this gateway are at most {} bytes",
-                        self.max_request_bytes
-                    ),
-                )
-            }
+        // Held until the answer's head is back (the body has gone upstream).
+        let (body, _held) = match self.read_body(body).await {
+            Ok(b) => b,
+            Err(refused) => return refused,
         };
-        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let model = request["model"].as_str().unwrap_or("").to_string();
+        let head: Head<'_> = serde_json::from_slice(&body).unwrap_or_default();
+        let model = head.model.as_deref().unwrap_or("").to_string();
+        let streamed = head.stream == Some(true);
         if let Some(models) = &self.setup.models {
             if !models.contains(&model) {
                 self.refuse(
@@ -383,7 +411,6 @@ impl Gateway {
             }
         };
         let started = Instant::now();
-        let streamed = request["stream"].as_bool() == Some(true);
         let upstream_req = match self.upstream_request(&parts, body) {
             Some(r) => r,
             None => {
@@ -418,6 +445,56 @@ impl Gateway {
                 error(StatusCode::BAD_GATEWAY, "api_error", &message)
             }
         }
+    }
+
+    /// Reads a request body, taking its bytes from the worker's pool as
+    /// they come; refuses one over `max_request_bytes` (413) or one that
+    /// waited too long for room (503).
+    async fn read_body(&self, mut body: Incoming) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Response<Body>> {
+        let too_large = || {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                &format!(
+                    "warden: requests through this gateway are at most {} bytes",
+                    self.max_request_bytes
+                ),
+            )
+        };
+        let deadline = tokio::time::Instant::now() + self.body_wait;
+        let mut bytes = BytesMut::new();
+        let mut held: Option<OwnedSemaphorePermit> = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "warden: the request body was cut short",
+                ));
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            if bytes.len() + data.len() > self.max_request_bytes {
+                return Err(too_large());
+            }
+            let n = u32::try_from(data.len()).map_err(|_| too_large())?;
+            let more = tokio::time::timeout_at(deadline, self.bodies.clone().acquire_many_owned(n)).await;
+            let Ok(Ok(more)) = more else {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded_error",
+                    &format!(
+                        "warden: this worker's requests hold {} bytes in the gateway, the most they may; try again",
+                        self.bodies.available_permits() + bytes.len()
+                    ),
+                ));
+            };
+            match held.as_mut() {
+                Some(h) => h.merge(more),
+                None => held = Some(more),
+            }
+            bytes.extend_from_slice(&data);
+        }
+        Ok((bytes.freeze(), held))
     }
 
     /// Whether `headers` carry this worker's placeholder (and nothing else
@@ -842,5 +919,75 @@ mod upstream_tests {
         assert!(!answer.contains("sk-real-secret"), "{answer}");
         assert!(answer.contains("bad key [credential removed by warden]"), "{answer}");
         assert!(!answer.to_ascii_lowercase().contains("x-echo"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn request_bodies_held_at_once_are_bounded_per_worker() {
+        let port = echoing_upstream().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (events, _) = Events::open(crate::events::Settings::at(&dir.path().join("audit.jsonl"))).unwrap();
+        let mut config = warden_policy::config::Config::embedded();
+        config.gateway.max_request_bytes = 2 << 20;
+        let setup = GatewaySetup {
+            credential: Credential::ApiKey("sk-real-secret".into()),
+            placeholder: "warden-test".into(),
+            upstream: warden_policy::HttpUrl::try_from(format!("http://127.0.0.1:{port}")).unwrap(),
+            models: None,
+        };
+        let gateway = Arc::new(
+            Gateway::new(
+                "w1",
+                "alice",
+                "p",
+                setup,
+                Upstream::new(&config.gateway, HashMap::new()).unwrap(),
+                Arc::new(Ledger::open(&dir.path().join("usage.json"))),
+                Arc::new(events),
+                &config,
+            )
+            .with_body_pool(3 << 20, Duration::from_millis(300)),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let served = gateway.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(served.clone().serve(s));
+            }
+        });
+        let head = |len: usize| {
+            format!("POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n")
+        };
+        let body = |len: usize| {
+            let mut b = br#"{"model":"m","messages":[],"pad":""#.to_vec();
+            b.resize(len - 2, b'x');
+            b.extend_from_slice(b"\"}");
+            b
+        };
+        // One request stalls with 1.5 MiB of its 2 MiB sent.
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(head(2 << 20).as_bytes()).await.unwrap();
+        stalled.write_all(&body(2 << 20)[..3 << 19]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(gateway.bodies.available_permits(), (3 << 20) - (3 << 19));
+        // Another of 2 MiB does not fit beside it: 503 after the wait.
+        let send = |len: usize| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(head(len).as_bytes()).await.unwrap();
+            let _ = s.write_all(&body(len)).await;
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer).await;
+            answer
+        };
+        let answer = send(2 << 20).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("overloaded_error"), "{answer}");
+        // A small one still fits.
+        assert!(send(1000).await.starts_with("HTTP/1.1 400"));
+        // Once the stalled one goes, the pool is whole again.
+        drop(stalled);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(gateway.bodies.available_permits(), 3 << 20);
+        assert!(send(2 << 20).await.starts_with("HTTP/1.1 400"));
     }
 }
