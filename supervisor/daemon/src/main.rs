@@ -204,6 +204,15 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
             }
         }
     });
+    // Freed memory goes back to the kernel every 10 s (a few ms of work),
+    // from a thread of its own.
+    std::thread::Builder::new()
+        .name("release-memory".into())
+        .spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            warden_daemon::sys::release_free_memory();
+        })
+        .context("Cannot start a thread")?;
     let lost = sup.recover();
     for w in &lost {
         events.publish(
