@@ -757,3 +757,42 @@ fn clients_that_vanish_mid_spawn_or_mid_stop_leave_nothing_half_done() {
     assert!(children_of(d.pid()).is_empty(), "{:?}", children_of(d.pid()));
     assert!(d.cgroup_children().is_empty(), "{:?}", d.cgroup_children());
 }
+
+/// Threads of process `pid`.
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+}
+
+#[test]
+fn running_workers_hold_no_daemon_thread() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[("max_workers_per_user", value(8))]);
+    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    std::thread::sleep(Duration::from_secs(1));
+    let before = threads_of(d.pid());
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let user = format!("idle{}", i % 3);
+        let out = d.ctl(&["spawn", "--user", &user, "--", "sleep", "60"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let during = threads_of(d.pid());
+    eprintln!("wardend threads: {before} before, {during} with 24 running workers");
+    // A worker's exit is awaited on its pidfd: the blocking pool keeps only
+    // the few threads the spawns themselves used.
+    assert!(during <= before + 4, "{before} -> {during} threads");
+    for id in &ids {
+        assert!(d.ctl(&["stop", "--grace", "1", id]).status.success());
+    }
+    // And exits are still seen: each stopped worker has its exit event.
+    let exited = d
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "worker_exited" && ids.iter().any(|id| e["worker"] == id.as_str()))
+        .count();
+    assert_eq!(exited, ids.len());
+}

@@ -114,7 +114,13 @@ pub struct Egress {
     denials: Denials,
     usage: Mutex<NetUsage>,
     slots: Arc<Semaphore>,
+    /// Name lookups of this worker at once.
+    lookups: Semaphore,
 }
+
+/// Name lookups one worker may have under way at once; its further
+/// connections wait for one (all workers share the resolver's own bound).
+const LOOKUPS_PER_WORKER: usize = 4;
 
 /// How long a dial may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -138,6 +144,7 @@ impl Egress {
             denials: Denials::new(worker, user, events, config.rate_limits.worker_network_denials),
             usage: Mutex::default(),
             slots: Arc::new(Semaphore::new(config.max_connections_per_worker as usize)),
+            lookups: Semaphore::new(LOOKUPS_PER_WORKER),
         }
     }
 
@@ -174,16 +181,15 @@ impl Egress {
         self.policy
             .check(&self.profile, &host, port)
             .map_err(|r| Failure::Denied(self.refuse(protocol, &host.to_string(), port, r.code(), r.to_string())))?;
-        let addrs = self
-            .resolver
-            .resolve(&self.profile, &self.policy, &host, port)
-            .await
-            .map_err(|e| match e {
-                ResolveError::Internal { .. } | ResolveError::Never { .. } => {
-                    Failure::Denied(self.refuse(protocol, &host.to_string(), port, "internal-address", e.to_string()))
-                }
-                ResolveError::Failed { .. } => Failure::Unreachable(e.to_string()),
-            })?;
+        let lookup = self.lookups.acquire().await;
+        let resolved = self.resolver.resolve(&self.profile, &self.policy, &host, port).await;
+        drop(lookup);
+        let addrs = resolved.map_err(|e| match e {
+            ResolveError::Internal { .. } | ResolveError::Never { .. } => {
+                Failure::Denied(self.refuse(protocol, &host.to_string(), port, "internal-address", e.to_string()))
+            }
+            ResolveError::Failed { .. } => Failure::Unreachable(e.to_string()),
+        })?;
         let mut last = format!("cannot connect to {host}:{port}");
         for addr in addrs {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {

@@ -58,17 +58,50 @@ impl std::fmt::Debug for Resolver {
     }
 }
 
+/// System lookups (getaddrinfo, each on a thread of the blocking pool) at
+/// once, for all workers; a lookup's thread holds its place until
+/// getaddrinfo returns, even after the proxy gave up on it, so that slow
+/// names cannot fill the pool the daemon's own blocking work needs.
+const MAX_LOOKUPS: usize = 32;
+/// How long the proxy waits for one.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `resolve` on the blocking pool once one of `limit`'s places is
+/// free, waiting at most `wait` for its answer (the place is held until
+/// `resolve` returns).
+pub async fn blocking_lookup(
+    limit: Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+    resolve: impl FnOnce() -> std::io::Result<Vec<IpAddr>> + Send + 'static,
+) -> std::io::Result<Vec<IpAddr>> {
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "the name lookup timed out");
+    let work = async move {
+        let place = limit
+            .acquire_owned()
+            .await
+            .map_err(|_| std::io::Error::other("the resolver is closed"))?;
+        tokio::task::spawn_blocking(move || {
+            let _place = place;
+            resolve()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    };
+    tokio::time::timeout(wait, work).await.map_err(|_| timed_out())?
+}
+
 /// How long the host's own addresses are trusted before they are read again.
 const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
 
 impl Resolver {
     /// The system resolver, with the admin's `hosts` table in front of it.
     pub fn system(hosts: HashMap<String, IpAddr>) -> Self {
-        let lookup: Lookup = Arc::new(|name: String| {
-            Box::pin(async move {
-                let addrs = tokio::net::lookup_host((name.as_str(), 0)).await?;
-                Ok(addrs.map(|a| a.ip()).collect())
-            })
+        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS));
+        let lookup: Lookup = Arc::new(move |name: String| {
+            Box::pin(blocking_lookup(limit.clone(), LOOKUP_TIMEOUT, move || {
+                use std::net::ToSocketAddrs;
+                Ok((name.as_str(), 0).to_socket_addrs()?.map(|a| a.ip()).collect())
+            }))
         });
         Self::with_lookup(hosts, lookup)
     }
@@ -259,5 +292,38 @@ mod tests {
             r.resolve("t", &lan, &name("lan.example"), 443).await.unwrap(),
             vec!["192.168.1.10:443".parse().unwrap()]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_are_bounded_and_a_slow_one_keeps_its_place_until_it_returns() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let limit = Arc::new(tokio::sync::Semaphore::new(4));
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let lookups = (0..40).map(|_| {
+            let (limit, now, most) = (limit.clone(), now.clone(), most.clone());
+            tokio::spawn(blocking_lookup(limit, Duration::from_secs(10), move || {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok(vec![IpAddr::from([192, 0, 2, 1])])
+            }))
+        });
+        for l in lookups.collect::<Vec<_>>() {
+            assert!(l.await.unwrap().is_ok());
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 4);
+        // A lookup that outlasts its wait answers "timed out" at once, and
+        // its place stays taken until getaddrinfo would have returned.
+        let e = blocking_lookup(limit.clone(), Duration::from_millis(50), || {
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(vec![])
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(limit.available_permits(), 3);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(limit.available_permits(), 4);
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +72,10 @@ async fn http_upstream() -> u16 {
     port
 }
 
+/// Lookups of `slow.test` under way, and the most at once.
+static SLOW_NOW: AtomicUsize = AtomicUsize::new(0);
+static SLOW_MOST: AtomicUsize = AtomicUsize::new(0);
+
 async fn proxy(allow: &[String], deny: &[&str], max_connections: usize) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let (events, _) = Events::open(Settings::at(&dir.path().join("audit.jsonl"))).unwrap();
@@ -79,6 +84,12 @@ async fn proxy(allow: &[String], deny: &[&str], max_connections: usize) -> Proxy
     let events = Arc::new(events);
     let lookup: Lookup = Arc::new(|name: String| {
         Box::pin(async move {
+            if name == "slow.test" {
+                let now = SLOW_NOW.fetch_add(1, Ordering::SeqCst) + 1;
+                SLOW_MOST.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                SLOW_NOW.fetch_sub(1, Ordering::SeqCst);
+            }
             match name.as_str() {
                 "rebind.test" => Ok(vec![IpAddr::from([127, 0, 0, 1])]),
                 "metadata.test" => Ok(vec![IpAddr::from([169, 254, 169, 254])]),
@@ -402,4 +413,28 @@ async fn a_thousand_connections_get_the_workers_share_and_a_clear_refusal() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_s, head) = ask(&p, b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 403"), "serving again: {head}");
+}
+
+#[tokio::test]
+async fn a_worker_has_at_most_four_name_lookups_under_way() {
+    let p = proxy(&["slow.test".into()], &[], 64).await;
+    let addr = p.http;
+    let asks: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\nhost: slow.test:443\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = vec![0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            })
+        })
+        .collect();
+    for a in asks {
+        let head = a.await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    }
+    assert_eq!(SLOW_MOST.load(Ordering::SeqCst), 4);
 }

@@ -391,15 +391,16 @@ impl Supervisor {
                 tokio::spawn(async move { w.stderr.pump(s, cap, None).await })
             }),
         ];
-        let (this, w, mut child) = (self.clone(), worker.clone(), launched.child);
+        let (this, w, child) = (self.clone(), worker.clone(), launched.child);
         tokio::spawn(async move {
             let begun = Instant::now();
-            let status = tokio::task::spawn_blocking(move || child.wait()).await;
+            // No thread per running worker: its exit is awaited on a pidfd.
+            let status = crate::sys::wait_child(child).await;
             for p in pumps.into_iter().flatten() {
                 let _ = p.await;
             }
             let timed_out = timeout.is_some_and(|t| begun.elapsed() >= t);
-            this.finish(&w, status.ok().and_then(Result::ok), timed_out).await;
+            this.finish(&w, status.ok(), timed_out).await;
         });
         let (this, w) = (self.clone(), worker.clone());
         tokio::spawn(async move { this.monitor(&w).await });
