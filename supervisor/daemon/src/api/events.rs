@@ -29,6 +29,7 @@ const QUEUE: usize = 16;
 pub struct EventsApi {
     pub sup: Arc<Supervisor>,
     replays: Arc<Semaphore>,
+    turns: Turns,
 }
 
 impl EventsApi {
@@ -36,7 +37,24 @@ impl EventsApi {
         EventsApi {
             sup,
             replays: Arc::new(Semaphore::new(REPLAY_READERS)),
+            turns: Turns::default(),
         }
+    }
+}
+
+/// One reader of the log at a time per calling uid: the daemon-wide
+/// readers then take their turns uid by uid (the semaphores are fair), so
+/// a uid replaying on thousands of streams gets no more of them than
+/// another replaying on one.
+#[derive(Debug, Default)]
+struct Turns(std::sync::Mutex<std::collections::HashMap<u32, Arc<Semaphore>>>);
+
+impl Turns {
+    fn of(&self, uid: u32) -> Arc<Semaphore> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Uids with no stream left go.
+        m.retain(|_, s| Arc::strong_count(s) > 1);
+        m.entry(uid).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
     }
 }
 
@@ -64,6 +82,8 @@ fn to_pb(e: &Event) -> pb::WatchResponse {
 struct Subscriber {
     events: Arc<Events>,
     replays: Arc<Semaphore>,
+    /// This caller's uid's turn at the readers.
+    turn: Arc<Semaphore>,
     caller: Caller,
     filter: Filter,
     out: Outbox<pb::WatchResponse>,
@@ -104,9 +124,13 @@ impl Subscriber {
         let mut cursor = self.cursor.clone();
         cursor.next_seq = cursor.next_seq.max(self.last + 1);
         loop {
-            let Ok(permit) = self.replays.clone().acquire_owned().await else {
+            let Ok(turn) = self.turn.clone().acquire_owned().await else {
                 return Err(Gone::Left);
             };
+            let Ok(reader) = self.replays.clone().acquire_owned().await else {
+                return Err(Gone::Left);
+            };
+            let permit = (turn, reader);
             let events = self.events.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
@@ -198,6 +222,7 @@ impl pb::events_server::Events for EventsApi {
         let subscriber = Subscriber {
             events,
             replays: self.replays.clone(),
+            turn: self.turns.of(c.uid),
             caller: c,
             filter,
             out,
@@ -237,5 +262,47 @@ mod tests {
         assert!(!visible(&alice, &event(Some("bob"))));
         assert!(!visible(&alice, &event(None)), "daemon-wide events are for admins");
         assert!(visible(&admin, &event(None)));
+    }
+}
+
+#[cfg(test)]
+mod turn_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_uid_with_many_replays_takes_turns_with_a_uid_with_one() {
+        let turns = Turns::default();
+        let readers = Arc::new(Semaphore::new(1));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // uid 1 replays on 50 streams, uid 2 on one, each wanting 3 reads.
+        let mut tasks = Vec::new();
+        for (uid, streams) in [(1u32, 50), (2, 1)] {
+            for _ in 0..streams {
+                let (turn, readers, order) = (turns.of(uid), readers.clone(), order.clone());
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..3 {
+                        let _turn = turn.clone().acquire_owned().await.unwrap();
+                        let _reader = readers.clone().acquire_owned().await.unwrap();
+                        order.lock().unwrap().push(uid);
+                        tokio::task::yield_now().await;
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let order = order.lock().unwrap();
+        let last_of_2 = order.iter().rposition(|u| *u == 2).unwrap();
+        // uid 2's three reads are done within its first few turns, not
+        // after uid 1's 150.
+        assert!(last_of_2 < 10, "{order:?}");
+        drop(order);
+        assert!(turns.of(3).available_permits() == 1);
+        assert_eq!(
+            turns.0.lock().unwrap().len(),
+            1,
+            "uids with no stream left are forgotten"
+        );
     }
 }
