@@ -471,3 +471,79 @@ fn health_and_reflection_are_served_so_grpcurl_works() {
         );
     });
 }
+
+/// `wardenctl ARGS` with a terminal for its stdout and stderr (util-linux
+/// `script`); what the terminal received.
+fn ctl_on_a_terminal(d: &Daemon, args: &[&str]) -> Vec<u8> {
+    let mut line = format!(
+        "{} --socket {}",
+        warden_tests::bin_dir().join("wardenctl").display(),
+        d.socket().display()
+    );
+    for a in args {
+        line.push(' ');
+        line.push_str(a);
+    }
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    out.stdout
+}
+
+#[test]
+fn a_workers_bytes_never_drive_the_operators_terminal() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    // A worker whose command line and output carry escape sequences: set
+    // the clipboard (OSC 52), clear the screen, a C1 CSI.
+    let evil = "\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[2J\u{9b}31m";
+    let script = format!(
+        "printf '{}' ; echo done",
+        "\\033]52;c;ZXZpbA==\\007\\033[2J\\302\\23331m"
+    );
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "sh", "-c", &script, evil]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Piped, the output is the worker's, byte for byte.
+    assert!(
+        out.stdout.starts_with(b"\x1b]52;c;ZXZpbA==\x07\x1b[2J\xc2\x9b31m"),
+        "{:?}",
+        out.stdout
+    );
+    let id = d.ctl(&["ps", "-a", "--output", "json"]);
+    let workers: serde_json::Value = serde_json::from_slice(&id.stdout).unwrap();
+    let id = workers[0]["id"].as_str().unwrap().to_string();
+    let clean =
+        |b: &[u8]| !b.iter().any(|c| *c == 0x1b || *c == 0x07) && !String::from_utf8_lossy(b).contains('\u{9b}');
+    // Tables, inspect and events carry no control character.
+    for args in [
+        vec!["ps", "-a"],
+        vec!["ps", "-a", "--output", "json"],
+        vec!["inspect", &id],
+        vec!["events"],
+        vec!["events", "--output", "json"],
+    ] {
+        let out = d.ctl(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        assert!(clean(&out.stdout), "{args:?}: {}", text(&out.stdout));
+    }
+    assert!(text(&d.ctl(&["ps", "-a"]).stdout).contains("\\u{1b}]52;c;ZXZpbA==\\u{7}"));
+    // Nor do error lines that quote a request.
+    let out = d.ctl(&["inspect", evil]);
+    assert!(!out.status.success());
+    assert!(clean(&out.stderr), "{}", text(&out.stderr));
+    // logs on a terminal: the sequences are shown, not acted on.
+    let shown = ctl_on_a_terminal(&d, &["logs", &id]);
+    assert!(clean(&shown), "{}", text(&shown));
+    assert!(
+        text(&shown).contains("^[]52;c;ZXZpbA==^G^[[2J\\u{9b}31mdone"),
+        "{}",
+        text(&shown)
+    );
+    // Unless asked for raw bytes.
+    let raw = ctl_on_a_terminal(&d, &["logs", "--raw", &id]);
+    assert!(raw.windows(5).any(|w| w == b"\x1b]52;"), "{}", text(&raw));
+}

@@ -5,8 +5,10 @@
 
 #![forbid(unsafe_code)]
 
+mod text;
+
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -17,6 +19,8 @@ use tokio::net::UnixStream;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint, Uri};
 use warden_proto::v1 as pb;
+
+use text::{json_safe, plain, Neutralizer};
 use warden_proto::v1::events_client::EventsClient;
 use warden_proto::v1::profiles_client::ProfilesClient;
 use warden_proto::v1::usage_client::UsageClient;
@@ -85,6 +89,10 @@ enum Cmd {
         /// Claude Code profiles: appended to the system prompt.
         #[arg(long)]
         append_system_prompt: Option<String>,
+        /// With -w: pass the worker's output to the terminal as it is,
+        /// escape sequences included.
+        #[arg(long)]
+        raw: bool,
         /// The command; for a Claude Code profile, the initial prompt.
         #[arg(last = true)]
         command: Vec<String>,
@@ -106,6 +114,10 @@ enum Cmd {
         /// (instead of raw stream-json).
         #[arg(short, long)]
         text: bool,
+        /// Pass the worker's output to the terminal as it is, escape
+        /// sequences included (piped output always is).
+        #[arg(long)]
+        raw: bool,
     },
     /// Print a worker's output.
     Logs {
@@ -115,6 +127,10 @@ enum Cmd {
         /// Start at this byte offset of stdout (and of stderr).
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// Pass the worker's output to the terminal as it is, escape
+        /// sequences included (piped output always is).
+        #[arg(long)]
+        raw: bool,
     },
     /// SIGTERM, the grace period, then SIGKILL.
     Stop {
@@ -302,7 +318,10 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
             .iter()
             .map(|w| serde_json::json!({"worker": w.worker, "user": w.user, "totals": totals(&w.totals)}))
             .collect();
-        println!("{}", serde_json::json!({"users": users, "workers": workers}));
+        println!(
+            "{}",
+            json_safe(&serde_json::json!({"users": users, "workers": workers}).to_string())
+        );
         return;
     }
     // Tokens as a budget counts them: input, output and cache creation.
@@ -323,7 +342,7 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
         let b = u.budget.unwrap_or_default();
         println!(
             "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12}",
-            u.user,
+            plain(&u.user),
             tokens(&u.today),
             tokens(&u.this_month),
             tokens(&u.all_time),
@@ -335,7 +354,10 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
 
 fn print_workers(ws: &[pb::Worker], output: Output) {
     if output == Output::Json {
-        println!("{}", serde_json::Value::Array(ws.iter().map(worker_json).collect()));
+        println!(
+            "{}",
+            json_safe(&serde_json::Value::Array(ws.iter().map(worker_json).collect()).to_string())
+        );
         return;
     }
     println!(
@@ -350,28 +372,31 @@ fn print_workers(ws: &[pb::Worker], output: Output) {
         };
         println!(
             "{:<16} {:<12} {:<12} {:<12} {:<8} {:>6} {}",
-            w.id,
-            w.user,
-            w.project,
-            w.profile,
+            plain(&w.id),
+            plain(&w.user),
+            plain(&w.project),
+            plain(&w.profile),
             state_name(w),
             exit,
-            w.command.join(" ")
+            plain(&w.command.join(" "))
         );
     }
 }
 
 fn print_worker(w: &pb::Worker, output: Output) {
     if output == Output::Json {
-        println!("{}", worker_json(w));
+        println!("{}", json_safe(&worker_json(w).to_string()));
     } else {
-        println!("{}", serde_json::to_string_pretty(&worker_json(w)).unwrap_or_default());
+        println!(
+            "{}",
+            json_safe(&serde_json::to_string_pretty(&worker_json(w)).unwrap_or_default())
+        );
     }
 }
 
 fn print_event(e: &pb::Event, output: Output) {
     if output == Output::Json {
-        println!("{}", e.json);
+        println!("{}", json_safe(&e.json));
         return;
     }
     let mut details: serde_json::Value = serde_json::from_str(&e.json).unwrap_or_default();
@@ -384,7 +409,12 @@ fn print_event(e: &pb::Event, output: Output) {
     let time = format!("{}.{:03}", secs, e.time_ms % 1000);
     println!(
         "{:>6} {:<24} {:<22} {:<14} {:<10} {}",
-        e.seq, time, e.kind, e.worker, e.user, details
+        e.seq,
+        time,
+        plain(&e.kind),
+        plain(&e.worker),
+        plain(&e.user),
+        plain(&details.to_string())
     );
 }
 
@@ -397,7 +427,9 @@ async fn attach(
     id: &str,
     forward_stdin: bool,
     as_messages: bool,
+    raw: bool,
 ) -> anyhow::Result<i32> {
+    let mut sink = Sink::new(raw);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::AttachRequest {
         msg: Some(pb::attach_request::Msg::Start(pb::AttachStart {
@@ -466,7 +498,7 @@ async fn attach(
         .into_inner();
     while let Some(msg) = stream.next().await {
         match msg?.msg {
-            Some(pb::attach_response::Msg::Output(c)) => write_chunk(&c)?,
+            Some(pb::attach_response::Msg::Output(c)) => sink.write(&c)?,
             Some(pb::attach_response::Msg::Exited(w)) => return Ok(w.exit_code),
             None => {}
         }
@@ -474,17 +506,48 @@ async fn attach(
     bail!("The daemon closed the stream before the worker exited")
 }
 
-fn write_chunk(c: &pb::OutputChunk) -> anyhow::Result<()> {
-    if c.stream == pb::Stream::Stderr as i32 {
-        let mut e = std::io::stderr();
-        e.write_all(&c.data)?;
-        e.flush()?;
-    } else {
-        let mut o = std::io::stdout();
-        o.write_all(&c.data)?;
-        o.flush()?;
+/// Where a worker's output goes: our stdout and stderr, through a
+/// [`Neutralizer`] each when it is a terminal (unless `--raw`).
+struct Sink {
+    out: Option<Neutralizer>,
+    err: Option<Neutralizer>,
+}
+
+impl Sink {
+    fn new(raw: bool) -> Self {
+        let guard = |terminal: bool| (!raw && terminal).then(Neutralizer::default);
+        Sink {
+            out: guard(std::io::stdout().is_terminal()),
+            err: guard(std::io::stderr().is_terminal()),
+        }
     }
-    Ok(())
+
+    fn write(&mut self, c: &pb::OutputChunk) -> anyhow::Result<()> {
+        fn put(w: &mut dyn Write, guard: Option<&mut Neutralizer>, data: &[u8]) -> std::io::Result<()> {
+            match guard {
+                Some(n) => w.write_all(&n.feed(data))?,
+                None => w.write_all(data)?,
+            }
+            w.flush()
+        }
+        if c.stream == pb::Stream::Stderr as i32 {
+            put(&mut std::io::stderr(), self.err.as_mut(), &c.data)?;
+        } else {
+            put(&mut std::io::stdout(), self.out.as_mut(), &c.data)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some(n) = self.out.as_mut() {
+            let _ = std::io::stdout().write_all(&n.finish());
+        }
+        if let Some(n) = self.err.as_mut() {
+            let _ = std::io::stderr().write_all(&n.finish());
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -518,6 +581,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             permission_mode,
             disallow_tools,
             append_system_prompt,
+            raw,
             command,
         } => {
             let mut vars = HashMap::new();
@@ -547,12 +611,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await?
                 .into_inner();
             if wait {
-                return attach(&mut workers, &w.id, interactive, interactive).await;
+                return attach(&mut workers, &w.id, interactive, interactive, raw).await;
             }
             if output == Output::Json {
-                println!("{}", worker_json(&w));
+                println!("{}", json_safe(&worker_json(&w).to_string()));
             } else {
-                println!("{}", w.id);
+                println!("{}", plain(&w.id));
             }
         }
         Cmd::Ps { all, user } => {
@@ -566,8 +630,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             print_workers(&r.workers, output);
         }
         Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output),
-        Cmd::Attach { id, text } => return attach(&mut workers, &id, true, text).await,
-        Cmd::Logs { id, follow, from } => {
+        Cmd::Attach { id, text, raw } => return attach(&mut workers, &id, true, text, raw).await,
+        Cmd::Logs { id, follow, from, raw } => {
+            let mut sink = Sink::new(raw);
             let mut s = workers
                 .logs(pb::LogsRequest {
                     id,
@@ -587,10 +652,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     };
                     println!(
                         "{}",
-                        serde_json::json!({"stream": stream, "offset": c.offset, "data": String::from_utf8_lossy(&c.data)})
+                        json_safe(
+                            &serde_json::json!({"stream": stream, "offset": c.offset, "data": String::from_utf8_lossy(&c.data)})
+                                .to_string()
+                        )
                     );
                 } else {
-                    write_chunk(&c)?;
+                    sink.write(&c)?;
                 }
             }
         }
@@ -639,7 +707,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Wait { id } => {
             let w = workers.wait(pb::WaitRequest { id }).await?.into_inner();
             if output == Output::Json {
-                println!("{}", worker_json(&w));
+                println!("{}", json_safe(&worker_json(&w).to_string()));
             }
             return Ok(w.exit_code);
         }
@@ -698,11 +766,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         .iter()
                         .map(|p| serde_json::json!({"name": p.name, "origin": p.origin, "description": p.description, "extends": p.extends, "digest": p.digest}))
                         .collect();
-                    println!("{}", serde_json::Value::Array(v));
+                    println!("{}", json_safe(&serde_json::Value::Array(v).to_string()));
                 } else {
                     println!("{:<16} {:<32} DESCRIPTION", "NAME", "ORIGIN");
                     for p in r.profiles {
-                        println!("{:<16} {:<32} {}", p.name, p.origin, p.description);
+                        println!(
+                            "{:<16} {:<32} {}",
+                            plain(&p.name),
+                            plain(&p.origin),
+                            plain(&p.description)
+                        );
                     }
                 }
             }
@@ -727,21 +800,27 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         )
                     })?
                     .into_inner();
-                println!("{}: ok (digest {})", file.display(), p.digest);
+                println!(
+                    "{}: ok (digest {})",
+                    plain(&file.display().to_string()),
+                    plain(&p.digest)
+                );
             }
             ProfileCmd::Explain { name } => {
                 println!(
                     "{}",
-                    profiles
-                        .get(pb::GetProfileRequest { name })
-                        .await?
-                        .into_inner()
-                        .resolved_json
+                    json_safe(
+                        &profiles
+                            .get(pb::GetProfileRequest { name })
+                            .await?
+                            .into_inner()
+                            .resolved_json
+                    )
                 );
             }
             ProfileCmd::Reload => {
                 let r = profiles.reload(pb::ReloadProfilesRequest {}).await?.into_inner();
-                println!("reloaded: {}", r.loaded.join(", "));
+                println!("reloaded: {}", plain(&r.loaded.join(", ")));
             }
         },
         Cmd::Completions { .. } | Cmd::Man => {}
@@ -759,7 +838,7 @@ async fn main() {
                 Some(s) => format!("{:?}: {}", s.code(), s.message()),
                 None => format!("{e:#}"),
             };
-            eprintln!("wardenctl: {msg}");
+            eprintln!("wardenctl: {}", plain(&msg));
             std::process::exit(1);
         }
     }
