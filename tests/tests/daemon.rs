@@ -547,3 +547,87 @@ fn a_workers_bytes_never_drive_the_operators_terminal() {
     let raw = ctl_on_a_terminal(&d, &["logs", "--raw", &id]);
     assert!(raw.windows(5).any(|w| w == b"\x1b]52;"), "{}", text(&raw));
 }
+
+/// The permission bits and group of `p`.
+fn mode_of(p: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.mode() & 0o7777, m.gid())
+}
+
+#[test]
+fn the_daemons_files_are_for_root_and_the_admins_only() {
+    if !root() {
+        return;
+    }
+    // Started as the README shows: as root, with the usual umask 022.
+    let d = Daemon::start();
+    assert!(d
+        .ctl(&["spawn", "--user", "alice", "-w", "--", "echo", "secret output"])
+        .status
+        .success());
+    let state = d.dir.path().join("state");
+    assert_eq!(mode_of(&state).0, 0o700);
+    for sub in ["logs", "workers", "users"] {
+        assert_eq!(mode_of(&state.join(sub)).0, 0o700, "{sub}");
+    }
+    let logs: Vec<_> = std::fs::read_dir(state.join("logs")).unwrap().flatten().collect();
+    assert!(!logs.is_empty());
+    for f in logs {
+        assert_eq!(mode_of(&f.path()).0, 0o600, "{}", f.path().display());
+    }
+    for f in std::fs::read_dir(state.join("workers")).unwrap().flatten() {
+        assert_eq!(mode_of(&f.path()).0, 0o600, "{}", f.path().display());
+    }
+    let admin_gid = nix::unistd::Group::from_name("warden-admin")
+        .ok()
+        .flatten()
+        .map_or(0, |g| g.gid.as_raw());
+    assert_eq!(mode_of(&d.audit_log()), (0o640, admin_gid));
+    assert_eq!(mode_of(d.audit_log().parent().unwrap()), (0o750, admin_gid));
+    // Another account reads none of it.
+    let read_as_nobody = |p: &std::path::Path| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "cat"])
+            .arg(p)
+            .output()
+            .unwrap()
+    };
+    for p in [d.audit_log(), state.join("logs")] {
+        let out = read_as_nobody(&p);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn a_state_or_log_directory_others_can_write_is_refused_at_start() {
+    if !root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for (what, open) in [("state", 0o775), ("state", 0o777), ("log", 0o757)] {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join(what);
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(open)).unwrap();
+        let config = Daemon::config_text(dir.path(), "warden-refused", &[]);
+        std::fs::write(dir.path().join("wardend.toml"), config).unwrap();
+        let out = Command::new(bin_dir().join("wardend"))
+            .arg("--config")
+            .arg(dir.path().join("wardend.toml"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{what} {open:o}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "{} is writable by group or others (mode {open:o})",
+                target.display()
+            )),
+            "{err}"
+        );
+        // Left as it was.
+        assert_eq!(mode_of(&target).0, open);
+    }
+}

@@ -57,6 +57,19 @@ pub struct AuditLog {
     size: u64,
     max_bytes: u64,
     keep: usize,
+    /// The group the log's files belong to (they are 0640).
+    group: Option<u32>,
+}
+
+/// Opens (creating, 0640) a file of the log for appending.
+fn open_log_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
 }
 
 /// The `seq` of a JSON line, if it is a complete event. Events are
@@ -123,12 +136,7 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(err)?;
+        let file = open_log_file(path).map_err(err)?;
         let mut recovery = Recovery::default();
         // Only the end can be torn (the log is append-only, and a batch is
         // at most MAX_BATCH_BYTES): check the lines of the last window.
@@ -172,7 +180,9 @@ impl AuditLog {
             size: good,
             max_bytes,
             keep,
+            group: None,
         };
+        log.own_file().map_err(err)?;
         Ok((log, recovery))
     }
 
@@ -229,6 +239,22 @@ impl AuditLog {
 
     /// The bytes the log may hold in all: the current file and the kept
     /// rotated ones.
+    /// Gives the log's files to `group` (readable by it: 0640), the
+    /// current one now and each new one after a rotation.
+    pub fn set_group(&mut self, group: Option<u32>) -> std::io::Result<()> {
+        self.group = group;
+        self.own_file()
+    }
+
+    fn own_file(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::fchown(&self.file, None, Some(gid))?;
+        }
+        // Files of an older daemon may have been world-readable.
+        self.file.set_permissions(std::fs::Permissions::from_mode(0o640))
+    }
+
     pub fn capacity(&self) -> u64 {
         self.max_bytes.saturating_mul(self.keep as u64 + 1)
     }
@@ -246,11 +272,8 @@ impl AuditLog {
         } else {
             std::fs::rename(&self.path, rotated(&self.path, 1))?;
         }
-        self.file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&self.path)?;
+        self.file = open_log_file(&self.path)?;
+        self.own_file()?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }

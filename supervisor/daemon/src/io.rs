@@ -101,9 +101,12 @@ impl OutputLog {
         cap: u64,
         tap: Option<tokio::sync::mpsc::Sender<Arc<Vec<u8>>>>,
     ) {
+        // Only root reads a worker's output from disk (0600); its user
+        // reads it through the API.
         let mut file = match tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)
             .await
         {

@@ -41,6 +41,7 @@ pub mod landlock_audit;
 pub mod launcher;
 pub mod limits;
 pub mod net;
+pub mod paths;
 pub mod profiles;
 #[allow(unsafe_code)]
 pub mod sys;

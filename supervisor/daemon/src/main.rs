@@ -166,6 +166,19 @@ fn main() {
 }
 
 async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
+    // The daemon's directories: nobody else may write them, and only the
+    // admin group may read the audit log.
+    let admin_gid = warden_daemon::paths::gid_of(&config.admin_group);
+    {
+        use warden_daemon::paths::{secure_dir, Existing};
+        secure_dir(&config.state_dir, 0o700, None, Existing::Own)?;
+        for sub in ["logs", "workers"] {
+            secure_dir(&config.state_dir.join(sub), 0o700, None, Existing::Own)?;
+        }
+        if let Some(dir) = config.audit_log.parent() {
+            secure_dir(dir, 0o750, admin_gid, Existing::Check)?;
+        }
+    }
     let users = Users::open(&config.state_dir, config.uid_min..=config.uid_max)
         .with_context(|| format!("Cannot open the state directory {}", config.state_dir.display()))?;
     let cgroups = Cgroups::detect(&config.cgroup_name).context("Cannot set up cgroups")?;

@@ -13,6 +13,7 @@
 //! a user's use count towards another's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -330,7 +331,12 @@ impl Ledger {
         let tmp = self.path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&json)?;
             f.sync_data()?;
             std::fs::rename(&tmp, &self.path)

@@ -48,6 +48,8 @@ pub struct Settings {
     pub budget: Rate,
     /// Events a live subscriber may fall behind.
     pub live_capacity: usize,
+    /// The group that may read the log (`admin_group`), if it exists.
+    pub group: Option<u32>,
 }
 
 impl Settings {
@@ -59,6 +61,7 @@ impl Settings {
             max_age: c.audit_max_age.map(Duration::from_secs),
             budget: c.audit_budget,
             live_capacity: c.events_buffer,
+            group: crate::paths::gid_of(&c.admin_group).map(nix::unistd::Gid::as_raw),
         }
     }
 
@@ -71,6 +74,7 @@ impl Settings {
             max_age: None,
             budget: Rate::new(1 << 40, 1e12),
             live_capacity: 1 << 16,
+            group: None,
         }
     }
 }
@@ -178,7 +182,11 @@ pub struct Stats {
 impl Events {
     /// Opens the log (repairing a torn end) and starts the writer.
     pub fn open(settings: Settings) -> Result<(Self, Recovery), AuditError> {
-        let (log, recovery) = AuditLog::open(&settings.path, settings.max_bytes, settings.keep)?;
+        let (mut log, recovery) = AuditLog::open(&settings.path, settings.max_bytes, settings.keep)?;
+        log.set_group(settings.group).map_err(|source| AuditError::Open {
+            path: settings.path.clone(),
+            source,
+        })?;
         let shared = Arc::new(Shared {
             last_seq: AtomicU64::new(recovery.last_seq),
             live: broadcast::channel(settings.live_capacity.max(16)).0,

@@ -6,6 +6,7 @@
 //! forget it), or report a worker lost twice.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -56,7 +57,13 @@ impl Records {
         std::fs::create_dir_all(&self.dir).map_err(err)?;
         let tmp = self.dir.join(format!(".{}.json.tmp", r.id));
         let json = serde_json::to_vec(r).map_err(|e| err(e.into()))?;
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
         f.write_all(&json).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)
