@@ -146,6 +146,8 @@ fn kernel_attack_surface_calls_are_denied() {
     let Some(h) = host() else { return };
     for a in [
         "io_uring_setup",
+        // Out of the default groups: host-wide AIO contexts (fs.aio-max-nr).
+        "io_setup",
         "bpf",
         "perf_event_open",
         "keyctl",
@@ -155,6 +157,29 @@ fn kernel_attack_surface_calls_are_denied() {
     ] {
         seccomp_attack(&h, &[a], "EPERM", a);
     }
+}
+
+#[test]
+fn linux_aio_is_opt_in_for_its_host_wide_budget() {
+    // Denied by the shipped profiles (above); a site profile that names the
+    // `aio` group gets it.
+    if !privileged("builds sandboxes") {
+        return;
+    }
+    let h = Host::new(&[(
+        "database",
+        "extends = \"claude-code\"\ndescription = \"a trusted database workload\"\n[seccomp]\ngroups = [\"aio\"]\n",
+    )]);
+    assert_eq!(attack_as(&h, "database", &["io_setup"]), "OK");
+    assert_eq!(attack_as(&h, PROFILE, &["io_setup"]), "EPERM");
+}
+
+#[test]
+fn a_worker_cannot_take_the_hosts_ptys() {
+    // kernel.pty.max is one count for the whole host: a worker's private
+    // devpts stops it at its own share.
+    let Some(h) = host() else { return };
+    assert_eq!(attack_as(&h, PROFILE, &["ptys"]), "64 ENOSPC");
 }
 
 #[test]

@@ -591,6 +591,10 @@ fn walk_no_symlinks(path: &Path) -> nix::Result<OwnedFd> {
     Ok(dir)
 }
 
+/// Pseudo-terminals one worker may hold at once (a shell, an editor, a few
+/// tmux panes need a handful).
+const MAX_PTYS: u32 = 64;
+
 /// /dev with the harmless character devices, a private devpts and /dev/shm.
 fn build_dev(shm_size: u64) -> Result<(), SetupError> {
     let dev = new_path("/dev");
@@ -614,13 +618,17 @@ fn build_dev(shm_size: u64) -> Result<(), SetupError> {
     }
     let pts = dev.join("pts");
     make_dir(&pts)?;
-    // newinstance: the worker's ptys are its own, not the host's.
+    // newinstance: the worker's ptys are its own, not the host's. They still
+    // come from the host-wide kernel.pty.max (less what it reserves for the
+    // host's own instance): at most MAX_PTYS each, so that one worker cannot
+    // take every other worker's.
+    let options = format!("newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}");
     mount(
         Some("devpts"),
         &pts,
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
+        Some(options.as_str()),
     )
     .at(Stage::Mounts, || "Cannot mount /dev/pts".into())?;
     symlink("pts/ptmx", dev.join("ptmx")).at(Stage::Mounts, || "Cannot create /dev/ptmx".into())?;

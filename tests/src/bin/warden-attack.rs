@@ -148,6 +148,12 @@ fn main() {
             // SAFETY: params is a zeroed io_uring_params-sized buffer.
             res(unsafe { libc::syscall(libc::SYS_io_uring_setup, 8u32, params.as_mut_ptr()) })
         }
+        "io_setup" => {
+            // Linux AIO contexts come from a host-wide budget (fs.aio-max-nr).
+            let mut ctx: libc::c_ulong = 0;
+            // SAFETY: io_setup writes one aio_context_t to the address given.
+            res(unsafe { libc::syscall(libc::SYS_io_setup, 128u32, &mut ctx as *mut libc::c_ulong) })
+        }
         "bpf" => {
             let mut attr = [0u8; 128];
             // SAFETY: BPF_MAP_CREATE (0) with a zeroed attribute buffer.
@@ -185,6 +191,21 @@ fn main() {
             handle[0..4].copy_from_slice(&128u32.to_ne_bytes()); // handle_bytes
                                                                  // SAFETY: a zeroed file_handle with room for its bytes.
             res(unsafe { libc::syscall(libc::SYS_open_by_handle_at, libc::AT_FDCWD, handle.as_mut_ptr(), 0) })
+        }
+        "ptys" => {
+            // Pseudo-terminals come from a host-wide count (kernel.pty.max):
+            // opens them until refused; prints how many and why.
+            let mut held = Vec::new();
+            let why = loop {
+                match std::fs::OpenOptions::new().read(true).write(true).open("/dev/ptmx") {
+                    Ok(f) => held.push(f),
+                    Err(e) => break errno_name(e.raw_os_error().unwrap_or(0)),
+                }
+                if held.len() >= 100_000 {
+                    break "none".to_string();
+                }
+            };
+            format!("{} {why}", held.len())
         }
         "tiocsti" => {
             let ch = libc::c_char::from_ne_bytes([b'x']);
