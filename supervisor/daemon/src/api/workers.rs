@@ -9,8 +9,9 @@ use tonic::{Request, Response, Status, Streaming};
 use warden_proto::v1 as pb;
 
 use super::outbox::{outbox, Gone, Out, Outbox};
-use super::{authorize, caller, status, to_completion};
+use super::{authorize, caller, denied, status, to_completion};
 use crate::auth::Caller;
+use crate::claude::session::{client_line, Line, Lines, MAX_LINE};
 use crate::events::{millis, ExitReason, NetUsage};
 use crate::io::OutputLog;
 use crate::usage::Totals;
@@ -376,14 +377,43 @@ impl pb::workers_server::Workers for WorkersApi {
         };
         let w = self.visible(&c, &start.id, "Workers.Attach")?;
         // stdin: the client's messages, until it closes stdin or goes away.
+        // A Claude Code session takes whole lines, and only those a client
+        // may send (user messages, interrupts); others are refused, audited.
         let stdin_worker = w.clone();
+        let (sup, caller) = (self.sup.clone(), c.clone());
         tokio::spawn(async move {
+            let mut lines = stdin_worker.session.then(|| Lines::new(MAX_LINE));
             while let Some(Ok(m)) = input.next().await {
-                match m.msg {
-                    Some(pb::attach_request::Msg::Stdin(data)) if stdin_worker.stdin.write(&data).await.is_err() => {
-                        break
+                let data = match (m.msg, lines.as_mut()) {
+                    (Some(pb::attach_request::Msg::Stdin(data)), None) => data,
+                    (Some(pb::attach_request::Msg::Stdin(data)), Some(lines)) => {
+                        let mut passed = Vec::new();
+                        for line in lines.push(&data) {
+                            let verdict = match &line {
+                                Line::Whole(l) if l.trim_ascii().is_empty() => continue,
+                                Line::Whole(l) => client_line(l).map(|()| l),
+                                Line::TooLong { len, .. } => Err(format!("a line of {len} bytes")),
+                            };
+                            match verdict {
+                                Ok(l) => {
+                                    passed.extend_from_slice(l);
+                                    passed.push(b'\n');
+                                }
+                                Err(why) => {
+                                    tracing::warn!(worker = %stdin_worker.id, uid = caller.uid, "stdin of a Claude Code session: refused {why}");
+                                    let _ = denied(
+                                        &sup,
+                                        &caller,
+                                        "Workers.Attach",
+                                        Some(&stdin_worker.user),
+                                        format!("stdin of Claude Code session {}: refused {why}", stdin_worker.id),
+                                    );
+                                }
+                            }
+                        }
+                        passed
                     }
-                    Some(pb::attach_request::Msg::CloseStdin(true)) => {
+                    (Some(pb::attach_request::Msg::CloseStdin(true)), _) => {
                         // A one-shot Claude Code session keeps stdin until its
                         // result: the daemon answers permission requests there.
                         if !stdin_worker.one_shot_session {
@@ -391,7 +421,10 @@ impl pb::workers_server::Workers for WorkersApi {
                         }
                         break;
                     }
-                    _ => {}
+                    _ => continue,
+                };
+                if !data.is_empty() && stdin_worker.stdin.write(&data).await.is_err() {
+                    break;
                 }
             }
         });

@@ -127,6 +127,41 @@ pub struct Session {
     pub limits: Limits,
 }
 
+/// Whether a line a client writes to a Claude Code session's stdin may
+/// reach Claude: user messages and interrupts only. Permission answers come
+/// from the daemon alone (a rule, `Workers.Approve`, the timeout), each
+/// audited as what it was; a client's `control_response`, or a
+/// `control_request` that would change the session (its permission mode,
+/// say), never reaches Claude.
+pub fn client_line(line: &[u8]) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Message<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(borrow, default)]
+        request: Option<Request<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Request<'a> {
+        #[serde(borrow, default)]
+        subtype: std::borrow::Cow<'a, str>,
+    }
+    let m: Message<'_> =
+        serde_json::from_slice(line).map_err(|_| "a line that is not a stream-json message".to_string())?;
+    match (m.kind.as_ref(), m.request) {
+        ("user", _) => Ok(()),
+        ("control_request", Some(r)) if r.subtype == "interrupt" => Ok(()),
+        ("control_request", Some(r)) => Err(format!(
+            "a control_request ({}); a client may only interrupt",
+            clip(&r.subtype, 64)
+        )),
+        ("control_response", _) => {
+            Err("a control_response; permission requests are answered with Workers.Approve".to_string())
+        }
+        (kind, _) => Err(format!("a {:?} message; a client sends user messages", clip(kind, 64))),
+    }
+}
+
 /// One line of the worker's output.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {

@@ -149,6 +149,9 @@ pub struct Worker {
     /// A non-interactive Claude Code session: the daemon closes its stdin
     /// when Claude reports the result, clients cannot close it earlier.
     pub one_shot_session: bool,
+    /// A Claude Code session: clients' stdin lines are checked (only user
+    /// messages and interrupts reach Claude).
+    pub session: bool,
     /// Claude Code permission requests waiting for `Workers.Approve`.
     approvals: Arc<Approvals>,
     /// The admission slot this worker holds until it ends.
@@ -188,6 +191,7 @@ impl Worker {
             reported: Mutex::default(),
             approvals: Arc::default(),
             one_shot_session: false,
+            session: false,
             slot: Mutex::new(None),
             network: None,
             egress: None,

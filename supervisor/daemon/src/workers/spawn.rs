@@ -279,6 +279,7 @@ impl Supervisor {
             stdin: Arc::new(Stdin::new(stdin)),
             cgroup: Some(prepared.cgroup.clone()),
             one_shot_session: prepared.session.is_some() && !p.interactive,
+            session: prepared.session.is_some(),
             slot: std::sync::Mutex::new(Some(slot)),
             ..Worker::new(
                 Record {
