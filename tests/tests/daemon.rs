@@ -705,3 +705,65 @@ fn a_client_cannot_answer_claudes_permission_requests_through_stdin() {
     assert!(log.contains("refused a control_request (set_permission_mode)"), "{log}");
     assert!(d.ctl(&["stop", &id]).status.success());
 }
+
+#[test]
+fn a_profile_is_used_only_by_the_users_and_groups_it_names() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    d.add_profile(
+        "bobs",
+        "extends = \"base\"\ndescription = \"bob's\"\nusers = [\"bob\"]\n",
+    );
+    d.add_profile(
+        "team",
+        "extends = \"base\"\ndescription = \"bob and the nogroup team\"\nusers = [\"bob\"]\ngroups = [\"nogroup\"]\n",
+    );
+    // Not listed: refused, and audited.
+    let out = d.ctl(&["spawn", "--user", "alice", "--profile", "bobs", "--", "true"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("warden user \"alice\" may not use profile \"bobs\""),
+        "{err}"
+    );
+    let refused = d
+        .audit_events()
+        .into_iter()
+        .find(|e| e["kind"] == "auth_denied" && e["method"] == "Workers.Spawn" && e["target_user"] == "alice");
+    assert!(refused.is_some(), "{:?}", d.audit_events());
+    // Listed by name, or through a group of the account of that name.
+    assert!(d
+        .ctl(&["spawn", "--user", "bob", "--profile", "bobs", "-w", "--", "true"])
+        .status
+        .success());
+    let out = d.ctl_as_nobody(&["spawn", "--user", "nobody", "--profile", "team", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = d.ctl_as_nobody(&["spawn", "--user", "nobody", "--profile", "bobs", "--", "true"]);
+    assert!(
+        text(&out.stderr).contains("may not use profile"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A caller sees the profiles it may use; an admin sees all.
+    let listed = |out: std::process::Output| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let nobodys = listed(d.ctl_as_nobody(&["profile", "list", "--output", "json"]));
+    assert!(
+        nobodys.contains(&"team".to_string()) && !nobodys.contains(&"bobs".to_string()),
+        "{nobodys:?}"
+    );
+    assert!(nobodys.contains(&"claude-code".to_string()), "{nobodys:?}");
+    let all = listed(d.ctl(&["profile", "list", "--output", "json"]));
+    assert!(
+        all.contains(&"bobs".to_string()) && all.contains(&"team".to_string()),
+        "{all:?}"
+    );
+}

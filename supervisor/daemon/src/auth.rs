@@ -63,6 +63,18 @@ fn groups_of(user: &User) -> Vec<Gid> {
     getgrouplist(&name, user.gid).unwrap_or_else(|_| vec![user.gid])
 }
 
+/// The names of the Unix groups of the account named `login` (none when
+/// there is no such account), through NSS.
+pub fn group_names_of(login: &str) -> Vec<String> {
+    let Ok(Some(user)) = User::from_name(login) else {
+        return Vec::new();
+    };
+    groups_of(&user)
+        .into_iter()
+        .filter_map(|g| Group::from_gid(g).ok().flatten().map(|g| g.name))
+        .collect()
+}
+
 fn gid_of(group: &str) -> Option<Gid> {
     Group::from_name(group).ok().flatten().map(|g| g.gid)
 }

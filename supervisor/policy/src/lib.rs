@@ -24,8 +24,8 @@ pub use claude::{ClaudePolicy, ClaudeRequest, HttpUrl, PermissionMode, ToolRule}
 pub use error::{Location, PolicyError};
 pub use network::{Host, NetRule, NetworkMode, NetworkPolicy};
 pub use profile::{
-    Access, EnvPolicy, FsRule, Limits, Profile, ProfileSet, SeccompPolicy, Source, EMBEDDED_PROFILES, MAX_LANDLOCK_ABI,
-    RLIMITS, VARIABLES,
+    Access, EnvPolicy, FsRule, Limits, Profile, ProfileAccess, ProfileSet, SeccompPolicy, Source, EMBEDDED_PROFILES,
+    MAX_LANDLOCK_ABI, RLIMITS, VARIABLES,
 };
 pub use spec::{
     compile, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Listener,

@@ -29,10 +29,17 @@ fn to_pb(p: &Profile) -> pb::Profile {
 #[tonic::async_trait]
 impl pb::profiles_server::Profiles for ProfilesApi {
     async fn list(&self, req: Request<pb::ListProfilesRequest>) -> Result<Response<pb::ListProfilesResponse>, Status> {
-        caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup.config)?;
         let set = self.sup.profiles.current();
+        // A caller acting for one warden user sees the profiles it may use.
+        let groups = c.default_user().map(crate::auth::group_names_of).unwrap_or_default();
+        let usable = |p: &&warden_policy::Profile| match c.default_user() {
+            _ if c.may_act_for_everyone() => true,
+            Some(user) => p.access.allows(user, &groups),
+            None => p.access.is_everyone(),
+        };
         Ok(Response::new(pb::ListProfilesResponse {
-            profiles: set.iter().map(to_pb).collect(),
+            profiles: set.iter().filter(usable).map(to_pb).collect(),
         }))
     }
 

@@ -286,6 +286,20 @@ impl pb::workers_server::Workers for WorkersApi {
         let c = caller(&req, &self.sup.config)?;
         let params = spawn_params(&c, &self.sup.config.default_profile, req.into_inner())?;
         authorize(&self.sup, &c, &params.user, "Workers.Spawn")?;
+        // Which warden users may use the profile (an unknown one is the
+        // spawn's own error, later).
+        if let Ok(p) = self.sup.profiles.current().get(&params.profile) {
+            if !p
+                .access
+                .allows(&params.user, &crate::auth::group_names_of(&params.user))
+            {
+                let message = format!(
+                    "warden user {:?} may not use profile {:?} (see its users and groups)",
+                    params.user, params.profile
+                );
+                return Err(denied(&self.sup, &c, "Workers.Spawn", Some(&params.user), message));
+            }
+        }
         let sup = self.sup.clone();
         let w = to_completion(async move { sup.spawn(params).await })
             .await?

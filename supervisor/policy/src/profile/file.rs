@@ -45,6 +45,11 @@ pub const RLIMITS: &[&str] = &[
 pub(crate) struct RawProfile {
     pub description: Option<String>,
     pub extends: Option<Spanned<ProfileName>>,
+    /// Warden users that may use the profile (with `groups`: by default,
+    /// everyone).
+    pub users: Option<Vec<WardenUser>>,
+    /// Unix groups whose members (by login name, the warden user's) may.
+    pub groups: Option<Vec<UnixGroup>>,
     #[serde(default)]
     pub landlock: RawLandlock,
     #[serde(default)]
@@ -153,8 +158,40 @@ pub(crate) struct RawClaude {
 // ---------------------------------------------------------------------------
 // The typed values. Each checks itself when it is read.
 
-deserialize_via!(String: ProfileName, ProfilePath, GroupName, SyscallName, AllowedCall, RlimitName, EnvName, EnvValue);
+deserialize_via!(String: WardenUser, UnixGroup, ProfileName, ProfilePath, GroupName, SyscallName, AllowedCall, RlimitName, EnvName, EnvValue);
 deserialize_via!(u64: LandlockAbi, Port, BindPort, Pids, CpuWeight);
+
+/// A warden user name, as requests name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WardenUser(pub String);
+
+impl TryFrom<String> for WardenUser {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::names::check_user(&s).map_err(|e| e.to_string())?;
+        Ok(WardenUser(s))
+    }
+}
+
+/// A Unix group name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UnixGroup(pub String);
+
+impl TryFrom<String> for UnixGroup {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && !s.starts_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if ok {
+            Ok(UnixGroup(s))
+        } else {
+            Err(format!("invalid group name {s:?}"))
+        }
+    }
+}
 
 /// A profile name (file stem): lowercase letters, digits, '-' and '_'.
 #[derive(Debug, Clone, PartialEq, Eq)]

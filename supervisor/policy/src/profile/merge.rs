@@ -60,6 +60,13 @@ fn merge(base: &mut Profile, r: &RawProfile) {
     if let Some(d) = &r.description {
         base.description.clone_from(d);
     }
+    // Who may use it: a file that says replaces what it extends says.
+    if let Some(users) = &r.users {
+        base.access.users = Some(users.iter().map(|u| u.0.clone()).collect());
+    }
+    if let Some(groups) = &r.groups {
+        base.access.groups = Some(groups.iter().map(|g| g.0.clone()).collect());
+    }
     if let Some(abi) = r.landlock.min_abi {
         base.landlock_min_abi = abi.0;
     }

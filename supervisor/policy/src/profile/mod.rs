@@ -154,6 +154,35 @@ pub struct Profile {
     pub environment: EnvPolicy,
     /// Set when the profile runs Claude Code.
     pub claude: Option<ClaudePolicy>,
+    /// Who may use it.
+    pub access: ProfileAccess,
+}
+
+/// Who may use a profile: everyone when neither list is set; else the
+/// warden users listed and the members of the Unix groups listed (the
+/// account whose login name is the warden user's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProfileAccess {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<BTreeSet<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<BTreeSet<String>>,
+}
+
+impl ProfileAccess {
+    pub fn is_everyone(&self) -> bool {
+        self.users.is_none() && self.groups.is_none()
+    }
+
+    /// Whether warden user `user`, whose account is in `user_groups`, may.
+    pub fn allows(&self, user: &str, user_groups: &[String]) -> bool {
+        self.is_everyone()
+            || self.users.as_ref().is_some_and(|u| u.contains(user))
+            || self
+                .groups
+                .as_ref()
+                .is_some_and(|g| user_groups.iter().any(|ug| g.contains(ug)))
+    }
 }
 
 impl Profile {
@@ -195,6 +224,7 @@ impl Profile {
                 set: BTreeMap::new(),
             },
             claude: None,
+            access: ProfileAccess::default(),
         }
     }
 }
@@ -330,6 +360,26 @@ groups = ["default"]
 
     fn err_of(sources: Vec<Source>) -> String {
         ProfileSet::from_sources(sources).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn access_lists_are_checked_and_inherited() {
+        let team = format!("users = [\"bob\"]\ngroups = [\"devs\"]\n{MINIMAL}");
+        let set = ProfileSet::from_sources(vec![
+            src("open", MINIMAL),
+            src("team", &team),
+            src("child", "extends = \"team\"\n"),
+        ])
+        .unwrap();
+        assert!(set.get("open").unwrap().access.allows("anyone", &[]));
+        let child = &set.get("child").unwrap().access;
+        assert!(child.allows("bob", &[]));
+        assert!(child.allows("carol", &["devs".to_string()]));
+        assert!(!child.allows("carol", &["users".to_string()]));
+        let e = err_of(vec![src("bad", &format!("users = [\"../x\"]\n{MINIMAL}"))]);
+        assert!(e.starts_with("bad.toml:1:"), "{e}");
+        let e = err_of(vec![src("bad", &format!("groups = [\"a b\"]\n{MINIMAL}"))]);
+        assert!(e.contains("invalid group name"), "{e}");
     }
 
     #[test]
