@@ -213,6 +213,31 @@ pub struct ClaudePolicy {
     pub auto_deny: Vec<ToolRule>,
 }
 
+impl ClaudePolicy {
+    /// The managed settings a worker gets: the profile's, and, when its
+    /// mode asks before tool calls, the locks that keep every other source
+    /// of rules and hooks (the user's home, the repository's .claude/) from
+    /// deciding a call, and bypass mode off. None when there is nothing to
+    /// write.
+    pub fn effective_managed_settings(&self) -> Option<String> {
+        let mut settings = match &self.managed_settings {
+            Some(json) => serde_json::from_str::<serde_json::Value>(json).ok()?,
+            None if self.permission_mode == PermissionMode::BypassPermissions => return None,
+            None => serde_json::json!({}),
+        };
+        if self.permission_mode != PermissionMode::BypassPermissions {
+            let obj = settings.as_object_mut()?;
+            obj.insert("allowManagedPermissionRulesOnly".into(), true.into());
+            obj.insert("allowManagedHooksOnly".into(), true.into());
+            let permissions = obj.entry("permissions").or_insert_with(|| serde_json::json!({}));
+            if let Some(p) = permissions.as_object_mut() {
+                p.insert("disableBypassPermissionsMode".into(), "disable".into());
+            }
+        }
+        serde_json::to_string_pretty(&settings).ok()
+    }
+}
+
 impl Default for ClaudePolicy {
     /// What a `[claude]` section with nothing in it means.
     fn default() -> Self {
@@ -596,6 +621,31 @@ mod tests {
         assert_eq!(file("Edit", "/workspace/default/src/../secrets"), None);
         assert_eq!(normalise("/a/../../b/./c//d"), "/b/c/d");
         assert_eq!(normalise("a/../../b"), "../b");
+    }
+
+    #[test]
+    fn sessions_that_ask_lock_rules_and_hooks_to_the_managed_settings() {
+        let asks = ClaudePolicy {
+            permission_mode: PermissionMode::Default,
+            managed_settings: Some(r#"{"permissions":{"deny":["WebFetch"]},"allowManagedHooksOnly":false}"#.into()),
+            ..ClaudePolicy::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&asks.effective_managed_settings().unwrap()).unwrap();
+        assert_eq!(v["allowManagedPermissionRulesOnly"], true);
+        assert_eq!(v["allowManagedHooksOnly"], true, "a profile cannot unlock them");
+        assert_eq!(v["permissions"]["disableBypassPermissionsMode"], "disable");
+        assert_eq!(v["permissions"]["deny"][0], "WebFetch");
+        // Without a profile table, the locks alone.
+        let plain = ClaudePolicy {
+            permission_mode: PermissionMode::AcceptEdits,
+            ..ClaudePolicy::default()
+        };
+        assert!(plain
+            .effective_managed_settings()
+            .unwrap()
+            .contains("allowManagedHooksOnly"));
+        // Bypass mode asks nothing: only what the profile says.
+        assert_eq!(ClaudePolicy::default().effective_managed_settings(), None);
     }
 
     #[test]

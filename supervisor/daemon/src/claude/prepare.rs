@@ -247,7 +247,7 @@ pub fn prepare(
     if let Some(md) = &policy.claude_md {
         place_claude_md(workspace, md, id.uid, id.gid)?;
     }
-    if let Some(json) = &policy.managed_settings {
+    if let Some(json) = &policy.effective_managed_settings() {
         binds.push(Bind {
             source: managed_settings(&config.state_dir, json)?,
             target: "/etc/claude-code/managed-settings.json".into(),
