@@ -317,7 +317,11 @@ impl Cgroups {
         }
         let cg = self.open(id);
         for dir in cg.dirs.values() {
-            make_cgroup(self.fs, dir)?;
+            if let Err(e) = make_cgroup(self.fs, dir) {
+                // Not half a cgroup left behind.
+                let _ = cg.remove();
+                return Err(e);
+            }
         }
         if let Err(e) = cg.apply(limits) {
             let _ = cg.remove();
@@ -340,15 +344,16 @@ impl Cgroups {
         }
     }
 
-    /// The ids of worker cgroups that exist now (leftovers after a crash).
+    /// The ids of worker cgroups that exist now (leftovers after a crash),
+    /// in any v1 hierarchy: a crash in the middle of a create leaves some.
     pub fn existing(&self) -> Vec<String> {
-        let dir = match &self.layout {
-            Layout::V1(parents) => parents.get("memory").cloned(),
-            Layout::V2 { workers } => Some(workers.clone()),
+        let dirs: Vec<PathBuf> = match &self.layout {
+            Layout::V1(parents) => parents.values().cloned().collect(),
+            Layout::V2 { workers } => vec![workers.clone()],
         };
-        let mut ids: Vec<String> = dir
-            .and_then(|d| std::fs::read_dir(d).ok())
-            .into_iter()
+        let mut ids: Vec<String> = dirs
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
             .flatten()
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
@@ -356,6 +361,7 @@ impl Cgroups {
             .filter(|n| valid_id(n))
             .collect();
         ids.sort();
+        ids.dedup();
         ids
     }
 }
@@ -700,6 +706,29 @@ mod tests {
                 cg.create(bad, &CgroupLimits::default()),
                 Err(CgroupError::BadId(_))
             ));
+        }
+    }
+
+    #[test]
+    fn half_made_v1_cgroups_are_found_and_a_failed_create_leaves_none() {
+        let root = tempfile::tempdir().unwrap();
+        let mut parents = BTreeMap::new();
+        for c in ["cpu", "freezer", "memory", "pids"] {
+            let p = root.path().join(c).join("warden");
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("cgroup.procs"), "").unwrap();
+            parents.insert(c, p);
+        }
+        let cgroups = Cgroups::v1(parents.clone(), Fs::Fake).unwrap();
+        // A crash in the middle of a create: only some hierarchies have it.
+        std::fs::create_dir(parents["cpu"].join("w-half")).unwrap();
+        std::fs::create_dir(parents["pids"].join("w-other")).unwrap();
+        assert_eq!(cgroups.existing(), vec!["w-half".to_string(), "w-other".to_string()]);
+        // A create that fails part way (here: no kernel populates the fake
+        // directories) removes what it made.
+        assert!(cgroups.create("w-new", &CgroupLimits::default()).is_err());
+        for p in parents.values() {
+            assert!(!p.join("w-new").exists(), "{}", p.display());
         }
     }
 

@@ -368,8 +368,11 @@ impl Supervisor {
     pub fn recover(&self) -> Vec<Arc<Worker>> {
         for id in self.cgroups.existing() {
             let cg = self.cgroups.open(&id);
-            if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
-                tracing::error!(worker = %id, error = %e, "cannot clean up a leftover worker cgroup");
+            // A half-made cgroup may lack the freezer: remove what is there
+            // whatever the kill said.
+            let killed = cg.kill_all(Duration::from_secs(10));
+            if let Err(e) = cg.remove() {
+                tracing::error!(worker = %id, error = %e, kill = ?killed.err(), "cannot clean up a leftover worker cgroup");
             }
         }
         let lost: Vec<Arc<Worker>> = self
