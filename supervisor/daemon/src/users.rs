@@ -34,6 +34,20 @@ pub enum UserError {
     Exhausted { start: u32, end: u32 },
     #[error("The uid {uid} of warden user {user} is now also used in {file}")]
     Collision { user: String, uid: u32, file: &'static str },
+    #[error(
+        "{path}:{line}: the subordinate ids of {owner:?} ({start}-{end}) overlap warden's worker uids \
+         ({first}-{last}): whoever holds them could run processes as a worker; move uid_min and uid_max in \
+         wardend.toml, or that range"
+    )]
+    SubordinateOverlap {
+        path: PathBuf,
+        line: usize,
+        owner: String,
+        start: u64,
+        end: u64,
+        first: u32,
+        last: u32,
+    },
     #[error("Cannot read {path}")]
     Read {
         path: PathBuf,
@@ -90,6 +104,55 @@ pub struct Users {
     /// The host's account databases (parametrized for tests).
     passwd: PathBuf,
     group: PathBuf,
+    /// Also ask the account database (NSS: LDAP, SSSD) about each id.
+    nss: bool,
+}
+
+/// Checks a subordinate id file (`/etc/subuid`, `/etc/subgid`): no range
+/// but warden's own may overlap `range`. Returns whether an entry named
+/// `warden` reserves all of it.
+pub fn check_subordinate(range: &RangeInclusive<u32>, path: &Path) -> Result<bool, UserError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(UserError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let (first, last) = (u64::from(*range.start()), u64::from(*range.end()));
+    let mut reserved = false;
+    for (i, l) in text.lines().enumerate() {
+        let mut f = l.trim().split(':');
+        let (Some(owner), Some(start), Some(count)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (Ok(start), Ok(count)) = (start.parse::<u64>(), count.parse::<u64>()) else {
+            continue;
+        };
+        if count == 0 {
+            continue;
+        }
+        let end = start + count - 1;
+        if owner == "warden" {
+            reserved |= start <= first && last <= end;
+            continue;
+        }
+        if start <= last && first <= end {
+            return Err(UserError::SubordinateOverlap {
+                path: path.to_path_buf(),
+                line: i + 1,
+                owner: owner.to_string(),
+                start,
+                end,
+                first: *range.start(),
+                last: *range.end(),
+            });
+        }
+    }
+    Ok(reserved)
 }
 
 const MAP_FILE: &str = "uids.json";
@@ -97,7 +160,20 @@ const MAP_FILE: &str = "uids.json";
 impl Users {
     /// Opens (and creates) the registry in `state_dir` with uids from `range`.
     pub fn open(state_dir: &Path, range: RangeInclusive<u32>) -> Result<Self, UserError> {
-        Self::open_with(state_dir, range, Path::new("/etc/passwd"), Path::new("/etc/group"))
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            if !check_subordinate(&range, Path::new(file))? {
+                tracing::warn!(
+                    "{file} has no entry reserving warden's worker ids {}-{} (add \"warden:{}:{}\"; see README \"Installing under systemd\")",
+                    range.start(),
+                    range.end(),
+                    range.start(),
+                    u64::from(*range.end()) - u64::from(*range.start()) + 1
+                );
+            }
+        }
+        let mut users = Self::open_with(state_dir, range, Path::new("/etc/passwd"), Path::new("/etc/group"))?;
+        users.nss = true;
+        Ok(users)
     }
 
     pub fn open_with(
@@ -152,6 +228,7 @@ impl Users {
             map: Mutex::new(map),
             passwd: passwd.to_path_buf(),
             group: group.to_path_buf(),
+            nss: false,
         })
     }
 
@@ -176,6 +253,15 @@ impl Users {
         let taken_uids = self.host_ids(&self.passwd)?;
         let taken_gids = self.host_ids(&self.group)?;
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // The account database beyond the files (LDAP, SSSD).
+        let nss_taken = |id: u32| {
+            self.nss
+                && (matches!(nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id)), Ok(Some(_)))
+                    || matches!(
+                        nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(id)),
+                        Ok(Some(_))
+                    ))
+        };
         if let Some(&uid) = map.users.get(user) {
             // An admin may have created an account with our uid since.
             for (ids, file) in [(&taken_uids, "/etc/passwd"), (&taken_gids, "/etc/group")] {
@@ -187,13 +273,20 @@ impl Users {
                     });
                 }
             }
+            if nss_taken(uid) {
+                return Err(UserError::Collision {
+                    user: user.to_string(),
+                    uid,
+                    file: "the account database (NSS)",
+                });
+            }
             return Ok(Identity { uid, gid: uid });
         }
         let used: Vec<u32> = map.users.values().copied().collect();
         let uid = self
             .range
             .clone()
-            .find(|id| !used.contains(id) && !taken_uids.contains(id) && !taken_gids.contains(id))
+            .find(|id| !used.contains(id) && !taken_uids.contains(id) && !taken_gids.contains(id) && !nss_taken(*id))
             .ok_or(UserError::Exhausted {
                 start: *self.range.start(),
                 end: *self.range.end(),
@@ -429,5 +522,43 @@ mod tests {
             f.users(300_000..=300_010),
             Err(UserError::UnsafeStateDir { .. })
         ));
+    }
+
+    #[test]
+    fn ids_the_account_database_knows_are_skipped() {
+        // 65534 (nobody, nogroup) is not in these files, but NSS knows it.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("passwd"), "").unwrap();
+        std::fs::write(dir.path().join("group"), "").unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        let mut users = Users::open_with(
+            &dir.path().join("state"),
+            65534..=65535,
+            &dir.path().join("passwd"),
+            &dir.path().join("group"),
+        )
+        .unwrap();
+        users.nss = true;
+        assert_eq!(users.identity("carol").unwrap().uid, 65535);
+    }
+
+    #[test]
+    fn subordinate_ranges_that_overlap_the_workers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("subuid");
+        let range = 200_000..=299_999;
+        // Debian's useradd: the second and third accounts land in the range.
+        std::fs::write(&file, "alice:100000:65536\nbob:165536:65536\ncarol:231072:65536\n").unwrap();
+        let e = check_subordinate(&range, &file).unwrap_err().to_string();
+        assert!(
+            e.contains(":2: the subordinate ids of \"bob\" (165536-231071) overlap"),
+            "{e}"
+        );
+        // Around it, and warden's own reservation, are fine.
+        std::fs::write(&file, "alice:100000:65536\nwarden:200000:100000\ndave:300000:65536\n").unwrap();
+        assert!(check_subordinate(&range, &file).unwrap());
+        std::fs::write(&file, "alice:100000:65536\n").unwrap();
+        assert!(!check_subordinate(&range, &file).unwrap());
+        assert!(!check_subordinate(&range, &dir.path().join("none")).unwrap());
     }
 }

@@ -519,7 +519,7 @@ mod tests {
             e.starts_with("w.toml:") && e.contains("unknown field `max_workerz`"),
             "{e}"
         );
-        let bad = DEFAULT_CONFIG.replace("uid_min = 200000", "uid_min = 0");
+        let bad = DEFAULT_CONFIG.replace("uid_min = 2100000000", "uid_min = 0");
         let e = Config::parse("w.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("uid_min"), "{e}");
         let bad = DEFAULT_CONFIG.replace("state_dir = \"/var/lib/warden\"", "state_dir = \"var/lib\"");

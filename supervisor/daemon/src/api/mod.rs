@@ -97,7 +97,8 @@ pub fn status(e: &WorkerError, caller: &Caller) -> Status {
             | User::Corrupt { .. }
             | User::Save { .. }
             | User::Dir { .. }
-            | User::UnsafeStateDir { .. } => Code::Internal,
+            | User::UnsafeStateDir { .. }
+            | User::SubordinateOverlap { .. } => Code::Internal,
         },
         E::Claude(c) => match c {
             Claude::Request(_) => Code::InvalidArgument,
