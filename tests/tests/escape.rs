@@ -183,6 +183,43 @@ fn a_worker_cannot_take_the_hosts_ptys() {
 }
 
 #[test]
+fn sys_shows_only_the_workers_own_cgroup() {
+    let Some(h) = host() else { return };
+    // Another worker of another user is running meanwhile.
+    let other = h
+        .spawn_with_stdin("bob", "demo", PROFILE, &["sleep", "30"], Stdio::null())
+        .unwrap();
+    let out = h.run(
+        "alice",
+        "demo",
+        PROFILE,
+        &[
+            "sh",
+            "-c",
+            "find /sys/fs/cgroup -mindepth 2 -type d | wc -l; \
+             cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null; \
+             ls /sys/fs/cgroup/pids | grep -c . ; touch /sys/fs/cgroup/x 2>&1; nproc",
+        ],
+    );
+    drop(other);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"0"), "another cgroup is visible: {}", out.stdout);
+    // The worker's own limit, where runtimes look for it (v1 or v2).
+    assert!(
+        lines.contains(&"4294967296"),
+        "the worker's memory limit: {}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("Read-only file system"), "{}", out.stdout);
+    // CPU topology is still there for runtimes that size themselves.
+    assert!(
+        lines.last().is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 1)),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
 fn tiocsti_on_a_terminal_is_denied() {
     let Some(h) = host() else { return };
     let pty = nix::pty::openpty(None, None).unwrap();

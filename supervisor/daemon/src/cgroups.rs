@@ -317,7 +317,17 @@ impl Cgroups {
         }
         let cg = self.open(id);
         for dir in cg.dirs.values() {
-            if let Err(e) = make_cgroup(self.fs, dir) {
+            // 0755 whatever the daemon's umask (the unit's is 0077): the
+            // worker reads its own limits there (its /sys/fs/cgroup).
+            let made = make_cgroup(self.fs, dir).and_then(|()| {
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(|source| {
+                    CgroupError::Create {
+                        path: dir.clone(),
+                        source,
+                    }
+                })
+            });
+            if let Err(e) = made {
                 // Not half a cgroup left behind.
                 let _ = cg.remove();
                 return Err(e);

@@ -187,6 +187,11 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
         bind_host_path(&bind.source, &bind.target, bind.access, bind.required)?;
     }
 
+    // /sys shows the host's whole cgroup tree (other tenants' workers,
+    // their memory and CPU): where a profile grants /sys, cover it and show
+    // only this worker's own cgroup, where runtimes read their limits.
+    own_cgroups(&spec.cgroup_procs)?;
+
     // A fresh /proc of this PID namespace: no host process is visible.
     make_dir(&new_path("/proc"))?;
     mount(
@@ -470,6 +475,60 @@ fn make_mountpoint(target: &Path, dir: bool) -> Result<(), SetupError> {
 }
 
 /// Mounts a detached copy of `source` at `target` with `attrs` (recursive).
+/// Covers `/sys/fs/cgroup` inside (when the profile shows `/sys`) with
+/// the worker's own cgroups only, read-only: on cgroup v2 a cgroup2 file
+/// system of its cgroup namespace (rooted at its cgroup), on v1 a tmpfs
+/// holding each controller's directory at `/sys/fs/cgroup/<controller>`.
+fn own_cgroups(cgroup_procs: &[PathBuf]) -> Result<(), SetupError> {
+    const CGROUPFS: &str = "/sys/fs/cgroup";
+    let inside = new_path(CGROUPFS);
+    if !inside.is_dir() {
+        return Ok(());
+    }
+    let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("tmpfs"), &inside, Some("tmpfs"), ro, Some("size=64k,mode=0555"))
+        .at(Stage::Mounts, || format!("Cannot cover {CGROUPFS}"))?;
+    let attrs = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
+    let dirs: Vec<&Path> = cgroup_procs.iter().filter_map(|p| p.parent()).collect();
+    if let [_one] = dirs.as_slice() {
+        // v2: a cgroup2 file system mounted in the worker's cgroup
+        // namespace, whose root is the worker's own cgroup.
+        mount(
+            Some("cgroup2"),
+            &inside,
+            Some("cgroup2"),
+            ro | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .at(Stage::Mounts, || {
+            format!("Cannot mount the worker's cgroup at {CGROUPFS}")
+        })?;
+    } else {
+        for dir in dirs {
+            let Some(controller) = dir
+                .strip_prefix(CGROUPFS)
+                .ok()
+                .and_then(|rest| rest.components().next())
+                .map(|c| c.as_os_str().to_owned())
+            else {
+                continue;
+            };
+            let target = inside.join(&controller);
+            make_dir(&target)?;
+            bind_tree(&PathBuf::from(format!("{OLD}{}", dir.display())), &target, attrs)?;
+        }
+        mount(
+            None::<&str>,
+            &inside,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | ro,
+            None::<&str>,
+        )
+        .at(Stage::Mounts, || format!("Cannot make {CGROUPFS} read-only"))?;
+    }
+    Ok(())
+}
+
 fn bind_tree(source: &Path, target: &Path, attrs: u64) -> Result<(), SetupError> {
     let fd: OwnedFd = open(source, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
         .at(Stage::Mounts, || format!("Cannot open {}", source.display()))?;
