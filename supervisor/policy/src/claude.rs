@@ -378,35 +378,11 @@ impl ClaudePolicy {
 
 /// What a tool rule's pattern is matched against: the input's first
 /// string field among `command`, `file_path`, `path`, `url` and
-/// `pattern`, else the whole input text.
+/// `pattern` (a path resolved), else the whole input text.
 pub fn subject_of(input: &str) -> String {
-    #[derive(serde::Deserialize)]
-    struct Fields<'a> {
-        #[serde(borrow)]
-        command: Option<&'a serde_json::value::RawValue>,
-        #[serde(borrow)]
-        file_path: Option<&'a serde_json::value::RawValue>,
-        #[serde(borrow)]
-        path: Option<&'a serde_json::value::RawValue>,
-        #[serde(borrow)]
-        url: Option<&'a serde_json::value::RawValue>,
-        #[serde(borrow)]
-        pattern: Option<&'a serde_json::value::RawValue>,
+    match Subject::of(input) {
+        Subject::Command(s) | Subject::Path(s) | Subject::Other(s) => s,
     }
-    let string = |v: Option<&serde_json::value::RawValue>| {
-        v.filter(|r| r.get().starts_with('"'))
-            .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
-    };
-    serde_json::from_str::<Fields<'_>>(input)
-        .ok()
-        .and_then(|f| {
-            string(f.command)
-                .or_else(|| string(f.file_path))
-                .or_else(|| string(f.path))
-                .or_else(|| string(f.url))
-                .or_else(|| string(f.pattern))
-        })
-        .unwrap_or_else(|| input.to_string())
 }
 
 /// What a rule is matched against, by the input field it came from.
@@ -421,6 +397,7 @@ enum Subject {
 }
 
 impl Subject {
+    /// Reads the input once: its first string field among those above.
     fn of(input: &str) -> Subject {
         #[derive(serde::Deserialize)]
         struct Fields<'a> {
@@ -430,19 +407,29 @@ impl Subject {
             file_path: Option<&'a serde_json::value::RawValue>,
             #[serde(borrow)]
             path: Option<&'a serde_json::value::RawValue>,
+            #[serde(borrow)]
+            url: Option<&'a serde_json::value::RawValue>,
+            #[serde(borrow)]
+            pattern: Option<&'a serde_json::value::RawValue>,
         }
         let string = |v: Option<&serde_json::value::RawValue>| {
             v.filter(|r| r.get().starts_with('"'))
                 .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
         };
-        let f = serde_json::from_str::<Fields<'_>>(input).ok();
-        if let Some(c) = f.as_ref().and_then(|f| string(f.command)) {
+        let Ok(f) = serde_json::from_str::<Fields<'_>>(input) else {
+            return Subject::Other(input.to_string());
+        };
+        if let Some(c) = string(f.command) {
             return Subject::Command(c);
         }
-        if let Some(p) = f.as_ref().and_then(|f| string(f.file_path).or_else(|| string(f.path))) {
+        if let Some(p) = string(f.file_path).or_else(|| string(f.path)) {
             return Subject::Path(normalise(&p));
         }
-        Subject::Other(subject_of(input))
+        Subject::Other(
+            string(f.url)
+                .or_else(|| string(f.pattern))
+                .unwrap_or_else(|| input.to_string()),
+        )
     }
 }
 
