@@ -376,16 +376,9 @@ impl ClaudePolicy {
     }
 }
 
-/// What a tool rule's pattern is matched against: the input's first
-/// string field among `command`, `file_path`, `path`, `url` and
-/// `pattern` (a path resolved), else the whole input text.
-pub fn subject_of(input: &str) -> String {
-    match Subject::of(input) {
-        Subject::Command(s) | Subject::Path(s) | Subject::Other(s) => s,
-    }
-}
-
-/// What a rule is matched against, by the input field it came from.
+/// What a rule is matched against, by the input field it came from: the
+/// input's first string field among `command`, `file_path`, `path`, `url`
+/// and `pattern` (a path resolved), else the whole input text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Subject {
     /// A shell command (`command`).
@@ -633,6 +626,12 @@ mod tests {
             .contains("allowManagedHooksOnly"));
         // Bypass mode asks nothing: only what the profile says.
         assert_eq!(ClaudePolicy::default().effective_managed_settings(), None);
+    }
+
+    fn subject_of(input: &str) -> String {
+        match Subject::of(input) {
+            Subject::Command(s) | Subject::Path(s) | Subject::Other(s) => s,
+        }
     }
 
     #[test]
