@@ -873,35 +873,48 @@ mod upstream_tests {
         port
     }
 
-    #[tokio::test]
-    async fn an_upstream_error_never_carries_the_credential_back() {
-        let port = echoing_upstream().await;
-        let dir = tempfile::tempdir().unwrap();
-        let (events, _) = Events::open(crate::events::Settings::at(&dir.path().join("audit.jsonl"))).unwrap();
-        let config = warden_policy::config::Config::embedded();
+    /// Worker w1's gateway (user alice, an API key) in front of the
+    /// upstream on `port`, as `adjust` leaves it, served on loopback.
+    async fn serve_gateway(
+        port: u16,
+        config: &Config,
+        dir: &std::path::Path,
+        adjust: impl FnOnce(Gateway) -> Gateway,
+    ) -> (Arc<Gateway>, SocketAddr) {
+        let (events, _) = Events::open(crate::events::Settings::at(&dir.join("audit.jsonl"))).unwrap();
         let setup = GatewaySetup {
             credential: Credential::ApiKey("sk-real-secret".into()),
             placeholder: "warden-test".into(),
             upstream: warden_policy::HttpUrl::try_from(format!("http://127.0.0.1:{port}")).unwrap(),
             models: None,
         };
-        let gateway = Arc::new(Gateway::new(
+        let gateway = Arc::new(adjust(Gateway::new(
             "w1",
             "alice",
             "p",
             setup,
             Upstream::new(&config.gateway, HashMap::new()).unwrap(),
-            Arc::new(Ledger::open(&dir.path().join("usage.json"))),
+            Arc::new(Ledger::open(&dir.join("usage.json"))),
             Arc::new(events),
-            &config,
-        ));
+            config,
+        )));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
+        let served = gateway.clone();
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(gateway.clone().serve(s));
+                tokio::spawn(served.clone().serve(s));
             }
         });
+        (gateway, addr)
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_never_carries_the_credential_back() {
+        let port = echoing_upstream().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = warden_policy::config::Config::embedded();
+        let (_, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
         let body = r#"{"model":"m","max_tokens":1,"messages":[]}"#;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(
@@ -925,36 +938,12 @@ mod upstream_tests {
     async fn request_bodies_held_at_once_are_bounded_per_worker() {
         let port = echoing_upstream().await;
         let dir = tempfile::tempdir().unwrap();
-        let (events, _) = Events::open(crate::events::Settings::at(&dir.path().join("audit.jsonl"))).unwrap();
         let mut config = warden_policy::config::Config::embedded();
         config.gateway.max_request_bytes = 2 << 20;
-        let setup = GatewaySetup {
-            credential: Credential::ApiKey("sk-real-secret".into()),
-            placeholder: "warden-test".into(),
-            upstream: warden_policy::HttpUrl::try_from(format!("http://127.0.0.1:{port}")).unwrap(),
-            models: None,
-        };
-        let gateway = Arc::new(
-            Gateway::new(
-                "w1",
-                "alice",
-                "p",
-                setup,
-                Upstream::new(&config.gateway, HashMap::new()).unwrap(),
-                Arc::new(Ledger::open(&dir.path().join("usage.json"))),
-                Arc::new(events),
-                &config,
-            )
-            .with_body_pool(3 << 20, Duration::from_millis(300)),
-        );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let served = gateway.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(served.clone().serve(s));
-            }
-        });
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| {
+            g.with_body_pool(3 << 20, Duration::from_millis(300))
+        })
+        .await;
         let head = |len: usize| {
             format!("POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n")
         };
