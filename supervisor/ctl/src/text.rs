@@ -16,16 +16,15 @@ fn acts(c: char) -> bool {
     c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
 }
 
-/// One line of a table or a message: every control character, newlines
-/// and tabs included, shown escaped (`\u{1b}`).
-pub fn plain(s: &str) -> String {
+/// `s` with each character that acts written by `escape` instead.
+fn escaped(s: &str, escape: impl Fn(char, &mut String)) -> String {
     if !s.chars().any(acts) {
         return s.to_string();
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         if acts(c) {
-            out.extend(c.escape_unicode());
+            escape(c, &mut out);
         } else {
             out.push(c);
         }
@@ -33,24 +32,18 @@ pub fn plain(s: &str) -> String {
     out
 }
 
+/// One line of a table or a message: every control character, newlines
+/// and tabs included, shown escaped (`\u{1b}`).
+pub fn plain(s: &str) -> String {
+    escaped(s, |c, out| out.extend(c.escape_unicode()))
+}
+
 /// A JSON text with the characters JSON leaves raw that would act on a
 /// terminal (DEL, C1, bidirectional overrides; JSON already escapes C0)
 /// escaped as `\uXXXX`: still the same JSON.
 pub fn json_safe(s: &str) -> String {
-    if !s.chars().any(acts) {
-        return s.to_string();
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if acts(c) {
-            // Only characters of the Basic Multilingual Plane act: one
-            // \uXXXX each.
-            out.push_str(&format!("\\u{:04x}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    // Only characters of the Basic Multilingual Plane act: one \uXXXX each.
+    escaped(s, |c, out| out.push_str(&format!("\\u{:04x}", u32::from(c))))
 }
 
 /// A stream of a worker's output on its way to a terminal: text, newlines,
