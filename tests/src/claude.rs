@@ -104,3 +104,16 @@ pub fn run_side_by_side(d: &Daemon, sessions: &[(&str, &str, &str)]) -> Vec<std:
         })
         .collect()
 }
+
+/// A stand-in for the `claude` binary: `script` (with its `#!` line) as an
+/// executable named `name` in a directory of its own that workers can
+/// reach; it lasts as long as the returned directory.
+pub fn stand_in_claude(name: &str, script: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("a directory");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = dir.path().join(name);
+    std::fs::write(&path, script).expect("the stand-in");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    (dir, path)
+}

@@ -638,17 +638,11 @@ fn a_client_cannot_answer_claudes_permission_requests_through_stdin() {
         return;
     }
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
     // A stand-in for `claude` that prints every line it reads on stdin.
-    let stand_in = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(stand_in.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let claude = stand_in.path().join("echo-claude");
-    std::fs::write(
-        &claude,
+    let (_stand_in, claude) = warden_tests::claude::stand_in_claude(
+        "echo-claude",
         "#!/usr/bin/python3\nimport json, sys\nfor line in sys.stdin:\n    print(json.dumps({\"type\": \"echo\", \"got\": json.loads(line)}), flush=True)\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let d = Daemon::start_with(&[("claude_binary", value(claude.display().to_string()))]);
     d.set_credentials("alice", "sk-test");
     let out = d.ctl(&[

@@ -3,13 +3,12 @@
 //! floods that try to push others' events out of the audit log, and
 //! clients that never read. Each needs root (a real wardend and workers).
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
 use warden_proto::v1 as pb;
 use warden_proto::v1::workers_client::WorkersClient;
+use warden_tests::claude::stand_in_claude;
 use warden_tests::daemon::{channel, rate, rate_limits, value, Daemon};
 use warden_tests::privileged;
 
@@ -143,11 +142,7 @@ fn spawns_past_the_rate_are_refused_and_reported() {
 
 /// A stand-in for `claude`: reads the initial prompt, then floods its
 /// stdout as the prompt says (`lines`, `one-line`, `approvals`).
-fn flooding_claude(dir: &std::path::Path) -> PathBuf {
-    let path = dir.join("flooding-claude");
-    std::fs::write(
-        &path,
-        r#"#!/usr/bin/python3
+const FLOODING_CLAUDE: &str = r#"#!/usr/bin/python3
 import json, sys, threading
 mode = json.loads(sys.stdin.readline())["message"]["content"]
 out = sys.stdout.buffer
@@ -170,21 +165,14 @@ elif mode == "approvals":
                "request": {"subtype": "can_use_tool", "tool_name": "Write",
                            "input": {"file_path": "/workspace/x", "content": content}}}
         out.write((json.dumps(msg) + "\n").encode())
-"#,
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
+"#;
 
 #[test]
 fn a_flooding_claude_worker_cannot_grow_the_daemon() {
     if !root() {
         return;
     }
-    let stand_in = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(stand_in.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let claude = flooding_claude(stand_in.path());
+    let (_stand_in, claude) = stand_in_claude("flooding-claude", FLOODING_CLAUDE);
     let d = Daemon::start_with(&[("claude_binary", value(claude.display().to_string()))]);
     d.set_credentials("mallory", "sk-test");
     // The daemon, warmed up: a worker of another user has run.
@@ -253,9 +241,7 @@ fn floods_do_not_push_another_users_events_out_of_the_log() {
     if !root() {
         return;
     }
-    let stand_in = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(stand_in.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let claude = flooding_claude(stand_in.path());
+    let (_stand_in, claude) = stand_in_claude("flooding-claude", FLOODING_CLAUDE);
     // A small log (3 × 128 KiB) and a budget of 32 KiB then 2 KiB/s per
     // user and per calling uid.
     let d = Daemon::start_with(&[
