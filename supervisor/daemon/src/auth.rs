@@ -75,7 +75,8 @@ pub fn group_names_of(login: &str) -> Vec<String> {
         .collect()
 }
 
-fn gid_of(group: &str) -> Option<Gid> {
+/// The gid of `group`, if it exists.
+pub fn gid_of(group: &str) -> Option<Gid> {
     Group::from_name(group).ok().flatten().map(|g| g.gid)
 }
 

@@ -102,7 +102,7 @@ fn bind(path: &Path, group: &str) -> anyhow::Result<std::os::unix::net::UnixList
     }
     let listener =
         std::os::unix::net::UnixListener::bind(path).with_context(|| format!("Cannot bind {}", path.display()))?;
-    let gid = nix::unistd::Group::from_name(group).ok().flatten().map(|g| g.gid);
+    let gid = warden_daemon::auth::gid_of(group);
     if gid.is_none() {
         tracing::warn!(group, "socket group does not exist; the socket is root-only");
     }
@@ -168,7 +168,7 @@ fn main() {
 async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     // The daemon's directories: nobody else may write them, and only the
     // admin group may read the audit log.
-    let admin_gid = warden_daemon::paths::gid_of(&config.admin_group);
+    let admin_gid = warden_daemon::auth::gid_of(&config.admin_group);
     {
         use warden_daemon::paths::{secure_dir, Existing};
         secure_dir(&config.state_dir, 0o700, None, Existing::Own)?;

@@ -98,11 +98,6 @@ pub fn secure_dir(path: &Path, mode: u32, group: Option<Gid>, existing: Existing
     Ok(())
 }
 
-/// The gid of `group`, if it exists.
-pub fn gid_of(group: &str) -> Option<Gid> {
-    nix::unistd::Group::from_name(group).ok().flatten().map(|g| g.gid)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,7 +61,7 @@ impl Settings {
             max_age: c.audit_max_age.map(Duration::from_secs),
             budget: c.audit_budget,
             live_capacity: c.events_buffer,
-            group: crate::paths::gid_of(&c.admin_group).map(nix::unistd::Gid::as_raw),
+            group: crate::auth::gid_of(&c.admin_group).map(nix::unistd::Gid::as_raw),
         }
     }
 
