@@ -259,9 +259,15 @@ fn thousands_of_workers_and_a_crash_leak_nothing_and_lose_no_event() {
     assert_eq!(end.cgroups, 0, "worker cgroups left");
     assert_eq!(end.mounts, mounts_before, "mounts left on the host");
     assert_eq!(end.worker_processes, 0, "worker processes left");
+    // The allocator's working size still moves by some MiB between runs
+    // of the same build (arenas of the runtime's and the blocking pool's
+    // threads; one CI run grew 8 MiB, the next shrank 3): a fixed slack of
+    // 16 MiB. A leak of 4 KiB per spawn passes it within these 4,000
+    // spawns; WARDEN_SOAK_SPAWNS=100000 finds one of 200 bytes.
+    let slack = 16 << 20;
     assert!(
-        end.rss <= base.rss + base.rss / 10,
-        "RSS grew from {} to {} KiB",
+        end.rss <= base.rss + slack,
+        "RSS grew from {} to {} KiB in {rest} spawns",
         base.rss >> 10,
         end.rss >> 10
     );
