@@ -7,9 +7,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use warden_daemon::cgroups::{Cgroups, Usage, WorkerCgroup, V1_CONTROLLERS};
+use warden_daemon::disk::Disk;
 use warden_daemon::launcher::{LaunchError, Launched};
 use warden_daemon::users::{UserDirs, Users};
 use warden_daemon::workers::spawn::{self, RequestedLimits, SpawnParams};
@@ -71,6 +73,7 @@ pub struct Host {
     pub config: Config,
     pub users: Users,
     pub cgroups: Cgroups,
+    pub disk: Arc<Disk>,
     pub profiles: ProfileSet,
     cgroup_parents: Vec<PathBuf>,
 }
@@ -129,7 +132,10 @@ impl Host {
             .prefix("warden-test-")
             .tempdir()
             .expect("tempdir");
-        let users = Users::open(state.path(), TEST_UIDS).expect("users");
+        let disk = Arc::new(Disk::probe(state.path()));
+        let users = Users::open(state.path(), TEST_UIDS)
+            .expect("users")
+            .with_projects(disk.counts());
         let name = format!(
             "warden-test-{}-{}",
             std::process::id(),
@@ -158,6 +164,7 @@ impl Host {
             config,
             users,
             cgroups,
+            disk,
             profiles,
             cgroup_parents,
         }
@@ -212,6 +219,7 @@ impl Host {
             config: &self.config,
             users: &self.users,
             cgroups: &self.cgroups,
+            disk: &self.disk,
         };
         let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
         let prepared = spawn::prepare(&host, &worker_id, &profile, &params).expect("prepare");

@@ -175,6 +175,32 @@ fn linux_aio_is_opt_in_for_its_host_wide_budget() {
 }
 
 #[test]
+fn a_worker_cannot_move_its_files_out_of_its_disk_quota() {
+    // A user's tree is one project (its disk limit); the owner of a file
+    // could otherwise change the file's project id or clear a directory's
+    // inherit flag: every call that can is refused, and reported.
+    let Some(h) = host() else { return };
+    let bin = h.install_attack("alice", "demo");
+    let out = h.run("alice", "demo", PROFILE, &[&bin, "projid", "/workspace/demo"]);
+    assert_eq!(
+        out.result(),
+        "fssetxattr=EPERM setflags=EPERM file_setattr=EPERM",
+        "{}",
+        out.stderr
+    );
+    for call in ["ioctl", "file_setattr"] {
+        assert!(out.denials.iter().any(|d| d == call), "{call}: {:?}", out.denials);
+    }
+    // The second line, RLIMIT_FSIZE (a disk limit sets it; here set alone,
+    // as this host's file system has no project quotas: the VM tier runs
+    // the disk limit itself): no file grows past it, sparse or not.
+    let h = Host::new(&[("small", "extends = \"base\"\n[limits.rlimits]\nfsize = 1000000\n")]);
+    let bin = h.install_attack("alice", "demo");
+    let out = h.run("alice", "demo", "small", &[&bin, "fsize", "/tmp/big", "2000000"]);
+    assert_eq!(out.result(), "EFBIG");
+}
+
+#[test]
 fn a_worker_cannot_take_the_hosts_ptys() {
     // kernel.pty.max is one count for the whole host: a worker's private
     // devpts stops it at its own share.

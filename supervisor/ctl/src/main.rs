@@ -310,6 +310,11 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
                     "user": u.user, "day": u.day, "today": totals(&u.today), "month": u.month,
                     "this_month": totals(&u.this_month), "all_time": totals(&u.all_time),
                     "budget": budget_json(u.budget.as_ref()),
+                    "disk": u.disk.map(|d| serde_json::json!({
+                        "bytes": d.bytes, "files": d.files,
+                        "limit_bytes": (d.limit_bytes > 0).then_some(d.limit_bytes),
+                        "limit_files": (d.limit_files > 0).then_some(d.limit_files),
+                    })),
                 })
             })
             .collect();
@@ -334,20 +339,27 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
         )
     };
     let limit = |v: u64| if v == 0 { "-".to_string() } else { v.to_string() };
+    // The user's tree on disk, in MiB, against its limit.
+    let disk = |d: &Option<pb::DiskUsage>| match d {
+        None => "-".to_string(),
+        Some(d) if d.limit_bytes == 0 => format!("{} MiB", d.bytes >> 20),
+        Some(d) => format!("{}/{} MiB", d.bytes >> 20, d.limit_bytes >> 20),
+    };
     println!(
-        "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12}",
-        "USER", "TODAY", "THIS MONTH", "ALL TIME", "PER DAY", "PER MONTH"
+        "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12} {:>16}",
+        "USER", "TODAY", "THIS MONTH", "ALL TIME", "PER DAY", "PER MONTH", "DISK"
     );
     for u in &r.users {
         let b = u.budget.unwrap_or_default();
         println!(
-            "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12}",
+            "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12} {:>16}",
             plain(&u.user),
             tokens(&u.today),
             tokens(&u.this_month),
             tokens(&u.all_time),
             limit(b.tokens_per_day),
-            limit(b.tokens_per_month)
+            limit(b.tokens_per_month),
+            disk(&u.disk)
         );
     }
 }

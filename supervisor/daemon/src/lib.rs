@@ -4,8 +4,10 @@
 //!
 //! - [`audit`] and [`events`]: numbered events, durable before published;
 //!   the time helpers.
+//! - [`disk`]: per-user disk limits, as project quotas of the state
+//!   directory's file system.
 //! - [`users`]: warden user and project names, their dedicated uids and their
-//!   per-user directories.
+//!   per-user directories (each user's tree one project).
 //! - [`cgroups`]: one cgroup per worker under warden's own subtree, with
 //!   limits, usage and a kill that reaches every process.
 //! - [`launcher`]: starts `warden-launch` with a compiled spec and reads its
@@ -25,7 +27,7 @@
 //! - [`api`]: the gRPC handlers, and the one mapping of errors to statuses.
 //!
 //! Unsafe code lives in [`sys`] only (fds from SCM_RIGHTS and systemd, the
-//! seccomp notification ioctls).
+//! seccomp notification ioctls, the project-quota calls).
 
 #![deny(unsafe_code)]
 
@@ -35,6 +37,7 @@ pub mod auth;
 pub mod cgroups;
 pub mod claude;
 pub mod denials;
+pub mod disk;
 pub mod events;
 pub mod io;
 pub mod landlock_audit;

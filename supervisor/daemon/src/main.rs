@@ -204,6 +204,11 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         launcher,
         upstream,
     ));
+    tracing::info!(
+        state_dir = %config.state_dir.display(),
+        "disk limits: {} on the state directory's file system",
+        sup.disk.support()
+    );
     // The usage ledger is written at most a second after it changes, and at
     // the end.
     let ledger = sup.ledger.clone();

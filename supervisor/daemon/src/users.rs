@@ -3,7 +3,9 @@
 //! Owns: validating user and project names; allocating each warden user a
 //! uid (and equal gid) from the configured range, persisted in
 //! `<state>/uids.json` so it never changes across restarts; creating
-//! `<state>/users/<user>/{home,workspace/<project>}` owned by that uid.
+//! `<state>/users/<user>/{home,workspace/<project>}` owned by that uid;
+//! where the file system counts project quotas, putting that tree in the
+//! user's project (numbered by its uid: see [`crate::disk`]).
 //!
 //! Must never: hand out uid 0 or a uid/gid that `/etc/passwd` or `/etc/group`
 //! already names; follow a symlink while creating or chowning a user's
@@ -72,6 +74,13 @@ pub enum UserError {
     },
     #[error("The state directory {path} must be owned by root and not writable by others")]
     UnsafeStateDir { path: PathBuf },
+    #[error("Cannot put {path} in project {project} (its disk limit)")]
+    Project {
+        path: PathBuf,
+        project: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A warden user's identity on the host.
@@ -106,6 +115,8 @@ pub struct Users {
     group: PathBuf,
     /// Also ask the account database (NSS: LDAP, SSSD) about each id.
     nss: bool,
+    /// Put each user's tree in its project (the file system counts them).
+    projects: bool,
 }
 
 /// Checks a subordinate id file (`/etc/subuid`, `/etc/subgid`): no range
@@ -176,6 +187,13 @@ impl Users {
         Ok(users)
     }
 
+    /// Puts each user's tree in its project from now on (where the file
+    /// system counts project quotas: [`crate::disk::Disk::counts`]).
+    pub fn with_projects(mut self, on: bool) -> Self {
+        self.projects = on;
+        self
+    }
+
     pub fn open_with(
         state_dir: &Path,
         range: RangeInclusive<u32>,
@@ -229,6 +247,7 @@ impl Users {
             passwd: passwd.to_path_buf(),
             group: group.to_path_buf(),
             nss: false,
+            projects: false,
         })
     }
 
@@ -245,6 +264,27 @@ impl Users {
             }
         };
         Ok(text.lines().filter_map(|l| l.split(':').nth(2)?.parse().ok()).collect())
+    }
+
+    /// The uid of a known user (none is allocated).
+    pub fn known_uid(&self, user: &str) -> Option<u32> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .users
+            .get(user)
+            .copied()
+    }
+
+    /// Every user that has a uid.
+    pub fn known(&self) -> Vec<String> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .users
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The identity of `user`, allocating and persisting one on first use.
@@ -340,6 +380,9 @@ impl Users {
         let mut path = self.state_dir.clone();
         let users = step(&state, &mut path, "users", root)?;
         let user_dir = step(&users, &mut path, user, own)?;
+        if self.projects {
+            tag_tree(&user_dir, &path, id.uid)?;
+        }
         let mut home_path = path.clone();
         step(&user_dir, &mut home_path, "home", own)?;
         let ws = step(&user_dir, &mut path, "workspace", own)?;
@@ -348,6 +391,85 @@ impl Users {
             home: home_path,
             workspace: path,
         })
+    }
+}
+
+/// How deep [`tag_tree`] goes below a user's directory.
+const TAG_DEPTH: usize = 128;
+
+/// Puts a user's tree in project `project`: the directories with the
+/// inherit flag, so that whatever is created in them joins it. Walks only
+/// a tree made before the file system counted projects (its top is not yet
+/// in the project), and tags the top last, so that a walk cut short is done
+/// again. Never follows a symlink; what cannot be tagged is logged.
+fn tag_tree(top: &OwnedFd, path: &Path, project: u32) -> Result<(), UserError> {
+    let err = |source: std::io::Error| UserError::Project {
+        path: path.to_path_buf(),
+        project,
+        source,
+    };
+    if crate::sys::project_of(top.as_fd()).map_err(err)? == project {
+        return Ok(());
+    }
+    let mut missed = 0u64;
+    tag_children(top, project, TAG_DEPTH, &mut missed);
+    if missed > 0 {
+        tracing::warn!(path = %path.display(), project, missed, "files of a user's tree made before its disk limit could not be put in its project; they do not count toward it");
+    }
+    crate::sys::set_project(top.as_fd(), project, true).map_err(err)
+}
+
+fn tag_children(dir: &OwnedFd, project: u32, depth: usize, missed: &mut u64) {
+    use nix::sys::stat::{fstatat, SFlag};
+    let names: Vec<std::ffi::CString> = match nix::dir::Dir::openat(
+        dir,
+        ".",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(mut d) => d
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_owned())
+            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+            .collect(),
+        Err(_) => {
+            *missed += 1;
+            return;
+        }
+    };
+    for name in names {
+        let Ok(st) = fstatat(dir, name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        let is_dir = kind == SFlag::S_IFDIR;
+        if !is_dir && kind != SFlag::S_IFREG {
+            continue;
+        }
+        // O_NONBLOCK: a file swapped for a FIFO since the stat does not hang us.
+        let fd = match openat(
+            dir,
+            name.as_c_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(_) => {
+                *missed += 1;
+                continue;
+            }
+        };
+        if is_dir {
+            if depth == 0 {
+                *missed += 1;
+                continue;
+            }
+            tag_children(&fd, project, depth - 1, missed);
+        }
+        if crate::sys::set_project(fd.as_fd(), project, is_dir).is_err() {
+            *missed += 1;
+        }
     }
 }
 

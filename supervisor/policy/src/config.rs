@@ -65,6 +65,8 @@ struct RawConfig {
     client_timeout_seconds: Spanned<u64>,
     #[serde(default = "default_connections_per_caller")]
     max_connections_per_caller: Spanned<u32>,
+    #[serde(default)]
+    disk_limits: BTreeMap<Spanned<String>, ByteSize>,
 }
 
 fn default_connections_per_caller() -> Spanned<u32> {
@@ -293,6 +295,8 @@ pub struct Config {
     pub client_timeout_seconds: u64,
     /// API connections one uid may have open at once.
     pub max_connections_per_caller: u32,
+    /// Per-user disk limits, in place of the profiles' `limits.disk`.
+    pub disk_limits: BTreeMap<String, u64>,
 }
 
 impl Config {
@@ -400,6 +404,9 @@ impl Config {
             crate::names::check_user(name.get_ref())
                 .map_err(|e| invalid(name.span(), format!("gateway.users: {e}")))?;
         }
+        for name in raw.disk_limits.keys() {
+            crate::names::check_user(name.get_ref()).map_err(|e| invalid(name.span(), format!("disk_limits: {e}")))?;
+        }
         let extra_ca = raw.gateway.extra_ca.get_ref();
         if !extra_ca.is_empty() && !extra_ca.starts_with('/') {
             return Err(invalid(
@@ -479,6 +486,11 @@ impl Config {
             rate_limits: raw.rate_limits.into_inner(),
             client_timeout_seconds: raw.client_timeout_seconds.into_inner(),
             max_connections_per_caller: raw.max_connections_per_caller.into_inner(),
+            disk_limits: raw
+                .disk_limits
+                .into_iter()
+                .map(|(u, b)| (u.into_inner(), b.0))
+                .collect(),
         })
     }
 }
@@ -555,5 +567,18 @@ mod tests {
             (Some(50), Some(60), Some(2))
         );
         assert_eq!(c.gateway.budget_for("bob").tokens_per_day, Some(1000));
+    }
+
+    #[test]
+    fn disk_limits_name_users_and_sizes() {
+        let with = |entry: &str| DEFAULT_CONFIG.replace("[disk_limits]\n", &format!("[disk_limits]\n{entry}\n"));
+        assert!(Config::embedded().disk_limits.is_empty());
+        let c = Config::parse("w.toml", &with("alice = \"20G\"")).unwrap();
+        assert_eq!(c.disk_limits.get("alice"), Some(&(20 << 30)));
+        let e = Config::parse("w.toml", &with("\"../x\" = \"1G\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disk_limits: user name"), "{e}");
+        assert!(Config::parse("w.toml", &with("alice = \"lots\"")).is_err());
     }
 }

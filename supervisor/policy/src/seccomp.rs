@@ -78,6 +78,11 @@ const CLONE_NAMESPACE_FLAGS: u64 = 0x0200_0000 // CLONE_NEWCGROUP
     | 0x0000_0080; // CLONE_NEWTIME
 const TIOCSTI: u64 = 0x5412;
 const TIOCLINUX: u64 = 0x541C;
+/// `_IOW('f', 2, long)` and its 32-bit twin `_IOW('f', 2, int)`.
+const FS_IOC_SETFLAGS: u64 = 0x4008_6602;
+const FS_IOC32_SETFLAGS: u64 = 0x4004_6602;
+/// `_IOW('X', 32, struct fsxattr)`.
+const FS_IOC_FSSETXATTR: u64 = 0x401c_5820;
 const AF_UNIX: u64 = 1;
 const AF_INET: u64 = 2;
 const AF_INET6: u64 = 10;
@@ -193,10 +198,17 @@ fn argument_rules(name: &str, udp: bool) -> Option<Vec<SeccompRule>> {
         )])]),
         // TIOCSTI pushes keystrokes into the terminal's input queue, a classic
         // escape from a sandbox sharing a terminal; TIOCLINUX can do the same.
-        // The kernel reads the request as 32 bits, so compare 32 bits.
+        // The owner of a file (a worker, in the host's user namespace) may
+        // change its project id or clear a directory's inherit flag with
+        // the SETFLAGS and FSSETXATTR requests, moving what it writes out of
+        // its user's disk quota. The kernel reads the request as 32 bits,
+        // so compare 32 bits.
         "ioctl" => Some(vec![rule(vec![
             cond(1, Len::Dword, Op::Ne, TIOCSTI),
             cond(1, Len::Dword, Op::Ne, TIOCLINUX),
+            cond(1, Len::Dword, Op::Ne, FS_IOC_SETFLAGS),
+            cond(1, Len::Dword, Op::Ne, FS_IOC32_SETFLAGS),
+            cond(1, Len::Dword, Op::Ne, FS_IOC_FSSETXATTR),
         ])]),
         // Unix sockets; TCP (and UDP where the profile allows it) with
         // protocol 0 or the family's own protocol only: MPTCP and SCTP

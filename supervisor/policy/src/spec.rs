@@ -222,6 +222,19 @@ pub fn policy_digest(profile: &Profile) -> String {
 }
 
 /// Compiles `profile` for `req` into a launch spec for `arch`.
+/// The profile's rlimits, with the disk limit as the largest file a
+/// worker may write (RLIMIT_FSIZE): a second line under the project quota,
+/// and the only one on a file system outside the user's tree that the
+/// profile makes writable.
+fn rlimits(limits: &crate::profile::Limits) -> Vec<Rlimit> {
+    let mut map = limits.rlimits.clone();
+    if let Some(disk) = limits.disk {
+        let fsize = map.entry("fsize".to_string()).or_insert(None);
+        *fsize = Some(fsize.map_or(disk, |v| v.min(disk)));
+    }
+    map.into_iter().map(|(name, value)| Rlimit { name, value }).collect()
+}
+
 pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<LaunchSpec, PolicyError> {
     let bad = |m: String| PolicyError::Request(m);
     names::check_user(&req.user).map_err(|e| bad(e.to_string()))?;
@@ -449,15 +462,7 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
             file("/etc/hosts", hosts),
             file("/etc/resolv.conf", resolv),
         ],
-        rlimits: profile
-            .limits
-            .rlimits
-            .iter()
-            .map(|(name, value)| Rlimit {
-                name: name.clone(),
-                value: *value,
-            })
-            .collect(),
+        rlimits: rlimits(&profile.limits),
         landlock: LandlockSpec {
             min_abi: profile.landlock_min_abi,
             rules,
@@ -532,6 +537,34 @@ mod tests {
                 assert_eq!(back, spec);
             }
         }
+    }
+
+    #[test]
+    fn a_disk_limit_is_also_the_largest_file() {
+        let mut sources = crate::Source::embedded();
+        for (name, text) in [
+            ("small", "extends = \"base\"\n[limits]\ndisk = \"1G\"\n"),
+            ("smaller", "extends = \"small\"\n[limits.rlimits]\nfsize = 536870912\n"),
+            ("bogus", "extends = \"base\"\n[limits]\ndisk = \"lots\"\n"),
+        ] {
+            sources.push(crate::Source {
+                name: name.into(),
+                origin: format!("test:{name}"),
+                text: text.into(),
+            });
+        }
+        let e = ProfileSet::from_sources(sources.clone()).unwrap_err().to_string();
+        assert!(e.contains("test:bogus"), "{e}");
+        sources.pop();
+        let set = ProfileSet::from_sources(sources).unwrap();
+        let fsize = |name: &str| {
+            let spec = compile(set.get(name).unwrap(), &req(), Arch::X86_64).unwrap();
+            spec.rlimits.iter().find(|r| r.name == "fsize").and_then(|r| r.value)
+        };
+        assert_eq!(set.get("small").unwrap().limits.disk, Some(1 << 30));
+        assert_eq!(fsize("small"), Some(1 << 30));
+        assert_eq!(fsize("smaller"), Some(512 << 20), "a lower fsize of the profile stays");
+        assert_eq!(fsize("base"), None);
     }
 
     #[test]

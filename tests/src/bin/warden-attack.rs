@@ -207,6 +207,56 @@ fn main() {
             };
             format!("{} {why}", held.len())
         }
+        "projid" => {
+            // Moves a file out of its user's project (disk quota) the three
+            // ways an owner can: FS_IOC_FSSETXATTR (project id 0, no
+            // inherit flag), FS_IOC_SETFLAGS (the inherit flag cleared) and
+            // file_setattr(2) (Linux 6.17). Prints each call's result.
+            let path = c(arg(&args, 2));
+            // SAFETY: a NUL-terminated path; no other pointers.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            if fd < 0 {
+                println!("RESULT open {}", last());
+                return;
+            }
+            let mut attr = [0u8; 28];
+            // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr.
+            unsafe { libc::ioctl(fd, 0x801c_581f, attr.as_mut_ptr()) };
+            attr[12..16].copy_from_slice(&0u32.to_ne_bytes());
+            attr[1] &= !0x02; // fsx_xflags: FS_XFLAG_PROJINHERIT (0x200)
+                              // SAFETY: FS_IOC_FSSETXATTR reads a 28-byte struct fsxattr.
+            let fssetxattr = res(libc::c_long::from(unsafe {
+                libc::ioctl(fd, 0x401c_5820, attr.as_ptr())
+            }));
+            let flags: libc::c_long = 0;
+            // SAFETY: FS_IOC_SETFLAGS reads a long.
+            let setflags = res(libc::c_long::from(unsafe { libc::ioctl(fd, 0x4008_6602, &flags) }));
+            // struct file_attr { u64 fa_xflags; u32 fa_extsize, fa_nextents,
+            // fa_projid, fa_cowextsize; }
+            let fattr = [0u8; 24];
+            let empty = c("");
+            // SAFETY: an empty path with AT_EMPTY_PATH names fd; the struct
+            // is 24 bytes, as passed.
+            let file_setattr = res(unsafe {
+                libc::syscall(
+                    469,
+                    fd,
+                    empty.as_ptr(),
+                    fattr.as_ptr(),
+                    fattr.len(),
+                    libc::AT_EMPTY_PATH,
+                )
+            });
+            format!("fssetxattr={fssetxattr} setflags={setflags} file_setattr={file_setattr}")
+        }
+        "fsize" => {
+            // Grows a file to the given size (sparse: no blocks), with
+            // SIGXFSZ ignored so that RLIMIT_FSIZE shows as EFBIG.
+            // SAFETY: ignoring a signal installs no handler code.
+            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+            let size: u64 = arg(&args, 3).parse().unwrap_or(0);
+            io_res(std::fs::File::create(arg(&args, 2)).and_then(|f| f.set_len(size)))
+        }
         "tiocsti" => {
             let ch = libc::c_char::from_ne_bytes([b'x']);
             // SAFETY: TIOCSTI reads one char from the pointer.

@@ -98,7 +98,13 @@ pub fn status(e: &WorkerError, caller: &Caller) -> Status {
             | User::Save { .. }
             | User::Dir { .. }
             | User::UnsafeStateDir { .. }
-            | User::SubordinateOverlap { .. } => Code::Internal,
+            | User::SubordinateOverlap { .. }
+            | User::Project { .. } => Code::Internal,
+        },
+        E::Disk(d) => match d {
+            // The admin asked for a limit this host cannot enforce.
+            crate::disk::DiskError::Unenforceable { .. } => Code::FailedPrecondition,
+            crate::disk::DiskError::SetLimit { .. } => Code::Internal,
         },
         E::Claude(c) => match c {
             Claude::Request(_) => Code::InvalidArgument,

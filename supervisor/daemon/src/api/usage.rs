@@ -28,7 +28,11 @@ impl pb::usage_server::Usage for UsageApi {
         let users: Vec<String> = if asked.is_empty() {
             // Admins and services see everyone; a local user their own.
             match c.default_user() {
-                _ if c.may_act_for_everyone() => ledger.users(),
+                _ if c.may_act_for_everyone() => {
+                    let mut all: std::collections::BTreeSet<String> = ledger.users().into_iter().collect();
+                    all.extend(self.sup.users.known());
+                    all.into_iter().collect()
+                }
                 Some(own) => vec![own.to_string()],
                 None => Vec::new(),
             }
@@ -58,6 +62,17 @@ impl pb::usage_server::Usage for UsageApi {
                         concurrent_requests: b.concurrent_requests.unwrap_or(0),
                         count_cache_reads: gw.count_cache_reads,
                     }),
+                    disk: self
+                        .sup
+                        .users
+                        .known_uid(u)
+                        .and_then(|uid| self.sup.disk.usage(uid))
+                        .map(|q| pb::DiskUsage {
+                            bytes: q.bytes,
+                            files: q.files,
+                            limit_bytes: q.bytes_limit,
+                            limit_files: q.files_limit,
+                        }),
                 }
             })
             .collect();

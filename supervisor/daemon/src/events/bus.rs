@@ -601,6 +601,7 @@ mod tests {
             capabilities_empty: true,
             landlock_denials_observable: false,
             seccomp_denials_observable: false,
+            disk_limit: None,
         };
         // What must be written is, into debt; the debt shows.
         assert!(bus

@@ -118,6 +118,35 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// A user's tree on disk: its use and its project's limits (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUse {
+    pub bytes: u64,
+    pub files: u64,
+    pub limit_bytes: u64,
+    pub limit_files: u64,
+}
+
+impl From<crate::sys::ProjectQuota> for DiskUse {
+    fn from(q: crate::sys::ProjectQuota) -> Self {
+        DiskUse {
+            bytes: q.bytes,
+            files: q.files,
+            limit_bytes: q.bytes_limit,
+            limit_files: q.files_limit,
+        }
+    }
+}
+
+impl DiskUse {
+    /// Within 1 MiB of the byte limit (the kernel refuses the write that
+    /// would pass it, so the use stops short of it) or at the file limit.
+    pub fn full(&self) -> bool {
+        (self.limit_bytes > 0 && self.bytes.saturating_add(1 << 20) >= self.limit_bytes)
+            || (self.limit_files > 0 && self.files >= self.limit_files)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventKind {
@@ -150,6 +179,9 @@ pub enum EventKind {
         landlock_denials_observable: bool,
         /// Whether seccomp denials of this worker are reported.
         seccomp_denials_observable: bool,
+        /// Bytes its user's tree may hold (the kernel's project quota).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_limit: Option<u64>,
     },
     SpawnFailed {
         profile: String,
@@ -179,9 +211,14 @@ pub enum EventKind {
         /// Traffic through the proxy so far (totals).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<NetUsage>,
+        /// What its user's tree holds on disk (where the file system
+        /// counts project quotas).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk: Option<DiskUse>,
     },
     LimitReached {
-        /// "oom_kill", "pids_max" or "cpu_throttled".
+        /// "oom_kill", "pids_max", "cpu_throttled" or "disk" (its user's
+        /// tree is within 1 MiB of its disk limit, or at its file count).
         limit: String,
         count: u64,
     },

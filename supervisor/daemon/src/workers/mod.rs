@@ -29,7 +29,8 @@ use warden_policy::{Enforced, NetworkPolicy};
 
 use crate::cgroups::{Cgroups, Usage, WorkerCgroup};
 use crate::claude::{Approvals, Decision};
-use crate::events::{millis, EventKind, Events, ExitReason, NetUsage};
+use crate::disk::{Disk, DiskPromise};
+use crate::events::{millis, DiskUse, EventKind, Events, ExitReason, NetUsage};
 use crate::io::{OutputLog, Stdin};
 use crate::limits::Limiters;
 use crate::net::gateway::{Gateway, Upstream};
@@ -60,6 +61,8 @@ pub enum WorkerError {
     Admission(#[from] AdmissionError),
     #[error(transparent)]
     Cgroup(#[from] crate::cgroups::CgroupError),
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
     #[error(transparent)]
     Launch(#[from] crate::launcher::LaunchError),
     #[error(transparent)]
@@ -121,6 +124,9 @@ struct Reported {
     oom_kills: u64,
     pids_max_hits: u64,
     cpu_throttled: u64,
+    /// Times its user's tree was seen full, and whether it is now.
+    disk_full: u64,
+    disk_full_now: bool,
 }
 
 /// A worker as the daemon knows it.
@@ -164,6 +170,8 @@ pub struct Worker {
     pub gateway: Option<Arc<Gateway>>,
     /// The tasks serving its listeners, stopped when it ends.
     net_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The disk limit promised to it on its user's tree, until it ends.
+    disk: Mutex<Option<DiskPromise>>,
 }
 
 impl Worker {
@@ -197,6 +205,7 @@ impl Worker {
             egress: None,
             gateway: None,
             net_tasks: Mutex::default(),
+            disk: Mutex::default(),
         }
     }
 
@@ -241,6 +250,12 @@ impl Worker {
         self.egress.as_ref().map(|e| e.usage())
     }
 
+    /// What its user's tree holds on disk, while it runs.
+    pub fn disk_usage(&self) -> Option<DiskUse> {
+        let d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        d.as_ref()?.usage().map(DiskUse::from)
+    }
+
     /// Its requests and tokens through the API gateway so far.
     pub fn api_usage(&self) -> Option<Totals> {
         self.gateway.as_ref().map(|g| g.totals())
@@ -274,6 +289,8 @@ pub struct Supervisor {
     upstream: Upstream,
     /// API use per user and worker, and the budgets.
     pub ledger: Arc<Ledger>,
+    /// Per-user disk limits on the state directory's file system.
+    pub disk: Arc<Disk>,
     next: AtomicU64,
     shutting_down: AtomicBool,
     /// Spawn rates per user and caller, refused-call reports per peer.
@@ -295,7 +312,11 @@ impl Supervisor {
         launcher: PathBuf,
         upstream: Upstream,
     ) -> Self {
+        // Each user's tree is its own project where the file system counts them.
+        let disk = Arc::new(Disk::probe(&config.state_dir));
+        let users = users.with_projects(disk.counts());
         Supervisor {
+            disk,
             upstream,
             ledger: Arc::new(Ledger::open(&config.state_dir.join("usage.json"))),
             admission: Admission::new(config.max_workers, config.max_workers_per_user),
@@ -402,6 +423,8 @@ impl Supervisor {
             }
             let Some(usage) = w.usage() else { break };
             let oom = self.report_limits(w, &usage);
+            let disk = w.disk_usage();
+            self.report_disk(w, disk);
             if oom && !self.cgroups.is_v2() {
                 if let Some(cg) = w.cgroup.clone() {
                     let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
@@ -418,6 +441,7 @@ impl Supervisor {
                         cpu_usage_us: usage.cpu_usage_ns / 1000,
                         pids: usage.pids_current,
                         network: w.net_usage().map(|n| n.totals()),
+                        disk,
                     },
                 );
             }
@@ -451,6 +475,30 @@ impl Supervisor {
         oom
     }
 
+    /// Publishes `limit_reached` "disk" each time the user's tree becomes
+    /// full (within 1 MiB of its limit, or at its file count).
+    fn report_disk(&self, w: &Worker, disk: Option<DiskUse>) {
+        let full = disk.is_some_and(|d| d.full());
+        let count = {
+            let mut r = w.reported.lock().unwrap_or_else(|p| p.into_inner());
+            let newly = full && !r.disk_full_now;
+            r.disk_full_now = full;
+            if !newly {
+                return;
+            }
+            r.disk_full += 1;
+            r.disk_full
+        };
+        self.events.publish(
+            Some(&w.id),
+            Some(&w.user),
+            EventKind::LimitReached {
+                limit: "disk".to_string(),
+                count,
+            },
+        );
+    }
+
     /// Records the exit: kills what is left, removes the cgroup and the
     /// record, publishes the exit (on disk before anyone waiting hears of
     /// it) and releases the worker's slot.
@@ -458,6 +506,9 @@ impl Supervisor {
         use std::os::unix::process::ExitStatusExt;
         let usage = w.usage().unwrap_or_default();
         self.report_limits(w, &usage);
+        self.report_disk(w, w.disk_usage());
+        // Its promise goes: the project's limit is the other workers' now.
+        drop(w.disk.lock().unwrap_or_else(|p| p.into_inner()).take());
         // Its listeners close: nothing more reaches the proxy from it.
         for t in w.net_tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();

@@ -21,6 +21,7 @@ use super::{Supervisor, Worker, WorkerError};
 use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
 use crate::claude::prepare::GatewaySetup;
 use crate::claude::session::{self, Session, Start};
+use crate::disk::{Disk, DiskPromise};
 use crate::events::{clip, logged_command, millis, EventKind, Written, MAX_FIELD};
 use crate::io::Stdin;
 use crate::launcher::{LaunchError, Launched};
@@ -72,6 +73,7 @@ pub struct Host<'a> {
     pub config: &'a Config,
     pub users: &'a Users,
     pub cgroups: &'a Cgroups,
+    pub disk: &'a Arc<Disk>,
 }
 
 /// A worker ready to launch: its compiled spec and its cgroup, created
@@ -87,6 +89,8 @@ pub struct Prepared {
     pub gateway: Option<GatewaySetup>,
     /// Claude Code workers: how the daemon drives the session.
     pub session: Option<Start>,
+    /// The disk limit promised on the user's tree (the worker takes it).
+    pub disk: Option<DiskPromise>,
 }
 
 impl Supervisor {
@@ -95,9 +99,17 @@ impl Supervisor {
     pub async fn spawn(self: &Arc<Self>, p: SpawnParams) -> Result<Arc<Worker>, WorkerError> {
         let slot = self.admit(&p)?;
         let profile = resolve(&self.profiles.current(), &p)?;
-        let prepared = self.prepare(profile, p.clone()).await?;
+        let name = profile.name.clone();
+        let mut prepared = match self.prepare(profile, p.clone()).await {
+            Ok(prepared) => prepared,
+            Err(e @ WorkerError::Disk(_)) => {
+                self.prepare_failed(&p, &name, "disk", &e).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let mut launched = self.launch(&prepared).await?;
-        let (worker, started) = self.register(&prepared, &mut launched, &p, slot);
+        let (worker, started) = self.register(&mut prepared, &mut launched, &p, slot);
         let timeout = prepared.spec.timeout_secs.map(Duration::from_secs);
         self.watch(&worker, launched, prepared.session, p.interactive, timeout);
         // The caller hears of the worker once its start is in the log.
@@ -170,6 +182,24 @@ impl Supervisor {
         .await?
     }
 
+    /// A `spawn_failed` event for a worker that could not be prepared
+    /// (a disk limit this host cannot enforce).
+    async fn prepare_failed(&self, p: &SpawnParams, profile: &str, stage: &str, e: &WorkerError) {
+        self.events
+            .submit(
+                None,
+                Some(&p.user),
+                EventKind::SpawnFailed {
+                    profile: profile.to_string(),
+                    stage: stage.to_string(),
+                    errno: 0,
+                    message: clip(&e.to_string(), MAX_FIELD),
+                },
+            )
+            .written()
+            .await;
+    }
+
     /// Persists the worker's record, then starts the launcher and waits for
     /// its report. A failure removes what prepare made and is a
     /// `spawn_failed` event.
@@ -235,7 +265,7 @@ impl Supervisor {
     /// kernel enforces for it.
     fn register(
         &self,
-        prepared: &Prepared,
+        prepared: &mut Prepared,
         launched: &mut Launched,
         p: &SpawnParams,
         slot: Slot,
@@ -281,6 +311,7 @@ impl Supervisor {
             one_shot_session: prepared.session.is_some() && !p.interactive,
             session: prepared.session.is_some(),
             slot: std::sync::Mutex::new(Some(slot)),
+            disk: std::sync::Mutex::new(prepared.disk.take()),
             ..Worker::new(
                 Record {
                     id: spec.worker_id.clone(),
@@ -323,6 +354,7 @@ impl Supervisor {
                 capabilities_empty: e.capabilities_empty,
                 landlock_denials_observable: self.landlock_audit.load(Ordering::SeqCst) && e.landlock_abi >= 7,
                 seccomp_denials_observable: launched.denials.is_some(),
+                disk_limit: prepared.spec_disk_limit(),
             },
         );
         (worker, started)
@@ -435,6 +467,7 @@ impl Supervisor {
             config: &self.config,
             users: &self.users,
             cgroups: &self.cgroups,
+            disk: &self.disk,
         }
     }
 }
@@ -470,6 +503,18 @@ fn tighten(field: &'static str, profile: Option<u64>, asked: Option<u64>) -> Res
 /// limits, and the compiled spec. Blocking.
 pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) -> Result<Prepared, WorkerError> {
     let identity = host.users.identity(&p.user)?;
+    // The user's disk limit: the config's for this user, else the profile's.
+    let disk_limit = host.config.disk_limits.get(&p.user).copied().or(profile.limits.disk);
+    let disk = host
+        .disk
+        .promise(identity.uid, &p.user, &profile.name, id, disk_limit)?;
+    let profile = &if disk_limit == profile.limits.disk {
+        std::borrow::Cow::Borrowed(profile)
+    } else {
+        let mut p = profile.clone();
+        p.limits.disk = disk_limit;
+        std::borrow::Cow::Owned(p)
+    };
     let dirs = host.users.prepare(&p.user, &p.project)?;
     // A [claude] profile runs the claude binary; the request's command is
     // its initial prompt.
@@ -532,10 +577,16 @@ pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) ->
         network: profile.network.clone(),
         gateway,
         session,
+        disk: Some(disk),
     })
 }
 
 impl Prepared {
+    /// The disk limit promised on the user's tree, if any.
+    fn spec_disk_limit(&self) -> Option<u64> {
+        self.disk.as_ref().and_then(|d| d.bytes)
+    }
+
     /// Starts the launcher for this worker with the given stdio (blocking).
     pub fn launch(
         &self,

@@ -117,6 +117,7 @@ pub(crate) struct RawLimits {
     pub cpu_quota: Option<CpuQuota>,
     pub cpu_weight: Option<CpuWeight>,
     pub tmpfs_size: Option<ByteSize>,
+    pub disk: Option<ByteSize>,
     pub timeout: Option<Seconds>,
     #[serde(default)]
     pub rlimits: BTreeMap<RlimitName, RlimitValue>,

@@ -121,6 +121,9 @@ fn merge(base: &mut Profile, r: &RawProfile) {
     if let Some(v) = raw.tmpfs_size {
         l.tmpfs_size = v.0;
     }
+    if let Some(v) = raw.disk {
+        l.disk = Some(v.0);
+    }
     if let Some(v) = raw.pids {
         l.pids = Some(v.0);
     }

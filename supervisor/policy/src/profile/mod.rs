@@ -125,6 +125,11 @@ pub struct Limits {
     /// 1..=10000, cgroup v2 semantics (v1 shares are derived from it).
     pub cpu_weight: Option<u64>,
     pub tmpfs_size: u64,
+    /// What the user's directory tree (home and workspaces) may hold on
+    /// disk, enforced by the kernel's project quota; also each file's
+    /// largest size (RLIMIT_FSIZE). A per-user override in the config
+    /// replaces it.
+    pub disk: Option<u64>,
     pub timeout_secs: Option<u64>,
     /// rlimit name to value; `None` means unlimited.
     pub rlimits: BTreeMap<String, Option<u64>>,
@@ -216,6 +221,7 @@ impl Profile {
                 cpu_quota_us: None,
                 cpu_weight: None,
                 tmpfs_size: 64 << 20,
+                disk: None,
                 timeout_secs: None,
                 rlimits: BTreeMap::new(),
             },
