@@ -58,8 +58,12 @@ pub fn add_test_profile(d: &Daemon, name: &str, api: &FakeAnthropic, mode: &str,
     );
 }
 
-pub fn workspace(d: &Daemon, user: &str, project: &str) -> PathBuf {
-    d.dir.path().join(format!("state/users/{user}/workspace/{project}"))
+/// `user`'s workspace `project` under `profile` (made if missing: the
+/// daemon gives it to the user when a worker of that profile starts).
+pub fn workspace(d: &Daemon, user: &str, profile: &str, project: &str) -> PathBuf {
+    let ws = d.tree(user, profile).join("workspace").join(project);
+    std::fs::create_dir_all(&ws).unwrap();
+    ws
 }
 
 /// Runs a one-shot session for `user` under `cc-test`; returns wardenctl's

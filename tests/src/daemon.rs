@@ -15,6 +15,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub cgroup_name: String,
+    /// Its state directory is a tmpfs of its own (unmounted at the end).
+    state_tmpfs: bool,
 }
 
 /// Names every test daemon's proxy maps to loopback, where the tests run
@@ -106,7 +108,29 @@ impl Daemon {
     /// Starts a daemon whose config has each `(key, value)` set on top of
     /// the test config.
     pub fn start_with(config_edits: &[(&str, toml::Value)]) -> Daemon {
+        Self::start_on(config_edits, false)
+    }
+
+    /// Like [`start_with`](Self::start_with), with the state directory on a
+    /// tmpfs of its own (a file system without project quotas).
+    pub fn start_with_state_on_tmpfs(config_edits: &[(&str, toml::Value)]) -> Daemon {
+        Self::start_on(config_edits, true)
+    }
+
+    fn start_on(config_edits: &[(&str, toml::Value)], state_tmpfs: bool) -> Daemon {
         let dir = tempfile::Builder::new().prefix("wardend-test-").tempdir().unwrap();
+        if state_tmpfs {
+            let state = dir.path().join("state");
+            std::fs::create_dir(&state).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                &state,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("mode=0700,size=64m"),
+            )
+            .unwrap();
+        }
         // Other users must reach the socket (0660 root:nogroup) through it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::create_dir(dir.path().join("profiles")).unwrap();
@@ -123,6 +147,7 @@ impl Daemon {
             dir,
             child: None,
             cgroup_name,
+            state_tmpfs,
         };
         d.spawn_daemon();
         d
@@ -251,6 +276,9 @@ impl Drop for Daemon {
             }
             let _ = std::fs::remove_dir(base);
         }
+        if self.state_tmpfs {
+            let _ = nix::mount::umount2(&self.dir.path().join("state"), nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -285,6 +313,12 @@ impl Daemon {
         std::fs::write(self.dir.path().join("profiles").join(format!("{name}.toml")), text).unwrap();
         let out = self.ctl(&["profile", "reload"]);
         assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `user`'s home and workspaces under `profile` (each profile has its
+    /// own), on the host.
+    pub fn tree(&self, user: &str, profile: &str) -> PathBuf {
+        self.dir.path().join(format!("state/users/{user}/profiles/{profile}"))
     }
 
     pub fn audit_log(&self) -> PathBuf {

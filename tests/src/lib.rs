@@ -170,18 +170,22 @@ impl Host {
         }
     }
 
-    pub fn prepare(&self, user: &str, project: &str) -> UserDirs {
-        self.users.prepare(user, project).expect("prepare user dirs")
+    /// The user's directories for `project` under `profile` (each profile
+    /// has its own).
+    pub fn prepare(&self, user: &str, profile: &str, project: &str) -> UserDirs {
+        self.users.prepare(user, profile, project).expect("prepare user dirs")
     }
 
-    /// Copies the warden-attack binary into the user's workspace, owned by
-    /// the user; returns its path inside the sandbox.
+    /// Copies the warden-attack binary into the user's workspace under
+    /// every profile of this host, owned by the user; returns its path
+    /// inside the sandbox.
     pub fn install_attack(&self, user: &str, project: &str) -> String {
-        let dirs = self.prepare(user, project);
         let id = self.users.identity(user).expect("identity");
-        let dst = dirs.workspace.join("warden-attack");
-        std::fs::copy(bin_dir().join("warden-attack"), &dst).expect("copy warden-attack");
-        std::os::unix::fs::chown(&dst, Some(id.uid), Some(id.gid)).expect("chown");
+        for profile in self.profiles.names() {
+            let dst = self.prepare(user, profile, project).workspace.join("warden-attack");
+            std::fs::copy(bin_dir().join("warden-attack"), &dst).expect("copy warden-attack");
+            std::os::unix::fs::chown(&dst, Some(id.uid), Some(id.gid)).expect("chown");
+        }
         format!("/workspace/{project}/warden-attack")
     }
 

@@ -30,7 +30,7 @@ fn git_init_and_commit_in_the_workspace() {
     );
     assert_eq!(out.code, 0);
     assert_eq!(out.stdout.trim(), "first");
-    let ws = h.prepare("alice", "demo").workspace;
+    let ws = h.prepare("alice", PROFILE, "demo").workspace;
     assert!(ws.join(".git/HEAD").exists());
 }
 
@@ -69,7 +69,7 @@ fn files_belong_to_the_user_and_are_shared_by_its_workers_only() {
     );
     assert_eq!(out.code, 0);
     assert_eq!(out.stdout, format!("{uid}\nalice\n"));
-    let ws = h.prepare("alice", "demo").workspace;
+    let ws = h.prepare("alice", PROFILE, "demo").workspace;
     assert_eq!(owner(&ws.join("made-inside")), uid);
     assert_eq!(owner(&ws.join("sub/y")), uid);
 

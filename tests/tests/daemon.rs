@@ -761,3 +761,41 @@ fn a_profile_is_used_only_by_the_users_and_groups_it_names() {
         "{all:?}"
     );
 }
+
+#[test]
+fn a_disk_limit_the_file_system_cannot_enforce_refuses_the_spawn() {
+    if !root() {
+        return;
+    }
+    // The state directory on a tmpfs, which has no project quotas.
+    let mut limits = toml::Table::new();
+    limits.insert("carol".into(), value("1G"));
+    let d = Daemon::start_with_state_on_tmpfs(&[("disk_limits", value(limits))]);
+    let state = d.dir.path().join("state");
+    assert!(d.log().contains("disk limits: no project quotas"), "{}", d.log());
+    d.add_profile("small", "extends = \"base\"\n[limits]\ndisk = \"64M\"\n");
+    // A profile's limit, and a user's limit from the config: refused, never
+    // run without it, and reported.
+    for (user, profile) in [("alice", "small"), ("carol", "base")] {
+        let out = d.ctl(&["spawn", "--user", user, "--profile", profile, "-w", "--", "true"]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("FailedPrecondition")
+                && err.contains(&format!("applies to user {user} (profile {profile})"))
+                && err.contains("cannot enforce it: no project quotas"),
+            "{err}"
+        );
+        let failed = d
+            .audit_events()
+            .into_iter()
+            .find(|e| e["kind"] == "spawn_failed" && e["user"] == user && e["stage"] == "disk");
+        assert!(failed.is_some(), "{:?}", d.audit_events());
+        // Nothing of it was made.
+        assert!(!state.join("users").join(user).exists());
+    }
+    // Without a limit, workers run as before.
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    drop(d);
+}

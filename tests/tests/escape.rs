@@ -102,11 +102,11 @@ fn tmp_is_private() {
 #[test]
 fn another_users_directories_are_invisible() {
     let Some(h) = host() else { return };
-    let bob = h.prepare("bob", "demo");
+    let bob = h.prepare("bob", PROFILE, "demo");
     std::fs::write(bob.workspace.join("secret"), "bob's").unwrap();
     let bob_ws = bob.workspace.display().to_string();
     let bob_home = bob.home.display().to_string();
-    let bob_user_dir = bob.home.parent().unwrap().display().to_string();
+    let bob_user_dir = bob.home.ancestors().nth(3).unwrap().display().to_string();
     assert_eq!(attack(&h, &["read", &format!("{bob_ws}/secret")]), "ENOENT");
     assert_eq!(attack(&h, &["write", &format!("{bob_ws}/planted")]), "ENOENT");
     assert_eq!(attack(&h, &["write", &format!("{bob_home}/.bashrc")]), "ENOENT");
@@ -198,6 +198,43 @@ fn a_worker_cannot_move_its_files_out_of_its_disk_quota() {
     let bin = h.install_attack("alice", "demo");
     let out = h.run("alice", "demo", "small", &[&bin, "fsize", "/tmp/big", "2000000"]);
     assert_eq!(out.result(), "EFBIG");
+}
+
+#[test]
+fn workers_under_other_profiles_share_no_writable_file() {
+    // An offline worker and a networked one of the same user: each profile
+    // has its own home and workspaces, so no file, and no unix socket for a
+    // live exchange, is common to both (and a bypassPermissions session
+    // cannot plant settings that an approval-gated one loads).
+    let Some(h) = host() else { return };
+    let networked = h.prepare("alice", PROFILE, "demo");
+    let out = h.run(
+        "alice",
+        "demo",
+        PROFILE,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p $HOME/.claude && echo '{}' > $HOME/.claude/settings.json && echo x > planted",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(networked.workspace.join("planted").exists());
+    let listener = std::os::unix::net::UnixListener::bind(networked.home.join("live.sock")).unwrap();
+    let id = h.users.identity("alice").unwrap();
+    std::os::unix::fs::chown(networked.home.join("live.sock"), Some(id.uid), Some(id.gid)).unwrap();
+    // The same profile's next worker sees all of it.
+    assert_eq!(attack_as(&h, PROFILE, &["unix", "/home/alice/live.sock"]), "OK");
+    assert_eq!(attack_as(&h, PROFILE, &["read", "/workspace/demo/planted"]), "OK");
+    // The offline one sees none of it.
+    for args in [
+        ["unix", "/home/alice/live.sock"],
+        ["read", "/home/alice/.claude/settings.json"],
+        ["read", "/workspace/demo/planted"],
+    ] {
+        assert_eq!(attack_as(&h, "offline", &args), "ENOENT", "{args:?}");
+    }
+    drop(listener);
 }
 
 #[test]
@@ -394,7 +431,7 @@ fn udp_and_listening_sockets_stay_in_the_workers_namespace() {
 
     // listen() without bind() serves on every address of the worker's own
     // namespace only: the host cannot reach it.
-    let dirs = h.prepare("alice", "demo");
+    let dirs = h.prepare("alice", PROFILE, "demo");
     let file = dirs.workspace.join("autobind-port");
     let _ = std::fs::remove_file(&file);
     let w = h
@@ -441,7 +478,7 @@ fn proc_net_shows_only_the_workers_own_sockets() {
 #[test]
 fn a_setuid_root_binary_does_not_raise_privileges() {
     let Some(h) = host() else { return };
-    let dirs = h.prepare("alice", "demo");
+    let dirs = h.prepare("alice", PROFILE, "demo");
     let suid = dirs.workspace.join("suid-attack");
     std::fs::copy(bin_dir().join("warden-attack"), &suid).unwrap();
     std::os::unix::fs::chown(&suid, Some(0), Some(0)).unwrap();

@@ -129,7 +129,7 @@ fn the_gateway_takes_only_its_placeholder_its_paths_and_its_models_and_never_ech
         .ctl(&["spawn", "--user", "alice", "-w", "--", "true"])
         .status
         .success());
-    std::fs::write(workspace(&d, "alice", "default").join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(workspace(&d, "alice", "cc-probe", "default").join("ca.pem"), ca.pem()).unwrap();
     let out = d.ctl(&["spawn", "--user", "alice", "--profile", "cc-probe", "-w", "--", "probe"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let r = results(&api2);

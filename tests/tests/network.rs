@@ -52,9 +52,9 @@ fn net() -> Net {
              deny = [\"blocked.test\"]\n"
         ),
     );
-    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    let out = d.ctl(&["spawn", "--user", "alice", "--profile", "net", "-w", "--", "true"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let ws = d.dir.path().join("state/users/alice/workspace/default");
+    let ws = d.tree("alice", "net").join("workspace/default");
     std::fs::write(ws.join("ca.pem"), ca.pem()).unwrap();
     Net {
         d,

@@ -3,7 +3,10 @@
 //! Owns: validating user and project names; allocating each warden user a
 //! uid (and equal gid) from the configured range, persisted in
 //! `<state>/uids.json` so it never changes across restarts; creating
-//! `<state>/users/<user>/{home,workspace/<project>}` owned by that uid;
+//! `<state>/users/<user>/profiles/<profile>/{home,workspace/<project>}`
+//! owned by that uid (one home and set of workspaces per profile: workers
+//! under profiles with other network or approval policies share no
+//! writable file);
 //! where the file system counts project quotas, putting that tree in the
 //! user's project (numbered by its uid: see [`crate::disk`]).
 //!
@@ -361,9 +364,10 @@ impl Users {
         Ok(())
     }
 
-    /// Creates (or checks) the user's directories for `project` and returns
-    /// their host paths. Idempotent.
-    pub fn prepare(&self, user: &str, project: &str) -> Result<UserDirs, UserError> {
+    /// Creates (or checks) the user's directories for `project` under
+    /// `profile` and returns their host paths. Idempotent.
+    pub fn prepare(&self, user: &str, profile: &str, project: &str) -> Result<UserDirs, UserError> {
+        names::check_profile(profile)?;
         names::check_project(project)?;
         let id = self.identity(user)?;
         let state = open(
@@ -383,9 +387,11 @@ impl Users {
         if self.projects {
             tag_tree(&user_dir, &path, id.uid)?;
         }
+        let profiles = step(&user_dir, &mut path, "profiles", own)?;
+        let tree = step(&profiles, &mut path, profile, own)?;
         let mut home_path = path.clone();
-        step(&user_dir, &mut home_path, "home", own)?;
-        let ws = step(&user_dir, &mut path, "workspace", own)?;
+        step(&tree, &mut home_path, "home", own)?;
+        let ws = step(&tree, &mut path, "workspace", own)?;
         step(&ws, &mut path, project, own)?;
         Ok(UserDirs {
             home: home_path,
@@ -586,10 +592,10 @@ mod tests {
         }
         let f = Fixture::new("");
         let users = f.users(300_000..=300_010).unwrap();
-        let dirs = users.prepare("alice", "demo").unwrap();
+        let dirs = users.prepare("alice", "base", "demo").unwrap();
         let state = f.dir.path().join("state");
-        assert_eq!(dirs.home, state.join("users/alice/home"));
-        assert_eq!(dirs.workspace, state.join("users/alice/workspace/demo"));
+        assert_eq!(dirs.home, state.join("users/alice/profiles/base/home"));
+        assert_eq!(dirs.workspace, state.join("users/alice/profiles/base/workspace/demo"));
         for p in [state.join("users/alice"), dirs.home.clone(), dirs.workspace.clone()] {
             let m = std::fs::metadata(&p).unwrap();
             assert_eq!(
@@ -601,9 +607,17 @@ mod tests {
         }
         let users_dir = std::fs::metadata(state.join("users")).unwrap();
         assert_eq!((users_dir.uid(), users_dir.mode() & 0o777), (0, 0o700));
-        assert_eq!(users.prepare("alice", "demo").unwrap(), dirs, "idempotent");
-        assert!(matches!(users.prepare("alice", ".."), Err(UserError::Name(_))));
-        assert!(matches!(users.prepare("alice", "a/b"), Err(UserError::Name(_))));
+        assert_eq!(users.prepare("alice", "base", "demo").unwrap(), dirs, "idempotent");
+        assert!(matches!(users.prepare("alice", "base", ".."), Err(UserError::Name(_))));
+        assert!(matches!(users.prepare("alice", "base", "a/b"), Err(UserError::Name(_))));
+        assert!(matches!(
+            users.prepare("alice", "../x", "demo"),
+            Err(UserError::Name(_))
+        ));
+        // Another profile: another home and workspace, nothing shared.
+        let other = users.prepare("alice", "offline", "demo").unwrap();
+        assert_eq!(other.home, state.join("users/alice/profiles/offline/home"));
+        assert_ne!(other.workspace, dirs.workspace);
     }
 
     #[test]
@@ -613,20 +627,20 @@ mod tests {
         }
         let f = Fixture::new("");
         let users = f.users(300_000..=300_010).unwrap();
-        users.prepare("alice", "demo").unwrap();
+        users.prepare("alice", "base", "demo").unwrap();
         let victim = f.dir.path().join("victim");
         std::fs::create_dir(&victim).unwrap();
-        let ws = f.dir.path().join("state/users/alice/workspace");
+        let ws = f.dir.path().join("state/users/alice/profiles/base/workspace");
         // The user (who owns workspace/) replaces a project dir with a link.
         std::os::unix::fs::symlink(&victim, ws.join("evil")).unwrap();
-        let e = users.prepare("alice", "evil").unwrap_err();
+        let e = users.prepare("alice", "base", "evil").unwrap_err();
         assert!(matches!(e, UserError::NotADirectory { .. }), "{e}");
         assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0, "target untouched");
         // Higher up too: home replaced by a link.
-        std::fs::remove_dir(f.dir.path().join("state/users/alice/home")).unwrap();
-        std::os::unix::fs::symlink(&victim, f.dir.path().join("state/users/alice/home")).unwrap();
+        std::fs::remove_dir(f.dir.path().join("state/users/alice/profiles/base/home")).unwrap();
+        std::os::unix::fs::symlink(&victim, f.dir.path().join("state/users/alice/profiles/base/home")).unwrap();
         assert!(matches!(
-            users.prepare("alice", "demo"),
+            users.prepare("alice", "base", "demo"),
             Err(UserError::NotADirectory { .. })
         ));
         assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);

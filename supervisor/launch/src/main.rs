@@ -99,6 +99,11 @@ fn main() {
     if spec_fd == report_fd {
         usage();
     }
+    // wardend runs with UMask=0077 (its own files are private): under it the
+    // mountpoints made here (/workspace, /home) would be 0700 root and the
+    // worker could not reach its own directories. A worker starts with the
+    // umask of a login, 022.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     // SAFETY: wardend passes this descriptor to us and nothing else in this
     // process uses it; it is closed when the File drops.
     #[allow(unsafe_code)]

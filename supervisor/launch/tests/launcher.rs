@@ -257,3 +257,30 @@ fn without_arguments_it_explains_itself() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage: warden-launch"));
 }
+
+#[test]
+fn under_the_daemons_private_umask_the_worker_reaches_its_directories() {
+    // wardend runs with UMask=0077 (systemd); the launcher's mountpoints
+    // must still let the worker reach /workspace and /home, and the worker
+    // starts with a login's umask.
+    if !root() {
+        return;
+    }
+    let d = dirs();
+    let wrapper = d._tmp.path().join("launch-0077");
+    std::fs::write(&wrapper, format!("#!/bin/sh\numask 0077\nexec {LAUNCHER} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let s = spec(
+        &d,
+        &[
+            "/bin/sh",
+            "-c",
+            "umask; cd /workspace/p && touch made && stat -c %a made && ls -d $HOME",
+        ],
+    );
+    let mut l = launch(&wrapper, &s, Stdio::null(), Stdio::piped(), Stdio::inherit()).unwrap();
+    let mut out = String::new();
+    l.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(l.child.wait().unwrap().success(), "{out}");
+    assert_eq!(out, "0022\n644\n/home/launchtest\n");
+}

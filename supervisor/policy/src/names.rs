@@ -48,6 +48,12 @@ pub fn check_user(name: &str) -> Result<(), NameError> {
     check("user", name, 32, true)
 }
 
+/// A profile name, as it names the directory of a user's tree for that
+/// profile (profiles are checked more strictly when loaded).
+pub fn check_profile(name: &str) -> Result<(), NameError> {
+    check("profile", name, 64, true)
+}
+
 /// A project name: one directory under the user's workspace.
 pub fn check_project(name: &str) -> Result<(), NameError> {
     check("project", name, 64, false)

@@ -515,7 +515,7 @@ pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) ->
         p.limits.disk = disk_limit;
         std::borrow::Cow::Owned(p)
     };
-    let dirs = host.users.prepare(&p.user, &p.project)?;
+    let dirs = host.users.prepare(&p.user, &profile.name, &p.project)?;
     // A [claude] profile runs the claude binary; the request's command is
     // its initial prompt.
     let claude = match &profile.claude {
