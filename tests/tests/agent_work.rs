@@ -7,7 +7,11 @@ use warden_tests::*;
 const PROFILE: &str = "claude-code";
 
 fn host() -> Option<Host> {
-    privileged("runs real sandboxed workers").then(|| Host::new(&[]))
+    host_with(&[])
+}
+
+fn host_with(profiles: &[(&str, &str)]) -> Option<Host> {
+    privileged("runs real sandboxed workers").then(|| Host::new(profiles))
 }
 
 fn sh(host: &Host, user: &str, script: &str) -> Outcome {
@@ -133,4 +137,40 @@ fn the_environment_is_the_profiles_not_the_hosts() {
         out.stdout
     );
     assert!(out.stdout.contains("PATH=/usr/local/bin:/usr/bin:/bin\n"));
+}
+
+#[test]
+fn node_and_python_size_themselves_from_the_workers_own_limits() {
+    // Runtimes read the worker's cgroup through /sys/fs/cgroup (its own
+    // only) and /proc/self/cgroup: node's heap sizing and Python's
+    // libraries see the profile's memory limit, not the host's RAM.
+    let Some(h) = host_with(&[(
+        "sized",
+        "extends = \"claude-code\"\n[limits]\nmemory = \"300M\"\nmemory_swap = \"300M\"\n",
+    )]) else {
+        return;
+    };
+    let node = h.run(
+        "alice",
+        "demo",
+        "sized",
+        &["node", "-e", "console.log(process.constrainedMemory())"],
+    );
+    assert_eq!((node.code, node.stdout.trim()), (0, "314572800"), "{}", node.stderr);
+    let python = h.run(
+        "alice",
+        "demo",
+        "sized",
+        &[
+            "python3",
+            "-c",
+            "import glob; print(*[open(p).read().strip() for p in sorted(glob.glob('/sys/fs/cgroup/**/memory.max', recursive=True) + glob.glob('/sys/fs/cgroup/**/memory.limit_in_bytes', recursive=True))])",
+        ],
+    );
+    assert_eq!(
+        (python.code, python.stdout.trim()),
+        (0, "314572800"),
+        "{}",
+        python.stderr
+    );
 }
