@@ -94,11 +94,14 @@ impl OutputLog {
 
     /// Copies a worker's output stream to this log (up to `cap` bytes) and
     /// the live feed (and to `tap`, the Claude Code session driver, when
-    /// there is one), until the stream ends.
+    /// there is one), until the stream ends. With `project`, the log file
+    /// is in that project (the user's: it counts toward the user's disk
+    /// limit, and past the limit the output is streamed but not kept).
     pub async fn pump(
         &self,
         mut from: impl tokio::io::AsyncRead + Unpin,
         cap: u64,
+        project: Option<u32>,
         tap: Option<tokio::sync::mpsc::Sender<Arc<Vec<u8>>>>,
     ) {
         // Only root reads a worker's output from disk (0600); its user
@@ -116,6 +119,12 @@ impl OutputLog {
                 None
             }
         };
+        if let (Some(f), Some(project)) = (&file, project) {
+            use std::os::fd::AsFd;
+            if let Err(e) = crate::sys::set_project(f.as_fd(), project, false) {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot charge an output log to its user's disk limit; it is kept up to log_max_bytes only");
+            }
+        }
         let mut buf = vec![0u8; READ];
         loop {
             let n = match from.read(&mut buf).await {

@@ -404,6 +404,8 @@ impl Supervisor {
             tx
         });
         let cap = self.config.log_max_bytes;
+        // The logs count toward the user's disk limit, like its own files.
+        let project = self.disk.counts().then_some(worker.uid);
         let stdout = launched
             .child
             .stdout
@@ -417,11 +419,11 @@ impl Supervisor {
         let pumps = [
             stdout.map(|s| {
                 let w = worker.clone();
-                tokio::spawn(async move { w.stdout.pump(s, cap, tap).await })
+                tokio::spawn(async move { w.stdout.pump(s, cap, project, tap).await })
             }),
             stderr.map(|s| {
                 let w = worker.clone();
-                tokio::spawn(async move { w.stderr.pump(s, cap, None).await })
+                tokio::spawn(async move { w.stderr.pump(s, cap, project, None).await })
             }),
         ];
         let (this, w, child) = (self.clone(), worker.clone(), launched.child);
