@@ -799,3 +799,42 @@ fn a_disk_limit_the_file_system_cannot_enforce_refuses_the_spawn() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     drop(d);
 }
+
+#[test]
+fn the_started_event_says_where_the_time_to_start_went() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started = d
+        .audit_events()
+        .into_iter()
+        .find(|e| e["kind"] == "worker_started")
+        .expect("a worker_started event");
+    let stages: Vec<(String, u64)> = started["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["us"].as_u64().unwrap()))
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "admitted",
+            "prepared",
+            "spec",
+            "cgroup",
+            "namespaces",
+            "network",
+            "mounts",
+            "identity",
+            "landlock",
+            "seccomp",
+            "exec"
+        ]
+    );
+    assert!(stages.windows(2).all(|w| w[0].1 <= w[1].1), "in order: {stages:?}");
+}

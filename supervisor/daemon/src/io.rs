@@ -9,11 +9,11 @@
 //! the log).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// Chunks (of at most [`READ`] bytes) the live feed keeps for attached
 /// clients that are behind: the most it holds per stream.
@@ -30,7 +30,8 @@ pub struct OutputLog {
     /// Bytes kept in the log file (a prefix of the stream).
     kept: AtomicU64,
     live: broadcast::Sender<Chunk>,
-    done: AtomicBool,
+    /// The stream ended (its readers wake on the change, no polling).
+    done: watch::Sender<bool>,
 }
 
 /// A piece of output at its offset in the stream.
@@ -47,7 +48,7 @@ impl OutputLog {
             produced: AtomicU64::new(0),
             kept: AtomicU64::new(0),
             live: broadcast::channel(LIVE_CHUNKS).0,
-            done: AtomicBool::new(false),
+            done: watch::channel(false).0,
         }
     }
 
@@ -58,7 +59,7 @@ impl OutputLog {
         let len = std::fs::metadata(&log.path).map_or(0, |m| m.len());
         log.kept.store(len, Ordering::SeqCst);
         log.produced.store(len, Ordering::SeqCst);
-        log.done.store(true, Ordering::SeqCst);
+        log.done.send_replace(true);
         log
     }
 
@@ -75,7 +76,12 @@ impl OutputLog {
     }
 
     pub fn is_done(&self) -> bool {
-        self.done.load(Ordering::SeqCst)
+        *self.done.borrow()
+    }
+
+    /// Watches for the end of the stream.
+    pub fn watch_done(&self) -> watch::Receiver<bool> {
+        self.done.subscribe()
     }
 
     /// Reads kept bytes from `from` up to `to`.
@@ -155,7 +161,7 @@ impl OutputLog {
         if let Some(mut f) = file {
             let _ = f.flush().await;
         }
-        self.done.store(true, Ordering::SeqCst);
+        self.done.send_replace(true);
     }
 }
 

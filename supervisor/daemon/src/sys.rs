@@ -64,6 +64,14 @@ pub async fn wait_child(mut child: std::process::Child) -> std::io::Result<std::
         .map_err(std::io::Error::other)?
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock the launcher stamps the ends
+/// of its setup stages with.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
 /// `struct fsxattr` of `<linux/fs.h>`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]

@@ -149,9 +149,21 @@ fn main() {
     }
 }
 
+/// The end of a setup stage, now (the daemon reads it on the same clock).
+pub fn mark(stage: Stage) -> warden_policy::Mark {
+    let ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    });
+    warden_policy::Mark {
+        stage: stage.name().to_string(),
+        at_ns: ns,
+    }
+}
+
 /// The outer launcher: everything before the PID namespace exists, then a
 /// signal-forwarding wait for the init.
 fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
+    let mut marks = vec![mark(Stage::Spec)];
     // Nothing the daemon (or whoever started us) had open may reach the
     // worker: keep 0, 1, 2 and the report pipe on 3.
     sys::close_from(4).map_err(|e| SetupError::new(Stage::Fds, e, "Cannot close inherited file descriptors"))?;
@@ -162,6 +174,7 @@ fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
         std::fs::write(procs, getpid().to_string())
             .map_err(|e| SetupError::io(Stage::Cgroup, &e, format!("Cannot join cgroup {}", procs.display())))?;
     }
+    marks.push(mark(Stage::Cgroup));
 
     // Every worker gets its own network namespace: no worker ever shares
     // the host's.
@@ -172,6 +185,7 @@ fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
         | CloneFlags::CLONE_NEWCGROUP
         | CloneFlags::CLONE_NEWNET;
     unshare(flags).map_err(|e| SetupError::new(Stage::Namespaces, e, format!("Cannot create namespaces {flags:?}")))?;
+    marks.push(mark(Stage::Namespaces));
 
     // Signals are handled synchronously: block them before the fork so that
     // none is lost between fork and the wait loop (the init inherits the mask).
@@ -186,7 +200,7 @@ fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
             // SAFETY: fd 3 is the report pipe, owned by this process alone now.
             #[allow(unsafe_code)]
             let report = unsafe { File::from_raw_fd(3) };
-            sandbox::init(spec, report)
+            sandbox::init(spec, report, marks)
         }
         ForkResult::Parent { child } => {
             // Only the init and the worker write reports from here on.

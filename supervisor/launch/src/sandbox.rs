@@ -24,7 +24,7 @@ use nix::unistd::pipe2;
 use nix::unistd::{
     chdir, execve, fork, pivot_root, setgroups, sethostname, setresgid, setresuid, setsid, ForkResult, Gid, Pid, Uid,
 };
-use warden_policy::{Bucket, Enforced, LaunchReport, LaunchSpec, MAX_LANDLOCK_ABI};
+use warden_policy::{Bucket, Enforced, LaunchReport, LaunchSpec, Mark, MAX_LANDLOCK_ABI};
 
 use crate::denials::Denials;
 use crate::sys;
@@ -117,8 +117,8 @@ const OLD: &str = "/oldroot";
 const NEW: &str = "/newroot";
 
 /// Runs as PID 1 of the new PID namespace. Never returns.
-pub fn init(spec: &LaunchSpec, mut report: File) -> ! {
-    let worker = match setup(spec, &mut report) {
+pub fn init(spec: &LaunchSpec, mut report: File, marks: Vec<Mark>) -> ! {
+    let worker = match setup(spec, &mut report, marks) {
         Ok(w) => w,
         Err(e) => crate::fail(&mut report, &e, crate::EXIT_SETUP_FAILED),
     };
@@ -131,7 +131,7 @@ pub fn init(spec: &LaunchSpec, mut report: File) -> ! {
 /// Builds the sandbox around this process, then forks and execs the worker.
 /// Each step is here, in the order it happens; returns the worker, whose
 /// denied calls the init answers.
-fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
+fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<Started, SetupError> {
     // If the outer launcher dies, so does this namespace: no orphaned workers.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .at(Stage::Namespaces, || "Cannot set the parent-death signal".into())?;
@@ -258,6 +258,7 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
             })
         })
         .collect::<Result<Vec<OwnedFd>, SetupError>>()?;
+    marks.push(crate::mark(Stage::Network));
 
     // Switch to the new root and drop the host's root and the scratch tmpfs.
     chdir(NEW).at(Stage::Mounts, || format!("Cannot chdir to {NEW}"))?;
@@ -275,6 +276,7 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
     )
     .at(Stage::Mounts, || "Cannot remount / read-only".into())?;
     chdir(spec.cwd.as_str()).at(Stage::Mounts, || format!("Cannot chdir to {}", spec.cwd))?;
+    marks.push(crate::mark(Stage::Mounts));
 
     // --- Resource limits. ---
     for rl in &spec.rlimits {
@@ -334,12 +336,14 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
             "A capability set is not empty after dropping privileges",
         ));
     }
+    marks.push(crate::mark(Stage::Identity));
 
     // --- no_new_privs: setuid binaries and file capabilities grant nothing. ---
     nix::sys::prctl::set_no_new_privs().at(Stage::NoNewPrivs, || "Cannot set no_new_privs".into())?;
 
     // --- Landlock: file system, TCP ports, scoping. Fails closed. ---
     let (landlock_abi, landlock_scoped) = restrict_landlock(spec)?;
+    marks.push(crate::mark(Stage::Landlock));
 
     // --- The worker: a child that installs the seccomp filter on itself,
     // last, and hands its listener to us. The init stays outside the
@@ -389,6 +393,7 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
         }
     };
     drop(ours);
+    marks.push(crate::mark(Stage::Seccomp));
 
     // Reports of denied calls go to the daemon on a pipe of their own,
     // never blocking the init.
@@ -409,6 +414,7 @@ fn setup(spec: &LaunchSpec, report: &mut File) -> Result<Started, SetupError> {
         gid: spec.gid,
         init_pid,
         listeners: spec.listeners.iter().map(|l| l.port).collect(),
+        marks,
     };
     let line = LaunchReport::Enforced(enforced).to_line();
     // The daemon reads the denial reports and serves the proxy; the worker

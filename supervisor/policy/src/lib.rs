@@ -29,6 +29,6 @@ pub use profile::{
 };
 pub use spec::{
     compile, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Listener,
-    ListenerKind, Rlimit, SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
+    ListenerKind, Mark, Rlimit, SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
 };
 pub use units::{ByteSize, CpuQuota, Rate, Seconds};

@@ -655,6 +655,17 @@ pub struct Enforced {
     /// its landlock domain, by which the kernel's audit records name it.
     #[serde(default)]
     pub init_pid: u32,
+    /// When each stage of the setup ended (CLOCK_MONOTONIC), in order.
+    #[serde(default)]
+    pub marks: Vec<Mark>,
+}
+
+/// The end of a setup stage, on CLOCK_MONOTONIC (one clock for the
+/// daemon and the launcher).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    pub stage: String,
+    pub at_ns: u64,
 }
 
 impl LaunchReport {

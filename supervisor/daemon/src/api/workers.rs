@@ -159,6 +159,7 @@ async fn send_output<M>(
     wrap: fn(pb::OutputChunk) -> M,
 ) -> Result<(), Gone> {
     let mut live = log.subscribe();
+    let mut done = log.watch_done();
     let send = |offset: u64, data: Vec<u8>| {
         wrap(pb::OutputChunk {
             stream: stream as i32,
@@ -176,11 +177,21 @@ async fn send_output<M>(
             out.send(send(from, data)).await?;
             from = to;
         }
-        if !follow || (log.is_done() && from >= log.produced()) {
+        if !follow || (*done.borrow_and_update() && from >= log.produced()) {
             return Ok(());
         }
-        match tokio::time::timeout(Duration::from_millis(200), live.recv()).await {
-            Ok(Ok(chunk)) => {
+        // The next chunk, or the end of the stream (whichever comes first:
+        // a chunk sent before the end is still in `live`).
+        let next = tokio::select! {
+            biased;
+            r = live.recv() => r,
+            r = done.changed() => match r {
+                Ok(()) => continue,
+                Err(_) => return Ok(()),
+            },
+        };
+        match next {
+            Ok(chunk) => {
                 let end = chunk.offset + chunk.data.len() as u64;
                 if end <= from {
                     continue;
@@ -195,13 +206,12 @@ async fn send_output<M>(
             }
             // Lagged: the loop replays what the log kept; output beyond the
             // log's cap that was missed is skipped.
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 if from >= log.kept() {
                     from = from.max(log.produced());
                 }
             }
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return Ok(()),
-            Err(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
 }
@@ -494,6 +504,36 @@ impl pb::workers_server::Workers for WorkersApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On tokio's paused clock: a wait on a timer shows as elapsed time,
+    /// a wake-up on the end of the stream does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_hears_the_end_of_output_at_once_not_on_a_timer() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(OutputLog::new(dir.path().join("w.stdout")));
+        let (mut writer, reader) = tokio::io::duplex(1024);
+        let pump = {
+            let log = log.clone();
+            tokio::spawn(async move { log.pump(reader, 1 << 20, None, None).await })
+        };
+        let (out, mut stream) = crate::api::outbox::outbox(16, Duration::from_secs(30));
+        let follower = {
+            let log = log.clone();
+            tokio::spawn(async move { send_output(&log, pb::Stream::Stdout, 0, true, &out, |c| c).await })
+        };
+        writer.write_all(b"hello").await.unwrap();
+        drop(writer);
+        let start = tokio::time::Instant::now();
+        assert!(follower.await.unwrap().is_ok());
+        assert_eq!(start.elapsed(), Duration::ZERO, "the follower waited on a timer");
+        pump.await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(Ok(chunk)) = tokio_stream::StreamExt::next(&mut stream).await {
+            seen.extend(chunk.data);
+        }
+        assert_eq!(seen, b"hello");
+    }
 
     #[test]
     fn only_signals_that_stop_or_continue_a_worker_may_be_sent() {

@@ -602,6 +602,7 @@ mod tests {
             landlock_denials_observable: false,
             seccomp_denials_observable: false,
             disk_limit: None,
+            stages: vec![],
         };
         // What must be written is, into debt; the debt shows.
         assert!(bus

@@ -118,6 +118,14 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// The end of a stage of a spawn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTime {
+    pub stage: String,
+    /// Microseconds since the spawn request arrived.
+    pub us: u64,
+}
+
 /// A user's tree on disk: its use and its project's limits (0: none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskUse {
@@ -182,6 +190,10 @@ pub enum EventKind {
         /// Bytes its user's tree may hold (the kernel's project quota).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         disk_limit: Option<u64>,
+        /// Where the time to start it went: the end of each stage, in
+        /// microseconds since the request arrived, in order.
+        #[serde(default)]
+        stages: Vec<StageTime>,
     },
     SpawnFailed {
         profile: String,

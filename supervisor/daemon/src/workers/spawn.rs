@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use warden_policy::config::Config;
 use warden_policy::seccomp::Arch;
-use warden_policy::{ClaudeRequest, LaunchSpec, NetworkMode, NetworkPolicy, Profile, ProfileSet, SpawnRequest};
+use warden_policy::{ClaudeRequest, LaunchSpec, Mark, NetworkMode, NetworkPolicy, Profile, ProfileSet, SpawnRequest};
 
 use super::admission::{AdmissionError, Slot};
 use super::record::Record;
@@ -22,7 +22,7 @@ use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
 use crate::claude::prepare::GatewaySetup;
 use crate::claude::session::{self, Session, Start};
 use crate::disk::{Disk, DiskPromise};
-use crate::events::{clip, logged_command, millis, EventKind, Written, MAX_FIELD};
+use crate::events::{clip, logged_command, millis, EventKind, StageTime, Written, MAX_FIELD};
 use crate::io::Stdin;
 use crate::launcher::{LaunchError, Launched};
 use crate::limits::Bucket;
@@ -97,7 +97,13 @@ impl Supervisor {
     /// Starts a worker: returns once the sandbox is in place and the command
     /// exec'd, or with the phase's error (nothing of the worker is left).
     pub async fn spawn(self: &Arc<Self>, p: SpawnParams) -> Result<Arc<Worker>, WorkerError> {
+        let begun = crate::sys::monotonic_ns();
+        let mark = |stage: &str| Mark {
+            stage: stage.to_string(),
+            at_ns: crate::sys::monotonic_ns(),
+        };
         let slot = self.admit(&p)?;
+        let mut marks = vec![mark("admitted")];
         let profile = resolve(&self.profiles.current(), &p)?;
         let name = profile.name.clone();
         let mut prepared = match self.prepare(profile, p.clone()).await {
@@ -108,8 +114,19 @@ impl Supervisor {
             }
             Err(e) => return Err(e),
         };
+        marks.push(mark("prepared"));
         let mut launched = self.launch(&prepared).await?;
-        let (worker, started) = self.register(&mut prepared, &mut launched, &p, slot);
+        marks.extend(launched.enforced.marks.iter().cloned());
+        // The launcher's report ends when the worker's exec closes it.
+        marks.push(mark("exec"));
+        let stages = marks
+            .into_iter()
+            .map(|m| StageTime {
+                stage: m.stage,
+                us: m.at_ns.saturating_sub(begun) / 1000,
+            })
+            .collect();
+        let (worker, started) = self.register(&mut prepared, &mut launched, &p, slot, stages);
         let timeout = prepared.spec.timeout_secs.map(Duration::from_secs);
         self.watch(&worker, launched, prepared.session, p.interactive, timeout);
         // The caller hears of the worker once its start is in the log.
@@ -269,6 +286,7 @@ impl Supervisor {
         launched: &mut Launched,
         p: &SpawnParams,
         slot: Slot,
+        stages: Vec<StageTime>,
     ) -> (Arc<Worker>, Written) {
         let spec = &prepared.spec;
         let stdin = launched
@@ -355,6 +373,7 @@ impl Supervisor {
                 landlock_denials_observable: self.landlock_audit.load(Ordering::SeqCst) && e.landlock_abi >= 7,
                 seccomp_denials_observable: launched.denials.is_some(),
                 disk_limit: prepared.spec_disk_limit(),
+                stages,
             },
         );
         (worker, started)
