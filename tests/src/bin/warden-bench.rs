@@ -22,7 +22,15 @@
 //!   clients spawn and wait for short workers and a worker floods its
 //!   output, against the same `List` on the idle daemon.
 //!
-//! Everything runs in one process, one after the other (about 5 minutes).
+//! - spawn through the daemon: `wardenctl spawn -w -- /bin/true` and the
+//!   same over gRPC (Spawn, then Wait) against bubblewrap's
+//!   `bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all /bin/true`
+//!   in pairs, one right after the other; where the time goes, stage by
+//!   stage, from the worker_started events; and spawn-to-exit cycles per
+//!   second at concurrency 16 with their p50 and p99.
+//!
+//! Everything runs in one process, one after the other (about 5 minutes;
+//! `warden-bench spawn` runs the spawn rows alone, in about 30 s).
 //!
 //! Run as root: `cargo build --release --workspace --bins && target/release/warden-bench`
 
@@ -50,6 +58,10 @@ fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("warden-bench: must run as root");
         std::process::exit(77);
+    }
+    if std::env::args().nth(1).as_deref() == Some("spawn") {
+        print_spawn_rows(&spawn_rows());
+        return;
     }
     let runs = 20;
     let host = warden_tests::Host::new(&[]);
@@ -86,6 +98,7 @@ fn main() {
     let out_text = String::from_utf8_lossy(&outside.stdout);
     let (out_early, out_late) = parse(out_text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or(""));
 
+    let through_daemon = spawn_rows();
     let net = network();
     let gw = gateway();
     let ev = events();
@@ -116,6 +129,7 @@ fn main() {
     for (what, proxied, direct, unit) in net {
         println!("{what:<58} {proxied:>9.2} {unit} {direct:>9.2} {unit}");
     }
+    print_spawn_rows(&through_daemon);
     println!("{:<58} {:>12} {:>12}", "", "gateway", "direct");
     for (what, through, direct, unit) in gw {
         println!("{what:<58} {through:>9.2} {unit} {direct:>9.2} {unit}");
@@ -132,6 +146,200 @@ fn main() {
             println!("{what:<58} {loaded:>9.2} {unit} {idle:>9.2} {unit}");
         }
     }
+}
+
+/// The spawn rows: what they measured, in the order printed.
+struct SpawnRows {
+    runs: usize,
+    /// (what, warden, bwrap) medians, ms.
+    pairs: Vec<(&'static str, f64, f64)>,
+    /// The slowest of the pairs' warden runs, ms.
+    max: Vec<(&'static str, f64)>,
+    /// Stage, median of its own time (since the stage before), ms.
+    stages: Vec<(String, f64)>,
+    /// Cycles a second at concurrency 16, and their p50 and p99, ms.
+    throughput: (f64, f64, f64),
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+fn bwrap_true() {
+    let s = std::process::Command::new("bwrap")
+        .args([
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--unshare-all",
+            "/bin/true",
+        ])
+        .status()
+        .expect("bwrap (apt-get install bubblewrap)");
+    assert!(s.success(), "bwrap /bin/true: {s}");
+}
+
+/// Spawn to exit through a real wardend (base profile), against bubblewrap
+/// in the same run: each warden run is paired with a bwrap run right after.
+fn spawn_rows() -> SpawnRows {
+    use warden_proto::v1 as pb;
+    use warden_tests::daemon::{rate, rate_limits, value};
+    let runs = 20;
+    let d = Daemon::start_with(&[
+        ("max_workers", value(256)),
+        ("max_workers_per_user", value(64)),
+        ("max_connections_per_caller", value(128)),
+        (
+            "rate_limits",
+            rate_limits(&[
+                ("spawns_per_user", rate(1_000_000, "100000/s")),
+                ("spawns_per_caller", rate(1_000_000, "100000/s")),
+            ]),
+        ),
+    ]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let ctl = |user: &str| {
+        let out = d.ctl(&["spawn", "--user", user, "-w", "--", "/bin/true"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    // Warm: the user's uid and directories, the page cache.
+    for _ in 0..3 {
+        ctl("bench");
+        bwrap_true();
+    }
+    let (mut w_ctl, mut b_ctl) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        w_ctl.push(timed(|| ctl("bench")));
+        b_ctl.push(timed(bwrap_true));
+    }
+    let (mut w_rpc, mut b_rpc) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let w = c
+                .spawn(pb::SpawnRequest {
+                    user: "bench".into(),
+                    command: vec!["/bin/true".into()],
+                    ..Default::default()
+                })
+                .await
+                .expect("Spawn")
+                .into_inner();
+            c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+            w_rpc.push(t.elapsed());
+            b_rpc.push(timed(bwrap_true));
+        }
+    });
+    // Where the time went: each stage's own share, median over the runs.
+    let mut by_stage: Vec<(String, Vec<u64>)> = Vec::new();
+    for e in d.audit_events().iter().filter(|e| e["kind"] == "worker_started") {
+        let mut before = 0;
+        for (i, s) in e["stages"].as_array().into_iter().flatten().enumerate() {
+            let (name, us) = (s["stage"].as_str().unwrap_or("?"), s["us"].as_u64().unwrap_or(0));
+            if by_stage.len() <= i {
+                by_stage.push((name.to_string(), Vec::new()));
+            }
+            by_stage[i].1.push(us.saturating_sub(before));
+            before = us;
+        }
+    }
+    let stages = by_stage
+        .into_iter()
+        .map(|(name, mut v)| {
+            v.sort_unstable();
+            (name, v[v.len() / 2] as f64 / 1e3)
+        })
+        .collect();
+
+    // Throughput: 16 clients, each spawning /bin/true and waiting for it.
+    let cycles = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let for_ = Duration::from_secs(10);
+    let began = Instant::now();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for i in 0..16 {
+            let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+            let cycles = cycles.clone();
+            clients.push(tokio::spawn(async move {
+                while began.elapsed() < for_ {
+                    let t = Instant::now();
+                    let w = c
+                        .spawn(pb::SpawnRequest {
+                            user: format!("tp{}", i % 4),
+                            command: vec!["/bin/true".into()],
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("Spawn at concurrency 16")
+                        .into_inner();
+                    c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+                    cycles.lock().expect("cycles").push(t.elapsed());
+                }
+            }));
+        }
+        for c in clients {
+            c.await.expect("a client");
+        }
+    });
+    let cycles = std::mem::take(&mut *cycles.lock().expect("cycles"));
+    let rate = cycles.len() as f64 / began.elapsed().as_secs_f64();
+    let max = |v: &[Duration]| ms(*v.iter().max().expect("runs"));
+    SpawnRows {
+        runs,
+        max: vec![("wardenctl", max(&w_ctl)), ("gRPC", max(&w_rpc))],
+        pairs: vec![
+            (
+                "wardenctl spawn -w -- /bin/true (base, through wardend)",
+                ms(median(w_ctl)),
+                ms(median(b_ctl)),
+            ),
+            (
+                "the same over gRPC (Spawn, then Wait)",
+                ms(median(w_rpc)),
+                ms(median(b_rpc)),
+            ),
+        ],
+        stages,
+        throughput: (rate, percentile(cycles.clone(), 500), percentile(cycles, 990)),
+    }
+}
+
+fn print_spawn_rows(r: &SpawnRows) {
+    println!(
+        "{:<58} {:>12} {:>12} {:>8}",
+        format!("spawn through wardend ({} pairs, medians)", r.runs),
+        "warden",
+        "bwrap",
+        "x bwrap"
+    );
+    for (what, warden, bwrap) in &r.pairs {
+        println!("{what:<58} {warden:>9.2} ms {bwrap:>9.2} ms {:>8.2}", warden / bwrap);
+    }
+    for (what, max) in &r.max {
+        println!("{:<58} {max:>9.2} ms", format!("  slowest run ({what})"));
+    }
+    println!("{:<58} {:>12}", "  where the time goes (each stage, median)", "");
+    for (stage, t) in &r.stages {
+        println!("{:<58} {t:>9.2} ms", format!("    {stage}"));
+    }
+    let (rate, p50, p99) = r.throughput;
+    println!("{:<58} {rate:>9.0} /s", "spawn-to-exit cycles at concurrency 16");
+    println!("{:<58} {p50:>9.2} ms {p99:>9.2} ms", "  their p50 and p99");
 }
 
 /// A typical small event.

@@ -2,8 +2,14 @@
 //! `<state>/workers/`, so that a daemon started after a crash can report
 //! the workers it lost.
 //!
-//! Must never: start a worker whose record is not on disk (a crash would
-//! forget it), or report a worker lost twice.
+//! Must never: start a worker whose record is not written (a crash of the
+//! daemon would forget it), or report a worker lost twice.
+//!
+//! Written, not synced: the record is for a daemon that dies while its
+//! workers live on (the page cache keeps it); a host that dies takes the
+//! workers with it, and their `worker_started` events (durable in the
+//! audit log) then have no exit. An fsync here cost every spawn about a
+//! millisecond.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -47,7 +53,7 @@ impl Records {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// Writes `r` durably (written, synced, renamed into place).
+    /// Writes `r` (written, then renamed into place: never half a record).
     pub fn save(&self, r: &Record) -> Result<(), RecordError> {
         let path = self.path(&r.id);
         let err = |source| RecordError {
@@ -65,7 +71,6 @@ impl Records {
             .open(&tmp)
             .map_err(err)?;
         f.write_all(&json).map_err(err)?;
-        f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)
     }
 
