@@ -160,6 +160,14 @@ impl Arch {
         }
     }
 
+    /// `AUDIT_ARCH_*`: what the kernel puts in `seccomp_data.arch`.
+    fn audit(self) -> u32 {
+        match self {
+            Arch::X86_64 => 0xc000_003e,
+            Arch::Aarch64 => 0xc000_00b7,
+        }
+    }
+
     /// The highest call number this build knows; anything above is ENOSYS.
     fn last(self) -> u32 {
         let id = match self {
@@ -175,27 +183,69 @@ pub fn is_known_syscall(name: &str) -> bool {
     Arch::ALL.iter().any(|a| a.number(name).is_some())
 }
 
-fn cond(arg: u8, len: Len, op: Op, value: u64) -> Cond {
-    // Only fails for arg > 5, which these constant call sites never pass.
-    Cond::new(arg, len, op, value).expect("argument index is below 6")
+/// One condition on a call's argument: `(arg & mask) == value` (or `!=`),
+/// over its low 32 bits (`wide`: all 64).
+#[derive(Debug, Clone, Copy)]
+struct ArgCond {
+    arg: u8,
+    wide: bool,
+    mask: u64,
+    value: u64,
+    equal: bool,
 }
 
-fn rule(conds: Vec<Cond>) -> SeccompRule {
-    SeccompRule::new(conds).expect("a rule with at least one condition")
+/// An argument rule: all its conditions hold.
+type ArgRule = Vec<ArgCond>;
+
+fn eq(arg: u8, value: u64) -> ArgCond {
+    ArgCond {
+        arg,
+        wide: false,
+        mask: u64::MAX,
+        value,
+        equal: true,
+    }
+}
+
+fn ne(arg: u8, value: u64) -> ArgCond {
+    ArgCond {
+        equal: false,
+        ..eq(arg, value)
+    }
+}
+
+fn masked_eq(arg: u8, wide: bool, mask: u64, value: u64) -> ArgCond {
+    ArgCond {
+        arg,
+        wide,
+        mask,
+        value,
+        equal: true,
+    }
+}
+
+impl ArgCond {
+    /// The same condition for seccompiler (the linear reference).
+    fn linear(self) -> Cond {
+        let len = if self.wide { Len::Qword } else { Len::Dword };
+        let op = match (self.equal, self.mask) {
+            (true, u64::MAX) => Op::Eq,
+            (false, u64::MAX) => Op::Ne,
+            (true, m) => Op::MaskedEq(m),
+            (false, _) => unreachable!("no rule negates a masked comparison"),
+        };
+        // Only fails for arg > 5, which these constant rules never name.
+        Cond::new(self.arg, len, op, self.value).expect("argument index is below 6")
+    }
 }
 
 /// The argument checks for calls that are only safe with some arguments.
 /// `None` means "no argument check: allow the call".
-fn argument_rules(name: &str, udp: bool) -> Option<Vec<SeccompRule>> {
+fn argument_rules(name: &str, udp: bool) -> Option<Vec<ArgRule>> {
     match name {
         // A worker must not create namespaces: user namespaces expose most of
         // the kernel's privileged code to it.
-        "clone" => Some(vec![rule(vec![cond(
-            0,
-            Len::Qword,
-            Op::MaskedEq(CLONE_NAMESPACE_FLAGS),
-            0,
-        )])]),
+        "clone" => Some(vec![vec![masked_eq(0, true, CLONE_NAMESPACE_FLAGS, 0)]]),
         // TIOCSTI pushes keystrokes into the terminal's input queue, a classic
         // escape from a sandbox sharing a terminal; TIOCLINUX can do the same.
         // The owner of a file (a worker, in the host's user namespace) may
@@ -203,13 +253,13 @@ fn argument_rules(name: &str, udp: bool) -> Option<Vec<SeccompRule>> {
         // the SETFLAGS and FSSETXATTR requests, moving what it writes out of
         // its user's disk quota. The kernel reads the request as 32 bits,
         // so compare 32 bits.
-        "ioctl" => Some(vec![rule(vec![
-            cond(1, Len::Dword, Op::Ne, TIOCSTI),
-            cond(1, Len::Dword, Op::Ne, TIOCLINUX),
-            cond(1, Len::Dword, Op::Ne, FS_IOC_SETFLAGS),
-            cond(1, Len::Dword, Op::Ne, FS_IOC32_SETFLAGS),
-            cond(1, Len::Dword, Op::Ne, FS_IOC_FSSETXATTR),
-        ])]),
+        "ioctl" => Some(vec![vec![
+            ne(1, TIOCSTI),
+            ne(1, TIOCLINUX),
+            ne(1, FS_IOC_SETFLAGS),
+            ne(1, FS_IOC32_SETFLAGS),
+            ne(1, FS_IOC_FSSETXATTR),
+        ]]),
         // Unix sockets; TCP (and UDP where the profile allows it) with
         // protocol 0 or the family's own protocol only: MPTCP and SCTP
         // sockets fall outside landlock's TCP rules, and raw and ICMP
@@ -220,21 +270,15 @@ fn argument_rules(name: &str, udp: bool) -> Option<Vec<SeccompRule>> {
             if udp {
                 kinds.push((SOCK_DGRAM, IPPROTO_UDP));
             }
-            let mut rules = vec![
-                rule(vec![cond(0, Len::Dword, Op::Eq, AF_UNIX)]),
-                rule(vec![
-                    cond(0, Len::Dword, Op::Eq, AF_NETLINK),
-                    cond(2, Len::Dword, Op::Eq, NETLINK_ROUTE),
-                ]),
-            ];
+            let mut rules = vec![vec![eq(0, AF_UNIX)], vec![eq(0, AF_NETLINK), eq(2, NETLINK_ROUTE)]];
             for family in [AF_INET, AF_INET6] {
                 for (kind, own) in &kinds {
                     for protocol in [0, *own] {
-                        rules.push(rule(vec![
-                            cond(0, Len::Dword, Op::Eq, family),
-                            cond(1, Len::Dword, Op::MaskedEq(SOCK_TYPE_MASK), *kind),
-                            cond(2, Len::Dword, Op::Eq, protocol),
-                        ]));
+                        rules.push(vec![
+                            eq(0, family),
+                            masked_eq(1, false, SOCK_TYPE_MASK, *kind),
+                            eq(2, protocol),
+                        ]);
                     }
                 }
             }
@@ -243,13 +287,10 @@ fn argument_rules(name: &str, udp: bool) -> Option<Vec<SeccompRule>> {
         // TCP Fast Open sends data with the SYN without a connect() call
         // (MSG_FASTOPEN), or lets connect() defer to the first send
         // (TCP_FASTOPEN_CONNECT): both slip past landlock's connect check.
-        "sendto" => Some(vec![rule(vec![cond(3, Len::Dword, Op::MaskedEq(MSG_FASTOPEN), 0)])]),
-        "sendmsg" => Some(vec![rule(vec![cond(2, Len::Dword, Op::MaskedEq(MSG_FASTOPEN), 0)])]),
-        "sendmmsg" => Some(vec![rule(vec![cond(3, Len::Dword, Op::MaskedEq(MSG_FASTOPEN), 0)])]),
-        "setsockopt" => Some(vec![
-            rule(vec![cond(1, Len::Dword, Op::Ne, IPPROTO_TCP)]),
-            rule(vec![cond(2, Len::Dword, Op::Ne, TCP_FASTOPEN_CONNECT)]),
-        ]),
+        "sendto" => Some(vec![vec![masked_eq(3, false, MSG_FASTOPEN, 0)]]),
+        "sendmsg" => Some(vec![vec![masked_eq(2, false, MSG_FASTOPEN, 0)]]),
+        "sendmmsg" => Some(vec![vec![masked_eq(3, false, MSG_FASTOPEN, 0)]]),
+        "setsockopt" => Some(vec![vec![ne(1, IPPROTO_TCP)], vec![ne(2, TCP_FASTOPEN_CONNECT)]]),
         _ => None,
     }
 }
@@ -268,18 +309,166 @@ pub fn allowed_calls(policy: &crate::SeccompPolicy) -> Vec<String> {
     calls.into_iter().collect()
 }
 
-/// Compiles an allowlist into a BPF program for `arch`. Calls that do not
-/// exist on `arch` are skipped (e.g. `open` on aarch64). Every refusal
-/// returns `SECCOMP_RET_USER_NOTIF`: the filter must be installed with a
-/// listener, whose owner answers each denied call with EPERM.
+/// Compiles an allowlist into a BPF program for `arch`: a balanced binary
+/// search on the call number over the ranges of calls with one verdict
+/// (allowed; refused; allowed with argument checks), so that a call the
+/// kernel's action cache cannot skip (argument checks, refusals) costs a
+/// dozen comparisons, not a walk down a list of hundreds, and so does the
+/// kernel's own pass over every call number when the filter is installed.
+/// Calls that do not exist on `arch` are skipped (e.g. `open` on aarch64).
+/// Every refusal returns `SECCOMP_RET_USER_NOTIF`: the filter must be
+/// installed with a listener, whose owner answers each denied call with
+/// EPERM. The tests check it gives the verdict of [`compile_linear`] for
+/// every call number and the arguments the checks look at.
 pub fn compile(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, PolicyError> {
+    let last = arch.last();
+    // The verdict of each call number, then the ranges of equal verdicts.
+    let mut verdict: BTreeMap<u32, Verdict> = BTreeMap::new();
+    for name in allowed {
+        if name == "clone3" {
+            continue; // answered with ENOSYS by the prologue below
+        }
+        let Some(nr) = arch.number(name).and_then(|n| u32::try_from(n).ok()) else {
+            continue;
+        };
+        verdict.insert(
+            nr,
+            match argument_rules(name, udp) {
+                Some(rules) => Verdict::Check(rules),
+                None => Verdict::Allow,
+            },
+        );
+    }
+    let mut ranges: Vec<(u32, Verdict)> = Vec::new();
+    for nr in 0..=last {
+        let v = verdict.remove(&nr).unwrap_or(Verdict::Refuse);
+        let merge = matches!(
+            (ranges.last(), &v),
+            (Some((_, Verdict::Allow)), Verdict::Allow) | (Some((_, Verdict::Refuse)), Verdict::Refuse)
+        );
+        if !merge {
+            ranges.push((nr, v));
+        }
+    }
+
+    let mut program = vec![
+        stmt(BPF_LD_W_ABS, 4), // seccomp_data.arch
+        jump(BPF_JEQ_K, arch.audit(), 1, 0),
+        stmt(BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
+        // Call numbers above the known table (new calls, and x32 calls on
+        // x86_64, whose numbers have bit 30 set), and clone3 (its flags are
+        // in memory the filter cannot read): ENOSYS, so that libc falls back.
+        stmt(BPF_LD_W_ABS, 0), // seccomp_data.nr
+        jump(BPF_JGT_K, last, 0, 1),
+        stmt(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS),
+    ];
+    if let Some(nr) = arch.number("clone3").and_then(|n| u32::try_from(n).ok()) {
+        if allowed.iter().any(|c| c == "clone3") {
+            program.push(jump(BPF_JEQ_K, nr, 0, 1));
+            program.push(stmt(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS));
+        }
+    }
+    program.extend(search(&ranges));
+    Ok(program)
+}
+
+/// What the filter does with one call number.
+#[derive(Debug)]
+enum Verdict {
+    Allow,
+    Refuse,
+    /// Allowed when one of the rules holds (each: all its conditions).
+    Check(Vec<ArgRule>),
+}
+
+/// A binary search over `ranges` (each from its number up to the next's),
+/// with the call number in the accumulator; each leaf returns its verdict.
+fn search(ranges: &[(u32, Verdict)]) -> Vec<sock_filter> {
+    if let [(_, v)] = ranges {
+        return match v {
+            Verdict::Allow => vec![stmt(BPF_RET_K, SECCOMP_RET_ALLOW)],
+            Verdict::Refuse => vec![stmt(BPF_RET_K, SECCOMP_RET_USER_NOTIF)],
+            Verdict::Check(rules) => checks(rules),
+        };
+    }
+    let mid = ranges.len() / 2;
+    let (below, above) = (search(&ranges[..mid]), search(&ranges[mid..]));
+    let mut out = Vec::with_capacity(below.len() + above.len() + 2);
+    match u8::try_from(below.len()) {
+        // nr >= the first number of the upper half: skip the lower one.
+        Ok(skip) => out.push(jump(BPF_JGE_K, ranges[mid].0, skip, 0)),
+        // Too far for a conditional jump (8 bits): through a JA (32 bits).
+        Err(_) => {
+            out.push(jump(BPF_JGE_K, ranges[mid].0, 0, 1));
+            out.push(stmt(BPF_JA, u32::try_from(below.len()).unwrap_or(u32::MAX)));
+        }
+    }
+    out.extend(below);
+    out.extend(above);
+    out
+}
+
+/// The argument checks of one call: each rule in turn, allowed as soon as
+/// one holds (all its conditions), refused when none does. The accumulator
+/// (the call number) is overwritten: this is a leaf.
+fn checks(rules: &[ArgRule]) -> Vec<sock_filter> {
+    let mut out = Vec::new();
+    for rule in rules {
+        // A failed condition jumps to the next rule, just past this one's
+        // block: (instruction, whether it fails on a match), patched below.
+        let mut fails = Vec::new();
+        for c in rule {
+            let offset = 16 + 8 * u32::from(c.arg);
+            let mut words = vec![(offset, c.mask, c.value)];
+            // Little-endian: the low word; a wide condition also the high one.
+            if c.wide {
+                words.push((offset + 4, c.mask >> 32, c.value >> 32));
+            }
+            for (off, mask, value) in words {
+                let (mask, value) = (low(mask), low(value & mask));
+                out.push(stmt(BPF_LD_W_ABS, off));
+                if mask != u32::MAX {
+                    out.push(stmt(BPF_ALU_AND_K, mask));
+                }
+                fails.push((out.len(), !c.equal));
+                out.push(jump(BPF_JEQ_K, value, 0, 0));
+            }
+        }
+        out.push(stmt(BPF_RET_K, SECCOMP_RET_ALLOW));
+        let end = out.len();
+        for (i, on_match) in fails {
+            let skip = u8::try_from(end - i - 1).expect("a rule is shorter than 256 instructions");
+            if on_match {
+                out[i].jt = skip;
+            } else {
+                out[i].jf = skip;
+            }
+        }
+    }
+    out.push(stmt(BPF_RET_K, SECCOMP_RET_USER_NOTIF));
+    out
+}
+
+fn low(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).unwrap_or(u32::MAX)
+}
+
+/// Compiles an allowlist the way warden did before the search tree: a
+/// list seccompiler lays out, one call after the other. The reference the
+/// tree's verdicts are checked against.
+pub fn compile_linear(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, PolicyError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for name in allowed {
         if name == "clone3" {
             continue; // answered with ENOSYS by the prologue below
         }
         if let Some(nr) = arch.number(name) {
-            rules.insert(nr, argument_rules(name, udp).unwrap_or_default());
+            let linear = argument_rules(name, udp)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| SeccompRule::new(r.into_iter().map(ArgCond::linear).collect()).expect("a rule has conditions"))
+                .collect();
+            rules.insert(nr, linear);
         }
     }
     let filter = SeccompFilter::new(rules, SeccompAction::Errno(EPERM), SeccompAction::Allow, arch.target()).map_err(
@@ -321,9 +510,14 @@ pub fn compile(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, 
 }
 
 const BPF_LD_W_ABS: u16 = 0x20;
-const BPF_JGT_K: u16 = 0x25;
+const BPF_ALU_AND_K: u16 = 0x54;
+const BPF_JA: u16 = 0x05;
 const BPF_JEQ_K: u16 = 0x15;
+const BPF_JGT_K: u16 = 0x25;
+const BPF_JGE_K: u16 = 0x35;
 const BPF_RET_K: u16 = 0x06;
+const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
 /// The return value that hands a call to the filter's listener.
 pub const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
@@ -356,6 +550,127 @@ mod tests {
                 "never-allowed list names unknown call {c}"
             );
         }
+    }
+
+    /// Runs a seccomp BPF program on one `seccomp_data` (the subset of
+    /// classic BPF the two compilers emit) and returns its verdict.
+    fn run(prog: &[sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&nr.to_le_bytes());
+        data[4..8].copy_from_slice(&arch.to_le_bytes());
+        for (i, a) in args.iter().enumerate() {
+            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_le_bytes());
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            let k = i.k as usize;
+            let branch = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+            match i.code {
+                BPF_LD_W_ABS => acc = u32::from_le_bytes(data[k..k + 4].try_into().unwrap()),
+                BPF_ALU_AND_K => acc &= i.k,
+                BPF_JA => pc += k,
+                BPF_JEQ_K => pc += branch(acc == i.k),
+                BPF_JGT_K => pc += branch(acc > i.k),
+                BPF_JGE_K => pc += branch(acc >= i.k),
+                0x45 => pc += branch(acc & i.k != 0), // JSET
+                BPF_RET_K => return i.k,
+                code => panic!("instruction {code:#x} at {} is not interpreted", pc - 1),
+            }
+        }
+    }
+
+    /// Argument values the checks look at, and their neighbours.
+    fn probes() -> Vec<u64> {
+        let mut v = vec![
+            0,
+            1,
+            0x11, // SIGCHLD, clone's usual flags
+            AF_INET,
+            AF_INET6,
+            AF_NETLINK,
+            SOCK_STREAM | 0x8_0000, // SOCK_CLOEXEC
+            SOCK_DGRAM,
+            IPPROTO_TCP,
+            IPPROTO_UDP,
+            TIOCSTI,
+            FS_IOC_FSSETXATTR,
+            MSG_FASTOPEN | 0x40,
+            TCP_FASTOPEN_CONNECT,
+            0x1000_0011, // CLONE_NEWUSER | SIGCHLD
+            (1 << 32) | TIOCSTI,
+            u64::MAX,
+        ];
+        v.extend([AF_UNIX, TIOCLINUX, FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, 0x80, 0x5413]);
+        v
+    }
+
+    #[test]
+    fn the_search_tree_gives_the_linear_filters_verdict_for_every_call_and_argument() {
+        let everything: Vec<String> = groups().flat_map(|g| g.calls.keys().cloned()).collect();
+        let set = crate::ProfileSet::embedded().unwrap();
+        let mut allowlists: Vec<Vec<String>> = set.iter().map(|p| allowed_calls(&p.seccomp)).collect();
+        allowlists.push(everything);
+        allowlists.push(vec!["read".into(), "ioctl".into()]);
+        let probes = probes();
+        let checked: Vec<&str> = [
+            "clone",
+            "ioctl",
+            "socket",
+            "sendto",
+            "sendmsg",
+            "sendmmsg",
+            "setsockopt",
+        ]
+        .into();
+        let mut compared = 0u64;
+        for arch in Arch::ALL {
+            for allowed in &allowlists {
+                for udp in [false, true] {
+                    let tree = compile(allowed, udp, arch).unwrap();
+                    let linear = compile_linear(allowed, udp, arch).unwrap();
+                    assert!(tree.len() < linear.len(), "{} < {}", tree.len(), linear.len());
+                    let same = |nr: u32, args: [u64; 6]| {
+                        let (t, l) = (run(&tree, arch.audit(), nr, args), run(&linear, arch.audit(), nr, args));
+                        assert_eq!(
+                            t,
+                            l,
+                            "{}: call {nr} ({:?}), args {args:x?}",
+                            arch.name(),
+                            arch.name_of(nr.into())
+                        );
+                    };
+                    for nr in (0..=arch.last() + 3).chain([0x4000_0000, u32::MAX]) {
+                        let name = arch.name_of(nr.into()).unwrap_or("");
+                        if checked.contains(&name) {
+                            for &a in &probes {
+                                for &b in &probes {
+                                    for &c in &probes {
+                                        for d in [0, MSG_FASTOPEN] {
+                                            same(nr, [a, b, c, d, 0, 0]);
+                                            compared += 1;
+                                        }
+                                    }
+                                }
+                            }
+                        } else {
+                            same(nr, [0; 6]);
+                            same(nr, [u64::MAX; 6]);
+                            compared += 2;
+                        }
+                    }
+                    // Another architecture's calls are killed by both.
+                    let other = if arch == Arch::X86_64 {
+                        Arch::Aarch64
+                    } else {
+                        Arch::X86_64
+                    };
+                    assert_eq!(run(&tree, other.audit(), 0, [0; 6]), SECCOMP_RET_KILL_PROCESS);
+                }
+            }
+        }
+        assert!(compared > 1_000_000, "{compared}");
     }
 
     #[test]

@@ -398,9 +398,32 @@ fn main() {
             }
             format!("ALLOCATED {}", chunks.len())
         }
-        "bench_syscalls" => {
-            // Nanoseconds per call for a call early in the x86_64 table and
-            // one late in it: the seccomp filter is a linear list.
+        "bench_syscalls" | "bench_syscalls_allow_all" => {
+            if args[1] == "bench_syscalls_allow_all" {
+                // The cost of seccomp itself: a one-instruction filter that
+                // allows everything (the kernel's action cache skips it).
+                let allow = [libc::sock_filter {
+                    code: 0x06, // BPF_RET | BPF_K
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000, // SECCOMP_RET_ALLOW
+                }];
+                let prog = libc::sock_fprog {
+                    len: 1,
+                    filter: allow.as_ptr().cast_mut(),
+                };
+                // SAFETY: prctl with constant arguments; seccomp reads `prog`,
+                // which points at `allow`, both alive for the call.
+                let installed = unsafe {
+                    libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+                        && libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog) == 0
+                };
+                assert!(installed, "cannot install the allow-all filter: {}", last());
+            }
+            // Nanoseconds per call: calls the kernel's seccomp action cache
+            // lets through (getppid, getrandom, read, openat and close),
+            // and one the filter itself must look at (ioctl: its request
+            // is checked).
             let n: u32 = arg(&args, 2).parse().unwrap_or(1_000_000);
             let time = |f: &dyn Fn()| {
                 let t = std::time::Instant::now();
@@ -419,7 +442,29 @@ fn main() {
                 // SAFETY: getrandom writes one byte into `b`, which outlives the loop.
                 unsafe { libc::syscall(libc::SYS_getrandom, p as *mut u8, 1usize, 0u32) };
             });
-            format!("getppid={early:.1} getrandom={late:.1}")
+            let (r, w) = nix::unistd::pipe().expect("a pipe");
+            let pipe_fd = std::os::fd::AsRawFd::as_raw_fd(&r);
+            let mut avail: libc::c_int = 0;
+            let avail_p = &mut avail as *mut libc::c_int as usize;
+            let ioctl = time(&|| {
+                // SAFETY: FIONREAD writes one int into `avail`, which outlives the loop.
+                unsafe { libc::ioctl(pipe_fd, libc::FIONREAD, avail_p as *mut libc::c_int) };
+            });
+            drop((r, w));
+            let zero = std::fs::File::open("/dev/zero").expect("/dev/zero");
+            let zero_fd = std::os::fd::AsRawFd::as_raw_fd(&zero);
+            let read = time(&|| {
+                // SAFETY: read writes one byte into `b`, which outlives the loop.
+                unsafe { libc::read(zero_fd, p as *mut libc::c_void, 1) };
+            });
+            let null = c("/dev/null");
+            let open_close = time(&|| {
+                // SAFETY: a NUL-terminated path; the descriptor is closed at once.
+                unsafe { libc::close(libc::openat(libc::AT_FDCWD, null.as_ptr(), libc::O_RDONLY)) };
+            });
+            format!(
+                "getppid={early:.1} getrandom={late:.1} ioctl={ioctl:.1} read={read:.1} openat_close={open_close:.1}"
+            )
         }
         other => {
             eprintln!("unknown attack {other}");

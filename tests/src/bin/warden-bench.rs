@@ -47,11 +47,13 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn parse(result: &str) -> (f64, f64) {
-    let mut it = result
+/// `name=value` pairs of a warden-attack result, in order.
+fn parse(result: &str) -> Vec<(String, f64)> {
+    result
         .split_whitespace()
-        .map(|kv| kv.split_once('=').map_or(0.0, |(_, v)| v.parse().unwrap_or(0.0)));
-    (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(f64::NAN)))
+        .collect()
 }
 
 fn main() {
@@ -59,9 +61,18 @@ fn main() {
         eprintln!("warden-bench: must run as root");
         std::process::exit(77);
     }
-    if std::env::args().nth(1).as_deref() == Some("spawn") {
-        print_spawn_rows(&spawn_rows());
-        return;
+    match std::env::args().nth(1).as_deref() {
+        Some("spawn") => {
+            print_spawn_rows(&spawn_rows());
+            return;
+        }
+        Some("syscalls") => {
+            let host = warden_tests::Host::new(&[]);
+            let bin = host.install_attack("bench", "demo");
+            print_syscall_rows(&syscall_rows(&host, &bin, "2000000"));
+            return;
+        }
+        _ => {}
     }
     let runs = 20;
     let host = warden_tests::Host::new(&[]);
@@ -89,14 +100,7 @@ fn main() {
         .collect();
 
     let n = "2000000";
-    let inside = host.run("bench", "demo", "claude-code", &[&bin, "bench_syscalls", n]);
-    let (in_early, in_late) = parse(inside.result());
-    let outside = std::process::Command::new(warden_tests::bin_dir().join("warden-attack"))
-        .args(["bench_syscalls", n])
-        .output()
-        .expect("warden-attack on the host");
-    let out_text = String::from_utf8_lossy(&outside.stdout);
-    let (out_early, out_late) = parse(out_text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or(""));
+    let syscalls = syscall_rows(&host, &bin, n);
 
     let through_daemon = spawn_rows();
     let net = network();
@@ -118,14 +122,7 @@ fn main() {
         median(offline).as_secs_f64() * 1e3,
         median(plain.clone()).as_secs_f64() * 1e3
     );
-    println!(
-        "{:<58} {:>9.1} ns {:>9.1} ns",
-        "getppid (early in the seccomp list)", in_early, out_early
-    );
-    println!(
-        "{:<58} {:>9.1} ns {:>9.1} ns",
-        "getrandom (late in the seccomp list)", in_late, out_late
-    );
+    print_syscall_rows(&syscalls);
     for (what, proxied, direct, unit) in net {
         println!("{what:<58} {proxied:>9.2} {unit} {direct:>9.2} {unit}");
     }
@@ -145,6 +142,44 @@ fn main() {
         } else {
             println!("{what:<58} {loaded:>9.2} {unit} {idle:>9.2} {unit}");
         }
+    }
+}
+
+/// Nanoseconds per call in the claude-code sandbox, on the host, and on
+/// the host under a one-instruction allow-all seccomp filter, by call.
+fn syscall_rows(host: &warden_tests::Host, bin: &str, n: &str) -> Vec<(String, f64, f64, f64)> {
+    let inside = host.run("bench", "demo", "claude-code", &[bin, "bench_syscalls", n]);
+    let inside = parse(inside.result());
+    let on_host = |mode: &str| {
+        let out = std::process::Command::new(warden_tests::bin_dir().join("warden-attack"))
+            .args([mode, n])
+            .output()
+            .expect("warden-attack on the host");
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse(text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or(""))
+    };
+    let (outside, allow_all) = (on_host("bench_syscalls"), on_host("bench_syscalls_allow_all"));
+    inside
+        .into_iter()
+        .zip(outside)
+        .zip(allow_all)
+        .map(|(((call, ns_in), (_, ns_out)), (_, ns_allow))| (call, ns_in, ns_out, ns_allow))
+        .collect()
+}
+
+fn print_syscall_rows(rows: &[(String, f64, f64, f64)]) {
+    println!(
+        "{:<58} {:>12} {:>12} {:>12}",
+        "ns per system call", "sandboxed", "host", "allow-all"
+    );
+    for (call, ns_in, ns_out, ns_allow) in rows {
+        let what = match call.as_str() {
+            "ioctl" => "ioctl FIONREAD (its request is checked by the filter)",
+            "openat_close" => "openat + close of /dev/null",
+            "read" => "read of 1 byte from /dev/zero",
+            other => other,
+        };
+        println!("{what:<58} {ns_in:>9.1} ns {ns_out:>9.1} ns {ns_allow:>9.1} ns");
     }
 }
 
