@@ -272,17 +272,27 @@ impl Running {
     /// Waits for the worker (its whole cgroup is killed after `timeout`),
     /// reads usage, then removes its cgroup.
     pub fn wait(mut self, timeout: Duration) -> Outcome {
+        // Woken by the launcher's pidfd when it exits: no polling delay
+        // (warden-bench times spawns with this).
         let deadline = Instant::now() + timeout;
+        let pidfd = warden_daemon::sys::pidfd_open(self.launched.child.id()).expect("pidfd_open");
         let mut timed_out = false;
         let status = loop {
             if let Some(s) = self.launched.child.try_wait().expect("wait") {
                 break s;
             }
-            if Instant::now() > deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 timed_out = true;
                 let _ = self.cgroup.kill_all(Duration::from_secs(5));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            let wait = nix::poll::PollTimeout::try_from(left.max(Duration::from_millis(10)))
+                .unwrap_or(nix::poll::PollTimeout::MAX);
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&pidfd),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, wait);
         };
         let usage = self.cgroup.usage();
         self.cgroup.kill_all(Duration::from_secs(5)).expect("kill leftovers");

@@ -120,7 +120,17 @@ pub struct Users {
     nss: bool,
     /// Put each user's tree in its project (the file system counts them).
     projects: bool,
+    /// When each uid was last found free in the account databases.
+    verified: Mutex<std::collections::HashMap<u32, std::time::Instant>>,
+    /// [`RECHECK`], or another interval in tests.
+    recheck: std::time::Duration,
 }
+
+/// How long a uid found free in /etc/passwd, /etc/group and NSS is
+/// trusted before it is checked again (each check reads both files and
+/// asks NSS, a quarter of a millisecond a spawn): an account an admin
+/// creates with a worker's uid stops that user's spawns within this time.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Checks a subordinate id file (`/etc/subuid`, `/etc/subgid`): no range
 /// but warden's own may overlap `range`. Returns whether an entry named
@@ -251,6 +261,8 @@ impl Users {
             group: group.to_path_buf(),
             nss: false,
             projects: false,
+            verified: Mutex::default(),
+            recheck: RECHECK,
         })
     }
 
@@ -293,6 +305,22 @@ impl Users {
     /// The identity of `user`, allocating and persisting one on first use.
     pub fn identity(&self, user: &str) -> Result<Identity, UserError> {
         names::check_user(user)?;
+        if let Some(uid) = self.known_uid(user) {
+            let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            if verified.get(&uid).is_some_and(|at| at.elapsed() < self.recheck) {
+                return Ok(Identity { uid, gid: uid });
+            }
+        }
+        let id = self.check_identity(user)?;
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.uid, std::time::Instant::now());
+        Ok(id)
+    }
+
+    /// [`identity`](Self::identity), checked against the account databases.
+    fn check_identity(&self, user: &str) -> Result<Identity, UserError> {
         let taken_uids = self.host_ids(&self.passwd)?;
         let taken_gids = self.host_ids(&self.group)?;
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -566,13 +594,16 @@ mod tests {
         assert_eq!(users.identity("carol").unwrap().uid, 1001, "1000 is in /etc/passwd");
         assert_eq!(users.identity("bob").unwrap().uid, 999, "stable");
         drop(users);
-        let again = f.users(999..=1002).unwrap();
+        let mut again = f.users(999..=1002).unwrap();
         assert_eq!(again.identity("carol").unwrap().uid, 1001, "persisted across restarts");
         assert_eq!(again.identity("dave").unwrap().uid, 1002);
         assert!(matches!(again.identity("erin"), Err(UserError::Exhausted { .. })));
         assert!(matches!(again.identity("../x"), Err(UserError::Name(_))));
-        // An admin later creates an account with dave's uid: refuse, do not share.
+        // An admin later creates an account with dave's uid: refuse, do not
+        // share, once the uid's last check is RECHECK old.
         std::fs::write(f.dir.path().join("passwd"), "x:x:1002:1002::/:/bin/sh\n").unwrap();
+        assert_eq!(again.identity("dave").unwrap().uid, 1002, "checked a moment ago");
+        again.recheck = std::time::Duration::ZERO;
         assert!(matches!(
             again.identity("dave"),
             Err(UserError::Collision { uid: 1002, .. })

@@ -112,7 +112,7 @@ pub fn never_allowed(name: &str) -> Option<&'static str> {
 }
 
 /// The architectures warden compiles filters for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Arch {
     X86_64,
     Aarch64,
@@ -307,6 +307,27 @@ pub fn allowed_calls(policy: &crate::SeccompPolicy) -> Vec<String> {
         .collect();
     calls.retain(|c| !policy.deny.contains(c) && never_allowed(c).is_none());
     calls.into_iter().collect()
+}
+
+/// [`compile`], once per allowlist: a profile's filter is compiled for its
+/// first worker and reused for the next ones (the spawn path asks for it
+/// every time). Holds the filters of at most 64 allowlists (profile
+/// reloads make new ones; past that, it starts over).
+pub fn compiled(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, PolicyError> {
+    type Key = (Vec<String>, bool, Arch);
+    static PROGRAMS: OnceLock<std::sync::Mutex<std::collections::HashMap<Key, BpfProgram>>> = OnceLock::new();
+    let programs = PROGRAMS.get_or_init(Default::default);
+    let key = (allowed.to_vec(), udp, arch);
+    if let Some(p) = programs.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(p.clone());
+    }
+    let program = compile(allowed, udp, arch)?;
+    let mut all = programs.lock().unwrap_or_else(|p| p.into_inner());
+    if all.len() >= 64 {
+        all.clear();
+    }
+    all.insert(key, program.clone());
+    Ok(program)
 }
 
 /// Compiles an allowlist into a BPF program for `arch`: a balanced binary
