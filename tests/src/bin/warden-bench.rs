@@ -29,8 +29,11 @@
 //!   stage, from the worker_started events; and spawn-to-exit cycles per
 //!   second at concurrency 16 with their p50 and p99.
 //!
-//! Everything runs in one process, one after the other (about 5 minutes;
-//! `warden-bench spawn` runs the spawn rows alone, in about 30 s).
+//! - idle workers: what wardend holds (RSS, descriptors, threads) for each
+//!   of 500 sleeping workers.
+//!
+//! Everything runs in one process, one after the other (about 6 minutes;
+//! `warden-bench spawn`, `syscalls` and `idle` run those rows alone).
 //!
 //! Run as root: `cargo build --release --workspace --bins && target/release/warden-bench`
 
@@ -64,6 +67,10 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("spawn") => {
             print_spawn_rows(&spawn_rows());
+            return;
+        }
+        Some("idle") => {
+            print_idle_row(idle_worker_cost(IDLE_WORKERS));
             return;
         }
         Some("syscalls") => {
@@ -103,6 +110,7 @@ fn main() {
     let syscalls = syscall_rows(&host, &bin, n);
 
     let through_daemon = spawn_rows();
+    let idle = idle_worker_cost(IDLE_WORKERS);
     let net = network();
     let gw = gateway();
     let ev = events();
@@ -127,6 +135,7 @@ fn main() {
         println!("{what:<58} {proxied:>9.2} {unit} {direct:>9.2} {unit}");
     }
     print_spawn_rows(&through_daemon);
+    print_idle_row(idle);
     println!("{:<58} {:>12} {:>12}", "", "gateway", "direct");
     for (what, through, direct, unit) in gw {
         println!("{what:<58} {through:>9.2} {unit} {direct:>9.2} {unit}");
@@ -181,6 +190,73 @@ fn print_syscall_rows(rows: &[(String, f64, f64, f64)]) {
         };
         println!("{what:<58} {ns_in:>9.1} ns {ns_out:>9.1} ns {ns_allow:>9.1} ns");
     }
+}
+
+/// Idle workers for the per-worker cost of the daemon.
+const IDLE_WORKERS: usize = 500;
+
+fn print_idle_row((rss_kib, fds, threads): (f64, f64, f64)) {
+    println!(
+        "{:<58} {rss_kib:>9.0} KiB {fds:>6.1} fds {threads:>5.2} threads",
+        format!("wardend per idle worker ({IDLE_WORKERS} sleeping)")
+    );
+}
+
+/// What wardend holds per idle worker: (RSS KiB, descriptors, threads),
+/// each the growth from an idle daemon to one with `n` workers sleeping
+/// (base profile, after the allocator settled), divided by `n`.
+fn idle_worker_cost(n: usize) -> (f64, f64, f64) {
+    use warden_proto::v1 as pb;
+    use warden_tests::daemon::{rate, rate_limits, value};
+    let d = Daemon::start_with(&[
+        ("max_workers", value(i64::try_from(n).unwrap_or(i64::MAX) + 8)),
+        ("max_workers_per_user", value(64)),
+        ("max_connections_per_caller", value(128)),
+        (
+            "rate_limits",
+            rate_limits(&[
+                ("spawns_per_user", rate(1_000_000, "100000/s")),
+                ("spawns_per_caller", rate(1_000_000, "100000/s")),
+            ]),
+        ),
+    ]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let count = |what: &str| std::fs::read_dir(format!("/proc/{}/{what}", d.pid())).map_or(0, |r| r.count()) as f64;
+    assert!(d
+        .ctl(&["spawn", "--user", "idle0", "-w", "--", "true"])
+        .status
+        .success());
+    std::thread::sleep(Duration::from_secs(12));
+    let before = (d.rss() as f64 / 1024.0, count("fd"), count("task"));
+    let ids = rt.block_on(async {
+        let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let w = c
+                .spawn(pb::SpawnRequest {
+                    user: format!("idle{}", i / 60),
+                    command: vec!["sleep".into(), "600".into()],
+                    ..Default::default()
+                })
+                .await
+                .expect("Spawn an idle worker")
+                .into_inner();
+            ids.push(w.id);
+        }
+        ids
+    });
+    // Idle blocking threads go after 10 s, freed memory goes back then too.
+    std::thread::sleep(Duration::from_secs(12));
+    let after = (d.rss() as f64 / 1024.0, count("fd"), count("task"));
+    for id in &ids {
+        let _ = d.ctl(&["kill", id]);
+    }
+    let per = |a: f64, b: f64| (a - b) / n as f64;
+    (per(after.0, before.0), per(after.1, before.1), per(after.2, before.2))
 }
 
 /// The spawn rows: what they measured, in the order printed.
