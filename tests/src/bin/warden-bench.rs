@@ -29,11 +29,14 @@
 //!   stage, from the worker_started events; and spawn-to-exit cycles per
 //!   second at concurrency 16 with their p50 and p99.
 //!
+//! - an agent's work: `make -j2` of a C project of 50 files, `git status`
+//!   in a repository of 5,000 files and python3 start-ups with imports,
+//!   in a claude-code worker and on the host as the same uid;
 //! - idle workers: what wardend holds (RSS, descriptors, threads) for each
 //!   of 500 sleeping workers.
 //!
 //! Everything runs in one process, one after the other (about 6 minutes;
-//! `warden-bench spawn`, `syscalls` and `idle` run those rows alone).
+//! `warden-bench spawn`, `syscalls`, `work` and `idle` run those rows alone).
 //!
 //! Run as root: `cargo build --release --workspace --bins && target/release/warden-bench`
 
@@ -67,6 +70,10 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("spawn") => {
             print_spawn_rows(&spawn_rows());
+            return;
+        }
+        Some("work") => {
+            print_work_rows(&real_work_rows());
             return;
         }
         Some("idle") => {
@@ -111,6 +118,7 @@ fn main() {
 
     let through_daemon = spawn_rows();
     let idle = idle_worker_cost(IDLE_WORKERS);
+    let work = real_work_rows();
     let net = network();
     let gw = gateway();
     let ev = events();
@@ -136,6 +144,7 @@ fn main() {
     }
     print_spawn_rows(&through_daemon);
     print_idle_row(idle);
+    print_work_rows(&work);
     println!("{:<58} {:>12} {:>12}", "", "gateway", "direct");
     for (what, through, direct, unit) in gw {
         println!("{what:<58} {through:>9.2} {unit} {direct:>9.2} {unit}");
@@ -189,6 +198,119 @@ fn print_syscall_rows(rows: &[(String, f64, f64, f64)]) {
             other => other,
         };
         println!("{what:<58} {ns_in:>9.1} ns {ns_out:>9.1} ns {ns_allow:>9.1} ns");
+    }
+}
+
+/// Makes the agent workload's fixtures (as the worker, so they are the
+/// user's): a C project of 50 files with a Makefile, a Git repository of
+/// 5,000 files.
+const WORK_SETUP: &str = r#"set -e
+mkdir -p c && cd c
+i=1; while [ $i -le 50 ]; do
+  printf 'int f%d(int x) { int s = 0; for (int i = 0; i < x; i++) s += i * %d; return s; }\n' $i $i > f$i.c
+  i=$((i + 1))
+done
+printf 'int main(void) { return 0; }\n' > main.c
+printf 'SRC := $(wildcard *.c)\nprog: $(SRC:.c=.o)\n\tcc -o $@ $^\nclean:\n\trm -f *.o prog\n' > Makefile
+cd .. && mkdir -p repo/src && cd repo
+i=1; while [ $i -le 5000 ]; do echo $i > src/f$i; i=$((i + 1)); done
+git init -q && git add -A && git -c user.name=b -c user.email=b@example.invalid commit -qm init
+"#;
+
+/// The workload, timed from inside: `make -j2` of the C project, `git
+/// status` ten times, `python3 -c 'import json, ssl, sqlite3'` 100 times.
+/// Prints `make=<µs> git=<µs per status> python=<µs per run>`. (`cd -P`:
+/// on the host the directories above the workspace are root's alone.)
+const WORK: &str = r#"set -e
+t() { date +%s%N; }
+cd -P c; make -s clean >/dev/null
+a=$(t); make -s -j2 >/dev/null; b=$(t); cd -P ..
+cd -P repo; c=$(t); for i in 1 2 3 4 5 6 7 8 9 10; do git status --porcelain >/dev/null; done; d=$(t); cd -P ..
+e=$(t); i=0; while [ $i -lt 100 ]; do python3 -c 'import json, ssl, sqlite3'; i=$((i + 1)); done; f=$(t)
+echo "RESULT make=$(( (b - a) / 1000 )) git=$(( (d - c) / 10000 )) python=$(( (f - e) / 100000 ))"
+"#;
+
+/// Runs of the agent workload, each in a worker and on the host.
+const WORK_RUNS: usize = 5;
+
+/// An agent's work in a claude-code worker against the same work on the
+/// host, as the same uid in the same directory: (what, sandboxed, host), ms.
+fn real_work_rows() -> Vec<(&'static str, f64, f64)> {
+    let host = warden_tests::Host::new(&[]);
+    let ws = host.prepare("bench", "claude-code", "work").workspace;
+    let setup = host.run("bench", "work", "claude-code", &["/bin/sh", "-c", WORK_SETUP]);
+    assert_eq!(setup.code, 0, "{}", setup.stderr);
+    let id = host.users.identity("bench").expect("the bench user");
+    let on_host = || {
+        // The user may pass through the state directory's root-owned
+        // levels for this run (git stats its work tree by full path);
+        // the next spawn closes them again.
+        let state = host.state.path();
+        for dir in [state.to_path_buf(), state.join("users")] {
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).expect("chmod");
+        }
+        let out = std::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={}", id.uid),
+                format!("--regid={}", id.gid),
+                "--clear-groups".into(),
+                "--".into(),
+                "/bin/sh".into(),
+                "-c".into(),
+                WORK.into(),
+            ])
+            .current_dir(&ws)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", &ws)
+            .output()
+            .expect("the workload on the host");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "the workload on the host: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse(text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or(""))
+    };
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    for _ in 0..WORK_RUNS {
+        let out = host.run("bench", "work", "claude-code", &["/bin/sh", "-c", WORK]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        inside.push(parse(out.result()));
+        outside.push(on_host());
+    }
+    let median_of = |runs: &[Vec<(String, f64)>], i: usize| {
+        median_f(
+            runs.iter()
+                .map(|r| r.get(i).map_or(f64::NAN, |(_, v)| *v) / 1e3)
+                .collect(),
+        )
+    };
+    [
+        "make -j2 of a C project of 50 files",
+        "git status in a repository of 5,000 files",
+        "python3 -c 'import json, ssl, sqlite3'",
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, what)| (what, median_of(&inside, i), median_of(&outside, i)))
+    .collect()
+}
+
+fn print_work_rows(rows: &[(&'static str, f64, f64)]) {
+    println!(
+        "{:<58} {:>12} {:>12} {:>8}",
+        format!("an agent's work ({WORK_RUNS} runs, medians)"),
+        "sandboxed",
+        "host",
+        "ratio"
+    );
+    for (what, inside, outside) in rows {
+        println!(
+            "{what:<58} {inside:>9.2} ms {outside:>9.2} ms {:>8.3}",
+            inside / outside
+        );
     }
 }
 
