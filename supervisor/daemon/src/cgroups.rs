@@ -522,6 +522,7 @@ impl WorkerCgroup {
             write(&self.dir("memory").join("cgroup.kill"), "1")?;
         }
         let freezer = (!self.v2).then(|| self.dir("freezer").join("freezer.state"));
+        let mut pause = Backoff::default();
         loop {
             let pids = self.pids();
             if pids.is_empty() {
@@ -545,7 +546,7 @@ impl WorkerCgroup {
                     path: self.dir("pids").to_path_buf(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            pause.sleep();
         }
     }
 
@@ -553,15 +554,15 @@ impl WorkerCgroup {
     /// is already gone is fine.
     pub fn remove(&self) -> Result<(), CgroupError> {
         for dir in self.dirs.values() {
-            let mut tries = 0;
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut pause = Backoff::default();
             loop {
                 match std::fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     // Exiting tasks linger for a moment after cgroup.procs is empty.
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_millis(10));
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                        pause.sleep();
                     }
                     Err(source) => {
                         return Err(CgroupError::Remove {
@@ -573,6 +574,25 @@ impl WorkerCgroup {
             }
         }
         Ok(())
+    }
+}
+
+/// Waits that start short and double up to 10 ms: the kernel usually
+/// finishes with an exiting task within microseconds, and a spawn waits
+/// for it on its way out.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_micros(50))
+    }
+}
+
+impl Backoff {
+    fn sleep(&mut self) {
+        std::thread::sleep(self.0);
+        self.0 = (self.0 * 2).min(Duration::from_millis(10));
     }
 }
 

@@ -31,7 +31,9 @@
 //!
 //! - an agent's work: `make -j2` of a C project of 50 files, `git status`
 //!   in a repository of 5,000 files and python3 start-ups with imports,
-//!   in a claude-code worker and on the host as the same uid;
+//!   in a claude-code worker and on the host as the same uid; and Claude
+//!   Code's start-up to its `system/init` message, through wardend and
+//!   bare (fake Messages API);
 //! - idle workers: what wardend holds (RSS, descriptors, threads) for each
 //!   of 500 sleeping workers.
 //!
@@ -74,6 +76,7 @@ fn main() {
         }
         Some("work") => {
             print_work_rows(&real_work_rows());
+            print_claude_row(claude_start_row());
             return;
         }
         Some("idle") => {
@@ -119,6 +122,7 @@ fn main() {
     let through_daemon = spawn_rows();
     let idle = idle_worker_cost(IDLE_WORKERS);
     let work = real_work_rows();
+    let claude = claude_start_row();
     let net = network();
     let gw = gateway();
     let ev = events();
@@ -145,6 +149,7 @@ fn main() {
     print_spawn_rows(&through_daemon);
     print_idle_row(idle);
     print_work_rows(&work);
+    print_claude_row(claude);
     println!("{:<58} {:>12} {:>12}", "", "gateway", "direct");
     for (what, through, direct, unit) in gw {
         println!("{what:<58} {through:>9.2} {unit} {direct:>9.2} {unit}");
@@ -229,6 +234,128 @@ cd -P repo; c=$(t); for i in 1 2 3 4 5 6 7 8 9 10; do git status --porcelain >/d
 e=$(t); i=0; while [ $i -lt 100 ]; do python3 -c 'import json, ssl, sqlite3'; i=$((i + 1)); done; f=$(t)
 echo "RESULT make=$(( (b - a) / 1000 )) git=$(( (d - c) / 10000 )) python=$(( (f - e) / 100000 ))"
 "#;
+
+/// Reads `out` until a line holds `needle` (false at its end), then keeps
+/// reading it to its end on a thread of its own, so that the writer is
+/// never blocked or cut off.
+fn read_until(out: impl std::io::Read + Send + 'static, needle: &str) -> bool {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(out).lines();
+    let found = lines.by_ref().map_while(Result::ok).any(|l| l.contains(needle));
+    std::thread::spawn(move || lines.for_each(drop));
+    found
+}
+
+/// Waits for `child` for up to 30 s, then kills it.
+fn reap(mut child: std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Claude Code's start-up, to its `system/init` message (fake Messages
+/// API): through wardend in a claude-code worker, against the same binary
+/// and arguments on the host as the same uid. (warden, bare) medians, ms;
+/// None when the pinned claude is not installed (tests/run-all does it).
+fn claude_start_row() -> Option<(f64, f64)> {
+    use warden_tests::fake_anthropic::{FakeAnthropic, Turn};
+    let claude = warden_tests::claude_binary();
+    if !claude.exists() {
+        eprintln!("warden-bench: {} is missing; run tests/run-all once", claude.display());
+        return None;
+    }
+    let runs = 5;
+    let api = FakeAnthropic::start(vec![Turn::Text("done".into()); 4 * runs + 8]);
+    let d = warden_tests::claude::daemon_for(&api, "default", "");
+    d.set_credentials("default", "sk-bench\n");
+    let init = "\"subtype\":\"init\"";
+    let under_warden = || {
+        let t = Instant::now();
+        let mut child = d
+            .ctl_command(&["spawn", "--user", "bench", "--profile", "cc-test", "-w", "--", "hi"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("wardenctl");
+        assert!(read_until(child.stdout.take().expect("stdout"), init), "no system/init");
+        let took = t.elapsed();
+        reap(child);
+        took
+    };
+    under_warden(); // the user's directories, the page cache
+    let warden: Vec<Duration> = (0..runs).map(|_| under_warden()).collect();
+    // The same argv, as the worker's uid, with a home of its own.
+    let started = d
+        .audit_events()
+        .into_iter()
+        .find(|e| e["kind"] == "worker_started")
+        .expect("a worker_started event");
+    let uid = started["uid"].as_u64().expect("uid").to_string();
+    let args: Vec<String> = started["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .skip(1)
+        .map(|a| a.as_str().unwrap_or_default().to_string())
+        .collect();
+    let home = tempfile::tempdir().expect("a home");
+    let id = uid.parse::<u32>().expect("a uid");
+    std::os::unix::fs::chown(home.path(), Some(id), Some(id)).expect("chown");
+    let bare = || {
+        use std::io::Write;
+        let t = Instant::now();
+        let mut child = std::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+                "--".into(),
+            ])
+            .arg(&claude)
+            .args(&args)
+            .current_dir(home.path())
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", home.path())
+            .env("ANTHROPIC_BASE_URL", api.base_url())
+            .env("ANTHROPIC_API_KEY", "sk-bench")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("claude on the host");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(b"{\"type\":\"user\",\"message\":{\"role\":\"user\",\"content\":\"hi\"}}\n");
+        assert!(
+            read_until(child.stdout.take().expect("stdout"), init),
+            "no system/init on the host"
+        );
+        let took = t.elapsed();
+        drop(stdin);
+        reap(child);
+        took
+    };
+    bare();
+    let host: Vec<Duration> = (0..runs).map(|_| bare()).collect();
+    Some((ms(median(warden)), ms(median(host))))
+}
+
+fn print_claude_row(row: Option<(f64, f64)>) {
+    if let Some((warden, bare)) = row {
+        println!(
+            "{:<58} {warden:>9.1} ms {bare:>9.1} ms {:>8.3}",
+            "Claude Code: start to its system/init message",
+            warden / bare
+        );
+    }
+}
 
 /// Runs of the agent workload, each in a worker and on the host.
 const WORK_RUNS: usize = 5;
