@@ -456,24 +456,8 @@ fn print_idle_row((rss_kib, fds, threads): (f64, f64, f64)) {
 /// (base profile, after the allocator settled), divided by `n`.
 fn idle_worker_cost(n: usize) -> (f64, f64, f64) {
     use warden_proto::v1 as pb;
-    use warden_tests::daemon::{rate, rate_limits, value};
-    let d = Daemon::start_with(&[
-        ("max_workers", value(i64::try_from(n).unwrap_or(i64::MAX) + 8)),
-        ("max_workers_per_user", value(64)),
-        ("max_connections_per_caller", value(128)),
-        (
-            "rate_limits",
-            rate_limits(&[
-                ("spawns_per_user", rate(1_000_000, "100000/s")),
-                ("spawns_per_caller", rate(1_000_000, "100000/s")),
-            ]),
-        ),
-    ]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
+    let d = load_daemon(i64::try_from(n).unwrap_or(i64::MAX) + 8);
+    let rt = runtime();
     let count = |what: &str| std::fs::read_dir(format!("/proc/{}/{what}", d.pid())).map_or(0, |r| r.count()) as f64;
     assert!(d
         .ctl(&["spawn", "--user", "idle0", "-w", "--", "true"])
@@ -553,25 +537,9 @@ fn bwrap_true() {
 /// in the same run: each warden run is paired with a bwrap run right after.
 fn spawn_rows() -> SpawnRows {
     use warden_proto::v1 as pb;
-    use warden_tests::daemon::{rate, rate_limits, value};
     let runs = 20;
-    let d = Daemon::start_with(&[
-        ("max_workers", value(256)),
-        ("max_workers_per_user", value(64)),
-        ("max_connections_per_caller", value(128)),
-        (
-            "rate_limits",
-            rate_limits(&[
-                ("spawns_per_user", rate(1_000_000, "100000/s")),
-                ("spawns_per_caller", rate(1_000_000, "100000/s")),
-            ]),
-        ),
-    ]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
+    let d = load_daemon(256);
+    let rt = runtime();
     let ctl = |user: &str| {
         let out = d.ctl(&["spawn", "--user", user, "-w", "--", "/bin/true"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -828,28 +796,38 @@ fn percentile(mut v: Vec<Duration>, per_mille: usize) -> f64 {
     v[i].as_secs_f64() * 1e3
 }
 
-/// The `List` rows: (what, under load, idle, unit).
-fn list_under_load() -> Vec<(&'static str, f64, f64, &'static str)> {
-    use warden_proto::v1 as pb;
+/// A daemon for load: caps high enough for the run, spawn rates off.
+fn load_daemon(max_workers: i64) -> Daemon {
     use warden_tests::daemon::{rate, rate_limits, value};
-    let d = Daemon::start_with(&[
-        ("max_workers", value(256)),
+    Daemon::start_with(&[
+        ("max_workers", value(max_workers)),
         ("max_workers_per_user", value(64)),
-        // 64 spawning clients, the one that lists, and wardenctl.
+        // Many clients of one uid (root), and wardenctl.
         ("max_connections_per_caller", value(128)),
         (
             "rate_limits",
             rate_limits(&[
-                ("spawns_per_user", rate(100_000, "100000/s")),
-                ("spawns_per_caller", rate(100_000, "100000/s")),
+                ("spawns_per_user", rate(1_000_000, "100000/s")),
+                ("spawns_per_caller", rate(1_000_000, "100000/s")),
             ]),
         ),
-    ]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    ])
+}
+
+/// The clients' runtime: two threads, as many as the machine's cores.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("a runtime");
+        .expect("a runtime")
+}
+
+/// The `List` rows: (what, under load, idle, unit).
+fn list_under_load() -> Vec<(&'static str, f64, f64, &'static str)> {
+    use warden_proto::v1 as pb;
+    let d = load_daemon(256);
+    let rt = runtime();
     assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
     let for_ = Duration::from_secs(10);
     let idle = rt.block_on(list_latencies(&d, for_));
@@ -986,11 +964,7 @@ fn gateway() -> Vec<(&'static str, f64, f64, &'static str)> {
     use warden_daemon::claude::prepare::{Credential, GatewaySetup};
     use warden_daemon::net::gateway::{Gateway, Upstream};
     let api = streaming_api();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = warden_policy::config::Config::embedded();
     config.max_connections_per_worker = 1024;
