@@ -838,3 +838,36 @@ fn the_started_event_says_where_the_time_to_start_went() {
     );
     assert!(stages.windows(2).all(|w| w[0].1 <= w[1].1), "in order: {stages:?}");
 }
+
+#[test]
+fn the_history_keeps_the_workers_that_exited_last_and_their_logs() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start_with(&[("exited_history", value(2))]);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let out = d.ctl(&["spawn", "--user", "alice", "--", "sh", "-c", &format!("echo {i}")]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let id = text(&out.stdout).trim().to_string();
+        assert!(d.ctl(&["wait", &id]).status.success());
+        ids.push(id);
+    }
+    let ps = d.ctl(&["ps", "-a", "--output", "json"]);
+    let listed: Vec<String> = serde_json::from_slice::<serde_json::Value>(&ps.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, [ids[3].clone(), ids[2].clone()], "newest first, the last two");
+    let logs = d.dir.path().join("state/logs");
+    assert!(
+        !logs.join(format!("{}.stdout", ids[0])).exists(),
+        "a forgotten worker's log goes"
+    );
+    assert!(logs.join(format!("{}.stdout", ids[3])).exists());
+    let out = d.ctl(&["logs", &ids[3]]);
+    assert_eq!(text(&out.stdout), "3\n");
+}

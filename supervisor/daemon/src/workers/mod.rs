@@ -262,11 +262,13 @@ impl Worker {
     }
 }
 
-/// The workers, by id and in the order they started.
+/// The workers, by id and in the order they started; the exited ones
+/// also in the order they exited.
 #[derive(Debug, Default)]
 struct Registry {
     by_id: BTreeMap<String, Arc<Worker>>,
     order: VecDeque<String>,
+    exited: VecDeque<String>,
 }
 
 /// The registry and everything a spawn needs.
@@ -362,24 +364,35 @@ impl Supervisor {
         self.list().into_iter().filter(|w| w.exit_info().is_none()).collect()
     }
 
-    /// Adds a worker and forgets the oldest exited workers (and their
-    /// output logs) beyond the configured history.
+    /// Adds a worker (one that already exited, lost by a previous daemon,
+    /// goes into the history at once).
     fn insert(&self, w: Arc<Worker>) {
+        let exited = w.exit_info().is_some();
+        let id = w.id.clone();
+        {
+            let mut r = self.registry();
+            r.order.push_back(id.clone());
+            r.by_id.insert(id.clone(), w);
+        }
+        if exited {
+            self.retire(&id);
+        }
+    }
+
+    /// Puts an exited worker into the history and forgets the workers that
+    /// exited longest ago (and their output logs) beyond its length: work
+    /// in the evicted ones only, not in the whole history, per exit.
+    fn retire(&self, id: &str) {
         let mut r = self.registry();
-        r.order.push_back(w.id.clone());
-        r.by_id.insert(w.id.clone(), w);
-        let exited: Vec<String> = r
-            .order
-            .iter()
-            .filter(|id| r.by_id.get(*id).is_some_and(|w| w.exit_info().is_some()))
-            .cloned()
-            .collect();
-        let excess = exited.len().saturating_sub(self.config.exited_history);
-        for id in &exited[..excess] {
-            r.by_id.remove(id);
-            r.order.retain(|o| o != id);
+        r.exited.push_back(id.to_string());
+        while r.exited.len() > self.config.exited_history {
+            let Some(old) = r.exited.pop_front() else { break };
+            r.by_id.remove(&old);
+            if let Some(i) = r.order.iter().position(|o| *o == old) {
+                r.order.remove(i);
+            }
             for stream in ["stdout", "stderr"] {
-                let _ = std::fs::remove_file(self.logs_dir().join(format!("{id}.{stream}")));
+                let _ = std::fs::remove_file(self.logs_dir().join(format!("{old}.{stream}")));
             }
         }
     }
@@ -573,6 +586,7 @@ impl Supervisor {
         // The slot is free before anyone waiting hears of the exit.
         w.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         w.exit.send_replace(Some(info));
+        self.retire(&w.id);
     }
 
     pub fn signal(&self, id: &str, sig: Signal) -> Result<Arc<Worker>, WorkerError> {
