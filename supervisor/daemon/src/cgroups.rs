@@ -503,6 +503,28 @@ impl WorkerCgroup {
         }
     }
 
+    /// Only the counters of limits hit (the other fields 0): three files,
+    /// not seven, for the monitor's twice-a-second look at every running
+    /// worker.
+    pub fn limits_hit(&self) -> Usage {
+        let (memory, pids, cpu) = if self.v2 {
+            let d = self.dir("memory");
+            (d.join("memory.events"), d.join("pids.events"), d.join("cpu.stat"))
+        } else {
+            (
+                self.dir("memory").join("memory.oom_control"),
+                self.dir("pids").join("pids.events"),
+                self.dir("cpu").join("cpu.stat"),
+            )
+        };
+        Usage {
+            oom_kills: keyed(&memory, "oom_kill"),
+            pids_max_hits: keyed(&pids, "max"),
+            cpu_throttled: keyed(&cpu, "nr_throttled"),
+            ..Usage::default()
+        }
+    }
+
     /// The pids in this cgroup now.
     pub fn pids(&self) -> Vec<i32> {
         let d = if self.v2 { self.dir("memory") } else { self.dir("pids") };
@@ -692,6 +714,15 @@ mod tests {
                 oom_kills: 1,
                 pids_max_hits: 9,
                 cpu_throttled: 0,
+            }
+        );
+        // The monitor's twice-a-second look: the counters of limits hit only.
+        assert_eq!(
+            w.limits_hit(),
+            Usage {
+                oom_kills: 1,
+                pids_max_hits: 9,
+                ..Usage::default()
             }
         );
 

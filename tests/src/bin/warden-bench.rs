@@ -444,19 +444,28 @@ fn print_work_rows(rows: &[(&'static str, f64, f64)]) {
 /// Idle workers for the per-worker cost of the daemon.
 const IDLE_WORKERS: usize = 500;
 
-fn print_idle_row((rss_kib, fds, threads): (f64, f64, f64)) {
+fn print_idle_row((rss_kib, fds, threads, cpu): (f64, f64, f64, f64)) {
     println!(
         "{:<58} {rss_kib:>9.0} KiB {fds:>6.1} fds {threads:>5.2} threads",
         format!("wardend per idle worker ({IDLE_WORKERS} sleeping)")
+    );
+    println!(
+        "{:<58} {cpu:>9.1} % of a core",
+        format!("wardend's CPU with {IDLE_WORKERS} idle workers")
     );
 }
 
 /// What wardend holds per idle worker: (RSS KiB, descriptors, threads),
 /// each the growth from an idle daemon to one with `n` workers sleeping
-/// (base profile, after the allocator settled), divided by `n`.
-fn idle_worker_cost(n: usize) -> (f64, f64, f64) {
+/// (base profile, after the allocator settled), divided by `n`; and the
+/// CPU it then uses, in % of a core (resource samples every 5 s, the
+/// default).
+fn idle_worker_cost(n: usize) -> (f64, f64, f64, f64) {
     use warden_proto::v1 as pb;
-    let d = load_daemon(i64::try_from(n).unwrap_or(i64::MAX) + 8);
+    let d = load_daemon(
+        i64::try_from(n).unwrap_or(i64::MAX) + 8,
+        &[("sample_interval_seconds", warden_tests::daemon::value(5))],
+    );
     let rt = runtime();
     let count = |what: &str| std::fs::read_dir(format!("/proc/{}/{what}", d.pid())).map_or(0, |r| r.count()) as f64;
     assert!(d
@@ -485,11 +494,19 @@ fn idle_worker_cost(n: usize) -> (f64, f64, f64) {
     // Idle blocking threads go after 10 s, freed memory goes back then too.
     std::thread::sleep(Duration::from_secs(12));
     let after = (d.rss() as f64 / 1024.0, count("fd"), count("task"));
+    let cpu_before = d.cpu_time();
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu = (d.cpu_time() - cpu_before).as_secs_f64() * 10.0;
     for id in &ids {
         let _ = d.ctl(&["kill", id]);
     }
     let per = |a: f64, b: f64| (a - b) / n as f64;
-    (per(after.0, before.0), per(after.1, before.1), per(after.2, before.2))
+    (
+        per(after.0, before.0),
+        per(after.1, before.1),
+        per(after.2, before.2),
+        cpu,
+    )
 }
 
 /// The spawn rows: what they measured, in the order printed.
@@ -538,7 +555,7 @@ fn bwrap_true() {
 fn spawn_rows() -> SpawnRows {
     use warden_proto::v1 as pb;
     let runs = 20;
-    let d = load_daemon(256);
+    let d = load_daemon(256, &[]);
     let rt = runtime();
     let ctl = |user: &str| {
         let out = d.ctl(&["spawn", "--user", user, "-w", "--", "/bin/true"]);
@@ -796,10 +813,11 @@ fn percentile(mut v: Vec<Duration>, per_mille: usize) -> f64 {
     v[i].as_secs_f64() * 1e3
 }
 
-/// A daemon for load: caps high enough for the run, spawn rates off.
-fn load_daemon(max_workers: i64) -> Daemon {
+/// A daemon for load: caps high enough for the run, spawn rates off, and
+/// `extra` settings.
+fn load_daemon(max_workers: i64, extra: &[(&str, toml::Value)]) -> Daemon {
     use warden_tests::daemon::{rate, rate_limits, value};
-    Daemon::start_with(&[
+    let mut settings = vec![
         ("max_workers", value(max_workers)),
         ("max_workers_per_user", value(64)),
         // Many clients of one uid (root), and wardenctl.
@@ -811,7 +829,9 @@ fn load_daemon(max_workers: i64) -> Daemon {
                 ("spawns_per_caller", rate(1_000_000, "100000/s")),
             ]),
         ),
-    ])
+    ];
+    settings.extend(extra.iter().cloned());
+    Daemon::start_with(&settings)
 }
 
 /// The clients' runtime: two threads, as many as the machine's cores.
@@ -826,7 +846,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// The `List` rows: (what, under load, idle, unit).
 fn list_under_load() -> Vec<(&'static str, f64, f64, &'static str)> {
     use warden_proto::v1 as pb;
-    let d = load_daemon(256);
+    let d = load_daemon(256, &[]);
     let rt = runtime();
     assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
     let for_ = Duration::from_secs(10);

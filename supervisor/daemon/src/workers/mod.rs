@@ -241,6 +241,20 @@ impl Worker {
         }
     }
 
+    /// Only its counters of limits hit (see [`WorkerCgroup::limits_hit`]).
+    fn limits_hit(&self) -> Option<Usage> {
+        self.cgroup.as_ref().map(WorkerCgroup::limits_hit)
+    }
+
+    /// Whether a disk limit was promised to it (its user's tree is watched).
+    fn has_disk_limit(&self) -> bool {
+        self.disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|d| d.bytes.is_some())
+    }
+
     pub fn usage(&self) -> Option<Usage> {
         self.cgroup.as_ref().map(WorkerCgroup::usage)
     }
@@ -434,10 +448,14 @@ impl Supervisor {
             if w.exit_info().is_some() {
                 break;
             }
-            let Some(usage) = w.usage() else { break };
-            let oom = self.report_limits(w, &usage);
-            let disk = w.disk_usage();
-            self.report_disk(w, disk);
+            // Twice a second only the counters of limits hit (and the
+            // tree's use where a disk limit was promised); the rest at
+            // each sample.
+            let Some(hits) = w.limits_hit() else { break };
+            let oom = self.report_limits(w, &hits);
+            if w.has_disk_limit() {
+                self.report_disk(w, w.disk_usage());
+            }
             if oom && !self.cgroups.is_v2() {
                 if let Some(cg) = w.cgroup.clone() {
                     let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
@@ -445,6 +463,8 @@ impl Supervisor {
             }
             if last_sample.elapsed() >= every && w.exit_info().is_none() {
                 last_sample = Instant::now();
+                let Some(usage) = w.usage() else { break };
+                let disk = w.disk_usage();
                 self.events.publish(
                     Some(&w.id),
                     Some(&w.user),
