@@ -109,7 +109,8 @@ impl Supervisor {
         let mut prepared = match self.prepare(profile, p.clone()).await {
             Ok(prepared) => prepared,
             Err(e @ WorkerError::Disk(_)) => {
-                self.prepare_failed(&p, &name, "disk", &e).await;
+                self.spawn_failed(None, &p.user, &name, ("disk".into(), 0, e.to_string()))
+                    .await;
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -199,18 +200,24 @@ impl Supervisor {
         .await?
     }
 
-    /// A `spawn_failed` event for a worker that could not be prepared
-    /// (a disk limit this host cannot enforce).
-    async fn prepare_failed(&self, p: &SpawnParams, profile: &str, stage: &str, e: &WorkerError) {
+    /// A `spawn_failed` event (on disk when this returns): the stage that
+    /// failed, its errno (0: none) and what it said.
+    async fn spawn_failed(
+        &self,
+        worker: Option<&str>,
+        user: &str,
+        profile: &str,
+        (stage, errno, message): (String, i32, String),
+    ) {
         self.events
             .submit(
-                None,
-                Some(&p.user),
+                worker,
+                Some(user),
                 EventKind::SpawnFailed {
                     profile: profile.to_string(),
-                    stage: stage.to_string(),
-                    errno: 0,
-                    message: clip(&e.to_string(), MAX_FIELD),
+                    stage,
+                    errno,
+                    message: clip(&message, MAX_FIELD),
                 },
             )
             .written()
@@ -255,24 +262,13 @@ impl Supervisor {
         if let Err(e) = &result {
             prepared.abandon();
             self.records.remove(&spec.worker_id);
-            let (stage, errno, message) = match e {
+            let failure = match e {
                 WorkerError::Launch(LaunchError::Setup {
                     stage, errno, message, ..
                 }) => (stage.clone(), *errno, message.clone()),
                 other => ("spawn".to_string(), 0, other.to_string()),
             };
-            self.events
-                .submit(
-                    Some(&spec.worker_id),
-                    Some(&spec.user),
-                    EventKind::SpawnFailed {
-                        profile: spec.profile.clone(),
-                        stage,
-                        errno,
-                        message: clip(&message, MAX_FIELD),
-                    },
-                )
-                .written()
+            self.spawn_failed(Some(&spec.worker_id), &spec.user, &spec.profile, failure)
                 .await;
         }
         result
