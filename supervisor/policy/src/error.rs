@@ -67,11 +67,4 @@ pub enum PolicyError {
     /// A spawn request that the profile cannot serve (bad name, bad env, ...).
     #[error("Invalid spawn request: {0}")]
     Request(String),
-
-    #[error("Cannot compile the seccomp filter for {arch}")]
-    Seccomp {
-        arch: &'static str,
-        #[source]
-        source: seccompiler::BackendError,
-    },
 }

@@ -16,13 +16,8 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
-    SeccompFilter, SeccompRule, TargetArch,
-};
+use seccompiler::{sock_filter, BpfProgram};
 use serde::Deserialize;
-
-use crate::error::PolicyError;
 
 /// A named group: what it is for, and each of its calls with the reason a
 /// worker may make it.
@@ -96,7 +91,6 @@ const IPPROTO_UDP: u64 = 17;
 const MSG_FASTOPEN: u64 = 0x2000_0000;
 const TCP_FASTOPEN_CONNECT: u64 = 30;
 const ENOSYS: u32 = 38;
-const EPERM: u32 = 1;
 
 pub fn group(name: &str) -> Option<&'static Group> {
     table().group.get(name)
@@ -133,13 +127,6 @@ impl Arch {
         match self {
             Arch::X86_64 => "x86_64",
             Arch::Aarch64 => "aarch64",
-        }
-    }
-
-    fn target(self) -> TargetArch {
-        match self {
-            Arch::X86_64 => TargetArch::x86_64,
-            Arch::Aarch64 => TargetArch::aarch64,
         }
     }
 
@@ -224,21 +211,6 @@ fn masked_eq(arg: u8, wide: bool, mask: u64, value: u64) -> ArgCond {
     }
 }
 
-impl ArgCond {
-    /// The same condition for seccompiler (the linear reference).
-    fn linear(self) -> Cond {
-        let len = if self.wide { Len::Qword } else { Len::Dword };
-        let op = match (self.equal, self.mask) {
-            (true, u64::MAX) => Op::Eq,
-            (false, u64::MAX) => Op::Ne,
-            (true, m) => Op::MaskedEq(m),
-            (false, _) => unreachable!("no rule negates a masked comparison"),
-        };
-        // Only fails for arg > 5, which these constant rules never name.
-        Cond::new(self.arg, len, op, self.value).expect("argument index is below 6")
-    }
-}
-
 /// The argument checks for calls that are only safe with some arguments.
 /// `None` means "no argument check: allow the call".
 fn argument_rules(name: &str, udp: bool) -> Option<Vec<ArgRule>> {
@@ -313,21 +285,21 @@ pub fn allowed_calls(policy: &crate::SeccompPolicy) -> Vec<String> {
 /// first worker and reused for the next ones (the spawn path asks for it
 /// every time). Holds the filters of at most 64 allowlists (profile
 /// reloads make new ones; past that, it starts over).
-pub fn compiled(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, PolicyError> {
+pub fn compiled(allowed: &[String], udp: bool, arch: Arch) -> BpfProgram {
     type Key = (Vec<String>, bool, Arch);
     static PROGRAMS: OnceLock<std::sync::Mutex<std::collections::HashMap<Key, BpfProgram>>> = OnceLock::new();
     let programs = PROGRAMS.get_or_init(Default::default);
     let key = (allowed.to_vec(), udp, arch);
     if let Some(p) = programs.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(p.clone());
+        return p.clone();
     }
-    let program = compile(allowed, udp, arch)?;
+    let program = compile(allowed, udp, arch);
     let mut all = programs.lock().unwrap_or_else(|p| p.into_inner());
     if all.len() >= 64 {
         all.clear();
     }
     all.insert(key, program.clone());
-    Ok(program)
+    program
 }
 
 /// Compiles an allowlist into a BPF program for `arch`: a balanced binary
@@ -339,9 +311,10 @@ pub fn compiled(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram,
 /// Calls that do not exist on `arch` are skipped (e.g. `open` on aarch64).
 /// Every refusal returns `SECCOMP_RET_USER_NOTIF`: the filter must be
 /// installed with a listener, whose owner answers each denied call with
-/// EPERM. The tests check it gives the verdict of [`compile_linear`] for
-/// every call number and the arguments the checks look at.
-pub fn compile(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, PolicyError> {
+/// EPERM. The tests check it gives the verdict of seccompiler's linear
+/// list (`compile_linear` there) for every call number and the arguments
+/// the checks look at.
+pub fn compile(allowed: &[String], udp: bool, arch: Arch) -> BpfProgram {
     let last = arch.last();
     // The verdict of each call number, then the ranges of equal verdicts.
     let mut verdict: BTreeMap<u32, Verdict> = BTreeMap::new();
@@ -376,21 +349,29 @@ pub fn compile(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, 
         stmt(BPF_LD_W_ABS, 4), // seccomp_data.arch
         jump(BPF_JEQ_K, arch.audit(), 1, 0),
         stmt(BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
-        // Call numbers above the known table (new calls, and x32 calls on
-        // x86_64, whose numbers have bit 30 set), and clone3 (its flags are
-        // in memory the filter cannot read): ENOSYS, so that libc falls back.
+    ];
+    program.extend(enosys_prologue(allowed, arch));
+    program.extend(search(&ranges));
+    program
+}
+
+/// Call numbers above the known table (new calls, and x32 calls on x86_64,
+/// whose numbers have bit 30 set), and clone3 (its flags are in memory the
+/// filter cannot read): ENOSYS, so that libc falls back. Leaves the call
+/// number in the accumulator.
+fn enosys_prologue(allowed: &[String], arch: Arch) -> Vec<sock_filter> {
+    let mut out = vec![
         stmt(BPF_LD_W_ABS, 0), // seccomp_data.nr
-        jump(BPF_JGT_K, last, 0, 1),
+        jump(BPF_JGT_K, arch.last(), 0, 1),
         stmt(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS),
     ];
     if let Some(nr) = arch.number("clone3").and_then(|n| u32::try_from(n).ok()) {
         if allowed.iter().any(|c| c == "clone3") {
-            program.push(jump(BPF_JEQ_K, nr, 0, 1));
-            program.push(stmt(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS));
+            out.push(jump(BPF_JEQ_K, nr, 0, 1));
+            out.push(stmt(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS));
         }
     }
-    program.extend(search(&ranges));
-    Ok(program)
+    out
 }
 
 /// What the filter does with one call number.
@@ -474,62 +455,6 @@ fn low(v: u64) -> u32 {
     u32::try_from(v & 0xffff_ffff).unwrap_or(u32::MAX)
 }
 
-/// Compiles an allowlist the way warden did before the search tree: a
-/// list seccompiler lays out, one call after the other. The reference the
-/// tree's verdicts are checked against.
-pub fn compile_linear(allowed: &[String], udp: bool, arch: Arch) -> Result<BpfProgram, PolicyError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for name in allowed {
-        if name == "clone3" {
-            continue; // answered with ENOSYS by the prologue below
-        }
-        if let Some(nr) = arch.number(name) {
-            let linear = argument_rules(name, udp)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| SeccompRule::new(r.into_iter().map(ArgCond::linear).collect()).expect("a rule has conditions"))
-                .collect();
-            rules.insert(nr, linear);
-        }
-    }
-    let filter = SeccompFilter::new(rules, SeccompAction::Errno(EPERM), SeccompAction::Allow, arch.target()).map_err(
-        |source| PolicyError::Seccomp {
-            arch: arch.name(),
-            source,
-        },
-    )?;
-    let mut program: BpfProgram = filter.try_into().map_err(|source| PolicyError::Seccomp {
-        arch: arch.name(),
-        source,
-    })?;
-
-    // seccompiler's program starts with a 3-instruction architecture check
-    // (load arch, jump if equal, kill). Right after it we answer ENOSYS for
-    // call numbers above the known table (new calls, and x32 calls on x86_64,
-    // whose numbers have bit 30 set) and for clone3.
-    let mut prologue = vec![
-        stmt(BPF_LD_W_ABS, 0), // seccomp_data.nr
-        jump(BPF_JGT_K, arch.last(), 0, 1),
-        stmt(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS),
-    ];
-    if let Some(nr) = arch.number("clone3") {
-        if allowed.iter().any(|c| c == "clone3") {
-            prologue.push(jump(BPF_JEQ_K, u32::try_from(nr).unwrap_or(u32::MAX), 0, 1));
-            prologue.push(stmt(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS));
-        }
-    }
-    debug_assert_eq!(program[2].code, BPF_RET_K);
-    program.splice(3..3, prologue);
-    // seccompiler has no user-notification action: its EPERM returns become
-    // notifications (the supervisor answers them with that same EPERM).
-    for insn in &mut program {
-        if insn.code == BPF_RET_K && insn.k == SECCOMP_RET_ERRNO | EPERM {
-            insn.k = SECCOMP_RET_USER_NOTIF;
-        }
-    }
-    Ok(program)
-}
-
 const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_ALU_AND_K: u16 = 0x54;
 const BPF_JA: u16 = 0x05;
@@ -554,6 +479,64 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const EPERM: u32 = 1;
+
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+
+    /// The same condition for seccompiler (the linear reference).
+    fn linear_cond(c: ArgCond) -> Cond {
+        let len = if c.wide { Len::Qword } else { Len::Dword };
+        let op = match (c.equal, c.mask) {
+            (true, u64::MAX) => Op::Eq,
+            (false, u64::MAX) => Op::Ne,
+            (true, m) => Op::MaskedEq(m),
+            (false, _) => unreachable!("no rule negates a masked comparison"),
+        };
+        // Only fails for arg > 5, which these constant rules never name.
+        Cond::new(c.arg, len, op, c.value).expect("argument index is below 6")
+    }
+
+    /// An allowlist compiled the way warden did before the search tree: a
+    /// list seccompiler lays out, one call after the other, behind the same
+    /// ENOSYS prologue. The reference the tree's verdicts are checked against.
+    fn compile_linear(allowed: &[String], udp: bool, arch: Arch) -> BpfProgram {
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        for name in allowed {
+            if name == "clone3" {
+                continue; // answered with ENOSYS by the prologue
+            }
+            if let Some(nr) = arch.number(name) {
+                let linear = argument_rules(name, udp)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| SeccompRule::new(r.into_iter().map(linear_cond).collect()).expect("a rule has conditions"))
+                    .collect();
+                rules.insert(nr, linear);
+            }
+        }
+        let target = match arch {
+            Arch::X86_64 => TargetArch::x86_64,
+            Arch::Aarch64 => TargetArch::aarch64,
+        };
+        let filter = SeccompFilter::new(rules, SeccompAction::Errno(EPERM), SeccompAction::Allow, target).unwrap();
+        let mut program: BpfProgram = filter.try_into().unwrap();
+        // seccompiler's program starts with a 3-instruction architecture
+        // check (load arch, jump if equal, kill); the prologue goes after it.
+        assert_eq!(program[2].code, BPF_RET_K);
+        program.splice(3..3, enosys_prologue(allowed, arch));
+        // seccompiler has no user-notification action: its EPERM returns
+        // become notifications, as in warden's own filter.
+        for insn in &mut program {
+            if insn.code == BPF_RET_K && insn.k == SECCOMP_RET_ERRNO | EPERM {
+                insn.k = SECCOMP_RET_USER_NOTIF;
+            }
+        }
+        program
+    }
 
     #[test]
     fn every_group_member_exists_somewhere() {
@@ -649,8 +632,8 @@ mod tests {
         for arch in Arch::ALL {
             for allowed in &allowlists {
                 for udp in [false, true] {
-                    let tree = compile(allowed, udp, arch).unwrap();
-                    let linear = compile_linear(allowed, udp, arch).unwrap();
+                    let tree = compile(allowed, udp, arch);
+                    let linear = compile_linear(allowed, udp, arch);
                     assert!(tree.len() < linear.len(), "{} < {}", tree.len(), linear.len());
                     let same = |nr: u32, args: [u64; 6]| {
                         let (t, l) = (run(&tree, arch.audit(), nr, args), run(&linear, arch.audit(), nr, args));
@@ -698,7 +681,7 @@ mod tests {
     fn compiles_for_both_architectures_with_the_enosys_prologue() {
         let all: Vec<String> = groups().flat_map(|g| g.calls.keys().cloned()).collect();
         for arch in Arch::ALL {
-            let prog = compile(&all, true, arch).unwrap();
+            let prog = compile(&all, true, arch);
             assert!(prog.len() > 200 && prog.len() < 4096, "{}: {}", arch.name(), prog.len());
             assert_eq!(prog[3].code, BPF_LD_W_ABS);
             assert_eq!(prog[4].k, arch.last());

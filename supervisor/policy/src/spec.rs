@@ -427,7 +427,7 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
     };
 
     let allowed = seccomp::allowed_calls(&profile.seccomp);
-    let program = seccomp::compiled(&allowed, net.udp, arch)?
+    let program = seccomp::compiled(&allowed, net.udp, arch)
         .into_iter()
         .map(|i| (i.code, i.jt, i.jf, i.k))
         .collect();

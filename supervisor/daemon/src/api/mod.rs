@@ -132,10 +132,7 @@ pub fn policy_status(e: &PolicyError, caller: &Caller) -> Status {
 fn policy_code(e: &PolicyError) -> Code {
     match e {
         PolicyError::UnknownProfile(_) | PolicyError::Request(_) | PolicyError::Invalid { .. } => Code::InvalidArgument,
-        PolicyError::Read { .. }
-        | PolicyError::ReadConfig { .. }
-        | PolicyError::ReadDir { .. }
-        | PolicyError::Seccomp { .. } => Code::Internal,
+        PolicyError::Read { .. } | PolicyError::ReadConfig { .. } | PolicyError::ReadDir { .. } => Code::Internal,
     }
 }
 
