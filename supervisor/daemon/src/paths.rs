@@ -98,6 +98,28 @@ pub fn secure_dir(path: &Path, mode: u32, group: Option<Gid>, existing: Existing
     Ok(())
 }
 
+/// Replaces `path` with `bytes` in one step: written to `<path>.tmp`
+/// (mode 0600: the daemon's files are root's), then renamed over it, so a
+/// reader or a crash sees the old file or the new one, never half of one.
+/// With `sync` the data is on disk before the rename.
+pub fn replace_private(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    if sync {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

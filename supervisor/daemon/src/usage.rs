@@ -13,7 +13,6 @@
 //! a user's use count towards another's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -328,20 +327,8 @@ impl Ledger {
             return Ok(());
         }
         let json = serde_json::to_vec(&*self.book()).map_err(std::io::Error::other)?;
-        let tmp = self.path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().inspect_err(|_| self.dirty.store(true, std::sync::atomic::Ordering::SeqCst))
+        crate::paths::replace_private(&self.path, &json, true)
+            .inspect_err(|_| self.dirty.store(true, std::sync::atomic::Ordering::SeqCst))
     }
 }
 

@@ -16,7 +16,6 @@
 //! verified parent, so a planted link is an error, not a chown of its target).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::ops::RangeInclusive;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -373,23 +372,12 @@ impl Users {
     /// Writes the map atomically: a crash leaves the old or the new file.
     fn save(&self, map: &UidMap) -> Result<(), UserError> {
         let path = self.state_dir.join(MAP_FILE);
-        let tmp = self.state_dir.join(format!("{MAP_FILE}.tmp"));
         let err = |source| UserError::Save {
             path: path.clone(),
             source,
         };
         let json = serde_json::to_vec_pretty(map).map_err(|e| err(e.into()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode_0600()
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(&json).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        Ok(())
+        crate::paths::replace_private(&path, &json, true).map_err(err)
     }
 
     /// Creates (or checks) the user's directories for `project` under
@@ -544,16 +532,6 @@ fn step(parent: &OwnedFd, path: &mut PathBuf, name: &str, (uid, gid): (u32, u32)
         source,
     })?;
     Ok(fd)
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
-    }
 }
 
 #[cfg(test)]

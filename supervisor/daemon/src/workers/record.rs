@@ -11,8 +11,6 @@
 //! audit log) then have no exit. An fsync here cost every spawn about a
 //! millisecond.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -61,17 +59,8 @@ impl Records {
             source,
         };
         std::fs::create_dir_all(&self.dir).map_err(err)?;
-        let tmp = self.dir.join(format!(".{}.json.tmp", r.id));
         let json = serde_json::to_vec(r).map_err(|e| err(e.into()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(&json).map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)
+        crate::paths::replace_private(&path, &json, false).map_err(err)
     }
 
     /// Forgets the record of a worker that ended (it is no longer lost if
