@@ -492,6 +492,8 @@ fn own_cgroups(cgroup_procs: &[PathBuf]) -> Result<(), SetupError> {
         return Ok(());
     }
     let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // Covered first in both layouts: the kernel will not mount a cgroup2
+    // file system straight over the host's (EBUSY, found by the VM tier).
     mount(Some("tmpfs"), &inside, Some("tmpfs"), ro, Some("size=64k,mode=0555"))
         .at(Stage::Mounts, || format!("Cannot cover {CGROUPFS}"))?;
     let attrs = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
