@@ -1,12 +1,16 @@
 //! A real wardend for end-to-end tests: its own socket, state dir, audit
 //! log, profiles dir, cgroup parent and uid range.
 
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::bin_dir;
+
+/// How long one wardenctl call of a test may take.
+pub const CTL_DEADLINE: Duration = Duration::from_secs(300);
 
 static NEXT_RANGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -227,8 +231,38 @@ impl Daemon {
         c
     }
 
+    /// Runs wardenctl to its end; a call that has not ended after
+    /// [`CTL_DEADLINE`] fails the test (a stalled daemon fails a run, it
+    /// does not hang it).
     pub fn ctl(&self, args: &[&str]) -> Output {
-        self.ctl_command(args).output().unwrap()
+        let mut child = self
+            .ctl_command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let read = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = read(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+        let err = read(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+        let Some(status) = crate::wait_until(&mut child, Instant::now() + CTL_DEADLINE) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("wardenctl {args:?} did not end within {CTL_DEADLINE:?}: the daemon stalled");
+        };
+        Output {
+            status,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        }
     }
 
     /// wardenctl as uid/gid 65534 (nobody:nogroup), a member of the socket group.
@@ -366,11 +400,28 @@ pub async fn channel(socket: PathBuf) -> tonic::transport::Channel {
 
 /// The same, for a daemon that may not be there (yet, or any more).
 pub async fn try_channel(socket: PathBuf) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    tonic::transport::Endpoint::try_from("http://wardend.invalid")
-        .expect("a valid placeholder URI")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let p = socket.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
-        }))
-        .await
+    connect(endpoint(), socket).await
+}
+
+/// A channel whose client takes at most 64 KiB of a stream before its
+/// reader does (hyper's default is 2 MiB): a client that stops reading
+/// stalls the daemon's sender at once, not after megabytes.
+pub async fn small_window_channel(socket: PathBuf) -> tonic::transport::Channel {
+    let e = endpoint().initial_stream_window_size(64 << 10);
+    connect(e, socket).await.expect("connect to wardend")
+}
+
+fn endpoint() -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::try_from("http://wardend.invalid").expect("a valid placeholder URI")
+}
+
+async fn connect(
+    e: tonic::transport::Endpoint,
+    socket: PathBuf,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    e.connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+        let p = socket.clone();
+        async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+    }))
+    .await
 }

@@ -116,6 +116,28 @@ pub struct Running {
     err: std::thread::JoinHandle<String>,
 }
 
+/// Waits for `child` until `deadline`, woken by its pidfd when it exits
+/// (no polling delay: warden-bench times runs with this); None: still
+/// running at the deadline.
+pub fn wait_until(child: &mut std::process::Child, deadline: Instant) -> Option<std::process::ExitStatus> {
+    let pidfd = warden_daemon::sys::pidfd_open(child.id()).expect("pidfd_open");
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return Some(s);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let wait = nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::MAX);
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&pidfd),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, wait);
+    }
+}
+
 fn drain(r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut s = String::new();
@@ -274,25 +296,14 @@ impl Running {
     pub fn wait(mut self, timeout: Duration) -> Outcome {
         // Woken by the launcher's pidfd when it exits: no polling delay
         // (warden-bench times spawns with this).
-        let deadline = Instant::now() + timeout;
-        let pidfd = warden_daemon::sys::pidfd_open(self.launched.child.id()).expect("pidfd_open");
         let mut timed_out = false;
-        let status = loop {
-            if let Some(s) = self.launched.child.try_wait().expect("wait") {
-                break s;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        let status = match wait_until(&mut self.launched.child, Instant::now() + timeout) {
+            Some(s) => s,
+            None => {
                 timed_out = true;
                 let _ = self.cgroup.kill_all(Duration::from_secs(5));
+                self.launched.child.wait().expect("wait")
             }
-            let wait = nix::poll::PollTimeout::try_from(left.max(Duration::from_millis(10)))
-                .unwrap_or(nix::poll::PollTimeout::MAX);
-            let mut fds = [nix::poll::PollFd::new(
-                std::os::fd::AsFd::as_fd(&pidfd),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let _ = nix::poll::poll(&mut fds, wait);
         };
         let usage = self.cgroup.usage();
         self.cgroup.kill_all(Duration::from_secs(5)).expect("kill leftovers");

@@ -837,6 +837,25 @@ fn the_started_event_says_where_the_time_to_start_went() {
         ]
     );
     assert!(stages.windows(2).all(|w| w[0].1 <= w[1].1), "in order: {stages:?}");
+    // And where the time to end it went, on the same clock, after its start.
+    let exited = d
+        .audit_events()
+        .into_iter()
+        .find(|e| e["kind"] == "worker_exited")
+        .expect("a worker_exited event");
+    let ending: Vec<(String, u64)> = exited["stages"]
+        .as_array()
+        .expect("exit stages")
+        .iter()
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["us"].as_u64().unwrap()))
+        .collect();
+    let names: Vec<&str> = ending.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["exited", "output", "cgroup"]);
+    let exec = stages.last().expect("exec").1;
+    assert!(
+        ending[0].1 >= exec && ending.windows(2).all(|w| w[0].1 <= w[1].1),
+        "after exec at {exec} us, in order: {ending:?}"
+    );
 }
 
 #[test]

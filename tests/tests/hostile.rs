@@ -421,7 +421,9 @@ fn idle_watchers_and_stalled_attach_clients_leave_the_daemon_responsive() {
             }
         }
         for _ in 0..100 {
-            let mut c = WorkersClient::new(channel(sock.clone()).await);
+            // Each stalls the daemon's sender after 64 KiB, not after
+            // hyper's default 2 MiB window (200 MB in all to fill).
+            let mut c = WorkersClient::new(warden_tests::daemon::small_window_channel(sock.clone()).await);
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             tx.send(pb::AttachRequest {
                 msg: Some(pb::attach_request::Msg::Start(pb::AttachStart {
@@ -471,10 +473,16 @@ fn idle_watchers_and_stalled_attach_clients_leave_the_daemon_responsive() {
                 tokio::sync::mpsc::Sender<pb::AttachRequest>,
                 WorkersClient<tonic::transport::Channel>,
             )>() {
-                // Read what was queued; the end is the cut-off status.
+                // Read what was queued; the end is the cut-off status. A
+                // stream that goes on past what the daemon may queue for it
+                // (4 messages, the send buffer, the client's 64 KiB
+                // window: under a dozen of 16 KiB) was never cut off: the
+                // worker's output is endless, so it would go on forever.
+                let mut read = 0;
                 let end = loop {
                     match tokio::time::timeout(Duration::from_secs(10), a.0.next()).await {
-                        Ok(Some(Ok(_))) => continue,
+                        Ok(Some(Ok(_))) if read < 256 => read += 1,
+                        Ok(Some(Ok(_))) => panic!("an Attach stream stalled for 7 s was never cut off"),
                         Ok(Some(Err(e))) => break Some(e),
                         _ => break None,
                     }

@@ -245,6 +245,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
                 peak_memory: 0,
                 network: None,
                 api: None,
+                stages: Vec::new(),
             },
         );
     }

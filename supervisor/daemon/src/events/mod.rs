@@ -214,6 +214,12 @@ pub enum EventKind {
         /// Requests and tokens through the API gateway.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         api: Option<crate::usage::Totals>,
+        /// Where the time to end it went: `exited` (its launcher's exit
+        /// seen on the pidfd), `output` (its stdout and stderr closed),
+        /// `cgroup` (the cgroup emptied and removed), each in microseconds
+        /// since its spawn request arrived, like `worker_started`'s.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stages: Vec<StageTime>,
     },
     ResourceSample {
         memory_current: u64,
@@ -496,6 +502,7 @@ mod tests {
             peak_memory: 0,
             network: None,
             api: None,
+            stages: Vec::new(),
         };
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["kind"], e.name());

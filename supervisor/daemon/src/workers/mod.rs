@@ -30,7 +30,7 @@ use warden_policy::{Enforced, NetworkPolicy};
 use crate::cgroups::{Cgroups, Usage, WorkerCgroup};
 use crate::claude::{Approvals, Decision};
 use crate::disk::{Disk, DiskPromise};
-use crate::events::{millis, DiskUse, EventKind, Events, ExitReason, NetUsage};
+use crate::events::{millis, DiskUse, EventKind, Events, ExitReason, NetUsage, StageTime};
 use crate::io::{OutputLog, Stdin};
 use crate::limits::Limiters;
 use crate::net::gateway::{Gateway, Upstream};
@@ -144,6 +144,10 @@ pub struct Worker {
     /// the worker's landlock domain, so audit records name it.
     pub init_pid: u32,
     pub started: SystemTime,
+    /// When its spawn request arrived (CLOCK_MONOTONIC, ns): the origin of
+    /// the stages in its started and exited events. 0: a worker of a
+    /// previous daemon.
+    requested_ns: u64,
     pub enforced: Option<Enforced>,
     pub stdout: OutputLog,
     pub stderr: OutputLog,
@@ -191,6 +195,7 @@ impl Worker {
             pid: 0,
             init_pid: 0,
             started: UNIX_EPOCH + Duration::from_millis(r.started_ms),
+            requested_ns: 0,
             enforced: None,
             stdin: Arc::default(),
             exit: watch::channel(None).0,
@@ -218,6 +223,14 @@ impl Worker {
         };
         w.exit.send_replace(Some(ExitInfo::lost()));
         w
+    }
+
+    /// The end of a stage of its life, in µs since its spawn request.
+    fn stage(&self, stage: &str) -> StageTime {
+        StageTime {
+            stage: stage.to_string(),
+            us: crate::sys::monotonic_ns().saturating_sub(self.requested_ns) / 1000,
+        }
     }
 
     pub fn exit_info(&self) -> Option<ExitInfo> {
@@ -535,7 +548,14 @@ impl Supervisor {
     /// Records the exit: kills what is left, removes the cgroup and the
     /// record, publishes the exit (on disk before anyone waiting hears of
     /// it) and releases the worker's slot.
-    async fn finish(&self, w: &Worker, status: Option<std::process::ExitStatus>, timed_out: bool) {
+    /// `stages` holds the exit path's stages so far (`exited`, `output`).
+    async fn finish(
+        &self,
+        w: &Worker,
+        status: Option<std::process::ExitStatus>,
+        timed_out: bool,
+        mut stages: Vec<StageTime>,
+    ) {
         use std::os::unix::process::ExitStatusExt;
         let usage = w.usage().unwrap_or_default();
         self.report_limits(w, &usage);
@@ -555,6 +575,7 @@ impl Supervisor {
             })
             .await;
         }
+        stages.push(w.stage("cgroup"));
         let (code, signal) = match status.map(|s| (s.code(), s.signal())) {
             Some((Some(c), _)) => (c, if c > 128 { c - 128 } else { 0 }),
             Some((None, Some(sig))) => (128 + sig, sig),
@@ -596,6 +617,7 @@ impl Supervisor {
                 peak_memory: info.peak_memory,
                 network: w.net_usage(),
                 api: w.api_usage(),
+                stages,
             },
         );
         written.written().await;

@@ -127,7 +127,7 @@ impl Supervisor {
                 us: m.at_ns.saturating_sub(begun) / 1000,
             })
             .collect();
-        let (worker, started) = self.register(&mut prepared, &mut launched, &p, slot, stages);
+        let (worker, started) = self.register(&mut prepared, &mut launched, &p, slot, (begun, stages));
         let timeout = prepared.spec.timeout_secs.map(Duration::from_secs);
         self.watch(&worker, launched, prepared.session, p.interactive, timeout);
         // The caller hears of the worker once its start is in the log.
@@ -282,7 +282,7 @@ impl Supervisor {
         launched: &mut Launched,
         p: &SpawnParams,
         slot: Slot,
-        stages: Vec<StageTime>,
+        (requested_ns, stages): (u64, Vec<StageTime>),
     ) -> (Arc<Worker>, Written) {
         let spec = &prepared.spec;
         let stdin = launched
@@ -319,6 +319,7 @@ impl Supervisor {
             gateway,
             network: Some(prepared.network.clone()),
             init_pid: launched.enforced.init_pid,
+            requested_ns,
             enforced: Some(launched.enforced.clone()),
             stdin: Arc::new(Stdin::new(stdin)),
             cgroup: Some(prepared.cgroup.clone()),
@@ -446,11 +447,13 @@ impl Supervisor {
             let begun = Instant::now();
             // No thread per running worker: its exit is awaited on a pidfd.
             let status = crate::sys::wait_child(child).await;
+            let mut stages = vec![w.stage("exited")];
             for p in pumps.into_iter().flatten() {
                 let _ = p.await;
             }
+            stages.push(w.stage("output"));
             let timed_out = timeout.is_some_and(|t| begun.elapsed() >= t);
-            this.finish(&w, status.ok(), timed_out).await;
+            this.finish(&w, status.ok(), timed_out, stages).await;
         });
         let (this, w) = (self.clone(), worker.clone());
         tokio::spawn(async move { this.monitor(&w).await });
