@@ -813,12 +813,16 @@ fn the_started_event_says_where_the_time_to_start_went() {
         .into_iter()
         .find(|e| e["kind"] == "worker_started")
         .expect("a worker_started event");
-    let stages: Vec<(String, u64)> = started["stages"]
-        .as_array()
-        .expect("stages")
-        .iter()
-        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["us"].as_u64().unwrap()))
-        .collect();
+    // Each stage's name and end, in µs since the request.
+    let stages_of = |e: &serde_json::Value| -> Vec<(String, u64)> {
+        e["stages"]
+            .as_array()
+            .expect("stages")
+            .iter()
+            .map(|s| (s["stage"].as_str().unwrap().to_string(), s["us"].as_u64().unwrap()))
+            .collect()
+    };
+    let stages = stages_of(&started);
     let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
@@ -843,12 +847,7 @@ fn the_started_event_says_where_the_time_to_start_went() {
         .into_iter()
         .find(|e| e["kind"] == "worker_exited")
         .expect("a worker_exited event");
-    let ending: Vec<(String, u64)> = exited["stages"]
-        .as_array()
-        .expect("exit stages")
-        .iter()
-        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["us"].as_u64().unwrap()))
-        .collect();
+    let ending = stages_of(&exited);
     let names: Vec<&str> = ending.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["exited", "output", "cgroup"]);
     let exec = stages.last().expect("exec").1;
