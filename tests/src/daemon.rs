@@ -1,7 +1,6 @@
 //! A real wardend for end-to-end tests: its own socket, state dir, audit
 //! log, profiles dir, cgroup parent and uid range.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -242,17 +241,8 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let read = |r: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut buf);
-                }
-                buf
-            })
-        };
-        let out = read(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
-        let err = read(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+        let out = crate::drain_bytes(child.stdout.take().expect("stdout"));
+        let err = crate::drain_bytes(child.stderr.take().expect("stderr"));
         let Some(status) = crate::wait_until(&mut child, Instant::now() + CTL_DEADLINE) else {
             let _ = child.kill();
             let _ = child.wait();

@@ -147,6 +147,16 @@ fn drain(r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     })
 }
 
+/// The bytes `r` gives until its end, read on a thread of their own.
+pub fn drain_bytes(r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut r = r;
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
 impl Host {
     /// A host with the shipped profiles plus `extra` (name, TOML) ones.
     pub fn new(extra: &[(&str, &str)]) -> Host {
@@ -294,8 +304,6 @@ impl Running {
     /// Waits for the worker (its whole cgroup is killed after `timeout`),
     /// reads usage, then removes its cgroup.
     pub fn wait(mut self, timeout: Duration) -> Outcome {
-        // Woken by the launcher's pidfd when it exits: no polling delay
-        // (warden-bench times spawns with this).
         let mut timed_out = false;
         let status = match wait_until(&mut self.launched.child, Instant::now() + timeout) {
             Some(s) => s,
