@@ -5,14 +5,13 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use warden_daemon::cgroups::{Cgroups, Usage, WorkerCgroup, V1_CONTROLLERS};
 use warden_daemon::disk::Disk;
-use warden_daemon::launcher::{LaunchError, Launched};
+use warden_daemon::launcher::{Io, LaunchError, Launched, Launcher};
 use warden_daemon::users::{UserDirs, Users};
 use warden_daemon::workers::spawn::{self, RequestedLimits, SpawnParams};
 use warden_policy::config::Config;
@@ -75,6 +74,8 @@ pub struct Host {
     pub cgroups: Cgroups,
     pub disk: Arc<Disk>,
     pub profiles: ProfileSet,
+    /// This host's own launch server (the real warden-launch binary).
+    pub launcher: Launcher,
     cgroup_parents: Vec<PathBuf>,
 }
 
@@ -198,6 +199,7 @@ impl Host {
             cgroups,
             disk,
             profiles,
+            launcher: Launcher::new(&launcher_path(), None),
             cgroup_parents,
         }
     }
@@ -223,7 +225,7 @@ impl Host {
 
     /// Starts a worker; stdin is /dev/null, stdout and stderr are collected.
     pub fn spawn(&self, user: &str, project: &str, profile: &str, argv: &[&str]) -> Result<Running, LaunchError> {
-        self.spawn_with_stdin(user, project, profile, argv, Stdio::null())
+        self.spawn_with_stdin(user, project, profile, argv, Io::Null)
     }
 
     /// Like [`spawn`](Self::spawn) with a given stdin (a pty, say).
@@ -233,7 +235,7 @@ impl Host {
         project: &str,
         profile: &str,
         argv: &[&str],
-        stdin: Stdio,
+        stdin: Io,
     ) -> Result<Running, LaunchError> {
         let params = SpawnParams {
             user: user.into(),
@@ -259,7 +261,7 @@ impl Host {
         };
         let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
         let prepared = spawn::prepare(&host, &worker_id, &profile, &params).expect("prepare");
-        let mut launched = match prepared.launch(&launcher_path(), stdin, Stdio::piped(), Stdio::piped()) {
+        let mut launched = match prepared.launch(&self.launcher, stdin, Io::Pipe, Io::Pipe) {
             Ok(l) => l,
             Err(e) => {
                 prepared.abandon();
@@ -267,9 +269,9 @@ impl Host {
             }
         };
         let cgroup = prepared.cgroup;
-        register_init(launched.enforced.init_pid, cgroup.id());
-        let out = drain(launched.child.stdout.take().expect("stdout"));
-        let err = drain(launched.child.stderr.take().expect("stderr"));
+        register_init(launched.process.id(), cgroup.id());
+        let out = drain(launched.stdout.take().expect("stdout"));
+        let err = drain(launched.stderr.take().expect("stderr"));
         // The init answers denied calls; collect its reports.
         let denials = launched.denials.take().map(|pipe| {
             std::thread::spawn(move || {
@@ -305,12 +307,12 @@ impl Running {
     /// reads usage, then removes its cgroup.
     pub fn wait(mut self, timeout: Duration) -> Outcome {
         let mut timed_out = false;
-        let status = match wait_until(&mut self.launched.child, Instant::now() + timeout) {
+        let status = match self.launched.process.wait_until(Instant::now() + timeout) {
             Some(s) => s,
             None => {
                 timed_out = true;
                 let _ = self.cgroup.kill_all(Duration::from_secs(5));
-                self.launched.child.wait().expect("wait")
+                self.launched.process.wait()
             }
         };
         let usage = self.cgroup.usage();

@@ -6,8 +6,8 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixListener;
-use std::process::Stdio;
 use std::time::Duration;
+use warden_daemon::launcher::Io;
 
 use warden_tests::*;
 
@@ -250,7 +250,7 @@ fn sys_shows_only_the_workers_own_cgroup() {
     let Some(h) = host() else { return };
     // Another worker of another user is running meanwhile.
     let other = h
-        .spawn_with_stdin("bob", "demo", PROFILE, &["sleep", "30"], Stdio::null())
+        .spawn_with_stdin("bob", "demo", PROFILE, &["sleep", "30"], Io::Null)
         .unwrap();
     let out = h.run(
         "alice",
@@ -287,7 +287,7 @@ fn tiocsti_on_a_terminal_is_denied() {
     let Some(h) = host() else { return };
     let pty = nix::pty::openpty(None, None).unwrap();
     let bin = h.install_attack("alice", "demo");
-    let stdin = Stdio::from(std::fs::File::from(pty.slave));
+    let stdin = Io::Fd(pty.slave);
     let w = h
         .spawn_with_stdin("alice", "demo", PROFILE, &[&bin, "tiocsti"], stdin)
         .unwrap();

@@ -422,6 +422,12 @@ impl WorkerCgroup {
         self.dirs.values().map(|d| d.join("cgroup.procs")).collect()
     }
 
+    /// On cgroup v2, the one directory, which a worker's init can be
+    /// created in (CLONE_INTO_CGROUP); on v1 None: it joins each itself.
+    pub fn v2_dir(&self) -> Option<&Path> {
+        self.v2.then(|| self.dir("unified"))
+    }
+
     /// The directories of this cgroup (one per v1 controller).
     pub fn paths(&self) -> Vec<PathBuf> {
         self.dirs.values().cloned().collect()

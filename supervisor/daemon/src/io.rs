@@ -168,10 +168,10 @@ impl OutputLog {
 /// A worker's stdin, shared by attached clients and the Claude Code
 /// session driver; closed once, for all of them.
 #[derive(Debug, Default)]
-pub struct Stdin(tokio::sync::Mutex<Option<tokio::process::ChildStdin>>);
+pub struct Stdin(tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>);
 
 impl Stdin {
-    pub fn new(pipe: Option<tokio::process::ChildStdin>) -> Self {
+    pub fn new(pipe: Option<tokio::net::unix::pipe::Sender>) -> Self {
         Stdin(tokio::sync::Mutex::new(pipe))
     }
 

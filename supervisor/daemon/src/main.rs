@@ -21,6 +21,7 @@ use warden_daemon::api::usage::UsageApi;
 use warden_daemon::api::workers::WorkersApi;
 use warden_daemon::cgroups::Cgroups;
 use warden_daemon::events::{EventKind, Events, ExitReason, Settings};
+use warden_daemon::launcher::Launcher;
 use warden_daemon::net::gateway::Upstream;
 use warden_daemon::profiles::Profiles;
 use warden_daemon::users::Users;
@@ -54,6 +55,10 @@ struct Args {
     /// Read site profiles from this directory instead of the configured one.
     #[arg(long)]
     profiles_dir: Option<PathBuf>,
+    /// Ask the launch server listening here (systemd's warden-launch.socket)
+    /// instead of starting one.
+    #[arg(long)]
+    launch_socket: Option<PathBuf>,
     /// Validate the configuration and profiles, then exit.
     #[arg(long)]
     check: bool,
@@ -136,6 +141,9 @@ fn main() {
     if let Some(p) = args.profiles_dir {
         config.profiles_dir = p;
     }
+    if let Some(p) = args.launch_socket {
+        config.launch_socket = Some(p);
+    }
     let profiles = match Profiles::load(&config.profiles_dir) {
         Ok(p) => p,
         Err(e) => {
@@ -183,7 +191,11 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .with_context(|| format!("Cannot open the state directory {}", config.state_dir.display()))?;
     let cgroups = Cgroups::detect(&config.cgroup_name).context("Cannot set up cgroups")?;
     let launcher = launcher_path(&config.launcher);
-    anyhow::ensure!(launcher.exists(), "The launcher {} does not exist", launcher.display());
+    if config.launch_socket.is_none() {
+        anyhow::ensure!(launcher.exists(), "The launcher {} does not exist", launcher.display());
+    }
+    let launcher = Arc::new(Launcher::new(&launcher, config.launch_socket.as_deref()));
+    launcher.connect().context("Cannot start or reach the launch server")?;
     let (events, recovery) = Events::open(Settings::from_config(&config)).context("Cannot open the audit log")?;
     log_retention(&config, events.capacity());
     if recovery.torn_bytes > 0 {

@@ -31,7 +31,7 @@ pub fn release_free_memory() {
     }
 }
 
-/// A pidfd of the daemon's child `pid` (readable once it has exited).
+/// A pidfd of process `pid` (readable once it has exited).
 pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
@@ -46,22 +46,41 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Waits for the daemon's child to exit without holding a thread: on its
-/// pidfd, then reaps it (at once: it has exited). Falls back to a thread of
-/// the blocking pool where pidfds are missing (Linux before 5.3).
-pub async fn wait_child(mut child: std::process::Child) -> std::io::Result<std::process::ExitStatus> {
-    if let Ok(fd) = pidfd_open(child.id()) {
+/// Sends `sig` to the process of `pidfd` (never to a process that reused
+/// its pid).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) with a null siginfo and no flags reads
+    // and writes no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits for a worker's init to end without holding a thread: on its
+/// pidfd, then its status.
+pub async fn wait_process(mut process: crate::launcher::Process) -> std::process::ExitStatus {
+    if let Ok(fd) = process.pidfd().try_clone_to_owned() {
         // SAFETY: an OwnedFd is open for as long as it lives and always
         // gives the same descriptor; the AsyncFd owns it.
         let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
         if let Ok(fd) = registered {
             let _ = fd.readable().await;
-            return child.wait();
+            return process.ended();
         }
     }
-    tokio::task::spawn_blocking(move || child.wait())
+    tokio::task::spawn_blocking(move || process.wait())
         .await
-        .map_err(std::io::Error::other)?
+        .unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock the launcher stamps the ends

@@ -1,38 +1,47 @@
-//! warden-launch: applies one worker's sandbox and runs it.
+//! warden-launch: the launch server. It builds each worker's sandbox and
+//! runs the worker in it.
 //!
-//! wardend starts this binary with a cleared environment, the worker's stdio
-//! on fds 0/1/2, the LaunchSpec (JSON) on `--spec-fd` and a close-on-exec
-//! report pipe on `--report-fd`. It is small, synchronous and single-threaded
-//! on purpose: no async runtime, no logging framework, nothing between the
-//! privileged setup and the reader.
+//! It is small, synchronous and single-threaded on purpose: no async
+//! runtime, no logging framework, nothing between the privileged setup and
+//! the reader. wardend starts it (`--serve-fd N`: a connected socket; the
+//! server ends when wardend closes it), or systemd does (`--serve`: socket
+//! activation of `warden-launch.socket`, so that workers do not inherit
+//! wardend.service's own seccomp filters). For each request (a
+//! [`warden_policy::LaunchRequest`] with the worker's descriptors) the
+//! server creates the worker's init with one `clone3` in new mount, PID,
+//! IPC, UTS and network namespaces (on cgroup v2 straight into the
+//! worker's cgroup), answers with the init's pid and pidfd, and waits for
+//! the next request; it reaps its children and keeps nothing else. A fork
+//! of this small process costs a fraction of a fork and exec of a new
+//! launcher by the daemon ([`server`]).
 //!
-//! Three processes:
-//! - the outer launcher (this process, in the host PID namespace): joins the
-//!   worker's cgroup, creates the namespaces, forks the init and then only
-//!   forwards signals to it and exits with its status;
+//! Two processes per worker:
 //! - the init (PID 1 of the new PID namespace, in the worker's cgroup, as
-//!   the worker's uid, under its landlock rules): builds the sandbox in
+//!   the worker's uid, under its landlock rules): joins the cgroup (v1) and
+//!   a cgroup namespace of its own, builds the sandbox in
 //!   [`sandbox::setup`], forks the worker, answers the worker's denied
 //!   system calls ([`denials`]), reaps zombies, forwards signals and exits
-//!   with the worker's status (128+signal when it was killed);
+//!   with the worker's status (128+signal when it was killed), which it
+//!   first writes on the status pipe: wardend is not its parent;
 //! - the worker, the init's child: installs the seccomp filter on itself,
 //!   hands its listener to the init, and execs.
 //!
-//! Any setup failure is written to the report pipe as a typed record (stage,
-//! errno, message) and the worker never runs. EOF on the pipe without a
-//! failure record means the worker was exec'd.
+//! Any setup failure is written to the report socket as a typed record
+//! (stage, errno, message) and the worker never runs. EOF on the socket
+//! without a failure record means the worker was exec'd.
 
 #![deny(unsafe_code)]
 
 mod denials;
 mod sandbox;
+mod server;
 #[allow(unsafe_code)]
 mod sys;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, RawFd};
-use std::time::{Duration, Instant};
+use std::os::fd::{FromRawFd, RawFd};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -40,15 +49,23 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, getpid, ForkResult, Pid};
-use warden_policy::{LaunchReport, LaunchSpec, SPEC_VERSION};
+use nix::unistd::Pid;
+use std::os::fd::AsFd;
+use std::time::Instant;
+use warden_policy::{LaunchReport, LaunchSpec, Mark, SPEC_VERSION};
 
 use sandbox::{SetupError, Stage};
 
 /// Exit status when the sandbox could not be built (the worker never ran).
 pub const EXIT_SETUP_FAILED: i32 = 125;
 
-/// Signals the launcher and the init pass on to the worker.
+/// The init's descriptors, as the server places them (0, 1 and 2 are the
+/// worker's stdio): the report socket, the status pipe, the spec pipe.
+pub const REPORT_FD: RawFd = 3;
+pub const STATUS_FD: RawFd = 4;
+pub const SPEC_FD: RawFd = 5;
+
+/// Signals the init passes on to the worker.
 pub const FORWARDED: [Signal; 6] = [
     Signal::SIGTERM,
     Signal::SIGINT,
@@ -59,20 +76,40 @@ pub const FORWARDED: [Signal; 6] = [
 ];
 
 fn usage() -> ! {
-    eprintln!("usage: warden-launch --spec-fd N --report-fd N\n(started by wardend; not meant to be run by hand)");
+    eprintln!(
+        "usage: warden-launch --serve-fd N | --serve\n\
+         (the launch server: started by wardend, or by systemd's warden-launch.socket; not meant to be run by hand)"
+    );
     std::process::exit(64);
 }
 
-fn parse_fd(v: Option<String>) -> RawFd {
-    match v.and_then(|s| s.parse::<RawFd>().ok()) {
-        Some(fd) if fd > 2 => fd,
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let source = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["--serve-fd", n] => match n.parse::<RawFd>() {
+            Ok(fd) if fd > 2 => server::Source::Connected(sys::adopt_fd(fd)),
+            _ => usage(),
+        },
+        ["--serve"] => match sys::activated_socket() {
+            Some(fd) => server::Source::Listening(fd),
+            None => {
+                eprintln!("warden-launch: --serve expects the listening socket from systemd (LISTEN_FDS)");
+                std::process::exit(64);
+            }
+        },
         _ => usage(),
-    }
+    };
+    // wardend runs with UMask=0077 (its own files are private): under it the
+    // mountpoints made here (/workspace, /home) would be 0700 root and the
+    // worker could not reach its own directories. A worker starts with the
+    // umask of a login, 022.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    server::serve(source)
 }
 
 /// Writes a failure record (best effort: a vanished daemon cannot be told)
 /// and exits with `code`. The one place a setup failure is reported, by
-/// the outer launcher, the init and the worker's failed exec alike.
+/// the init and the worker's failed exec alike.
 pub fn fail(report: &mut File, e: &SetupError, code: i32) -> ! {
     let rec = LaunchReport::Failed {
         stage: e.stage.name().to_string(),
@@ -83,41 +120,45 @@ pub fn fail(report: &mut File, e: &SetupError, code: i32) -> ! {
     std::process::exit(code);
 }
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    let (mut spec_fd, mut report_fd) = (None, None);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--spec-fd" => spec_fd = Some(parse_fd(args.next())),
-            "--report-fd" => report_fd = Some(parse_fd(args.next())),
-            _ => usage(),
-        }
-    }
-    let (Some(spec_fd), Some(report_fd)) = (spec_fd, report_fd) else {
-        usage()
-    };
-    if spec_fd == report_fd {
-        usage();
-    }
-    // wardend runs with UMask=0077 (its own files are private): under it the
-    // mountpoints made here (/workspace, /home) would be 0700 root and the
-    // worker could not reach its own directories. A worker starts with the
-    // umask of a login, 022.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    // SAFETY: wardend passes this descriptor to us and nothing else in this
-    // process uses it; it is closed when the File drops.
+/// Ends the init with `code`, written on the status pipe first: the
+/// daemon learns the worker's status there, as it is not the init's parent.
+/// (An init killed by a signal writes nothing: the daemon reads that as
+/// SIGKILL, the only signal that ends it.)
+pub fn exit_with_status(code: i32) -> ! {
+    // SAFETY: STATUS_FD is the status pipe the server placed there, owned by
+    // this process alone; the File closes it as the process ends anyway.
     #[allow(unsafe_code)]
-    let mut spec_file = unsafe { File::from_raw_fd(spec_fd) };
+    let mut status = unsafe { File::from_raw_fd(STATUS_FD) };
+    let _ = status.write_all(&[u8::try_from(code & 0xff).unwrap_or(u8::MAX)]);
+    std::process::exit(code);
+}
+
+/// The end of a setup stage, now (the daemon reads it on the same clock).
+pub fn mark(stage: Stage) -> Mark {
+    let ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    });
+    Mark {
+        stage: stage.name().to_string(),
+        at_ns: ns,
+    }
+}
+
+/// The worker's init, in the server's child: PID 1 of the worker's new
+/// namespaces, with its descriptors in place (0-2 stdio, [`REPORT_FD`],
+/// [`STATUS_FD`], [`SPEC_FD`]) and nothing else open. `in_cgroup`: it was
+/// created in the worker's cgroup. Never returns.
+pub fn init(in_cgroup: bool) -> ! {
+    // SAFETY: the server placed the report socket on REPORT_FD for this
+    // process alone.
+    #[allow(unsafe_code)]
+    let mut report = unsafe { File::from_raw_fd(REPORT_FD) };
+    // SAFETY: likewise the spec pipe on SPEC_FD; closed when the File drops.
+    #[allow(unsafe_code)]
+    let mut spec_file = unsafe { File::from_raw_fd(SPEC_FD) };
     let mut bytes = Vec::new();
     let read = spec_file.read_to_end(&mut bytes);
     drop(spec_file);
-
-    // The report pipe lives on fd 3 from here on, close-on-exec, so that one
-    // close_range() call can drop everything else we inherited.
-    let mut report = match sys::adopt_fd_as(report_fd, 3) {
-        Ok(f) => f,
-        Err(_) => std::process::exit(EXIT_SETUP_FAILED),
-    };
     if let Err(e) = read {
         fail(
             &mut report,
@@ -142,76 +183,40 @@ fn main() {
             EXIT_SETUP_FAILED,
         ),
     };
-
-    match outer(&spec) {
-        Ok(code) => std::process::exit(code),
+    match enter(&spec, in_cgroup) {
+        Ok(marks) => sandbox::init(&spec, report, marks),
         Err(e) => fail(&mut report, &e, EXIT_SETUP_FAILED),
     }
 }
 
-/// The end of a setup stage, now (the daemon reads it on the same clock).
-pub fn mark(stage: Stage) -> warden_policy::Mark {
-    let ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0)
-    });
-    warden_policy::Mark {
-        stage: stage.name().to_string(),
-        at_ns: ns,
-    }
-}
-
-/// The outer launcher: everything before the PID namespace exists, then a
-/// signal-forwarding wait for the init.
-fn outer(spec: &LaunchSpec) -> Result<i32, SetupError> {
+/// The init's first steps, before the sandbox is built: the worker's
+/// cgroup, then a cgroup namespace rooted at it.
+fn enter(spec: &LaunchSpec, in_cgroup: bool) -> Result<Vec<Mark>, SetupError> {
     let mut marks = vec![mark(Stage::Spec)];
-    // Nothing the daemon (or whoever started us) had open may reach the
-    // worker: keep 0, 1, 2 and the report pipe on 3.
-    sys::close_from(4).map_err(|e| SetupError::new(Stage::Fds, e, "Cannot close inherited file descriptors"))?;
-
     // Join the worker's cgroups before anything else is forked, so that every
-    // process of the worker is accounted and limited from its first instruction.
-    for procs in &spec.cgroup_procs {
-        std::fs::write(procs, getpid().to_string())
-            .map_err(|e| SetupError::io(Stage::Cgroup, &e, format!("Cannot join cgroup {}", procs.display())))?;
+    // process of the worker is accounted and limited from its first
+    // instruction ("0": the writer itself).
+    if !in_cgroup {
+        for procs in &spec.cgroup_procs {
+            std::fs::write(procs, "0")
+                .map_err(|e| SetupError::io(Stage::Cgroup, &e, format!("Cannot join cgroup {}", procs.display())))?;
+        }
     }
     marks.push(mark(Stage::Cgroup));
-
-    // Every worker gets its own network namespace: no worker ever shares
-    // the host's.
-    let flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWCGROUP
-        | CloneFlags::CLONE_NEWNET;
-    unshare(flags).map_err(|e| SetupError::new(Stage::Namespaces, e, format!("Cannot create namespaces {flags:?}")))?;
+    // The cgroup namespace is made here, not by the server's clone: its
+    // root is the cgroup its creator is in, and that must be the worker's.
+    unshare(CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot create the cgroup namespace"))?;
     marks.push(mark(Stage::Namespaces));
-
-    // Signals are handled synchronously: block them before the fork so that
-    // none is lost between fork and the wait loop (the init inherits the mask).
+    // Signals are handled synchronously: blocked before the worker is
+    // forked, so that none is lost between fork and the wait loop.
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&supervised_signals()), None)
         .map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot block signals"))?;
-
-    // SAFETY: this process is single-threaded, so the child may do anything.
-    #[allow(unsafe_code)]
-    let fork_result = unsafe { fork() };
-    match fork_result.map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot fork the worker's init"))? {
-        ForkResult::Child => {
-            // SAFETY: fd 3 is the report pipe, owned by this process alone now.
-            #[allow(unsafe_code)]
-            let report = unsafe { File::from_raw_fd(3) };
-            sandbox::init(spec, report, marks)
-        }
-        ForkResult::Parent { child } => {
-            // Only the init and the worker write reports from here on.
-            let _ = nix::unistd::close(3);
-            Ok(supervise(child, None, None))
-        }
-    }
+    Ok(marks)
 }
 
-/// The signals the launcher and the init wait for: those they forward, and
-/// SIGCHLD. Blocked, and taken synchronously with sigtimedwait.
+/// The signals the init waits for: those it forwards, and SIGCHLD.
+/// Blocked, and taken synchronously from a signalfd.
 fn supervised_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in FORWARDED {
@@ -221,12 +226,11 @@ fn supervised_signals() -> SigSet {
     set
 }
 
-/// The wait loop of the outer launcher and of the init alike: forwards
-/// signals to `child`, reaps every zombie, answers the worker's denied
-/// calls (the init), and, with a `timeout`, sends SIGTERM when it passes
-/// and SIGKILL to everything the caller may signal (the init: its whole
-/// PID namespace) ten seconds later. Returns the child's status as an exit
-/// code (128+signal when it was killed).
+/// The init's wait loop: forwards signals to `child`, reaps every zombie,
+/// answers the worker's denied calls, and, with a `timeout`, sends SIGTERM
+/// when it passes and SIGKILL to its whole PID namespace ten seconds
+/// later. Returns the child's status as an exit code (128+signal when it
+/// was killed).
 pub fn supervise(child: Pid, timeout: Option<Duration>, mut denials: Option<denials::Denials>) -> i32 {
     let set = supervised_signals();
     let Ok(signals) = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) else {

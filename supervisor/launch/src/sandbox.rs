@@ -125,23 +125,18 @@ pub fn init(spec: &LaunchSpec, mut report: File, marks: Vec<Mark>) -> ! {
     // The worker (or its failed exec) holds the other end of the report now.
     drop(report);
     let timeout = spec.timeout_secs.map(Duration::from_secs);
-    std::process::exit(crate::supervise(worker.pid, timeout, Some(worker.denials)));
+    crate::exit_with_status(crate::supervise(worker.pid, timeout, Some(worker.denials)))
 }
 
 /// Builds the sandbox around this process, then forks and execs the worker.
 /// Each step is here, in the order it happens; returns the worker, whose
 /// denied calls the init answers.
 fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<Started, SetupError> {
-    // If the outer launcher dies, so does this namespace: no orphaned workers.
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-        .at(Stage::Namespaces, || "Cannot set the parent-death signal".into())?;
-
-    // Our pid as the host sees it, from the host's /proc (still mounted:
-    // a procfs shows the pids of the namespace it was mounted in).
-    let init_pid = std::fs::read_link("/proc/self")
-        .ok()
-        .and_then(|p| p.to_str()?.parse().ok())
-        .unwrap_or(0);
+    // The worker's mount namespace, for the daemon to hold: when the worker
+    // ends, the namespace (every mount of its sandbox) is torn down when
+    // the daemon lets it go, after the exit is reported, not on the way.
+    let mount_ns = open("/proc/self/ns/mnt", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .at(Stage::Mounts, || "Cannot open the mount namespace".into())?;
 
     sethostname(&spec.hostname).at(Stage::Hostname, || format!("Cannot set hostname {}", spec.hostname))?;
 
@@ -412,14 +407,14 @@ fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<S
         capabilities_empty: caps_empty,
         uid: spec.uid,
         gid: spec.gid,
-        init_pid,
         listeners: spec.listeners.iter().map(|l| l.port).collect(),
         marks,
     };
     let line = LaunchReport::Enforced(enforced).to_line();
-    // The daemon reads the denial reports and serves the proxy; the worker
-    // never sees these descriptors.
-    let fds: Vec<std::os::fd::RawFd> = std::iter::once(&reports_r)
+    // The daemon reads the denial reports, holds the mount namespace and
+    // serves the proxy; the worker never sees these descriptors.
+    let fds: Vec<std::os::fd::RawFd> = [&reports_r, &mount_ns]
+        .into_iter()
         .chain(&listeners)
         .map(AsRawFd::as_raw_fd)
         .collect();
@@ -431,7 +426,7 @@ fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<S
             "Cannot hand the denial pipe and network listeners to the daemon",
         ));
     }
-    drop(reports_r);
+    drop((reports_r, mount_ns));
     drop(listeners);
     let limit = Bucket::new(spec.seccomp.report_rate());
     Ok(Started {

@@ -200,22 +200,159 @@ pub fn reset_signal_dispositions() {
     }
 }
 
-/// Moves descriptor `fd` to number `to`, close-on-exec, and returns it owned.
-pub fn adopt_fd_as(fd: RawFd, to: RawFd) -> Result<std::fs::File, Errno> {
-    if fd != to {
-        // SAFETY: dup3 only manipulates the descriptor table; `to` is free or
-        // a descriptor the launcher does not use (it closes all others later).
-        check(libc::c_long::from(unsafe { libc::dup3(fd, to, libc::O_CLOEXEC) }))?;
-        // SAFETY: `fd` was handed to us and is replaced by `to`.
-        unsafe { libc::close(fd) };
-    } else {
-        // SAFETY: F_SETFD on a descriptor we were handed.
-        check(libc::c_long::from(unsafe {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC)
-        }))?;
+/// Takes ownership of descriptor `fd`, handed to this process by whoever
+/// started it, and makes it close-on-exec.
+pub fn adopt_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: F_SETFD on a descriptor we were handed; an invalid one fails
+    // here and again at its first use, with EBADF.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the descriptor was passed to this process for it alone.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// The listening socket systemd passed (socket activation: `LISTEN_PID`
+/// is this process and `LISTEN_FDS` at least 1; the socket is fd 3).
+pub fn activated_socket() -> Option<OwnedFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let n: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || n < 1 {
+        return None;
     }
-    // SAFETY: `to` is now a valid descriptor owned only by the returned File.
-    Ok(unsafe { std::fs::File::from_raw_fd(to) })
+    Some(adopt_fd(3))
+}
+
+/// Moves the descriptors `fds` to 0, 1, 2, ... in order (whatever numbers
+/// they have now, also numbers among the targets), the first `keep_open`
+/// of them inheritable across exec and the rest close-on-exec. Used in
+/// the server's child, which owns every descriptor it holds.
+pub fn place_fds(fds: &[RawFd], keep_open: usize) -> Result<(), Errno> {
+    const ABOVE: RawFd = 64;
+    let mut high = Vec::with_capacity(fds.len());
+    for &fd in fds {
+        // SAFETY: F_DUPFD only duplicates a descriptor we own, onto a free
+        // number at or above ABOVE.
+        high.push(
+            RawFd::try_from(check(libc::c_long::from(unsafe {
+                libc::fcntl(fd, libc::F_DUPFD, ABOVE)
+            }))?)
+            .map_err(|_| Errno::EBADF)?,
+        );
+    }
+    for (target, &fd) in high.iter().enumerate() {
+        let target = RawFd::try_from(target).map_err(|_| Errno::EBADF)?;
+        let flags = if usize::try_from(target).unwrap_or(usize::MAX) < keep_open {
+            0
+        } else {
+            libc::O_CLOEXEC
+        };
+        // SAFETY: dup3 replaces `target` (one of the originals, or a number
+        // this process owns and no longer uses) with a copy of `fd`.
+        check(libc::c_long::from(unsafe { libc::dup3(fd, target, flags) }))?;
+    }
+    for fd in high {
+        // SAFETY: the high copies are ours and used no more.
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
+}
+
+/// The process a [`clone_init`] made, seen from either side.
+pub enum Cloned {
+    /// In the child: `in_cgroup` says whether it was created in the
+    /// requested cgroup (CLONE_INTO_CGROUP) or must join it itself.
+    Child {
+        in_cgroup: bool,
+    },
+    Parent {
+        pid: i32,
+        pidfd: OwnedFd,
+    },
+}
+
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` of `<linux/sched.h>` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Creates a child process, like fork(2), in the new namespaces `flags`
+/// (CLONE_NEW*), with a pidfd, and (with `cgroup`, a cgroup v2 directory)
+/// created straight in that cgroup. Where clone3 or CLONE_INTO_CGROUP is
+/// refused, the legacy clone(2) without a cgroup: the child joins it
+/// itself. Only for a single-threaded caller, as fork.
+pub fn clone_init(flags: u64, cgroup: Option<RawFd>) -> Result<Cloned, Errno> {
+    let exit_signal = u64::try_from(libc::SIGCHLD).map_err(|_| Errno::EINVAL)?;
+    let mut pidfd: libc::c_int = -1;
+    if let Some(dir) = cgroup {
+        let mut args = CloneArgs {
+            flags: flags | CLONE_PIDFD | CLONE_INTO_CGROUP,
+            pidfd: &mut pidfd as *mut libc::c_int as u64,
+            exit_signal,
+            cgroup: u64::try_from(dir).map_err(|_| Errno::EBADF)?,
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 without CLONE_VM and without a stack duplicates the
+        // calling process as fork(2) does; the caller is single-threaded, so
+        // the child may go on running Rust code. `args` and `pidfd` outlive
+        // the call, and the size passed is that of `args`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        match ret {
+            0 => return Ok(Cloned::Child { in_cgroup: true }),
+            pid if pid > 0 => return parent(pid, pidfd),
+            _ => match Errno::last() {
+                // No clone3 (a kernel before 5.7, or a filter that hides it),
+                // or a cgroup this kernel will not clone into: join by hand.
+                Errno::ENOSYS | Errno::E2BIG | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::EPERM => {}
+                e => return Err(e),
+            },
+        }
+    }
+    // SAFETY: clone(2) with a null stack and no CLONE_VM is fork(2) with
+    // flags; the caller is single-threaded. The kernel writes the pidfd
+    // (CLONE_PIDFD) through the parent_tid argument, which points at
+    // `pidfd`; the child and tls arguments are unused.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags | CLONE_PIDFD | exit_signal,
+            0usize,
+            &mut pidfd as *mut libc::c_int,
+            0usize,
+            0usize,
+        )
+    };
+    match ret {
+        0 => Ok(Cloned::Child { in_cgroup: false }),
+        pid if pid > 0 => parent(pid, pidfd),
+        _ => Err(Errno::last()),
+    }
+}
+
+fn parent(pid: libc::c_long, pidfd: libc::c_int) -> Result<Cloned, Errno> {
+    let pid = i32::try_from(pid).map_err(|_| Errno::ESRCH)?;
+    // SAFETY: the kernel created this pidfd for us in the clone call.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Cloned::Parent { pid, pidfd })
 }
 
 /// One pending notification: a process of the worker waits in a denied call.

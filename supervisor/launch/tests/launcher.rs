@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{chown, symlink};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use warden_daemon::launcher::{launch, LaunchError};
+use warden_daemon::launcher::{Io, LaunchError, Launcher};
 use warden_daemon::privileged;
 use warden_policy::seccomp::Arch;
 use warden_policy::{LaunchSpec, ProfileSet, SpawnRequest};
@@ -57,30 +56,21 @@ fn spec(d: &Dirs, argv: &[&str]) -> LaunchSpec {
     warden_policy::compile(set.get("claude-code").unwrap(), &req, Arch::host().unwrap()).unwrap()
 }
 
+fn launcher() -> Launcher {
+    Launcher::new(Path::new(LAUNCHER), None)
+}
+
 fn run(spec: &LaunchSpec) -> (i32, String) {
-    let mut l = launch(
-        Path::new(LAUNCHER),
-        spec,
-        Stdio::null(),
-        Stdio::piped(),
-        Stdio::inherit(),
-    )
-    .unwrap();
+    let mut l = launcher().launch(spec, None, Io::Null, Io::Pipe, Io::Inherit).unwrap();
     let mut out = String::new();
-    l.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    let status = l.child.wait().unwrap();
+    l.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let status = l.process.wait();
     use std::os::unix::process::ExitStatusExt;
     (status.code().unwrap_or_else(|| 128 + status.signal().unwrap()), out)
 }
 
 fn setup_error(spec: &LaunchSpec) -> (String, String, String) {
-    match launch(
-        Path::new(LAUNCHER),
-        spec,
-        Stdio::null(),
-        Stdio::null(),
-        Stdio::inherit(),
-    ) {
+    match launcher().launch(spec, None, Io::Null, Io::Null, Io::Inherit) {
         Err(LaunchError::Setup {
             stage,
             errno_name,
@@ -122,16 +112,12 @@ fn sigterm_to_the_launcher_reaches_the_worker() {
             "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done",
         ],
     );
-    let mut l = launch(Path::new(LAUNCHER), &s, Stdio::null(), Stdio::piped(), Stdio::inherit()).unwrap();
-    let mut lines = BufReader::new(l.child.stdout.take().unwrap()).lines();
+    let mut l = launcher().launch(&s, None, Io::Null, Io::Pipe, Io::Inherit).unwrap();
+    let mut lines = BufReader::new(l.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(l.child.id()).expect("a pid fits pid_t")),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    l.process.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "got-term");
-    assert_eq!(l.child.wait().unwrap().code(), Some(42));
+    assert_eq!(l.process.wait().code(), Some(42));
 }
 
 #[test]
@@ -217,38 +203,201 @@ fn a_root_worker_is_refused() {
     assert_eq!((stage.as_str(), errno.as_str()), ("identity", "EPERM"));
 }
 
+/// A launch server of our own on a socket pair, spoken to by hand.
+struct RawServer {
+    sock: std::os::fd::OwnedFd,
+    child: std::process::Child,
+}
+
+fn raw_server() -> RawServer {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+    fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    let child = std::process::Command::new(LAUNCHER)
+        .args(["--serve-fd", &theirs.as_raw_fd().to_string()])
+        .spawn()
+        .unwrap();
+    RawServer { sock: ours, child }
+}
+
+impl RawServer {
+    /// Sends `data` with `fds`; the answer and the descriptors that came with it.
+    fn ask(&self, data: &[u8], fds: &[std::os::fd::RawFd]) -> (String, usize) {
+        use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let iov = [std::io::IoSlice::new(data)];
+        sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            self.sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .unwrap();
+        let mut got = 0;
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    nix::unistd::close(fd).unwrap();
+                    got += 1;
+                }
+            }
+        }
+        let n = msg.bytes;
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), got)
+    }
+}
+
 #[test]
 fn a_garbage_spec_is_a_typed_spec_failure() {
     if !root() {
         return;
     }
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+    use nix::fcntl::OFlag;
     use std::io::Write;
     use std::os::fd::AsRawFd;
+    let server = raw_server();
+    let null = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
     let (spec_r, spec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
     let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
-    // Only the launcher's ends are inherited.
-    fcntl(&spec_r, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
-    fcntl(&report_w, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
-    let mut child = std::process::Command::new(LAUNCHER)
-        .args([
-            "--spec-fd",
-            &spec_r.as_raw_fd().to_string(),
-            "--report-fd",
-            &report_w.as_raw_fd().to_string(),
-        ])
-        .spawn()
-        .unwrap();
-    drop(spec_r);
-    drop(report_w);
+    let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let fds = [
+        null.as_raw_fd(),
+        null.as_raw_fd(),
+        null.as_raw_fd(),
+        report_w.as_raw_fd(),
+        status_w.as_raw_fd(),
+        spec_r.as_raw_fd(),
+    ];
+    let (reply, pidfds) = server.ask(br#"{"into_cgroup":false}"#, &fds);
+    assert!(reply.contains(r#""kind":"started""#), "{reply}");
+    assert_eq!(pidfds, 1, "the init's pidfd comes with the answer");
+    drop((spec_r, report_w, status_w));
     std::fs::File::from(spec_w).write_all(b"{not json").unwrap();
     let mut report = String::new();
     std::fs::File::from(report_r).read_to_string(&mut report).unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(125));
     assert!(
         report.contains(r#""kind":"failed","stage":"spec","errno":22"#),
         "{report}"
     );
+    // No status: the worker never ran.
+    let mut status = Vec::new();
+    std::fs::File::from(status_r).read_to_end(&mut status).unwrap();
+    assert!(status.is_empty(), "{status:?}");
+}
+
+#[test]
+fn the_launch_server_refuses_bad_requests_and_goes_on() {
+    if !root() {
+        return;
+    }
+    let mut server = raw_server();
+    // Not a request; a request with too few descriptors.
+    let (reply, _) = server.ask(b"{not json", &[]);
+    assert!(
+        reply.contains(r#""kind":"failed","stage":"spec","errno":22"#),
+        "{reply}"
+    );
+    assert!(reply.contains("Cannot parse the launch request"), "{reply}");
+    let (reply, _) = server.ask(br#"{"into_cgroup":false}"#, &[0, 1]);
+    assert!(reply.contains("carried 2 descriptors, expected 6"), "{reply}");
+    // It still serves: a real launch through the daemon's client works
+    // (another server, the same binary).
+    let d = dirs();
+    assert_eq!(run(&spec(&d, &["/bin/sh", "-c", "exit 3"])).0, 3);
+    // It ends when its only client goes away.
+    drop(server.sock);
+    assert!(server.child.wait().unwrap().success());
+}
+
+#[test]
+fn a_listening_launch_server_serves_only_root() {
+    if !root() {
+        return;
+    }
+    // As systemd starts it: the listening socket on fd 3, LISTEN_PID its own
+    // (bash: dash takes no descriptor above 9 in a redirection).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("launch.sock");
+    let listener = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    use std::os::fd::AsRawFd;
+    nix::sys::socket::bind(listener.as_raw_fd(), &nix::sys::socket::UnixAddr::new(&path).unwrap()).unwrap();
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(8).unwrap()).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let script = format!(
+        "LISTEN_PID=$$ LISTEN_FDS=1 exec {LAUNCHER} --serve 3<&{}",
+        listener.as_raw_fd()
+    );
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Killed(
+        std::process::Command::new("/bin/bash")
+            .args(["-c", &script])
+            .spawn()
+            .unwrap(),
+    );
+    drop(listener);
+    // Another uid connects and asks: the server hangs up without an answer.
+    let ask = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n\
+         try:\n    s.connect({:?}); s.send(b'{{\"into_cgroup\":false}}'); answer = s.recv(4096)\n\
+         except ConnectionError:\n    answer = b''\n\
+         print('hung up' if answer == b'' else answer)\n",
+        path.display().to_string()
+    );
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &ask,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hung up", "{out:?}");
+    // Root is served.
+    let l = Launcher::new(Path::new(LAUNCHER), Some(&path));
+    let d = dirs();
+    let mut w = l
+        .launch(
+            &spec(&d, &["/bin/sh", "-c", "exit 5"]),
+            None,
+            Io::Null,
+            Io::Null,
+            Io::Inherit,
+        )
+        .unwrap();
+    assert_eq!(w.process.wait().code(), Some(5));
 }
 
 #[test]
@@ -278,9 +427,11 @@ fn under_the_daemons_private_umask_the_worker_reaches_its_directories() {
             "umask; cd /workspace/p && touch made && stat -c %a made && ls -d $HOME",
         ],
     );
-    let mut l = launch(&wrapper, &s, Stdio::null(), Stdio::piped(), Stdio::inherit()).unwrap();
+    let mut l = Launcher::new(&wrapper, None)
+        .launch(&s, None, Io::Null, Io::Pipe, Io::Inherit)
+        .unwrap();
     let mut out = String::new();
-    l.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    assert!(l.child.wait().unwrap().success(), "{out}");
+    l.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(l.process.wait().success(), "{out}");
     assert_eq!(out, "0022\n644\n/home/launchtest\n");
 }

@@ -25,6 +25,8 @@ struct RawConfig {
     state_dir: Spanned<String>,
     profiles_dir: Spanned<String>,
     launcher: Spanned<String>,
+    #[serde(default)]
+    launch_socket: Option<Spanned<String>>,
     default_profile: String,
     uid_min: Spanned<u32>,
     uid_max: u32,
@@ -244,6 +246,9 @@ pub struct Config {
     pub profiles_dir: PathBuf,
     /// The warden-launch binary (a relative name is looked up next to wardend).
     pub launcher: PathBuf,
+    /// The launch server systemd runs (`warden-launch.socket`); None:
+    /// wardend starts one of its own from `launcher`.
+    pub launch_socket: Option<PathBuf>,
     pub default_profile: String,
     pub uid_min: u32,
     pub uid_max: u32,
@@ -303,11 +308,11 @@ impl Config {
     /// Host paths no profile may expose to a worker: warden's state
     /// directory and its socket's directory.
     pub fn protected_paths(&self) -> Vec<PathBuf> {
-        let socket_dir = self
-            .socket
-            .parent()
-            .map_or_else(|| self.socket.clone(), Path::to_path_buf);
-        vec![self.state_dir.clone(), socket_dir]
+        let dir_of = |s: &PathBuf| s.parent().map_or_else(|| s.clone(), Path::to_path_buf);
+        let mut paths = vec![self.state_dir.clone(), dir_of(&self.socket)];
+        paths.extend(self.launch_socket.as_ref().map(dir_of));
+        paths.dedup();
+        paths
     }
 
     /// The embedded default configuration.
@@ -345,7 +350,10 @@ impl Config {
                 "expected sample_interval_seconds of at least 1".into(),
             ));
         }
-        for p in [&raw.socket, &raw.state_dir, &raw.profiles_dir, &raw.audit_log] {
+        for p in [&raw.socket, &raw.state_dir, &raw.profiles_dir, &raw.audit_log]
+            .into_iter()
+            .chain(raw.launch_socket.as_ref())
+        {
             if !p.get_ref().starts_with('/') || p.get_ref().split('/').any(|c| c == "..") {
                 return Err(invalid(
                     p.span(),
@@ -446,6 +454,7 @@ impl Config {
             state_dir: PathBuf::from(raw.state_dir.into_inner()),
             profiles_dir: PathBuf::from(raw.profiles_dir.into_inner()),
             launcher: PathBuf::from(raw.launcher.into_inner()),
+            launch_socket: raw.launch_socket.map(|s| PathBuf::from(s.into_inner())),
             default_profile: raw.default_profile,
             uid_min: raw.uid_min.into_inner(),
             uid_max: raw.uid_max,

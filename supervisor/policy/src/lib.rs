@@ -28,7 +28,7 @@ pub use profile::{
     MAX_LANDLOCK_ABI, RLIMITS, VARIABLES,
 };
 pub use spec::{
-    compile, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchReport, LaunchSpec, Listener,
-    ListenerKind, Mark, Rlimit, SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
+    compile, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchReply, LaunchReport, LaunchRequest,
+    LaunchSpec, Listener, ListenerKind, Mark, Rlimit, SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
 };
 pub use units::{ByteSize, CpuQuota, Rate, Seconds};

@@ -635,6 +635,51 @@ pub enum LaunchReport {
     Failed { stage: String, errno: i32, message: String },
 }
 
+/// A request to the launch server (`warden-launch --serve`): one
+/// SOCK_SEQPACKET message of JSON, with the descriptors of
+/// [`LaunchRequest::FDS`] attached (SCM_RIGHTS) in that order, then the
+/// worker's cgroup directory when `into_cgroup` (cgroup v2: the worker's
+/// init is created in it, `CLONE_INTO_CGROUP`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRequest {
+    pub into_cgroup: bool,
+}
+
+impl LaunchRequest {
+    /// What each attached descriptor is, in order: the worker's stdio, the
+    /// report socket (records, then EOF at exec), the status pipe (the
+    /// init writes its exit code there as one byte before it exits) and
+    /// the pipe the spec arrives on.
+    pub const FDS: [&'static str; 6] = ["stdin", "stdout", "stderr", "report", "status", "spec"];
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The launch server's answer to a [`LaunchRequest`]: the worker's init was
+/// created (its pidfd attached), or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LaunchReply {
+    /// The init's pid as the host sees it.
+    Started {
+        pid: u32,
+    },
+    Failed {
+        stage: String,
+        errno: i32,
+        message: String,
+    },
+}
+
+impl LaunchReply {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 /// The sandbox as the kernel enforces it, reported just before exec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enforced {
@@ -651,10 +696,6 @@ pub struct Enforced {
     /// The ports of the listeners handed to the daemon, in the spec's order.
     #[serde(default)]
     pub listeners: Vec<u16>,
-    /// The worker's init (its PID 1) as the host sees it: the creator of
-    /// its landlock domain, by which the kernel's audit records name it.
-    #[serde(default)]
-    pub init_pid: u32,
     /// When each stage of the setup ended (CLOCK_MONOTONIC), in order.
     #[serde(default)]
     pub marks: Vec<Mark>,

@@ -591,10 +591,25 @@ fn spawn_rows() -> SpawnRows {
         }
     });
     // Where the time went: each stage's own share, median over the runs.
+    // The exit path's stages (worker_exited) continue on the same clock.
     let mut by_stage: Vec<(String, Vec<u64>)> = Vec::new();
-    for e in d.audit_events().iter().filter(|e| e["kind"] == "worker_started") {
+    let events = d.audit_events();
+    let exited = |id: &serde_json::Value| {
+        events
+            .iter()
+            .find(|x| x["kind"] == "worker_exited" && x["worker"] == *id)
+            .map(|x| x["stages"].as_array().cloned().unwrap_or_default())
+            .unwrap_or_default()
+    };
+    for e in events.iter().filter(|e| e["kind"] == "worker_started") {
         let mut before = 0;
-        for (i, s) in e["stages"].as_array().into_iter().flatten().enumerate() {
+        let all = e["stages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(exited(&e["worker"]));
+        for (i, s) in all.enumerate() {
             let (name, us) = (s["stage"].as_str().unwrap_or("?"), s["us"].as_u64().unwrap_or(0));
             if by_stage.len() <= i {
                 by_stage.push((name.to_string(), Vec::new()));

@@ -115,6 +115,8 @@ pub fn status(e: &WorkerError, caller: &Caller) -> Status {
             // The sandbox could not be built for this request (a missing
             // command, a profile the kernel cannot enforce).
             Launch::Setup { .. } => Code::FailedPrecondition,
+            // The launch server is not there (being restarted by systemd).
+            Launch::Connect { .. } | Launch::Server(_) => Code::Unavailable,
             Launch::Spawn { .. } | Launch::Pipe(_) | Launch::NoReport { .. } | Launch::Descriptors { .. } => {
                 Code::Internal
             }

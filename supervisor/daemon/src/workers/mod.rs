@@ -16,13 +16,13 @@ pub mod record;
 pub mod spawn;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use warden_policy::config::Config;
 use warden_policy::{Enforced, NetworkPolicy};
@@ -32,6 +32,7 @@ use crate::claude::{Approvals, Decision};
 use crate::disk::{Disk, DiskPromise};
 use crate::events::{millis, DiskUse, EventKind, Events, ExitReason, NetUsage, StageTime};
 use crate::io::{OutputLog, Stdin};
+use crate::launcher::Launcher;
 use crate::limits::Limiters;
 use crate::net::gateway::{Gateway, Upstream};
 use crate::net::resolve::Resolver;
@@ -85,7 +86,7 @@ pub enum WorkerError {
     Signal {
         id: String,
         #[source]
-        source: nix::errno::Errno,
+        source: std::io::Error,
     },
     /// A blocking part of a spawn panicked or was cancelled.
     #[error("A spawn task failed")]
@@ -139,10 +140,13 @@ pub struct Worker {
     pub policy_digest: String,
     pub command: Vec<String>,
     pub uid: u32,
+    /// Host pid of the worker's init (PID 1 of its namespace; 0 once it
+    /// ended or for a worker of a previous daemon). It created the
+    /// worker's landlock domain, so audit records name it.
     pub pid: u32,
-    /// Host pid of the worker's init (PID 1 of its namespace); it created
-    /// the worker's landlock domain, so audit records name it.
-    pub init_pid: u32,
+    /// The init's pidfd: signals reach it, never a process that reused
+    /// its pid.
+    pidfd: Option<OwnedFd>,
     pub started: SystemTime,
     /// When its spawn request arrived (CLOCK_MONOTONIC, ns): the origin of
     /// the stages in its started and exited events. 0: a worker of a
@@ -193,7 +197,7 @@ impl Worker {
             command: r.command,
             uid: r.uid,
             pid: 0,
-            init_pid: 0,
+            pidfd: None,
             started: UNIX_EPOCH + Duration::from_millis(r.started_ms),
             requested_ns: 0,
             enforced: None,
@@ -308,7 +312,7 @@ pub struct Supervisor {
     pub events: Arc<Events>,
     /// Landlock denials are read from the kernel audit stream.
     pub landlock_audit: AtomicBool,
-    launcher: PathBuf,
+    launcher: Arc<Launcher>,
     registry: Mutex<Registry>,
     admission: Admission,
     records: Records,
@@ -338,7 +342,7 @@ impl Supervisor {
         cgroups: Cgroups,
         profiles: Profiles,
         events: Arc<Events>,
-        launcher: PathBuf,
+        launcher: Arc<Launcher>,
         upstream: Upstream,
     ) -> Self {
         // Each user's tree is its own project where the file system counts them.
@@ -633,15 +637,18 @@ impl Supervisor {
 
     pub fn signal(&self, id: &str, sig: Signal) -> Result<Arc<Worker>, WorkerError> {
         let w = self.get(id)?;
-        let pid = i32::try_from(w.pid).ok().filter(|p| *p > 0);
-        let (None, Some(pid)) = (w.exit_info(), pid) else {
+        let (None, Some(pidfd)) = (w.exit_info(), w.pidfd.as_ref()) else {
             return Err(WorkerError::Exited(id.to_string()));
         };
-        kill(Pid::from_raw(pid), sig).map_err(|source| WorkerError::Signal {
-            id: id.to_string(),
-            source,
-        })?;
-        Ok(w)
+        match crate::sys::pidfd_send_signal(pidfd.as_fd(), sig) {
+            Ok(()) => Ok(w),
+            // It ended a moment ago; its exit is on the way.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(WorkerError::Exited(id.to_string())),
+            Err(source) => Err(WorkerError::Signal {
+                id: id.to_string(),
+                source,
+            }),
+        }
     }
 
     /// SIGTERM, `grace`, then SIGKILL of the whole cgroup; returns the exit.
@@ -680,7 +687,7 @@ impl crate::landlock_audit::Placement for Supervisor {
         let r = self.registry();
         r.by_id
             .values()
-            .find(|w| pid != 0 && w.init_pid == pid)
+            .find(|w| pid != 0 && w.pid == pid)
             .map(|w| (w.id.clone(), w.user.clone()))
     }
 

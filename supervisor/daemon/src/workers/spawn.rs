@@ -6,7 +6,6 @@
 //! runs workers with, without a daemon: the same pipeline, not a copy.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +23,7 @@ use crate::claude::session::{self, Session, Start};
 use crate::disk::{Disk, DiskPromise};
 use crate::events::{clip, logged_command, millis, EventKind, StageTime, Written, MAX_FIELD};
 use crate::io::Stdin;
-use crate::launcher::{LaunchError, Launched};
+use crate::launcher::{Io, LaunchError, Launched, Launcher};
 use crate::limits::Bucket;
 use crate::net::gateway::Gateway;
 use crate::net::Egress;
@@ -249,9 +248,9 @@ impl Supervisor {
         };
         let result = match setup() {
             Ok(()) => {
-                let (launcher, spec) = (self.launcher.clone(), spec.clone());
+                let (launcher, spec, cgroup) = (self.launcher.clone(), spec.clone(), prepared.cgroup.clone());
                 tokio::task::spawn_blocking(move || {
-                    crate::launcher::launch(&launcher, &spec, Stdio::piped(), Stdio::piped(), Stdio::piped())
+                    launcher.launch(&spec, cgroup.v2_dir(), Io::Pipe, Io::Pipe, Io::Pipe)
                 })
                 .await
                 .map_err(WorkerError::from)
@@ -286,10 +285,9 @@ impl Supervisor {
     ) -> (Arc<Worker>, Written) {
         let spec = &prepared.spec;
         let stdin = launched
-            .child
             .stdin
             .take()
-            .and_then(|s| tokio::process::ChildStdin::from_std(s).ok());
+            .and_then(|s| tokio::net::unix::pipe::Sender::from_file(s).ok());
         let egress = (prepared.network.mode == NetworkMode::Proxy).then(|| {
             Arc::new(Egress::new(
                 &spec.worker_id,
@@ -314,11 +312,11 @@ impl Supervisor {
             ))
         });
         let worker = Arc::new(Worker {
-            pid: launched.child.id(),
+            pid: launched.process.id(),
+            pidfd: launched.process.pidfd().try_clone_to_owned().ok(),
             egress,
             gateway,
             network: Some(prepared.network.clone()),
-            init_pid: launched.enforced.init_pid,
             requested_ns,
             enforced: Some(launched.enforced.clone()),
             stdin: Arc::new(Stdin::new(stdin)),
@@ -423,15 +421,13 @@ impl Supervisor {
         // The logs count toward the user's disk limit, like its own files.
         let project = self.disk.counts().then_some(worker.uid);
         let stdout = launched
-            .child
             .stdout
             .take()
-            .and_then(|s| tokio::process::ChildStdout::from_std(s).ok());
+            .and_then(|s| tokio::net::unix::pipe::Receiver::from_file(s).ok());
         let stderr = launched
-            .child
             .stderr
             .take()
-            .and_then(|s| tokio::process::ChildStderr::from_std(s).ok());
+            .and_then(|s| tokio::net::unix::pipe::Receiver::from_file(s).ok());
         let pumps = [
             stdout.map(|s| {
                 let w = worker.clone();
@@ -442,18 +438,22 @@ impl Supervisor {
                 tokio::spawn(async move { w.stderr.pump(s, cap, project, None).await })
             }),
         ];
-        let (this, w, child) = (self.clone(), worker.clone(), launched.child);
+        let (this, w, process) = (self.clone(), worker.clone(), launched.process);
+        let mount_ns = launched.mount_ns.take();
         tokio::spawn(async move {
             let begun = Instant::now();
             // No thread per running worker: its exit is awaited on a pidfd.
-            let status = crate::sys::wait_child(child).await;
+            let status = crate::sys::wait_process(process).await;
             let mut stages = vec![w.stage("exited")];
             for p in pumps.into_iter().flatten() {
                 let _ = p.await;
             }
             stages.push(w.stage("output"));
             let timed_out = timeout.is_some_and(|t| begun.elapsed() >= t);
-            this.finish(&w, status.ok(), timed_out, stages).await;
+            this.finish(&w, Some(status), timed_out, stages).await;
+            // Its sandbox's mounts go once its end is reported (tearing
+            // them down waits for the kernel).
+            tokio::task::spawn_blocking(move || drop(mount_ns));
         });
         let (this, w) = (self.clone(), worker.clone());
         tokio::spawn(async move { this.monitor(&w).await });
@@ -607,15 +607,9 @@ impl Prepared {
         self.disk.as_ref().and_then(|d| d.bytes)
     }
 
-    /// Starts the launcher for this worker with the given stdio (blocking).
-    pub fn launch(
-        &self,
-        launcher: &std::path::Path,
-        stdin: Stdio,
-        stdout: Stdio,
-        stderr: Stdio,
-    ) -> Result<Launched, LaunchError> {
-        crate::launcher::launch(launcher, &self.spec, stdin, stdout, stderr)
+    /// Launches this worker with the given stdio (blocking).
+    pub fn launch(&self, launcher: &Launcher, stdin: Io, stdout: Io, stderr: Io) -> Result<Launched, LaunchError> {
+        launcher.launch(&self.spec, self.cgroup.v2_dir(), stdin, stdout, stderr)
     }
 
     /// Undoes [`prepare`] for a worker that will not run: kills anything in
