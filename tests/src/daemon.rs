@@ -74,6 +74,10 @@ impl Daemon {
             ("stop_grace_seconds", value(2)),
             ("max_workers_per_user", value(3)),
             ("sample_interval_seconds", value(1)),
+            // Tests count a daemon's cgroups and processes as its workers':
+            // none made ahead, but where a test asks for them
+            // (daemon::warm_inits_serve_spawns_and_are_made_again).
+            ("warm_inits", value(0)),
             ("uid_min", value(base)),
             ("uid_max", value(base + 99)),
             (

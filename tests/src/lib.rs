@@ -260,7 +260,7 @@ impl Host {
             disk: &self.disk,
         };
         let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
-        let prepared = spawn::prepare(&host, &worker_id, &profile, &params).expect("prepare");
+        let prepared = spawn::prepare(&host, &worker_id, None, &profile, &params).expect("prepare");
         let mut launched = match prepared.launch(&self.launcher, stdin, Io::Pipe, Io::Pipe) {
             Ok(l) => l,
             Err(e) => {

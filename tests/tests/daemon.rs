@@ -823,21 +823,31 @@ fn the_started_event_says_where_the_time_to_start_went() {
             .collect()
     };
     let stages = stages_of(&started);
-    let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+    // In the order they ended (the init builds what every sandbox has while
+    // the daemon waits for it to be created).
+    let mut names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        (names.first(), names.last()),
+        (Some(&"admitted"), Some(&"exec")),
+        "{stages:?}"
+    );
+    names.sort_unstable();
     assert_eq!(
         names,
         [
             "admitted",
-            "prepared",
-            "spec",
             "cgroup",
+            "exec",
+            "identity",
+            "init",
+            "landlock",
+            "mounts",
             "namespaces",
             "network",
-            "mounts",
-            "identity",
-            "landlock",
+            "prepared",
+            "root",
             "seccomp",
-            "exec"
+            "spec",
         ]
     );
     assert!(stages.windows(2).all(|w| w[0].1 <= w[1].1), "in order: {stages:?}");
@@ -849,7 +859,7 @@ fn the_started_event_says_where_the_time_to_start_went() {
         .expect("a worker_exited event");
     let ending = stages_of(&exited);
     let names: Vec<&str> = ending.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["exited", "output", "cgroup"]);
+    assert_eq!(names, ["exited", "output"]);
     let exec = stages.last().expect("exec").1;
     assert!(
         ending[0].1 >= exec && ending.windows(2).all(|w| w[0].1 <= w[1].1),
@@ -888,4 +898,76 @@ fn the_history_keeps_the_workers_that_exited_last_and_their_logs() {
     assert!(logs.join(format!("{}.stdout", ids[3])).exists());
     let out = d.ctl(&["logs", &ids[3]]);
     assert_eq!(text(&out.stdout), "3\n");
+}
+
+/// Waits up to 20 s for `f` to give something.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn warm_inits_serve_spawns_and_are_made_again() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start_with(&[("warm_inits", value(2))]);
+    let procs = |id: &str| -> Vec<String> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", d.cgroup_name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    // Two inits made ahead, each alone in a cgroup of its own.
+    let warm = eventually("two warm inits", || {
+        let c = d.cgroup_children();
+        (c.len() == 2 && c.iter().all(|id| procs(id).len() == 1)).then_some(c)
+    });
+    for id in &warm {
+        let pid = &procs(id)[0];
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(comm.trim(), "warden-launch", "the init of {id}");
+    }
+    // A spawn takes one: the worker is a warm init's id, and its cgroup has
+    // the profile's limits by the time it runs.
+    let id = text(&d.ctl(&["spawn", "--user", "alice", "--", "sleep", "1"]).stdout)
+        .trim()
+        .to_string();
+    assert!(warm.contains(&id), "{id} is not one of {warm:?}");
+    let pids_max = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/pids.max", d.cgroup_name)).unwrap();
+    assert_eq!(pids_max.trim(), "256", "base's pids limit");
+    assert_eq!(text(&d.ctl(&["wait", &id]).stdout).trim(), "", "{}", d.log());
+    // Another was made for the next spawn; the worker's cgroup is gone.
+    eventually("a warm init made again", || {
+        let c = d.cgroup_children();
+        (c.len() == 2 && !c.contains(&id)).then_some(())
+    });
+    // Each serves one worker: spawns in a row, faster than they are made
+    // again, all run, each under an id of its own.
+    for _ in 0..4 {
+        let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let started: Vec<String> = d
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "worker_started")
+        .map(|e| e["worker"].as_str().unwrap().to_string())
+        .collect();
+    let mut unique = started.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), started.len(), "a worker id served twice: {started:?}");
+    // The daemon's end takes the warm inits with it.
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = d.child.take().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(d.cgroup_children().is_empty(), "{:?}", d.cgroup_children());
 }

@@ -428,6 +428,12 @@ impl WorkerCgroup {
         self.v2.then(|| self.dir("unified"))
     }
 
+    /// Sets `limits` on a cgroup made ahead of its worker (by
+    /// [`Cgroups::create`] with none).
+    pub fn limit(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        self.apply(limits)
+    }
+
     /// The directories of this cgroup (one per v1 controller).
     pub fn paths(&self) -> Vec<PathBuf> {
         self.dirs.values().cloned().collect()
@@ -584,9 +590,15 @@ impl WorkerCgroup {
         for dir in self.dirs.values() {
             let deadline = Instant::now() + Duration::from_secs(1);
             let mut pause = Backoff::default();
+            let began = Instant::now();
+            let mut tries = 0;
             loop {
+                tries += 1;
                 match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        tracing::debug!(dir = %dir.display(), tries, took = ?began.elapsed(), "removed cgroup");
+                        break;
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     // Exiting tasks linger for a moment after cgroup.procs is empty.
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {

@@ -35,6 +35,8 @@ use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use warden_policy::{Enforced, LaunchReply, LaunchReport, LaunchRequest, LaunchSpec, ListenerKind};
 
+use crate::cgroups::WorkerCgroup;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("Cannot start the launch server {path}")]
@@ -113,6 +115,84 @@ pub struct Launched {
     pub listeners: Vec<(ListenerKind, OwnedFd)>,
 }
 
+/// A worker's init that waits for its spec, in its cgroup and its new
+/// namespaces; nothing of a worker runs in it yet.
+#[derive(Debug)]
+pub struct Pending {
+    pub process: Process,
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    spec: File,
+    report: OwnedFd,
+}
+
+impl Pending {
+    /// Hands the init `spec` and waits until the worker's sandbox is built
+    /// and its command exec'd, or setup failed (blocking).
+    pub fn run(self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
+        let Pending {
+            mut process,
+            stdin,
+            stdout,
+            stderr,
+            spec: mut w,
+            report,
+        } = self;
+        let wrote = w.write_all(&spec.to_json());
+        drop(w);
+        let report = read_report(report);
+        let fail = |mut process: Process, e: LaunchError| {
+            // Its init ends by itself after a failure; wait for it so that
+            // nothing of it is left when the caller cleans up.
+            let _ = process.wait_until(Instant::now() + SERVER_TIMEOUT);
+            Err(e)
+        };
+        match (report, wrote) {
+            (Err(e), _) => fail(process, e),
+            (Ok(_), Err(e)) => {
+                let _ = process.signal(Signal::SIGKILL);
+                fail(process, LaunchError::Pipe(e))
+            }
+            (Ok((Some(enforced), fds)), Ok(())) => {
+                // The denial pipe, the mount namespace, the listeners.
+                let expected = 2 + spec.listeners.len();
+                if fds.len() != expected {
+                    let _ = process.signal(Signal::SIGKILL);
+                    return fail(
+                        process,
+                        LaunchError::Descriptors {
+                            got: fds.len(),
+                            expected,
+                        },
+                    );
+                }
+                let mut fds = fds.into_iter();
+                let denials = fds.next();
+                let mount_ns = fds.next();
+                let listeners = spec.listeners.iter().map(|l| l.kind).zip(fds).collect();
+                Ok(Launched {
+                    process,
+                    stdin,
+                    stdout,
+                    stderr,
+                    enforced,
+                    denials,
+                    mount_ns,
+                    listeners,
+                })
+            }
+            (Ok((None, _)), Ok(())) => {
+                let status = process
+                    .wait_until(Instant::now() + SERVER_TIMEOUT)
+                    .map_or_else(|| "still running".into(), |s| s.to_string());
+                let _ = process.signal(Signal::SIGKILL);
+                Err(LaunchError::NoReport { status })
+            }
+        }
+    }
+}
+
 /// The launch server, as this process reaches it.
 #[derive(Debug)]
 pub struct Launcher {
@@ -178,12 +258,12 @@ impl Launcher {
                 timeouts(&sock).map_err(err)?;
                 Ok(Connection { sock, server: None })
             }
-            None => self.start(),
+            None => self.start_server(),
         }
     }
 
-    /// Starts `warden-launch --serve-fd 3`-like with a socket pair.
-    fn start(&self) -> Result<Connection, LaunchError> {
+    /// Starts a server of our own, on a socket pair.
+    fn start_server(&self) -> Result<Connection, LaunchError> {
         let err = |source: std::io::Error| LaunchError::Spawn {
             path: self.binary.display().to_string(),
             source,
@@ -212,18 +292,32 @@ impl Launcher {
         })
     }
 
-    /// Asks the server for a worker running `spec` with the given stdio
-    /// (in the cgroup directory `cgroup` from its first instruction, on
-    /// cgroup v2) and waits until its sandbox is built and its command
-    /// exec'd, or setup failed (blocking).
+    /// Asks the server for a worker running `spec` with the given stdio, in
+    /// `cgroup`, and waits until its sandbox is built and its command
+    /// exec'd, or setup failed (blocking): [`Launcher::start`], then
+    /// [`Pending::run`].
     pub fn launch(
         &self,
         spec: &LaunchSpec,
-        cgroup: Option<&Path>,
+        cgroup: Option<&WorkerCgroup>,
         stdin: Io,
         stdout: Io,
         stderr: Io,
     ) -> Result<Launched, LaunchError> {
+        self.start(cgroup, stdin, stdout, stderr)?.run(spec)
+    }
+
+    /// Has the server create a worker's init with the given stdio, on
+    /// cgroup v2 in `cgroup` (elsewhere it joins the cgroup its spec names
+    /// before anything of the worker runs). The init waits for its spec.
+    /// Blocking.
+    pub fn start(
+        &self,
+        cgroup: Option<&WorkerCgroup>,
+        stdin: Io,
+        stdout: Io,
+        stderr: Io,
+    ) -> Result<Pending, LaunchError> {
         let (stdin_ours, stdin_theirs) = stream(stdin, 0).map_err(LaunchError::Pipe)?;
         let (stdout_ours, stdout_theirs) = stream(stdout, 1).map_err(LaunchError::Pipe)?;
         let (stderr_ours, stderr_theirs) = stream(stderr, 2).map_err(LaunchError::Pipe)?;
@@ -232,12 +326,16 @@ impl Launcher {
         let (report_r, report_w) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| LaunchError::Pipe(e.into()))?;
         let (status_r, status_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| LaunchError::Pipe(e.into()))?;
-        let cgroup_dir = cgroup
+        let cgroup_dirs = cgroup
+            .map(WorkerCgroup::paths)
+            .unwrap_or_default()
+            .iter()
             .map(|d| open(d, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()))
-            .transpose()
+            .collect::<Result<Vec<OwnedFd>, _>>()
             .map_err(|e| LaunchError::Pipe(e.into()))?;
         let request = LaunchRequest {
-            into_cgroup: cgroup_dir.is_some(),
+            cgroups: cgroup_dirs.len(),
+            into_cgroup: cgroup.is_some_and(|c| c.v2_dir().is_some()),
         };
         let mut fds: Vec<RawFd> = [
             &stdin_theirs,
@@ -250,7 +348,7 @@ impl Launcher {
         .iter()
         .map(|f| f.as_raw_fd())
         .collect();
-        fds.extend(cgroup_dir.as_ref().map(AsRawFd::as_raw_fd));
+        fds.extend(cgroup_dirs.iter().map(AsRawFd::as_raw_fd));
         let (pid, pidfd) = self.request(&request, &fds)?;
         // The init holds its ends now; ours close, so that EOF means its.
         drop((
@@ -260,67 +358,22 @@ impl Launcher {
             report_w,
             status_w,
             spec_r,
-            cgroup_dir,
+            cgroup_dirs,
         ));
-        let mut process = Process {
+        let process = Process {
             pid,
             pidfd,
             status: File::from(status_r),
             exited: None,
         };
-
-        let mut w = File::from(spec_w);
-        let wrote = w.write_all(&spec.to_json());
-        drop(w);
-        let report = read_report(report_r);
-        let fail = |mut process: Process, e: LaunchError| {
-            // Its init ends by itself after a failure; wait for it so that
-            // nothing of it is left when the caller cleans up.
-            let _ = process.wait_until(Instant::now() + SERVER_TIMEOUT);
-            Err(e)
-        };
-        match (report, wrote) {
-            (Err(e), _) => fail(process, e),
-            (Ok(_), Err(e)) => {
-                let _ = process.signal(Signal::SIGKILL);
-                fail(process, LaunchError::Pipe(e))
-            }
-            (Ok((Some(enforced), fds)), Ok(())) => {
-                // The denial pipe, the mount namespace, the listeners.
-                let expected = 2 + spec.listeners.len();
-                if fds.len() != expected {
-                    let _ = process.signal(Signal::SIGKILL);
-                    return fail(
-                        process,
-                        LaunchError::Descriptors {
-                            got: fds.len(),
-                            expected,
-                        },
-                    );
-                }
-                let mut fds = fds.into_iter();
-                let denials = fds.next();
-                let mount_ns = fds.next();
-                let listeners = spec.listeners.iter().map(|l| l.kind).zip(fds).collect();
-                Ok(Launched {
-                    process,
-                    stdin: stdin_ours,
-                    stdout: stdout_ours,
-                    stderr: stderr_ours,
-                    enforced,
-                    denials,
-                    mount_ns,
-                    listeners,
-                })
-            }
-            (Ok((None, _)), Ok(())) => {
-                let status = process
-                    .wait_until(Instant::now() + SERVER_TIMEOUT)
-                    .map_or_else(|| "still running".into(), |s| s.to_string());
-                let _ = process.signal(Signal::SIGKILL);
-                Err(LaunchError::NoReport { status })
-            }
-        }
+        Ok(Pending {
+            process,
+            stdin: stdin_ours,
+            stdout: stdout_ours,
+            stderr: stderr_ours,
+            spec: File::from(spec_w),
+            report: report_r,
+        })
     }
 
     /// One request and its answer; a server that has gone is started or

@@ -274,6 +274,8 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         )
         .written()
         .await;
+    // Workers' inits made ahead of their spawns, from now on.
+    sup.keep_warm();
 
     if config.landlock_audit {
         match warden_daemon::landlock_audit::open() {

@@ -18,7 +18,9 @@
 //! Two processes per worker:
 //! - the init (PID 1 of the new PID namespace, in the worker's cgroup, as
 //!   the worker's uid, under its landlock rules): joins the cgroup (v1) and
-//!   a cgroup namespace of its own, builds the sandbox in
+//!   a cgroup namespace of its own, builds what every sandbox has
+//!   ([`sandbox::prepare_root`]), waits for its spec (a warm init, made
+//!   ahead of its spawn, waits there), builds the rest in
 //!   [`sandbox::setup`], forks the worker, answers the worker's denied
 //!   system calls ([`denials`]), reaps zombies, forwards signals and exits
 //!   with the worker's status (128+signal when it was killed), which it
@@ -145,15 +147,21 @@ pub fn mark(stage: Stage) -> Mark {
 }
 
 /// The worker's init, in the server's child: PID 1 of the worker's new
-/// namespaces, with its descriptors in place (0-2 stdio, [`REPORT_FD`],
-/// [`STATUS_FD`], [`SPEC_FD`]) and nothing else open. `in_cgroup`: it was
-/// created in the worker's cgroup. Never returns.
-pub fn init(in_cgroup: bool) -> ! {
+/// namespaces, in the worker's cgroup, with its descriptors in place (0-2
+/// stdio, [`REPORT_FD`], [`STATUS_FD`], [`SPEC_FD`]) and nothing else open.
+/// It builds what every sandbox has, then waits for its spec (a warm init
+/// waits there until a spawn takes it) and builds the rest. Never returns.
+pub fn init(mut marks: Vec<Mark>) -> ! {
     // SAFETY: the server placed the report socket on REPORT_FD for this
     // process alone.
     #[allow(unsafe_code)]
     let mut report = unsafe { File::from_raw_fd(REPORT_FD) };
-    // SAFETY: likewise the spec pipe on SPEC_FD; closed when the File drops.
+    let root = match enter(&mut marks).and_then(|()| sandbox::prepare_root(&mut marks)) {
+        Ok(root) => root,
+        Err(e) => fail(&mut report, &e, EXIT_SETUP_FAILED),
+    };
+    // SAFETY: the server placed the spec pipe on SPEC_FD for this process
+    // alone; closed when the File drops.
     #[allow(unsafe_code)]
     let mut spec_file = unsafe { File::from_raw_fd(SPEC_FD) };
     let mut bytes = Vec::new();
@@ -183,36 +191,23 @@ pub fn init(in_cgroup: bool) -> ! {
             EXIT_SETUP_FAILED,
         ),
     };
-    match enter(&spec, in_cgroup) {
-        Ok(marks) => sandbox::init(&spec, report, marks),
-        Err(e) => fail(&mut report, &e, EXIT_SETUP_FAILED),
-    }
+    marks.push(mark(Stage::Spec));
+    sandbox::init(&spec, report, marks, root)
 }
 
-/// The init's first steps, before the sandbox is built: the worker's
-/// cgroup, then a cgroup namespace rooted at it.
-fn enter(spec: &LaunchSpec, in_cgroup: bool) -> Result<Vec<Mark>, SetupError> {
-    let mut marks = vec![mark(Stage::Spec)];
-    // Join the worker's cgroups before anything else is forked, so that every
-    // process of the worker is accounted and limited from its first
-    // instruction ("0": the writer itself).
-    if !in_cgroup {
-        for procs in &spec.cgroup_procs {
-            std::fs::write(procs, "0")
-                .map_err(|e| SetupError::io(Stage::Cgroup, &e, format!("Cannot join cgroup {}", procs.display())))?;
-        }
-    }
-    marks.push(mark(Stage::Cgroup));
+/// The init's first steps, in its cgroup: a cgroup namespace rooted there,
+/// and signals blocked for its wait loop.
+fn enter(marks: &mut Vec<Mark>) -> Result<(), SetupError> {
     // The cgroup namespace is made here, not by the server's clone: its
     // root is the cgroup its creator is in, and that must be the worker's.
     unshare(CloneFlags::CLONE_NEWCGROUP)
         .map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot create the cgroup namespace"))?;
-    marks.push(mark(Stage::Namespaces));
     // Signals are handled synchronously: blocked before the worker is
     // forked, so that none is lost between fork and the wait loop.
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&supervised_signals()), None)
         .map_err(|e| SetupError::new(Stage::Namespaces, e, "Cannot block signals"))?;
-    Ok(marks)
+    marks.push(mark(Stage::Namespaces));
+    Ok(())
 }
 
 /// The signals the init waits for: those it forwards, and SIGCHLD.

@@ -36,6 +36,7 @@ pub enum Stage {
     Fds,
     Cgroup,
     Namespaces,
+    Root,
     Hostname,
     Mounts,
     Network,
@@ -56,6 +57,7 @@ impl Stage {
             Stage::Fds => "fds",
             Stage::Cgroup => "cgroup",
             Stage::Namespaces => "namespaces",
+            Stage::Root => "root",
             Stage::Hostname => "hostname",
             Stage::Mounts => "mounts",
             Stage::Network => "network",
@@ -116,9 +118,14 @@ const OLD: &str = "/oldroot";
 /// Where the new root is assembled.
 const NEW: &str = "/newroot";
 
+/// What [`prepare_root`] built: the mount namespace, for the daemon.
+pub struct Root {
+    mount_ns: OwnedFd,
+}
+
 /// Runs as PID 1 of the new PID namespace. Never returns.
-pub fn init(spec: &LaunchSpec, mut report: File, marks: Vec<Mark>) -> ! {
-    let worker = match setup(spec, &mut report, marks) {
+pub fn init(spec: &LaunchSpec, mut report: File, marks: Vec<Mark>, root: Root) -> ! {
+    let worker = match setup(spec, &mut report, marks, root) {
         Ok(w) => w,
         Err(e) => crate::fail(&mut report, &e, crate::EXIT_SETUP_FAILED),
     };
@@ -128,19 +135,18 @@ pub fn init(spec: &LaunchSpec, mut report: File, marks: Vec<Mark>) -> ! {
     crate::exit_with_status(crate::supervise(worker.pid, timeout, Some(worker.denials)))
 }
 
-/// Builds the sandbox around this process, then forks and execs the worker.
-/// Each step is here, in the order it happens; returns the worker, whose
-/// denied calls the init answers.
-fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<Started, SetupError> {
+/// Builds what every sandbox has, whatever its spec: a private mount tree
+/// whose root is a scratch tmpfs (the host's root under OLD), an empty new
+/// root at NEW with a fresh /proc of this PID namespace and a minimal /dev
+/// (all but /dev/shm), and the namespace's loopback up. A warm init does
+/// this before its spawn.
+pub fn prepare_root(marks: &mut Vec<Mark>) -> Result<Root, SetupError> {
     // The worker's mount namespace, for the daemon to hold: when the worker
     // ends, the namespace (every mount of its sandbox) is torn down when
     // the daemon lets it go, after the exit is reported, not on the way.
     let mount_ns = open("/proc/self/ns/mnt", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .at(Stage::Mounts, || "Cannot open the mount namespace".into())?;
 
-    sethostname(&spec.hostname).at(Stage::Hostname, || format!("Cannot set hostname {}", spec.hostname))?;
-
-    // --- Mount namespace: a new root that holds only what the spec lists. ---
     // Nothing we mount may propagate back to the host.
     mount(
         None::<&str>,
@@ -176,17 +182,6 @@ fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<S
     )
     .at(Stage::Mounts, || format!("Cannot mount the new root tmpfs at {NEW}"))?;
 
-    // Host paths: the user's own directories (never through a symlink) and
-    // every profile path, read-only unless the profile grants write.
-    for bind in &spec.binds {
-        bind_host_path(&bind.source, &bind.target, bind.access, bind.required)?;
-    }
-
-    // /sys shows the host's whole cgroup tree (other tenants' workers,
-    // their memory and CPU): where a profile grants /sys, cover it and show
-    // only this worker's own cgroup, where runtimes read their limits.
-    own_cgroups(&spec.cgroup_procs)?;
-
     // A fresh /proc of this PID namespace: no host process is visible.
     make_dir(&new_path("/proc"))?;
     mount(
@@ -198,8 +193,44 @@ fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<S
     )
     .at(Stage::Mounts, || "Cannot mount /proc".into())?;
 
-    // A minimal /dev.
-    build_dev(spec.tmp_size)?;
+    // A minimal /dev (its /dev/shm, sized by the spec, comes later).
+    build_dev()?;
+
+    // The namespace's loopback (wardend's listeners on it come with the spec).
+    sys::loopback_up().map_err(|e| SetupError::new(Stage::Network, e, "Cannot bring up the loopback interface"))?;
+    marks.push(crate::mark(Stage::Root));
+    Ok(Root { mount_ns })
+}
+
+/// Builds the rest of the sandbox around this process, by its spec, then
+/// forks and execs the worker. Each step is here, in the order it happens;
+/// returns the worker, whose denied calls the init answers.
+fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>, root: Root) -> Result<Started, SetupError> {
+    let Root { mount_ns } = root;
+    sethostname(&spec.hostname).at(Stage::Hostname, || format!("Cannot set hostname {}", spec.hostname))?;
+
+    // --- Mount namespace: a new root that holds only what the spec lists. ---
+    // Host paths: the user's own directories (never through a symlink) and
+    // every profile path, read-only unless the profile grants write.
+    for bind in &spec.binds {
+        bind_host_path(&bind.source, &bind.target, bind.access, bind.required)?;
+    }
+
+    // /sys shows the host's whole cgroup tree (other tenants' workers,
+    // their memory and CPU): where a profile grants /sys, cover it and show
+    // only this worker's own cgroup, where runtimes read their limits.
+    own_cgroups(&spec.cgroup_procs)?;
+
+    // /dev/shm, as large as /tmp.
+    let shm = new_path("/dev/shm");
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("size={},mode=1777", spec.tmp_size).as_str()),
+    )
+    .at(Stage::Mounts, || "Cannot mount /dev/shm".into())?;
 
     // A private, size-limited /tmp.
     let tmp = new_path("/tmp");
@@ -240,10 +271,9 @@ fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>) -> Result<S
     // expect it.
     make_dir(&new_path("/run"))?;
 
-    // --- Network: the namespace's loopback, and wardend's listeners on it.
+    // --- Network: wardend's listeners on the namespace's loopback.
     // A socket stays in the namespace it was made in: the daemon accepts on
     // these from the host's namespace, and nothing else leaves.
-    sys::loopback_up().map_err(|e| SetupError::new(Stage::Network, e, "Cannot bring up the loopback interface"))?;
     let listeners = spec
         .listeners
         .iter()
@@ -657,8 +687,9 @@ fn walk_no_symlinks(path: &Path) -> nix::Result<OwnedFd> {
 /// tmux panes need a handful).
 const MAX_PTYS: u32 = 64;
 
-/// /dev with the harmless character devices, a private devpts and /dev/shm.
-fn build_dev(shm_size: u64) -> Result<(), SetupError> {
+/// /dev with the harmless character devices, a private devpts, and the
+/// mountpoint of /dev/shm.
+fn build_dev() -> Result<(), SetupError> {
     let dev = new_path("/dev");
     make_dir(&dev)?;
     mount(
@@ -694,16 +725,7 @@ fn build_dev(shm_size: u64) -> Result<(), SetupError> {
     )
     .at(Stage::Mounts, || "Cannot mount /dev/pts".into())?;
     symlink("pts/ptmx", dev.join("ptmx")).at(Stage::Mounts, || "Cannot create /dev/ptmx".into())?;
-    let shm = dev.join("shm");
-    make_dir(&shm)?;
-    mount(
-        Some("tmpfs"),
-        &shm,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(format!("size={shm_size},mode=1777").as_str()),
-    )
-    .at(Stage::Mounts, || "Cannot mount /dev/shm".into())?;
+    make_dir(&dev.join("shm"))?;
     for (name, to) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),

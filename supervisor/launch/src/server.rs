@@ -29,6 +29,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use warden_policy::{LaunchReply, LaunchRequest};
 
+use crate::sandbox::{SetupError, Stage};
 use crate::sys::{self, Cloned};
 
 /// Where requests come from.
@@ -51,6 +52,11 @@ const MAX_REQUEST: usize = 4096;
 
 /// Connections the server keeps at once (wardend needs one or a few).
 const MAX_CONNECTIONS: usize = 64;
+
+/// A request's cgroup directories at most (v1 has a handful of
+/// controllers); with the six others they fit the 16 descriptors a request
+/// is read with.
+const MAX_CGROUP_DIRS: usize = 8;
 
 pub fn serve(source: Source) -> ! {
     let mut chld = SigSet::empty();
@@ -137,7 +143,7 @@ fn accept_root(listener: BorrowedFd<'_>) -> Option<OwnedFd> {
 /// Serves one request on `conn`; false when the connection is over.
 fn handle(conn: BorrowedFd<'_>) -> bool {
     let mut buf = [0u8; MAX_REQUEST];
-    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 16]);
     let (n, truncated, fds) = {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let msg = match recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
@@ -163,17 +169,17 @@ fn handle(conn: BorrowedFd<'_>) -> bool {
     let reply = match request {
         _ if truncated => refused(Errno::EMSGSIZE, "The launch request was too long"),
         Err(e) => refused(Errno::EINVAL, &format!("Cannot parse the launch request: {e}")),
-        Ok(r) if fds.len() != LaunchRequest::FDS.len() + usize::from(r.into_cgroup) => refused(
+        Ok(r) if fds.len() != LaunchRequest::FDS.len() + r.cgroups || r.cgroups > MAX_CGROUP_DIRS => refused(
             Errno::EINVAL,
             &format!(
                 "The launch request carried {} descriptors, expected {}",
                 fds.len(),
-                LaunchRequest::FDS.len() + usize::from(r.into_cgroup)
+                LaunchRequest::FDS.len() + r.cgroups
             ),
         ),
         Ok(r) => {
-            let cgroup = r.into_cgroup.then(|| fds[LaunchRequest::FDS.len()].as_raw_fd());
-            match sys::clone_init(NAMESPACES, cgroup) {
+            let into = (r.into_cgroup && r.cgroups == 1).then(|| fds[LaunchRequest::FDS.len()].as_raw_fd());
+            match sys::clone_init(NAMESPACES, into) {
                 Ok(Cloned::Child { in_cgroup }) => child(fds, in_cgroup),
                 Ok(Cloned::Parent { pid, pidfd }) => {
                     let reply = LaunchReply::Started {
@@ -222,19 +228,44 @@ fn send(conn: BorrowedFd<'_>, reply: &LaunchReply, pidfd: Option<RawFd>) -> bool
     .is_ok()
 }
 
-/// In the clone's child: becomes the worker's init, with its descriptors in
-/// place and nothing of the server's left open. Never returns.
+/// In the clone's child: moves itself into the worker's cgroup (unless it
+/// was created there), then becomes the worker's init, with its
+/// descriptors in place and nothing of the server's left open. Never
+/// returns.
 fn child(fds: Vec<OwnedFd>, in_cgroup: bool) -> ! {
+    let mut fds = fds.into_iter();
     let raw: Vec<RawFd> = fds
-        .into_iter()
+        .by_ref()
         .take(LaunchRequest::FDS.len())
         .map(IntoRawFd::into_raw_fd)
         .collect();
+    let cgroups: Vec<OwnedFd> = fds.collect();
+    if !in_cgroup {
+        if let Err(e) = join(&cgroups) {
+            crate::fail(&mut sys::file_of(raw[3]), &e, crate::EXIT_SETUP_FAILED)
+        }
+    }
+    drop(cgroups);
+    let marks = vec![crate::mark(Stage::Cgroup)];
     // stdin, stdout and stderr stay open across the worker's exec; the
     // report, status and spec descriptors do not.
     let above = u32::try_from(crate::SPEC_FD + 1).unwrap_or(u32::MAX);
     if sys::place_fds(&raw, 3).is_err() || sys::close_from(above).is_err() {
         std::process::exit(crate::EXIT_SETUP_FAILED);
     }
-    crate::init(in_cgroup)
+    crate::init(marks)
+}
+
+/// Moves this process into each cgroup directory of `dirs`, before
+/// anything of the worker runs: on cgroup v1 by writing "0" (the writer) to
+/// `tasks`, the one move the kernel makes without waiting for an RCU grace
+/// period (some 10 ms on an idle machine, with the cgroup lock held, so
+/// that every other spawn's cgroup work waited too); this process has one
+/// thread, so its thread is the whole of it. Elsewhere (cgroup v2 where the
+/// clone could not create it in place) `cgroup.procs`.
+fn join(dirs: &[OwnedFd]) -> Result<(), SetupError> {
+    for dir in dirs {
+        sys::join_cgroup(dir).map_err(|e| SetupError::new(Stage::Cgroup, e, "Cannot join the worker's cgroup"))?;
+    }
+    Ok(())
 }

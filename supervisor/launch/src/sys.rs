@@ -256,6 +256,27 @@ pub fn place_fds(fds: &[RawFd], keep_open: usize) -> Result<(), Errno> {
     Ok(())
 }
 
+/// The report socket at `fd`, in the server's child before its
+/// descriptors are in place (it owns every descriptor it holds).
+pub fn file_of(fd: RawFd) -> std::fs::File {
+    // SAFETY: the clone's child owns `fd`, handed to it in the request, and
+    // nothing else in it uses the number from here on: it exits next.
+    unsafe { std::fs::File::from_raw_fd(fd) }
+}
+
+/// Moves the calling thread into the cgroup of directory `dir`: through
+/// `tasks` (cgroup v1), else `cgroup.procs`, writing "0" (the writer).
+pub fn join_cgroup(dir: &OwnedFd) -> Result<(), Errno> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+    let file = match openat(dir, "tasks", flags, Mode::empty()) {
+        Err(Errno::ENOENT) => openat(dir, "cgroup.procs", flags, Mode::empty())?,
+        other => other?,
+    };
+    nix::unistd::write(&file, b"0").map(drop)
+}
+
 /// The process a [`clone_init`] made, seen from either side.
 pub enum Cloned {
     /// In the child: `in_cgroup` says whether it was created in the

@@ -285,7 +285,7 @@ fn a_garbage_spec_is_a_typed_spec_failure() {
         status_w.as_raw_fd(),
         spec_r.as_raw_fd(),
     ];
-    let (reply, pidfds) = server.ask(br#"{"into_cgroup":false}"#, &fds);
+    let (reply, pidfds) = server.ask(br#"{"cgroups":0,"into_cgroup":false}"#, &fds);
     assert!(reply.contains(r#""kind":"started""#), "{reply}");
     assert_eq!(pidfds, 1, "the init's pidfd comes with the answer");
     drop((spec_r, report_w, status_w));
@@ -315,7 +315,7 @@ fn the_launch_server_refuses_bad_requests_and_goes_on() {
         "{reply}"
     );
     assert!(reply.contains("Cannot parse the launch request"), "{reply}");
-    let (reply, _) = server.ask(br#"{"into_cgroup":false}"#, &[0, 1]);
+    let (reply, _) = server.ask(br#"{"cgroups":0,"into_cgroup":false}"#, &[0, 1]);
     assert!(reply.contains("carried 2 descriptors, expected 6"), "{reply}");
     // It still serves: a real launch through the daemon's client works
     // (another server, the same binary).
@@ -368,7 +368,7 @@ fn a_listening_launch_server_serves_only_root() {
     let ask = format!(
         "import socket\n\
          s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n\
-         try:\n    s.connect({:?}); s.send(b'{{\"into_cgroup\":false}}'); answer = s.recv(4096)\n\
+         try:\n    s.connect({:?}); s.send(b'{{\"cgroups\":0,\"into_cgroup\":false}}'); answer = s.recv(4096)\n\
          except ConnectionError:\n    answer = b''\n\
          print('hung up' if answer == b'' else answer)\n",
         path.display().to_string()

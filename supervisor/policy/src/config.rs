@@ -16,6 +16,10 @@ use crate::{ByteSize, HttpUrl, Rate, Seconds};
 /// The configuration wardend uses when /etc/warden/wardend.toml is absent.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../systemd/wardend.toml");
 
+/// Warm inits when wardend.toml says nothing, and the most it may ask for.
+const WARM_INITS: usize = 2;
+const MAX_WARM_INITS: usize = 64;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -39,6 +43,8 @@ struct RawConfig {
     max_message_bytes: Spanned<usize>,
     log_max_bytes: u64,
     exited_history: usize,
+    #[serde(default)]
+    warm_inits: Option<Spanned<usize>>,
     audit_log: Spanned<String>,
     audit_max_bytes: u64,
     audit_keep: usize,
@@ -264,6 +270,9 @@ pub struct Config {
     pub log_max_bytes: u64,
     /// How many exited workers `List` and `Get` remember.
     pub exited_history: usize,
+    /// Workers' inits the daemon keeps made ahead of their spawns (each in
+    /// its cgroup and new namespaces, waiting for a spec); 0: none.
+    pub warm_inits: usize,
     /// The audit log (JSON lines), rotated at `audit_max_bytes`, keeping
     /// `audit_keep` rotated files.
     pub audit_log: PathBuf,
@@ -360,6 +369,12 @@ impl Config {
                     format!("expected an absolute path without '..', got {:?}", p.get_ref()),
                 ));
             }
+        }
+        if let Some(w) = raw.warm_inits.as_ref().filter(|w| *w.get_ref() > MAX_WARM_INITS) {
+            return Err(invalid(
+                w.span(),
+                format!("expected warm_inits of at most {MAX_WARM_INITS}"),
+            ));
         }
         if raw.launcher.get_ref().is_empty() {
             return Err(invalid(raw.launcher.span(), "expected the warden-launch path".into()));
@@ -466,6 +481,7 @@ impl Config {
             max_message_bytes: raw.max_message_bytes.into_inner(),
             log_max_bytes: raw.log_max_bytes,
             exited_history: raw.exited_history,
+            warm_inits: raw.warm_inits.map_or(WARM_INITS, Spanned::into_inner),
             audit_log: PathBuf::from(raw.audit_log.into_inner()),
             audit_max_bytes: raw.audit_max_bytes,
             audit_keep: raw.audit_keep,

@@ -637,12 +637,14 @@ pub enum LaunchReport {
 
 /// A request to the launch server (`warden-launch --serve`): one
 /// SOCK_SEQPACKET message of JSON, with the descriptors of
-/// [`LaunchRequest::FDS`] attached (SCM_RIGHTS) in that order, then the
-/// worker's cgroup directory when `into_cgroup` (cgroup v2: the worker's
-/// init is created in it, `CLONE_INTO_CGROUP`).
+/// [`LaunchRequest::FDS`] attached (SCM_RIGHTS) in that order, then
+/// `cgroups` directories of the worker's cgroup: one of cgroup v2
+/// (`into_cgroup`: the kernel creates the init in it, `CLONE_INTO_CGROUP`)
+/// or one per controller of v1 (the init moves itself into each).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchRequest {
+    pub cgroups: usize,
     pub into_cgroup: bool,
 }
 

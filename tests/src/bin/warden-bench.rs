@@ -552,6 +552,9 @@ fn bwrap_true() {
 
 /// Spawn to exit through a real wardend (base profile), against bubblewrap
 /// in the same run: each warden run is paired with a bwrap run right after.
+/// Spawns after an idle pause, for the idle row.
+const IDLE_RUNS: usize = 7;
+
 fn spawn_rows() -> SpawnRows {
     use warden_proto::v1 as pb;
     let runs = 20;
@@ -590,9 +593,36 @@ fn spawn_rows() -> SpawnRows {
             b_rpc.push(timed(bwrap_true));
         }
     });
+    // After the machine sat idle: a spawn then finds its warm init ready
+    // (and on cgroup v1 no move into a cgroup, which waits for an RCU
+    // grace period of the kernel's when none passed lately), against
+    // bubblewrap after the same pause.
+    let (mut w_idle, mut b_idle) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+        for _ in 0..IDLE_RUNS {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let t = Instant::now();
+            let w = c
+                .spawn(pb::SpawnRequest {
+                    user: "bench".into(),
+                    command: vec!["/bin/true".into()],
+                    ..Default::default()
+                })
+                .await
+                .expect("Spawn")
+                .into_inner();
+            c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+            w_idle.push(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            b_idle.push(timed(bwrap_true));
+        }
+    });
     // Where the time went: each stage's own share, median over the runs.
     // The exit path's stages (worker_exited) continue on the same clock.
-    let mut by_stage: Vec<(String, Vec<u64>)> = Vec::new();
+    // Each stage's own time and its end, by name (the order of stages
+    // varies: a warm init's come before the request, at 0).
+    let mut by_stage: std::collections::BTreeMap<String, (Vec<u64>, Vec<u64>)> = Default::default();
     let events = d.audit_events();
     let exited = |id: &serde_json::Value| {
         events
@@ -609,22 +639,24 @@ fn spawn_rows() -> SpawnRows {
             .unwrap_or_default()
             .into_iter()
             .chain(exited(&e["worker"]));
-        for (i, s) in all.enumerate() {
+        for s in all {
             let (name, us) = (s["stage"].as_str().unwrap_or("?"), s["us"].as_u64().unwrap_or(0));
-            if by_stage.len() <= i {
-                by_stage.push((name.to_string(), Vec::new()));
-            }
-            by_stage[i].1.push(us.saturating_sub(before));
+            let entry = by_stage.entry(name.to_string()).or_default();
+            entry.0.push(us.saturating_sub(before));
+            entry.1.push(us);
             before = us;
         }
     }
-    let stages = by_stage
+    let mid = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let mut stages: Vec<(u64, String, f64)> = by_stage
         .into_iter()
-        .map(|(name, mut v)| {
-            v.sort_unstable();
-            (name, v[v.len() / 2] as f64 / 1e3)
-        })
+        .map(|(name, (own, end))| (mid(end), name, mid(own) as f64 / 1e3))
         .collect();
+    stages.sort_by_key(|(end, _, _)| *end);
+    let stages = stages.into_iter().map(|(_, name, t)| (name, t)).collect();
 
     // Throughput: 16 clients, each spawning /bin/true and waiting for it.
     let cycles = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -672,6 +704,11 @@ fn spawn_rows() -> SpawnRows {
                 "the same over gRPC (Spawn, then Wait)",
                 ms(median(w_rpc)),
                 ms(median(b_rpc)),
+            ),
+            (
+                "the same after 1.5 s idle (each of the pair)",
+                ms(median(w_idle)),
+                ms(median(b_idle)),
             ),
         ],
         stages,
@@ -835,6 +872,8 @@ fn load_daemon(max_workers: i64, extra: &[(&str, toml::Value)]) -> Daemon {
     let mut settings = vec![
         ("max_workers", value(max_workers)),
         ("max_workers_per_user", value(64)),
+        // wardend.toml's own default (the tests' daemons make none).
+        ("warm_inits", value(2)),
         // Many clients of one uid (root), and wardenctl.
         ("max_connections_per_caller", value(128)),
         (

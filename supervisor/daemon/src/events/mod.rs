@@ -214,10 +214,11 @@ pub enum EventKind {
         /// Requests and tokens through the API gateway.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         api: Option<crate::usage::Totals>,
-        /// Where the time to end it went: `exited` (its launcher's exit
-        /// seen on the pidfd), `output` (its stdout and stderr closed),
-        /// `cgroup` (the cgroup emptied and removed), each in microseconds
-        /// since its spawn request arrived, like `worker_started`'s.
+        /// Where the time to end it went: `exited` (its init's exit seen
+        /// on the pidfd), `output` (its stdout and stderr closed), each in
+        /// microseconds since its spawn request arrived, like
+        /// `worker_started`'s. (Its cgroup is removed while this event is
+        /// written.)
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         stages: Vec<StageTime>,
     },

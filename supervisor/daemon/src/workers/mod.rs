@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod record;
 pub mod spawn;
+pub mod warm;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -32,7 +33,7 @@ use crate::claude::{Approvals, Decision};
 use crate::disk::{Disk, DiskPromise};
 use crate::events::{millis, DiskUse, EventKind, Events, ExitReason, NetUsage, StageTime};
 use crate::io::{OutputLog, Stdin};
-use crate::launcher::Launcher;
+use crate::launcher::{Io, Launcher};
 use crate::limits::Limiters;
 use crate::net::gateway::{Gateway, Upstream};
 use crate::net::resolve::Resolver;
@@ -325,6 +326,8 @@ pub struct Supervisor {
     /// Per-user disk limits on the state directory's file system.
     pub disk: Arc<Disk>,
     next: AtomicU64,
+    /// Workers' inits made ahead of their spawns.
+    warm: warm::Pool,
     shutting_down: AtomicBool,
     /// Spawn rates per user and caller, refused-call reports per peer.
     pub limiters: Limiters,
@@ -357,6 +360,7 @@ impl Supervisor {
             records: Records::new(config.state_dir.join("workers")),
             resolver: Arc::new(Resolver::system(config.hosts.clone().into_iter().collect())),
             next: AtomicU64::new(millis(SystemTime::now())),
+            warm: warm::Pool::new(config.warm_inits),
             config,
             users,
             cgroups,
@@ -366,6 +370,71 @@ impl Supervisor {
             launcher,
             registry: Mutex::default(),
             shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// A new worker id.
+    fn new_id(&self) -> String {
+        format!("w{:x}", self.next.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// A warm init for a spawn, if one is ready.
+    fn take_warm(&self) -> Option<warm::Warm> {
+        let (found, ended) = self.warm.take();
+        if !ended.is_empty() {
+            tokio::task::spawn_blocking(move || ended.into_iter().for_each(warm::Warm::discard));
+        }
+        found
+    }
+
+    /// Keeps `warm_inits` workers' inits made ahead of their spawns, from
+    /// now until the daemon stops.
+    pub fn keep_warm(self: &Arc<Self>) {
+        if self.warm.wanted == 0 {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                while this.warm.missing() > 0 && !this.shutting_down.load(Ordering::SeqCst) {
+                    let maker = this.clone();
+                    match tokio::task::spawn_blocking(move || maker.make_warm()).await {
+                        Ok(Ok(w)) if !this.shutting_down.load(Ordering::SeqCst) => {
+                            this.warm.put(w);
+                            backoff = Duration::from_millis(500);
+                        }
+                        Ok(Ok(w)) => {
+                            let _ = tokio::task::spawn_blocking(move || w.discard()).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, retry_in = ?backoff, "cannot make a warm init; spawns make their own meanwhile");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if this.shutting_down.load(Ordering::SeqCst) {
+                    break;
+                }
+                this.warm.taken.notified().await;
+            }
+        });
+    }
+
+    /// One warm init: a new worker id, its cgroup with no limits yet, and
+    /// its init in there, waiting for a spec (blocking).
+    fn make_warm(&self) -> Result<warm::Warm, WorkerError> {
+        let id = self.new_id();
+        let cgroup = self.cgroups.create(&id, &crate::cgroups::CgroupLimits::default())?;
+        match self.launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe) {
+            Ok(pending) => Ok(warm::Warm { id, cgroup, pending }),
+            Err(e) => {
+                let _ = cgroup.kill_all(Duration::from_secs(5));
+                let _ = cgroup.remove();
+                Err(e.into())
+            }
         }
     }
 
@@ -552,13 +621,13 @@ impl Supervisor {
     /// Records the exit: kills what is left, removes the cgroup and the
     /// record, publishes the exit (on disk before anyone waiting hears of
     /// it) and releases the worker's slot.
-    /// `stages` holds the exit path's stages so far (`exited`, `output`).
+    /// `stages` holds the exit path's stages (`exited`, `output`).
     async fn finish(
         &self,
         w: &Worker,
         status: Option<std::process::ExitStatus>,
         timed_out: bool,
-        mut stages: Vec<StageTime>,
+        stages: Vec<StageTime>,
     ) {
         use std::os::unix::process::ExitStatusExt;
         let usage = w.usage().unwrap_or_default();
@@ -570,16 +639,16 @@ impl Supervisor {
         for t in w.net_tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }
-        if let Some(cg) = w.cgroup.clone() {
+        // Its cgroup goes while its exit is written (both before anyone
+        // waiting hears of it).
+        let removal = w.cgroup.clone().map(|cg| {
             let id = w.id.clone();
-            let _ = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 if let Err(e) = cg.kill_all(Duration::from_secs(10)).and_then(|()| cg.remove()) {
                     tracing::error!(worker = %id, error = %e, "cannot remove the worker's cgroup");
                 }
             })
-            .await;
-        }
-        stages.push(w.stage("cgroup"));
+        });
         let (code, signal) = match status.map(|s| (s.code(), s.signal())) {
             Some((Some(c), _)) => (c, if c > 128 { c - 128 } else { 0 }),
             Some((None, Some(sig))) => (128 + sig, sig),
@@ -625,6 +694,9 @@ impl Supervisor {
             },
         );
         written.written().await;
+        if let Some(r) = removal {
+            let _ = r.await;
+        }
         // Nobody reads it any more; an exited worker kept in the history
         // holds no descriptor.
         w.stdin.close().await;
@@ -669,9 +741,13 @@ impl Supervisor {
         Ok(w.wait().await)
     }
 
-    /// Stops accepting spawns and stops every running worker (SIGTERM).
+    /// Stops accepting spawns, ends the warm inits and stops every running
+    /// worker (SIGTERM).
     pub async fn shutdown(self: &Arc<Self>) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.warm.taken.notify_one();
+        let warm = self.warm.drain();
+        let _ = tokio::task::spawn_blocking(move || warm.into_iter().for_each(warm::Warm::discard)).await;
         let stops = self.running().into_iter().map(|w| {
             let this = self.clone();
             tokio::spawn(async move { this.stop(&w.id, None).await })

@@ -23,7 +23,7 @@ use crate::claude::session::{self, Session, Start};
 use crate::disk::{Disk, DiskPromise};
 use crate::events::{clip, logged_command, millis, EventKind, StageTime, Written, MAX_FIELD};
 use crate::io::Stdin;
-use crate::launcher::{Io, LaunchError, Launched, Launcher};
+use crate::launcher::{Io, LaunchError, Launched, Launcher, Pending};
 use crate::limits::Bucket;
 use crate::net::gateway::Gateway;
 use crate::net::Egress;
@@ -105,20 +105,33 @@ impl Supervisor {
         let mut marks = vec![mark("admitted")];
         let profile = resolve(&self.profiles.current(), &p)?;
         let name = profile.name.clone();
-        let mut prepared = match self.prepare(profile, p.clone()).await {
+        // A warm init, when one is ready, spares this spawn the making of
+        // its cgroup and namespaces.
+        let warm = self.take_warm();
+        let made = warm.as_ref().map(|w| (w.id.clone(), w.cgroup.clone()));
+        let mut prepared = match self.prepare(profile, p.clone(), made).await {
             Ok(prepared) => prepared,
-            Err(e @ WorkerError::Disk(_)) => {
-                self.spawn_failed(None, &p.user, &name, ("disk".into(), 0, e.to_string()))
-                    .await;
+            Err(e) => {
+                if let Some(w) = warm {
+                    tokio::task::spawn_blocking(move || w.discard());
+                }
+                if let WorkerError::Disk(_) = e {
+                    self.spawn_failed(None, &p.user, &name, ("disk".into(), 0, e.to_string()))
+                        .await;
+                }
                 return Err(e);
             }
-            Err(e) => return Err(e),
         };
         marks.push(mark("prepared"));
-        let mut launched = self.launch(&prepared).await?;
+        let (mut launched, init) = self.launch(&prepared, warm.map(|w| w.pending)).await?;
+        marks.push(init);
         marks.extend(launched.enforced.marks.iter().cloned());
         // The launcher's report ends when the worker's exec closes it.
         marks.push(mark("exec"));
+        // In the order they ended: the init builds what every sandbox has
+        // while the daemon waits for it (or, warm, before the request:
+        // those stages are at 0).
+        marks.sort_by_key(|m| m.at_ns);
         let stages = marks
             .into_iter()
             .map(|m| StageTime {
@@ -188,13 +201,22 @@ impl Supervisor {
         );
     }
 
-    /// The user's directories, Claude Code's files, the cgroup and the spec
-    /// (blocking file system work, off the async threads).
-    async fn prepare(self: &Arc<Self>, profile: Profile, p: SpawnParams) -> Result<Prepared, WorkerError> {
+    /// The user's directories, Claude Code's files, the cgroup (the warm
+    /// init's `made`, or a new one) and the spec (blocking file system
+    /// work, off the async threads).
+    async fn prepare(
+        self: &Arc<Self>,
+        profile: Profile,
+        p: SpawnParams,
+        made: Option<(String, WorkerCgroup)>,
+    ) -> Result<Prepared, WorkerError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let id = format!("w{:x}", this.next.fetch_add(1, Ordering::SeqCst));
-            prepare(&this.host(), &id, &profile, &p)
+            let (id, cgroup) = match made {
+                Some((id, cgroup)) => (id, Some(cgroup)),
+                None => (this.new_id(), None),
+            };
+            prepare(&this.host(), &id, cgroup, &profile, &p)
         })
         .await?
     }
@@ -223,10 +245,12 @@ impl Supervisor {
             .await;
     }
 
-    /// Persists the worker's record, then starts the launcher and waits for
-    /// its report. A failure removes what prepare made and is a
-    /// `spawn_failed` event.
-    async fn launch(&self, prepared: &Prepared) -> Result<Launched, WorkerError> {
+    /// Persists the worker's record, then has the launch server create the
+    /// worker's init (unless `warm` is one made ahead), hands it the spec
+    /// and waits for its report; returns it with the mark of the init
+    /// ready. A failure removes what prepare made and is a `spawn_failed`
+    /// event.
+    async fn launch(&self, prepared: &Prepared, warm: Option<Pending>) -> Result<(Launched, Mark), WorkerError> {
         let spec = &prepared.spec;
         let logs = self.logs_dir();
         let setup = || -> Result<(), WorkerError> {
@@ -250,7 +274,15 @@ impl Supervisor {
             Ok(()) => {
                 let (launcher, spec, cgroup) = (self.launcher.clone(), spec.clone(), prepared.cgroup.clone());
                 tokio::task::spawn_blocking(move || {
-                    launcher.launch(&spec, cgroup.v2_dir(), Io::Pipe, Io::Pipe, Io::Pipe)
+                    let pending = match warm {
+                        Some(p) => p,
+                        None => launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?,
+                    };
+                    let init = Mark {
+                        stage: "init".into(),
+                        at_ns: crate::sys::monotonic_ns(),
+                    };
+                    pending.run(&spec).map(|l| (l, init))
                 })
                 .await
                 .map_err(WorkerError::from)
@@ -520,8 +552,15 @@ fn tighten(field: &'static str, profile: Option<u64>, asked: Option<u64>) -> Res
 
 /// Prepares worker `id` on `host`: the user's uid and directories, Claude
 /// Code's files for a `[claude]` profile, the cgroup with the profile's
-/// limits, and the compiled spec. Blocking.
-pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) -> Result<Prepared, WorkerError> {
+/// limits (`made` ahead for a warm init, or new), and the compiled spec.
+/// Blocking.
+pub fn prepare(
+    host: &Host<'_>,
+    id: &str,
+    made: Option<WorkerCgroup>,
+    profile: &Profile,
+    p: &SpawnParams,
+) -> Result<Prepared, WorkerError> {
     let identity = host.users.identity(&p.user)?;
     // The user's disk limit: the config's for this user, else the profile's.
     let disk_limit = host.config.disk_limits.get(&p.user).copied().or(profile.limits.disk);
@@ -554,7 +593,14 @@ pub fn prepare(host: &Host<'_>, id: &str, profile: &Profile, p: &SpawnParams) ->
         Some(c) => (c.argv.clone(), c.binds.clone()),
         None => (p.command.clone(), Vec::new()),
     };
-    let cgroup = host.cgroups.create(id, &CgroupLimits::from(&profile.limits))?;
+    let limits = CgroupLimits::from(&profile.limits);
+    let cgroup = match made {
+        Some(cg) => {
+            cg.limit(&limits)?;
+            cg
+        }
+        None => host.cgroups.create(id, &limits)?,
+    };
     let req = SpawnRequest {
         worker_id: id.to_string(),
         user: p.user.clone(),
@@ -609,7 +655,7 @@ impl Prepared {
 
     /// Launches this worker with the given stdio (blocking).
     pub fn launch(&self, launcher: &Launcher, stdin: Io, stdout: Io, stderr: Io) -> Result<Launched, LaunchError> {
-        launcher.launch(&self.spec, self.cgroup.v2_dir(), stdin, stdout, stderr)
+        launcher.launch(&self.spec, Some(&self.cgroup), stdin, stdout, stderr)
     }
 
     /// Undoes [`prepare`] for a worker that will not run: kills anything in
