@@ -555,6 +555,35 @@ fn bwrap_true() {
 /// Spawns after an idle pause, for the idle row.
 const IDLE_RUNS: usize = 7;
 
+/// `runs` pairs of a spawn-to-exit of /bin/true over gRPC (Spawn, then
+/// Wait) and a bubblewrap run, each after `pause`.
+async fn rpc_pairs(
+    c: &mut warden_proto::v1::workers_client::WorkersClient<tonic::transport::Channel>,
+    runs: usize,
+    pause: Duration,
+) -> (Vec<Duration>, Vec<Duration>) {
+    use warden_proto::v1 as pb;
+    let (mut warden, mut bwrap) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        tokio::time::sleep(pause).await;
+        let t = Instant::now();
+        let w = c
+            .spawn(pb::SpawnRequest {
+                user: "bench".into(),
+                command: vec!["/bin/true".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("Spawn")
+            .into_inner();
+        c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+        warden.push(t.elapsed());
+        tokio::time::sleep(pause).await;
+        bwrap.push(timed(bwrap_true));
+    }
+    (warden, bwrap)
+}
+
 fn spawn_rows() -> SpawnRows {
     use warden_proto::v1 as pb;
     let runs = 20;
@@ -574,49 +603,14 @@ fn spawn_rows() -> SpawnRows {
         w_ctl.push(timed(|| ctl("bench")));
         b_ctl.push(timed(bwrap_true));
     }
-    let (mut w_rpc, mut b_rpc) = (Vec::new(), Vec::new());
-    rt.block_on(async {
+    // Over gRPC, right after each other; then after the machine sat idle
+    // (the other's pause, each of the pair): a spawn then finds its warm
+    // init ready, against bubblewrap after the same pause.
+    let ((w_rpc, b_rpc), (w_idle, b_idle)) = rt.block_on(async {
         let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
-        for _ in 0..runs {
-            let t = Instant::now();
-            let w = c
-                .spawn(pb::SpawnRequest {
-                    user: "bench".into(),
-                    command: vec!["/bin/true".into()],
-                    ..Default::default()
-                })
-                .await
-                .expect("Spawn")
-                .into_inner();
-            c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
-            w_rpc.push(t.elapsed());
-            b_rpc.push(timed(bwrap_true));
-        }
-    });
-    // After the machine sat idle: a spawn then finds its warm init ready
-    // (and on cgroup v1 no move into a cgroup, which waits for an RCU
-    // grace period of the kernel's when none passed lately), against
-    // bubblewrap after the same pause.
-    let (mut w_idle, mut b_idle) = (Vec::new(), Vec::new());
-    rt.block_on(async {
-        let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
-        for _ in 0..IDLE_RUNS {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            let t = Instant::now();
-            let w = c
-                .spawn(pb::SpawnRequest {
-                    user: "bench".into(),
-                    command: vec!["/bin/true".into()],
-                    ..Default::default()
-                })
-                .await
-                .expect("Spawn")
-                .into_inner();
-            c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
-            w_idle.push(t.elapsed());
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            b_idle.push(timed(bwrap_true));
-        }
+        let busy = rpc_pairs(&mut c, runs, Duration::ZERO).await;
+        let idle = rpc_pairs(&mut c, IDLE_RUNS, Duration::from_millis(1500)).await;
+        (busy, idle)
     });
     // Where the time went: each stage's own share, median over the runs.
     // The exit path's stages (worker_exited) continue on the same clock.
