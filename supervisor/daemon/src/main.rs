@@ -311,10 +311,18 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     health.set_serving::<ProfilesServer<ProfilesApi>>().await;
     health.set_serving::<EventsServer<EventsApi>>().await;
     health.set_serving::<UsageServer<UsageApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(warden_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions clients ask for: v1 (grpcurl), and
+    // v1alpha (grpcio's reflection client, older grpcurl, Postman).
+    let reflection_of = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(warden_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_of()
         .build_v1()
+        .context("Cannot build the reflection service")?;
+    let reflection_v1alpha = reflection_of()
+        .build_v1alpha()
         .context("Cannot build the reflection service")?;
     let max = config.max_message_bytes;
     let workers = WorkersServer::new(WorkersApi { sup: sup.clone() })
@@ -366,6 +374,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     routes
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(workers)
         .add_service(profiles)
         .add_service(events_api)

@@ -7,7 +7,9 @@
 //! do), `stream-json` (a Claude Code worker's output, split into lines and
 //! read as the session driver reads it), `proxy` (HTTP proxy requests
 //! through hyper and the proxy's destination and policy decision, SOCKS5
-//! handshakes, TLS ClientHellos for the SNI check).
+//! handshakes, TLS ClientHellos for the SNI check), `http2` (a client's
+//! bytes on the API socket, through the layer that rewrites `:authority`:
+//! whatever it passes on must decode).
 //!
 //! Each target starts from seeds (the shipped files, recorded messages)
 //! and mutates them: bit flips, interesting bytes, insertions, deletions,
@@ -610,6 +612,91 @@ async fn http_request(bytes: &[u8], policy: &warden_policy::NetworkPolicy) -> u6
     decided
 }
 
+/// A frame as a client writes it.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn http2_target() -> Target {
+    use warden_daemon::api::authority::{Rewriter, PREFACE};
+    let headers: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/warden.v1.Workers/Spawn"),
+        (b":authority", b"run%2Fwarden%2Fwarden.sock"),
+        (b"te", b"trailers"),
+        (b"content-type", b"application/grpc"),
+    ];
+    let mut enc = loona_hpack::Encoder::new();
+    let first = enc.encode(headers.iter().copied());
+    let second = enc.encode(headers.iter().copied());
+    let settings = h2_frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+    let mut plain = PREFACE.to_vec();
+    plain.extend(&settings);
+    plain.extend(h2_frame(0x1, 0x4, 1, &first));
+    plain.extend(h2_frame(0x0, 0x1, 1, b"\0\0\0\0\0"));
+    plain.extend(h2_frame(0x1, 0x5, 3, &second));
+    // Padding and priority on the HEADERS, the block in two frames.
+    let mut padded = vec![2u8, 0, 0, 0, 0, 16];
+    padded.extend_from_slice(&first[..4]);
+    padded.extend_from_slice(&[0, 0]);
+    let mut split = PREFACE.to_vec();
+    split.extend(h2_frame(0x1, 0x8 | 0x20, 5, &padded));
+    split.extend(h2_frame(0x9, 0x4, 5, &first[4..]));
+    Target {
+        name: "http2",
+        seeds: vec![plain, split],
+        tokens: vec![
+            b"\x00\x00\x05\x01\x04\x00\x00\x00\x01",
+            b"\x09",
+            b"\x3f\xe1\x1f",
+            b"\x40\x0a:authority",
+            b"\x82\x86\x84",
+        ],
+        run: Box::new(|input| {
+            let Some((step, input)) = input.split_first() else {
+                return 0;
+            };
+            let mut r = Rewriter::new();
+            let mut raw = bytes::BytesMut::new();
+            let mut out = Vec::new();
+            for piece in input.chunks(usize::from(*step % 32) + 1) {
+                raw.extend_from_slice(piece);
+                if let Err(e) = r.feed(&mut raw) {
+                    return summary(("refused", kind_of(&e.to_string())));
+                }
+                out.extend_from_slice(&r.take());
+            }
+            // What it passed on: every header block decodes, with
+            // `:authority` localhost, from a decoder of its own.
+            let mut dec = loona_hpack::Decoder::new();
+            let mut rest = out.get(PREFACE.len().min(out.len())..).unwrap_or_default();
+            let (mut frames, mut block) = (0usize, Vec::new());
+            while rest.len() >= 9 {
+                let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+                let Some(payload) = rest.get(9..9 + len) else { break };
+                if rest[3] == 0x1 || rest[3] == 0x9 {
+                    block.extend_from_slice(payload);
+                    if rest[4] & 0x4 != 0 {
+                        let fields = dec.decode(&block).expect("a header block it passed on decodes");
+                        for (n, v) in fields {
+                            assert!(n != b":authority" || v == b"localhost", "an authority passed on");
+                        }
+                        block.clear();
+                    }
+                }
+                frames += 1;
+                rest = &rest[9 + len..];
+            }
+            summary(("passed", frames.min(8)))
+        }),
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut seconds = 10u64;
@@ -624,7 +711,7 @@ fn main() {
             "--crashes" => crashes = args.next().map(PathBuf::from).unwrap_or(crashes),
             _ => {
                 eprintln!(
-                    "usage: warden-fuzz [--seconds N] [--target profile|config|grpc|stream-json|proxy]... [--seed N] [--crashes DIR]"
+                    "usage: warden-fuzz [--seconds N] [--target profile|config|grpc|stream-json|proxy|http2]... [--seed N] [--crashes DIR]"
                 );
                 std::process::exit(64);
             }
@@ -639,6 +726,7 @@ fn main() {
         grpc_target(),
         stream_json_target(),
         proxy_target(),
+        http2_target(),
     ];
     let mut rng = Rng(seed | 1);
     let mut failed = false;

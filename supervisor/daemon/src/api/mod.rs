@@ -2,6 +2,7 @@
 //! domain and map the error. Errors become `tonic::Status` here and only
 //! here; internal detail (paths, errno text) reaches admins only.
 
+pub mod authority;
 pub mod events;
 pub mod metered;
 pub mod outbox;

@@ -145,6 +145,8 @@ pub async fn serve(listener: UnixListener, routes: Routes, limits: Limits, shutd
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(MAX_HEADERS);
+        // Whatever `:authority` the client sends (its socket path, say).
+        let stream = super::authority::AnyAuthority::new(stream);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
