@@ -25,6 +25,8 @@
 //!   recovery of a crashed daemon's workers.
 //! - [`auth`]: callers from SO_PEERCRED and who may act for whom.
 //! - [`api`]: the gRPC handlers, and the one mapping of errors to statuses.
+//! - [`metrics`]: counters of what happened and gauges of what is held, in
+//!   Prometheus's text format.
 //!
 //! Unsafe code lives in [`sys`] only (fds from SCM_RIGHTS and systemd, the
 //! seccomp notification ioctls, the project-quota calls).
@@ -43,6 +45,7 @@ pub mod io;
 pub mod landlock_audit;
 pub mod launcher;
 pub mod limits;
+pub mod metrics;
 pub mod net;
 pub mod paths;
 pub mod profiles;

@@ -205,6 +205,8 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         );
     }
     let events = Arc::new(events);
+    // Every event written is counted for the metrics.
+    events.observe(warden_daemon::metrics::global().clone());
     let upstream = Upstream::new(&config.gateway, config.hosts.clone().into_iter().collect())
         .context("Cannot set up the API gateway's upstream client")?;
     let sup = Arc::new(Supervisor::new(
@@ -276,6 +278,12 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .await;
     // Workers' inits made ahead of their spawns, from now on.
     sup.keep_warm();
+    // Metrics, where the admin asked for them.
+    let metrics = warden_daemon::api::metrics::bind(&config.metrics_listen, admin_gid)?;
+    for l in &config.metrics_listen {
+        tracing::info!(listen = ?l, "metrics served at /metrics");
+    }
+    warden_daemon::api::metrics::serve(metrics, sup.clone());
 
     if config.landlock_audit {
         match warden_daemon::landlock_audit::open() {

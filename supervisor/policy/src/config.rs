@@ -16,6 +16,38 @@ use crate::{ByteSize, HttpUrl, Rate, Seconds};
 /// The configuration wardend uses when /etc/warden/wardend.toml is absent.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../systemd/wardend.toml");
 
+/// A listener for Prometheus scrapes: TCP on a loopback address, or a
+/// Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl MetricsListen {
+    /// `127.0.0.1:9187`, `[::1]:9187` or `unix:/run/warden/metrics.sock`.
+    /// Other addresses are refused: the metrics name users, and a scraper
+    /// elsewhere goes through a proxy of the admin's that authenticates it.
+    pub fn parse(s: &str) -> Result<MetricsListen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+                return Err(format!("expected unix: and an absolute path without '..', got {s:?}"));
+            }
+            return Ok(MetricsListen::Unix(PathBuf::from(path)));
+        }
+        match s.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => Ok(MetricsListen::Tcp(a)),
+            Ok(_) => Err(format!(
+                "expected a loopback address for metrics (127.0.0.1:PORT, [::1]:PORT) or unix:PATH, got {s:?}: \
+                 the metrics name users; serve them elsewhere through a proxy that authenticates the scraper"
+            )),
+            Err(_) => Err(format!(
+                "expected an address like \"127.0.0.1:9187\" or \"unix:/run/warden/metrics.sock\", got {s:?}"
+            )),
+        }
+    }
+}
+
 /// Warm inits when wardend.toml says nothing, and the most it may ask for.
 const WARM_INITS: usize = 2;
 const MAX_WARM_INITS: usize = 64;
@@ -45,6 +77,8 @@ struct RawConfig {
     exited_history: usize,
     #[serde(default)]
     warm_inits: Option<Spanned<usize>>,
+    #[serde(default)]
+    metrics_listen: Vec<Spanned<String>>,
     audit_log: Spanned<String>,
     audit_max_bytes: u64,
     audit_keep: usize,
@@ -273,6 +307,8 @@ pub struct Config {
     /// Workers' inits the daemon keeps made ahead of their spawns (each in
     /// its cgroup and new namespaces, waiting for a spec); 0: none.
     pub warm_inits: usize,
+    /// Where Prometheus metrics are served (none by default).
+    pub metrics_listen: Vec<MetricsListen>,
     /// The audit log (JSON lines), rotated at `audit_max_bytes`, keeping
     /// `audit_keep` rotated files.
     pub audit_log: PathBuf,
@@ -370,6 +406,11 @@ impl Config {
                 ));
             }
         }
+        let metrics_listen = raw
+            .metrics_listen
+            .iter()
+            .map(|l| MetricsListen::parse(l.get_ref()).map_err(|e| invalid(l.span(), e)))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(w) = raw.warm_inits.as_ref().filter(|w| *w.get_ref() > MAX_WARM_INITS) {
             return Err(invalid(
                 w.span(),
@@ -482,6 +523,7 @@ impl Config {
             log_max_bytes: raw.log_max_bytes,
             exited_history: raw.exited_history,
             warm_inits: raw.warm_inits.map_or(WARM_INITS, Spanned::into_inner),
+            metrics_listen,
             audit_log: PathBuf::from(raw.audit_log.into_inner()),
             audit_max_bytes: raw.audit_max_bytes,
             audit_keep: raw.audit_keep,
@@ -592,6 +634,34 @@ mod tests {
             (Some(50), Some(60), Some(2))
         );
         assert_eq!(c.gateway.budget_for("bob").tokens_per_day, Some(1000));
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_or_a_unix_socket_only() {
+        let with = |v: &str| DEFAULT_CONFIG.replace("metrics_listen = []", &format!("metrics_listen = {v}"));
+        assert!(Config::embedded().metrics_listen.is_empty());
+        let c = Config::parse(
+            "w.toml",
+            &with(r#"["127.0.0.1:9187", "[::1]:9187", "unix:/run/warden/m.sock"]"#),
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics_listen,
+            [
+                MetricsListen::Tcp("127.0.0.1:9187".parse().unwrap()),
+                MetricsListen::Tcp("[::1]:9187".parse().unwrap()),
+                MetricsListen::Unix(PathBuf::from("/run/warden/m.sock")),
+            ]
+        );
+        for (bad, says) in [
+            (r#"["0.0.0.0:9187"]"#, "expected a loopback address"),
+            (r#"["10.0.0.1:9187"]"#, "expected a loopback address"),
+            (r#"["localhost"]"#, "expected an address like"),
+            (r#"["unix:run/m.sock"]"#, "absolute path"),
+        ] {
+            let e = Config::parse("w.toml", &with(bad)).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("w.toml:"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -78,6 +78,28 @@ fn to_pb(e: &Event) -> pb::WatchResponse {
     }
 }
 
+/// A Watch stream open, counted for the metrics while it lives.
+struct Watching;
+
+impl Watching {
+    fn new() -> Self {
+        crate::metrics::global()
+            .streams
+            .watchers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Watching
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        crate::metrics::global()
+            .streams
+            .watchers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// One subscriber's stream.
 struct Subscriber {
     events: Arc<Events>,
@@ -96,6 +118,7 @@ struct Subscriber {
 impl Subscriber {
     /// Replays, then follows; back to the log whenever it falls behind.
     async fn run(mut self, replay_only: bool) {
+        let _counted = Watching::new();
         let end = loop {
             // Subscribe before reading the log, so nothing published
             // meanwhile is missed; duplicates are dropped by sequence.

@@ -5,6 +5,7 @@
 pub mod authority;
 pub mod events;
 pub mod metered;
+pub mod metrics;
 pub mod outbox;
 pub mod profiles;
 pub mod serve;

@@ -65,8 +65,12 @@ impl<T> Outbox<T> {
         *self.last_word.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
     }
 
-    /// The status for a client cut off for not reading.
+    /// The status for a client cut off for not reading (and counted).
     pub fn too_slow(&self, resume: &str) -> Status {
+        crate::metrics::global()
+            .streams
+            .cut_off
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Status::resource_exhausted(format!(
             "The client read nothing for {} s and was cut off; {resume}",
             self.timeout.as_secs()

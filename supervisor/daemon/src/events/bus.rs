@@ -119,9 +119,17 @@ struct Budget {
     reporter: Reporter,
 }
 
+/// Told of every event once it is written (the metrics), with the bytes
+/// its line took in the log. Called on the writer thread: it must be quick
+/// and never block.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    fn written(&self, event: &Event, bytes: usize);
+}
+
 /// What callers and the writer share.
 #[derive(Debug)]
 struct Shared {
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
     last_seq: AtomicU64,
     live: broadcast::Sender<Arc<Event>>,
     budgets: Mutex<HashMap<Identity, Budget>>,
@@ -192,6 +200,7 @@ impl Events {
             live: broadcast::channel(settings.live_capacity.max(16)).0,
             budgets: Mutex::new(HashMap::new()),
             budget: settings.budget,
+            observer: std::sync::OnceLock::new(),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -268,6 +277,11 @@ impl Events {
 
     pub fn last_seq(&self) -> u64 {
         self.shared.last_seq.load(Ordering::SeqCst)
+    }
+
+    /// Has `o` told of every event written from now on (one observer).
+    pub fn observe(&self, o: Arc<dyn Observer>) {
+        let _ = self.shared.observer.set(o);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
@@ -472,8 +486,12 @@ impl Writer {
         if let Some(last) = lines.last() {
             *self.shared.end.lock().unwrap_or_else(|p| p.into_inner()) = self.log.end(last.event.seq);
         }
+        let observer = self.shared.observer.get();
         for l in lines {
             let event = Arc::new(l.event);
+            if let Some(o) = observer {
+                o.written(&event, l.text.len() + 1);
+            }
             self.shared.last_seq.store(event.seq, Ordering::SeqCst);
             // In sequence order, after the write: subscribers only ever see
             // what is on disk.

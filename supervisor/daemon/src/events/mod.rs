@@ -41,6 +41,20 @@ pub enum ExitReason {
     Lost,
 }
 
+impl ExitReason {
+    /// Its name, as in the log (`timed_out`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitReason::Exited => "exited",
+            ExitReason::Killed => "killed",
+            ExitReason::Stopped => "stopped",
+            ExitReason::TimedOut => "timed_out",
+            ExitReason::Oom => "oom",
+            ExitReason::Lost => "lost",
+        }
+    }
+}
+
 /// How a destination was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,6 +67,18 @@ pub enum NetProtocol {
     Socks,
     /// A request to the worker's Anthropic API gateway.
     Gateway,
+}
+
+impl NetProtocol {
+    /// Its name, as in the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetProtocol::Connect => "connect",
+            NetProtocol::Http => "http",
+            NetProtocol::Socks => "socks",
+            NetProtocol::Gateway => "gateway",
+        }
+    }
 }
 
 /// Traffic to one destination host.
@@ -491,6 +517,28 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_the_logs() {
+        for r in [
+            ExitReason::Exited,
+            ExitReason::Killed,
+            ExitReason::Stopped,
+            ExitReason::TimedOut,
+            ExitReason::Oom,
+            ExitReason::Lost,
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
+        for p in [
+            NetProtocol::Connect,
+            NetProtocol::Http,
+            NetProtocol::Socks,
+            NetProtocol::Gateway,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.name());
+        }
+    }
 
     #[test]
     fn every_kind_is_named_as_serde_names_it() {

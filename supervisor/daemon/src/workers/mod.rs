@@ -373,6 +373,19 @@ impl Supervisor {
         }
     }
 
+    /// The registry's gauges, for a metrics scrape.
+    pub fn gauges(&self) -> crate::metrics::Gauges {
+        let mut g = crate::metrics::Gauges {
+            warm: self.warm.ready_len(),
+            ..Default::default()
+        };
+        for w in self.registry().by_id.values() {
+            let state = if w.exit_info().is_some() { "exited" } else { "running" };
+            *g.workers.entry((state.to_string(), w.profile.clone())).or_default() += 1;
+        }
+        g
+    }
+
     /// A new worker id.
     fn new_id(&self) -> String {
         format!("w{:x}", self.next.fetch_add(1, Ordering::SeqCst))

@@ -89,6 +89,11 @@ impl Pool {
         (found, ended)
     }
 
+    /// How many are ready.
+    pub fn ready_len(&self) -> usize {
+        self.ready().len()
+    }
+
     /// How many are missing.
     pub fn missing(&self) -> usize {
         self.wanted.saturating_sub(self.ready().len())
