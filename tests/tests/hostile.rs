@@ -724,6 +724,7 @@ fn clients_that_vanish_mid_spawn_or_mid_stop_leave_nothing_half_done() {
             .list(pb::ListWorkersRequest {
                 user: "alice".into(),
                 include_exited: true,
+                usage: false,
             })
             .await
             .unwrap()

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod text;
+mod top;
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -104,6 +105,18 @@ enum Cmd {
         all: bool,
         #[arg(long)]
         user: Option<String>,
+    },
+    /// Running workers and what each uses (CPU, memory, processes,
+    /// traffic, age), refreshed in place; plain tables when piped.
+    Top {
+        #[arg(long)]
+        user: Option<String>,
+        /// Seconds between refreshes.
+        #[arg(short = 'd', long = "delay", default_value_t = 1.0)]
+        interval: f64,
+        /// Refreshes before exiting (default: until interrupted).
+        #[arg(short = 'n', long)]
+        iterations: Option<u32>,
     },
     /// Show one worker.
     Inspect { id: String },
@@ -636,10 +649,23 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .list(pb::ListWorkersRequest {
                     user: user.unwrap_or_default(),
                     include_exited: all,
+                    usage: false,
                 })
                 .await?
                 .into_inner();
             print_workers(&r.workers, output);
+        }
+        Cmd::Top {
+            user,
+            interval,
+            iterations,
+        } => {
+            let opts = top::Options {
+                interval: std::time::Duration::from_secs_f64(interval.clamp(0.1, 3600.0)),
+                iterations,
+                user,
+            };
+            top::run(&mut workers, opts).await?;
         }
         Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output),
         Cmd::Attach { id, text, raw } => return attach(&mut workers, &id, true, text, raw).await,

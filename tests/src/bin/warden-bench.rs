@@ -843,6 +843,7 @@ async fn list_latencies(d: &Daemon, for_: Duration) -> Vec<Duration> {
             .list(pb::ListWorkersRequest {
                 user: "bob".into(),
                 include_exited: false,
+                usage: false,
             })
             .await
             .expect("List");

@@ -64,6 +64,9 @@ pub fn to_pb(w: &Worker) -> pb::Worker {
             .as_ref()
             .map(|n| network_pb(n, &w.net_usage().unwrap_or_default())),
         api: w.api_usage().map(|t| api_pb(&t)),
+        // Asked for in a List only (with_usage): cgroup files to read.
+        memory_bytes: 0,
+        pids: 0,
         enforcement: w.enforced.as_ref().map(|e| pb::Enforcement {
             landlock_abi: e.landlock_abi,
             landlock_tcp: e.landlock_tcp,
@@ -74,6 +77,20 @@ pub fn to_pb(w: &Worker) -> pb::Worker {
             capabilities_empty: e.capabilities_empty,
         }),
     }
+}
+
+/// [`to_pb`], with a running worker's use of its cgroup now.
+fn with_usage(w: &Worker) -> pb::Worker {
+    let mut p = to_pb(w);
+    if w.exit_info().is_none() {
+        if let Some(u) = w.usage() {
+            p.memory_bytes = u.memory_current;
+            p.pids = u.pids_current;
+            p.peak_memory_bytes = u.memory_peak;
+            p.cpu_time_us = u.cpu_usage_ns / 1000;
+        }
+    }
+    p
 }
 
 pub fn api_pb(t: &Totals) -> pb::ApiTotals {
@@ -326,15 +343,22 @@ impl pb::workers_server::Workers for WorkersApi {
     async fn list(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let c = caller(&req, &self.sup.config)?;
         let r = req.into_inner();
-        let workers = self
+        let listed: Vec<Arc<Worker>> = self
             .sup
             .list()
             .into_iter()
             .filter(|w| c.may_act_for(&w.user))
             .filter(|w| r.user.is_empty() || w.user == r.user)
             .filter(|w| r.include_exited || w.exit_info().is_none())
-            .map(|w| to_pb(&w))
             .collect();
+        let workers = if r.usage {
+            // Each running worker's cgroup files, off the async threads.
+            tokio::task::spawn_blocking(move || listed.iter().map(|w| with_usage(w)).collect())
+                .await
+                .map_err(|_| Status::internal("A listing task failed"))?
+        } else {
+            listed.iter().map(|w| to_pb(w)).collect()
+        };
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
