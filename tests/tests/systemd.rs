@@ -23,7 +23,7 @@ fn units() -> tempfile::TempDir {
         let mut text = std::fs::read_to_string(root.join(unit)).unwrap();
         for bin in ["wardend", "warden-launch"] {
             text = text.replace(
-                &format!("/usr/local/bin/{bin} "),
+                &format!("/usr/bin/{bin} "),
                 &format!("{} ", bin_dir().join(bin).display()),
             );
         }
