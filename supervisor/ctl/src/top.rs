@@ -123,7 +123,8 @@ fn frame(
         before.insert(w.id.clone(), (w.cpu_time_us, now));
     }
     rows.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.memory_bytes.cmp(&a.1.memory_bytes)));
-    let total_cpu: f64 = rows.iter().map(|r| r.0).sum();
+    // (An empty sum is -0.0.)
+    let total_cpu: f64 = rows.iter().map(|r| r.0).sum::<f64>() + 0.0;
     let total_mem: u64 = workers.iter().map(|w| w.memory_bytes).sum();
     let total_pids: u64 = workers.iter().map(|w| w.pids).sum();
     let mut lines = vec![
@@ -232,6 +233,12 @@ mod tests {
         assert!(lines[2].starts_with("w1 ") && lines[2].contains(" 100.0 "), "{lines:?}");
         assert!(lines[2].contains("11s"), "its age: {lines:?}");
         assert!(lines.iter().all(|l| !l.contains('\x1b')), "{lines:?}");
+    }
+
+    #[test]
+    fn nothing_running_is_zero_percent() {
+        let lines = frame(&[], &mut HashMap::new(), Instant::now(), UNIX_EPOCH);
+        assert_eq!(lines[0], "warden: 0 running, CPU 0.0%, memory 0, 0 processes");
     }
 
     #[test]
