@@ -76,8 +76,10 @@ impl Daemon {
             ("sample_interval_seconds", value(1)),
             // Tests count a daemon's cgroups and processes as its workers':
             // none made ahead, but where a test asks for them
-            // (daemon::warm_inits_serve_spawns_and_are_made_again).
+            // (daemon::warm_inits_serve_spawns_and_are_made_again,
+            // daemon::primed_inits_serve_spawns_like_the_last_one).
             ("warm_inits", value(0)),
+            ("primed_inits", value(0)),
             ("uid_min", value(base)),
             ("uid_max", value(base + 99)),
             (

@@ -237,6 +237,20 @@ impl Host {
         argv: &[&str],
         stdin: Io,
     ) -> Result<Running, LaunchError> {
+        let prepared = self.prepared(user, project, profile, argv);
+        let launched = match prepared.launch(&self.launcher, stdin, Io::Pipe, Io::Pipe) {
+            Ok(l) => l,
+            Err(e) => {
+                prepared.abandon();
+                return Err(e);
+            }
+        };
+        Ok(self.running(prepared, launched))
+    }
+
+    /// A worker prepared as the daemon prepares one (its cgroup made, its
+    /// spec compiled), not launched.
+    pub fn prepared(&self, user: &str, project: &str, profile: &str, argv: &[&str]) -> spawn::Prepared {
         let params = SpawnParams {
             user: user.into(),
             project: project.into(),
@@ -260,14 +274,11 @@ impl Host {
             disk: &self.disk,
         };
         let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
-        let prepared = spawn::prepare(&host, &worker_id, None, &profile, &params).expect("prepare");
-        let mut launched = match prepared.launch(&self.launcher, stdin, Io::Pipe, Io::Pipe) {
-            Ok(l) => l,
-            Err(e) => {
-                prepared.abandon();
-                return Err(e);
-            }
-        };
+        spawn::prepare(&host, &worker_id, None, &profile, &params).expect("prepare")
+    }
+
+    /// A worker of `prepared`, launched, as [`Host::spawn`] returns it.
+    pub fn running(&self, prepared: spawn::Prepared, mut launched: Launched) -> Running {
         let cgroup = prepared.cgroup;
         register_init(launched.process.id(), cgroup.id());
         let out = drain(launched.stdout.take().expect("stdout"));
@@ -284,13 +295,13 @@ impl Host {
                     .collect::<Vec<_>>()
             })
         });
-        Ok(Running {
+        Running {
             launched,
             cgroup,
             denials,
             out,
             err,
-        })
+        }
     }
 
     /// Runs a worker to completion (killing it after `timeout`).

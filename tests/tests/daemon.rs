@@ -971,3 +971,124 @@ fn warm_inits_serve_spawns_and_are_made_again() {
     assert_eq!(status.code(), Some(0), "{}", d.log());
     assert!(d.cgroup_children().is_empty(), "{:?}", d.cgroup_children());
 }
+
+/// An init primed after a spawn (built up to the command, as the worker's
+/// uid under its landlock rules, no seccomp filter yet, nothing of the
+/// user's command in it) serves the next spawn with the same user,
+/// project, profile and limits: that spawn's own command and env run in it,
+/// and the worker_started event shows the stages before the command at 0.
+/// Another user's spawn does not get it; a profile reload lets it go; the
+/// daemon's end takes it with it.
+#[test]
+fn primed_inits_serve_spawns_like_the_last_one() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start_with(&[("primed_inits", value(2))]);
+    let procs = |id: &str| -> Vec<String> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", d.cgroup_name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let status_of = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |status: &str, name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    let first = d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "-w",
+        "--env",
+        "TZ=first",
+        "--",
+        "sh",
+        "-c",
+        "echo $TZ; id -u",
+    ]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let first = text(&first.stdout);
+    let alice_uid = first.lines().nth(1).unwrap().to_string();
+    // One init primed for the next spawn like it: alone in its cgroup, as
+    // alice's uid, no_new_privs, no seccomp filter (the worker installs
+    // it after the command arrives), and no command of alice's.
+    let primed = eventually("an init primed", || {
+        let c = d.cgroup_children();
+        (c.len() == 1 && procs(&c[0]).len() == 1).then(|| c[0].clone())
+    });
+    let pid = procs(&primed)[0].clone();
+    let status = status_of(&pid);
+    assert_eq!(field(&status, "Uid:"), alice_uid, "{status}");
+    assert_eq!(field(&status, "NoNewPrivs:"), "1");
+    assert_eq!(field(&status, "Seccomp:"), "0");
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim(),
+        "warden-launch"
+    );
+    // Another user's spawn is not served by it.
+    let bob = text(&d.ctl(&["spawn", "--user", "bob", "--", "true"]).stdout)
+        .trim()
+        .to_string();
+    assert_ne!(bob, primed);
+    assert_eq!(text(&d.ctl(&["wait", &bob]).stdout).trim(), "");
+    // Alice's next spawn is, with its own command and env.
+    let out = d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "--env",
+        "TZ=second",
+        "--",
+        "sh",
+        "-c",
+        "echo $TZ; id -u",
+    ]);
+    let second = text(&out.stdout).trim().to_string();
+    assert_eq!(second, primed, "{}", d.log());
+    assert_eq!(text(&d.ctl(&["wait", &second]).stdout).trim(), "");
+    assert_eq!(
+        text(&d.ctl(&["logs", &second]).stdout),
+        format!("second\n{alice_uid}\n")
+    );
+    let started = d
+        .audit_events()
+        .into_iter()
+        .find(|e| e["kind"] == "worker_started" && e["worker"] == second.as_str())
+        .expect("its worker_started event");
+    let stages: Vec<(String, u64)> = started["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["us"].as_u64().unwrap()))
+        .collect();
+    let us = |name: &str| stages.iter().find(|(s, _)| s == name).map(|(_, us)| *us);
+    assert_eq!(us("landlock"), Some(0), "built before the request: {stages:?}");
+    assert!(us("command").is_some() && us("seccomp").is_some(), "{stages:?}");
+    // A profile reload lets the one primed since go (it was built by the
+    // old set), within the sweep's 5 s.
+    let again = eventually("another init primed", || {
+        d.cgroup_children()
+            .into_iter()
+            .find(|c| *c != second && *c != bob && procs(c).len() == 1)
+    });
+    assert!(d.ctl(&["profile", "reload"]).status.success());
+    eventually("the primed init let go at the reload", || {
+        (!d.cgroup_children().contains(&again)).then_some(())
+    });
+    // The daemon's end takes the primed inits with it.
+    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    eventually("an init primed again", || {
+        (!d.cgroup_children().is_empty()).then_some(())
+    });
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = d.child.take().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(d.cgroup_children().is_empty(), "{:?}", d.cgroup_children());
+}

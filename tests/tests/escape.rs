@@ -567,3 +567,68 @@ fn paths_visible_but_not_granted_are_denied_by_landlock() {
     // "/" exists (it holds the binds) but no rule grants reading it.
     landlock_attack(&h, PROFILE, &["list", "/"], "EACCES", "fs.read_dir", Some("/"));
 }
+
+/// A primed init (built up to the command: binds, new root, uid, landlock)
+/// runs a command only in the sandbox it was built for. Offered a spec
+/// whose sandbox part differs in any byte (one landlock rule fewer,
+/// another uid) it is let go, `LaunchError::Mismatch`, and nothing runs;
+/// offered its own with another command and env, it runs that command,
+/// under the seccomp filter installed after the command arrived.
+#[test]
+fn a_primed_init_runs_only_the_sandbox_it_was_built_for() {
+    use warden_daemon::launcher::LaunchError;
+    let Some(h) = host() else { return };
+    let p = h.prepared("alice", "demo", PROFILE, &["true"]);
+    let prime = || {
+        h.launcher
+            .start(Some(&p.cgroup), Io::Null, Io::Pipe, Io::Pipe)
+            .expect("start an init")
+            .prime(&p.spec)
+            .expect("prime it")
+    };
+    type Change = fn(&mut warden_policy::LaunchSpec);
+    let changes: [(&str, Change); 2] = [
+        ("one landlock rule fewer", |s| {
+            s.landlock.rules.pop();
+        }),
+        ("another uid", |s| s.uid += 1),
+    ];
+    for (what, change) in changes {
+        let init = prime();
+        assert_eq!(p.cgroup.pids().len(), 1, "the primed init waits in its cgroup");
+        let mut other = p.spec.clone();
+        change(&mut other);
+        let e = init.go(&other).expect_err(what);
+        assert!(matches!(e, LaunchError::Mismatch), "{what}: {e}");
+        assert!(p.cgroup.pids().is_empty(), "{what}: the init was let go, nothing ran");
+    }
+    let init = prime();
+    let mut own = p.spec.clone();
+    own.argv = [
+        "/bin/sh",
+        "-c",
+        "echo $GREETING; id -u; grep ^Seccomp: /proc/self/status",
+    ]
+    .map(String::from)
+    .to_vec();
+    own.env.push(("GREETING".into(), "the second command".into()));
+    let launched = init.go(&own).expect("its own sandbox, another command");
+    let uid = p.spec.uid;
+    let out = h.running(p, launched).wait(Duration::from_secs(20));
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "the second command");
+    assert_eq!(lines[1], uid.to_string());
+    assert_eq!(lines[2].split_whitespace().collect::<Vec<_>>(), ["Seccomp:", "2"]);
+    let marks: Vec<&str> = out.enforced.marks.iter().map(|m| m.stage.as_str()).collect();
+    let at = |s: &str| {
+        marks
+            .iter()
+            .position(|m| *m == s)
+            .unwrap_or_else(|| panic!("no {s} in {marks:?}"))
+    };
+    assert!(
+        at("landlock") < at("command") && at("command") < at("seccomp"),
+        "{marks:?}"
+    );
+}

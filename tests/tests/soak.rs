@@ -186,8 +186,9 @@ fn thousands_of_workers_and_a_crash_leak_nothing_and_lose_no_event() {
         // The spawning clients, the watcher and wardenctl, all uid 0.
         ("max_connections_per_caller", value(128)),
         ("sample_interval_seconds", value(5)),
-        // wardend.toml's default, which the other tests' daemons leave off.
+        // wardend.toml's defaults, which the other tests' daemons leave off.
         ("warm_inits", value(WARM_INITS)),
+        ("primed_inits", value(4)),
         // A short history, full before the baseline: what it holds is
         // not a leak.
         ("exited_history", value(100)),
@@ -240,6 +241,9 @@ fn thousands_of_workers_and_a_crash_leak_nothing_and_lose_no_event() {
     let warm = total / 10;
     let retried = rt.block_on(run_spawns(socket.clone(), warm, Arc::new(AtomicU64::new(0))));
     assert!(retried.is_empty(), "spawns failed: {retried:?}");
+    // The primed inits (made for the next spawn like a recent one, as the
+    // worker's uid) are let go at a profile reload, within 5 s.
+    let_primed_go(&d);
     std::thread::sleep(Duration::from_secs(12));
     let base = holdings(&d, uids.clone());
     let second_started = Instant::now();
@@ -254,6 +258,7 @@ fn thousands_of_workers_and_a_crash_leak_nothing_and_lose_no_event() {
     // With the daemon up all along, nothing is refused.
     assert!(retried.is_empty(), "spawns failed: {retried:?}");
     // Idle blocking threads go after 10 s; samples of ended workers stop.
+    let_primed_go(&d);
     std::thread::sleep(Duration::from_secs(12));
     let end = holdings(&d, uids.clone());
     eprintln!("soak: before {base:?}\nsoak: after  {end:?}");
@@ -308,4 +313,11 @@ fn thousands_of_workers_and_a_crash_leak_nothing_and_lose_no_event() {
         seen.len(),
         started.elapsed()
     );
+}
+
+/// Has the daemon let its primed inits go (a profile reload makes them
+/// stale; its sweep ends them within 5 s).
+fn let_primed_go(d: &Daemon) {
+    let out = d.ctl(&["profile", "reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
 }

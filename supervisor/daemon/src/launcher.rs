@@ -65,6 +65,9 @@ pub enum LaunchError {
     },
     #[error("The launcher ended without a report (status {status})")]
     NoReport { status: String },
+    /// A primed init was offered a spec it was not built for.
+    #[error("The primed init was built for another sandbox")]
+    Mismatch,
     #[error("The launcher handed over {got} descriptors, expected {expected}")]
     Descriptors { got: usize, expected: usize },
 }
@@ -132,6 +135,27 @@ impl Pending {
     /// and its command exec'd, or setup failed (blocking).
     pub fn run(self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         let Pending {
+            process,
+            stdin,
+            stdout,
+            stderr,
+            spec: mut w,
+            report,
+        } = self;
+        // Both frames at once: the init reads the command as soon as its
+        // sandbox is built.
+        let mut frames = warden_policy::frame(&spec.sandbox_json());
+        frames.extend(warden_policy::frame(&spec.command().to_json()));
+        let wrote = w.write_all(&frames);
+        drop(w);
+        finish(process, [stdin, stdout, stderr], report, wrote, spec)
+    }
+
+    /// Hands the init the sandbox part of `spec` and waits until it has
+    /// built it, up to the command (blocking): a primed init, which
+    /// [`Primed::go`] gives its command.
+    pub fn prime(self, spec: &LaunchSpec) -> Result<Primed, LaunchError> {
+        let Pending {
             mut process,
             stdin,
             stdout,
@@ -139,56 +163,184 @@ impl Pending {
             spec: mut w,
             report,
         } = self;
-        let wrote = w.write_all(&spec.to_json());
-        drop(w);
-        let report = read_report(report);
-        let fail = |mut process: Process, e: LaunchError| {
-            // Its init ends by itself after a failure; wait for it so that
-            // nothing of it is left when the caller cleans up.
+        let ended = |process: &mut Process, e: LaunchError| {
+            let _ = process.signal(Signal::SIGKILL);
             let _ = process.wait_until(Instant::now() + SERVER_TIMEOUT);
-            Err(e)
+            e
         };
-        match (report, wrote) {
-            (Err(e), _) => fail(process, e),
-            (Ok(_), Err(e)) => {
-                let _ = process.signal(Signal::SIGKILL);
-                fail(process, LaunchError::Pipe(e))
+        let sandbox = spec.sandbox_json();
+        if let Err(e) = w.write_all(&warden_policy::frame(&sandbox)) {
+            return Err(ended(&mut process, LaunchError::Pipe(e)));
+        }
+        match read_line(&report, Instant::now() + SERVER_TIMEOUT) {
+            Ok(Some(LaunchReport::Primed)) => Ok(Primed {
+                process,
+                stdio: [stdin, stdout, stderr],
+                spec: w,
+                report,
+                sandbox,
+            }),
+            Ok(Some(LaunchReport::Failed { stage, errno, message })) => {
+                Err(ended(&mut process, LaunchError::setup(stage, errno, message)))
             }
-            (Ok((Some(enforced), fds)), Ok(())) => {
-                // The denial pipe, the mount namespace, the listeners.
-                let expected = 2 + spec.listeners.len();
-                if fds.len() != expected {
-                    let _ = process.signal(Signal::SIGKILL);
-                    return fail(
-                        process,
-                        LaunchError::Descriptors {
-                            got: fds.len(),
-                            expected,
-                        },
-                    );
-                }
-                let mut fds = fds.into_iter();
-                let denials = fds.next();
-                let mount_ns = fds.next();
-                let listeners = spec.listeners.iter().map(|l| l.kind).zip(fds).collect();
-                Ok(Launched {
-                    process,
-                    stdin,
-                    stdout,
-                    stderr,
-                    enforced,
-                    denials,
-                    mount_ns,
-                    listeners,
-                })
-            }
-            (Ok((None, _)), Ok(())) => {
+            Ok(Some(LaunchReport::Enforced(_))) | Ok(None) => {
                 let status = process
-                    .wait_until(Instant::now() + SERVER_TIMEOUT)
+                    .wait_until(Instant::now() + Duration::from_millis(100))
                     .map_or_else(|| "still running".into(), |s| s.to_string());
-                let _ = process.signal(Signal::SIGKILL);
-                Err(LaunchError::NoReport { status })
+                Err(ended(&mut process, LaunchError::NoReport { status }))
             }
+            Err(e) => Err(ended(&mut process, e)),
+        }
+    }
+}
+
+/// A worker's init whose sandbox is built up to the command, as the worker's
+/// uid under its landlock rules: it waits for the command ([`Primed::go`])
+/// or for its spec pipe to close.
+#[derive(Debug)]
+pub struct Primed {
+    pub process: Process,
+    stdio: [Option<File>; 3],
+    spec: File,
+    report: OwnedFd,
+    /// The sandbox part of the spec it was primed with.
+    sandbox: Vec<u8>,
+}
+
+impl Primed {
+    /// Gives the init the command of `spec` and waits until it is exec'd
+    /// (blocking). Only where the sandbox part of `spec` is, byte for byte,
+    /// the one the init was primed with; otherwise the init is let go and
+    /// this is [`LaunchError::Mismatch`].
+    pub fn go(self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
+        if spec.sandbox_json() != self.sandbox {
+            self.discard();
+            return Err(LaunchError::Mismatch);
+        }
+        let Primed {
+            process,
+            stdio,
+            spec: mut w,
+            report,
+            ..
+        } = self;
+        let wrote = w.write_all(&warden_policy::frame(&spec.command().to_json()));
+        drop(w);
+        finish(process, stdio, report, wrote, spec)
+    }
+
+    /// Lets the init go without a worker: its spec pipe closes (it exits
+    /// at once), and SIGKILL in case it was not waiting there. Blocking.
+    pub fn discard(self) {
+        let Primed { mut process, spec, .. } = self;
+        drop(spec);
+        let _ = process.signal(Signal::SIGKILL);
+        let _ = process.wait_until(Instant::now() + SERVER_TIMEOUT);
+    }
+}
+
+/// Waits for the init's report once its command was written: the worker
+/// exec'd, with what it enforces and its descriptors, or why not.
+fn finish(
+    process: Process,
+    [stdin, stdout, stderr]: [Option<File>; 3],
+    report: OwnedFd,
+    wrote: std::io::Result<()>,
+    spec: &LaunchSpec,
+) -> Result<Launched, LaunchError> {
+    let report = read_report(report);
+    let fail = |mut process: Process, e: LaunchError| {
+        // Its init ends by itself after a failure; wait for it so that
+        // nothing of it is left when the caller cleans up.
+        let _ = process.wait_until(Instant::now() + SERVER_TIMEOUT);
+        Err(e)
+    };
+    match (report, wrote) {
+        (Err(e), _) => fail(process, e),
+        (Ok(_), Err(e)) => {
+            let _ = process.signal(Signal::SIGKILL);
+            fail(process, LaunchError::Pipe(e))
+        }
+        (Ok((Some(enforced), fds)), Ok(())) => {
+            // The denial pipe, the mount namespace, the listeners.
+            let expected = 2 + spec.listeners.len();
+            if fds.len() != expected {
+                let _ = process.signal(Signal::SIGKILL);
+                return fail(
+                    process,
+                    LaunchError::Descriptors {
+                        got: fds.len(),
+                        expected,
+                    },
+                );
+            }
+            let mut fds = fds.into_iter();
+            let denials = fds.next();
+            let mount_ns = fds.next();
+            let listeners = spec.listeners.iter().map(|l| l.kind).zip(fds).collect();
+            Ok(Launched {
+                process,
+                stdin,
+                stdout,
+                stderr,
+                enforced,
+                denials,
+                mount_ns,
+                listeners,
+            })
+        }
+        (Ok((None, _)), Ok(())) => {
+            let mut process = process;
+            let status = process
+                .wait_until(Instant::now() + SERVER_TIMEOUT)
+                .map_or_else(|| "still running".into(), |s| s.to_string());
+            let _ = process.signal(Signal::SIGKILL);
+            Err(LaunchError::NoReport { status })
+        }
+    }
+}
+
+/// Reads one report record by `deadline` (`None`: EOF first). Only for the
+/// record before the command ([`LaunchReport::Primed`] or a failure):
+/// nothing follows it on the socket until the init has its command, so
+/// nothing of the next records is read here.
+fn read_line(fd: &OwnedFd, deadline: Instant) -> Result<Option<LaunchReport>, LaunchError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    const MAX_LINE: usize = 64 << 10;
+    let mut line = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+            Ok(0) => return Err(LaunchError::Server(Errno::ETIMEDOUT.into())),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(LaunchError::Server(e.into())),
+        }
+        let mut buf = [0u8; 1024];
+        let n = match nix::unistd::read(fd, &mut buf) {
+            Ok(n) => n,
+            Err(Errno::EINTR | Errno::EAGAIN) => continue,
+            Err(e) => return Err(LaunchError::Server(e.into())),
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        line.extend_from_slice(&buf[..n]);
+        if line.last() == Some(&b'\n') {
+            return serde_json::from_slice(&line).map(Some).map_err(|_| {
+                LaunchError::setup(
+                    "report".into(),
+                    libc::EPROTO,
+                    format!("Unreadable launcher report line {:?}", String::from_utf8_lossy(&line)),
+                )
+            });
+        }
+        if line.len() > MAX_LINE {
+            return Err(LaunchError::setup(
+                "report".into(),
+                libc::EPROTO,
+                "A launcher report line too long".into(),
+            ));
         }
     }
 }
@@ -537,6 +689,7 @@ fn read_report(fd: OwnedFd) -> Result<(Option<Enforced>, Vec<OwnedFd>), LaunchEr
     for line in String::from_utf8_lossy(&bytes).lines() {
         match serde_json::from_str::<LaunchReport>(line) {
             Ok(LaunchReport::Enforced(e)) => enforced = Some(e),
+            Ok(LaunchReport::Primed) => {}
             Ok(LaunchReport::Failed { stage, errno, message }) => {
                 return Err(LaunchError::setup(stage, errno, message))
             }

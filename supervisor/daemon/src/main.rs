@@ -278,6 +278,7 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
         .await;
     // Workers' inits made ahead of their spawns, from now on.
     sup.keep_warm();
+    sup.keep_primed();
     // Metrics, where the admin asked for them.
     let metrics = warden_daemon::api::metrics::bind(&config.metrics_listen, admin_gid)?;
     for l in &config.metrics_listen {

@@ -327,6 +327,13 @@ impl Metrics {
             "Workers' inits made ahead of their spawns, ready.",
         );
         let _ = writeln!(out, "warden_warm_inits {}", gauges.warm);
+        header(
+            &mut out,
+            "warden_primed_inits",
+            "gauge",
+            "Workers' inits built up to the command for a spawn like a recent one, ready.",
+        );
+        let _ = writeln!(out, "warden_primed_inits {}", gauges.primed);
         out
     }
 }
@@ -337,6 +344,7 @@ pub struct Gauges {
     /// Workers by (state, profile).
     pub workers: BTreeMap<(String, String), u64>,
     pub warm: usize,
+    pub primed: usize,
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {

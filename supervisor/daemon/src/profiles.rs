@@ -6,6 +6,7 @@
 //! into this store.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use warden_policy::{PolicyError, ProfileSet};
@@ -14,6 +15,8 @@ use warden_policy::{PolicyError, ProfileSet};
 pub struct Profiles {
     dir: PathBuf,
     current: RwLock<Arc<ProfileSet>>,
+    /// Counts the reloads (what was prepared under an older set is stale).
+    generation: AtomicU64,
 }
 
 impl Profiles {
@@ -23,6 +26,7 @@ impl Profiles {
         Ok(Profiles {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(set)),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -38,12 +42,18 @@ impl Profiles {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// How many reloads have swapped the set.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     /// Re-reads the directory; on success swaps the set and returns its
     /// names, on failure keeps the old set.
     pub fn reload(&self) -> Result<Vec<String>, PolicyError> {
         let set = Self::read(&self.dir)?;
         let names = set.names().map(str::to_string).collect();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(names)
     }
 }

@@ -54,7 +54,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use std::os::fd::AsFd;
 use std::time::Instant;
-use warden_policy::{LaunchReport, LaunchSpec, Mark, SPEC_VERSION};
+use warden_policy::{LaunchCommand, LaunchReport, LaunchSpec, Mark, MAX_FRAME, SPEC_VERSION};
 
 use sandbox::{SetupError, Stage};
 
@@ -164,16 +164,16 @@ pub fn init(mut marks: Vec<Mark>) -> ! {
     // alone; closed when the File drops.
     #[allow(unsafe_code)]
     let mut spec_file = unsafe { File::from_raw_fd(SPEC_FD) };
-    let mut bytes = Vec::new();
-    let read = spec_file.read_to_end(&mut bytes);
-    drop(spec_file);
-    if let Err(e) = read {
-        fail(
+    let bytes = match read_frame(&mut spec_file) {
+        Ok(Some(bytes)) => bytes,
+        // The daemon let this warm init go without a spawn.
+        Ok(None) => std::process::exit(EXIT_SETUP_FAILED),
+        Err(e) => fail(
             &mut report,
             &SetupError::io(Stage::Spec, &e, "Cannot read the launch spec"),
             EXIT_SETUP_FAILED,
-        );
-    }
+        ),
+    };
     let spec = match LaunchSpec::from_json(&bytes) {
         Ok(s) if s.version == SPEC_VERSION => s,
         Ok(s) => fail(
@@ -192,7 +192,42 @@ pub fn init(mut marks: Vec<Mark>) -> ! {
         ),
     };
     marks.push(mark(Stage::Spec));
-    sandbox::init(&spec, report, marks, root)
+    sandbox::init(spec, report, marks, root, spec_file)
+}
+
+/// Reads one frame of the spec pipe ([`warden_policy::frame`]); `None` at
+/// its end before the frame.
+fn read_frame(file: &mut File) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match file.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+    if n > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {n} bytes, more than {MAX_FRAME}"),
+        ));
+    }
+    let mut bytes = vec![0; n];
+    file.read_exact(&mut bytes)?;
+    Ok(Some(bytes))
+}
+
+/// Waits for the worker's command, the second frame of the spec pipe;
+/// `None` when the daemon closed the pipe instead (it let a primed init
+/// go).
+pub fn read_command(file: &mut File) -> Result<Option<LaunchCommand>, SetupError> {
+    let bytes = match read_frame(file) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(SetupError::io(Stage::Command, &e, "Cannot read the command")),
+    };
+    LaunchCommand::from_json(&bytes)
+        .map(Some)
+        .map_err(|e| SetupError::new(Stage::Command, Errno::EINVAL, format!("Cannot parse the command: {e}")))
 }
 
 /// The init's first steps, in its cgroup: a cgroup namespace rooted there,

@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -45,6 +46,7 @@ pub enum Stage {
     Capabilities,
     NoNewPrivs,
     Landlock,
+    Command,
     Seccomp,
     Spawn,
     Exec,
@@ -66,6 +68,7 @@ impl Stage {
             Stage::Capabilities => "capabilities",
             Stage::NoNewPrivs => "no_new_privs",
             Stage::Landlock => "landlock",
+            Stage::Command => "command",
             Stage::Seccomp => "seccomp",
             Stage::Spawn => "spawn",
             Stage::Exec => "exec",
@@ -124,8 +127,8 @@ pub struct Root {
 }
 
 /// Runs as PID 1 of the new PID namespace. Never returns.
-pub fn init(spec: &LaunchSpec, mut report: File, marks: Vec<Mark>, root: Root) -> ! {
-    let worker = match setup(spec, &mut report, marks, root) {
+pub fn init(mut spec: LaunchSpec, mut report: File, marks: Vec<Mark>, root: Root, command: File) -> ! {
+    let worker = match setup(&mut spec, &mut report, marks, root, command) {
         Ok(w) => w,
         Err(e) => crate::fail(&mut report, &e, crate::EXIT_SETUP_FAILED),
     };
@@ -205,7 +208,13 @@ pub fn prepare_root(marks: &mut Vec<Mark>) -> Result<Root, SetupError> {
 /// Builds the rest of the sandbox around this process, by its spec, then
 /// forks and execs the worker. Each step is here, in the order it happens;
 /// returns the worker, whose denied calls the init answers.
-fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>, root: Root) -> Result<Started, SetupError> {
+fn setup(
+    spec: &mut LaunchSpec,
+    report: &mut File,
+    mut marks: Vec<Mark>,
+    root: Root,
+    mut command: File,
+) -> Result<Started, SetupError> {
     let Root { mount_ns } = root;
     sethostname(&spec.hostname).at(Stage::Hostname, || format!("Cannot set hostname {}", spec.hostname))?;
 
@@ -369,6 +378,21 @@ fn setup(spec: &LaunchSpec, report: &mut File, mut marks: Vec<Mark>, root: Root)
     // --- Landlock: file system, TCP ports, scoping. Fails closed. ---
     let (landlock_abi, landlock_scoped) = restrict_landlock(spec)?;
     marks.push(crate::mark(Stage::Landlock));
+
+    // --- The command. Everything above is built from the sandbox part of
+    // the spec alone; a primed init waits here, as the worker's uid under
+    // its landlock rules, until a spawn with the same sandbox part takes
+    // it (or the daemon lets it go: EOF). ---
+    report
+        .write_all(&LaunchReport::Primed.to_line())
+        .at(Stage::Command, || "Cannot report the sandbox built".into())?;
+    let Some(cmd) = crate::read_command(&mut command)? else {
+        std::process::exit(crate::EXIT_SETUP_FAILED);
+    };
+    drop(command);
+    spec.argv = cmd.argv;
+    spec.env = cmd.env;
+    marks.push(crate::mark(Stage::Command));
 
     // --- The worker: a child that installs the seccomp filter on itself,
     // last, and hands its listener to us. The init stays outside the

@@ -51,6 +51,9 @@ impl MetricsListen {
 /// Warm inits when wardend.toml says nothing, and the most it may ask for.
 const WARM_INITS: usize = 2;
 const MAX_WARM_INITS: usize = 64;
+/// Primed inits when wardend.toml says nothing, and the most it may ask for.
+const PRIMED_INITS: usize = 4;
+const MAX_PRIMED_INITS: usize = 64;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +80,8 @@ struct RawConfig {
     exited_history: usize,
     #[serde(default)]
     warm_inits: Option<Spanned<usize>>,
+    #[serde(default)]
+    primed_inits: Option<Spanned<usize>>,
     #[serde(default)]
     metrics_listen: Vec<Spanned<String>>,
     audit_log: Spanned<String>,
@@ -307,6 +312,10 @@ pub struct Config {
     /// Workers' inits the daemon keeps made ahead of their spawns (each in
     /// its cgroup and new namespaces, waiting for a spec); 0: none.
     pub warm_inits: usize,
+    /// Workers' inits the daemon keeps built up to the command for the
+    /// next spawn like a recent one (one per user, project, profile and
+    /// limits); 0: none.
+    pub primed_inits: usize,
     /// Where Prometheus metrics are served (none by default).
     pub metrics_listen: Vec<MetricsListen>,
     /// The audit log (JSON lines), rotated at `audit_max_bytes`, keeping
@@ -417,6 +426,12 @@ impl Config {
                 format!("expected warm_inits of at most {MAX_WARM_INITS}"),
             ));
         }
+        if let Some(w) = raw.primed_inits.as_ref().filter(|w| *w.get_ref() > MAX_PRIMED_INITS) {
+            return Err(invalid(
+                w.span(),
+                format!("expected primed_inits of at most {MAX_PRIMED_INITS}"),
+            ));
+        }
         if raw.launcher.get_ref().is_empty() {
             return Err(invalid(raw.launcher.span(), "expected the warden-launch path".into()));
         }
@@ -523,6 +538,7 @@ impl Config {
             log_max_bytes: raw.log_max_bytes,
             exited_history: raw.exited_history,
             warm_inits: raw.warm_inits.map_or(WARM_INITS, Spanned::into_inner),
+            primed_inits: raw.primed_inits.map_or(PRIMED_INITS, Spanned::into_inner),
             metrics_listen,
             audit_log: PathBuf::from(raw.audit_log.into_inner()),
             audit_max_bytes: raw.audit_max_bytes,

@@ -28,7 +28,8 @@ pub use profile::{
     MAX_LANDLOCK_ABI, RLIMITS, VARIABLES,
 };
 pub use spec::{
-    compile, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchReply, LaunchReport, LaunchRequest,
-    LaunchSpec, Listener, ListenerKind, Mark, Rlimit, SeccompSpec, SpawnRequest, SyntheticFile, SPEC_VERSION,
+    compile, frame, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchCommand, LaunchReply,
+    LaunchReport, LaunchRequest, LaunchSpec, Listener, ListenerKind, Mark, Rlimit, SeccompSpec, SpawnRequest,
+    SyntheticFile, MAX_FRAME, SPEC_VERSION,
 };
 pub use units::{ByteSize, CpuQuota, Rate, Seconds};

@@ -16,7 +16,7 @@ use crate::profile::{Access, FsRule, Profile};
 use crate::seccomp::{self, Arch};
 
 /// Bumped whenever the launcher cannot read an older spec correctly.
-pub const SPEC_VERSION: u32 = 3;
+pub const SPEC_VERSION: u32 = 4;
 
 /// What the daemon asks for: who, where, what to run.
 #[derive(Debug, Clone)]
@@ -490,6 +490,27 @@ impl LaunchSpec {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// The first frame on the spec pipe: the spec without its command
+    /// (argv and env empty), everything the init builds before the command
+    /// arrives. Two specs whose sandbox parts are equal, byte for byte,
+    /// build the same sandbox.
+    pub fn sandbox_json(&self) -> Vec<u8> {
+        let sandbox = LaunchSpec {
+            argv: Vec::new(),
+            env: Vec::new(),
+            ..self.clone()
+        };
+        sandbox.to_json()
+    }
+
+    /// The second frame on the spec pipe.
+    pub fn command(&self) -> LaunchCommand {
+        LaunchCommand {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+        }
+    }
+
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
@@ -623,12 +644,50 @@ mod tests {
     }
 }
 
+/// The command of a worker: the second frame on the spec pipe (see
+/// [`frame`]), after the sandbox part of its [`LaunchSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchCommand {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl LaunchCommand {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// The largest frame the init reads from its spec pipe.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// One frame of the spec pipe: a little-endian u32 length, then that many
+/// bytes of JSON. The pipe carries two: the [`LaunchSpec`]'s sandbox part
+/// ([`LaunchSpec::sandbox_json`]), then its [`LaunchCommand`]. The init
+/// builds the sandbox from the first, writes [`LaunchReport::Primed`] and
+/// waits for the second (a primed init waits there until a spawn with the
+/// same sandbox part takes it); EOF instead ends it.
+pub fn frame(json: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(json.len()).unwrap_or(u32::MAX);
+    let mut v = Vec::with_capacity(json.len() + 4);
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(json);
+    v
+}
+
 /// What `warden-launch` writes on its report pipe: zero or more records, one
 /// JSON object per line. EOF with no `Failed` record means the worker was
 /// exec'd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LaunchReport {
+    /// The sandbox is built up to the command: the init waits for it.
+    Primed,
     /// The sandbox is in place: what was actually enforced.
     Enforced(Enforced),
     /// Setup failed at `stage`; the worker never ran.

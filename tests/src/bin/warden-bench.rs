@@ -867,8 +867,9 @@ fn load_daemon(max_workers: i64, extra: &[(&str, toml::Value)]) -> Daemon {
     let mut settings = vec![
         ("max_workers", value(max_workers)),
         ("max_workers_per_user", value(64)),
-        // wardend.toml's own default (the tests' daemons make none).
+        // wardend.toml's own defaults (the tests' daemons make none).
         ("warm_inits", value(2)),
+        ("primed_inits", value(4)),
         // Many clients of one uid (root), and wardenctl.
         ("max_connections_per_caller", value(128)),
         (

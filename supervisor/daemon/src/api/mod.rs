@@ -119,9 +119,12 @@ pub fn status(e: &WorkerError, caller: &Caller) -> Status {
             Launch::Setup { .. } => Code::FailedPrecondition,
             // The launch server is not there (being restarted by systemd).
             Launch::Connect { .. } | Launch::Server(_) => Code::Unavailable,
-            Launch::Spawn { .. } | Launch::Pipe(_) | Launch::NoReport { .. } | Launch::Descriptors { .. } => {
-                Code::Internal
-            }
+            // (A mismatch is handled inside the spawn, never answered.)
+            Launch::Spawn { .. }
+            | Launch::Pipe(_)
+            | Launch::NoReport { .. }
+            | Launch::Descriptors { .. }
+            | Launch::Mismatch => Code::Internal,
         },
         E::Cgroup(_) | E::Record(_) | E::Logs { .. } | E::Arch | E::Signal { .. } | E::Task(_) => Code::Internal,
     };

@@ -12,6 +12,7 @@
 //! previous daemon left running is reported as lost).
 
 pub mod admission;
+pub mod primed;
 pub mod record;
 pub mod spawn;
 pub mod warm;
@@ -328,6 +329,8 @@ pub struct Supervisor {
     next: AtomicU64,
     /// Workers' inits made ahead of their spawns.
     warm: warm::Pool,
+    /// Workers' inits built up to the command for a spawn like a recent one.
+    primed: primed::Pool,
     shutting_down: AtomicBool,
     /// Spawn rates per user and caller, refused-call reports per peer.
     pub limiters: Limiters,
@@ -361,6 +364,7 @@ impl Supervisor {
             resolver: Arc::new(Resolver::system(config.hosts.clone().into_iter().collect())),
             next: AtomicU64::new(millis(SystemTime::now())),
             warm: warm::Pool::new(config.warm_inits),
+            primed: primed::Pool::new(config.primed_inits),
             config,
             users,
             cgroups,
@@ -377,6 +381,7 @@ impl Supervisor {
     pub fn gauges(&self) -> crate::metrics::Gauges {
         let mut g = crate::metrics::Gauges {
             warm: self.warm.ready_len(),
+            primed: self.primed.ready_len(),
             ..Default::default()
         };
         for w in self.registry().by_id.values() {
@@ -432,6 +437,29 @@ impl Supervisor {
                     break;
                 }
                 this.warm.taken.notified().await;
+            }
+        });
+    }
+
+    /// Lets go, every few seconds until the daemon stops, the primed inits
+    /// unused for [`primed::IDLE`] or primed under an older profile set.
+    pub fn keep_primed(self: &Arc<Self>) {
+        if self.primed.wanted == 0 {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !this.shutting_down.load(Ordering::SeqCst) {
+                tick.tick().await;
+                let stale = this
+                    .primed
+                    .stale(Instant::now(), primed::IDLE, this.profiles.generation());
+                if !stale.is_empty() {
+                    let _ =
+                        tokio::task::spawn_blocking(move || stale.into_iter().for_each(primed::Entry::discard)).await;
+                }
             }
         });
     }
@@ -754,13 +782,18 @@ impl Supervisor {
         Ok(w.wait().await)
     }
 
-    /// Stops accepting spawns, ends the warm inits and stops every running
+    /// Stops accepting spawns, ends the warm and primed inits and stops every running
     /// worker (SIGTERM).
     pub async fn shutdown(self: &Arc<Self>) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.warm.taken.notify_one();
         let warm = self.warm.drain();
-        let _ = tokio::task::spawn_blocking(move || warm.into_iter().for_each(warm::Warm::discard)).await;
+        let primed = self.primed.drain();
+        let _ = tokio::task::spawn_blocking(move || {
+            warm.into_iter().for_each(warm::Warm::discard);
+            primed.into_iter().for_each(primed::Entry::discard);
+        })
+        .await;
         let stops = self.running().into_iter().map(|w| {
             let this = self.clone();
             tokio::spawn(async move { this.stop(&w.id, None).await })

@@ -15,7 +15,9 @@ use warden_policy::seccomp::Arch;
 use warden_policy::{ClaudeRequest, LaunchSpec, Mark, NetworkMode, NetworkPolicy, Profile, ProfileSet, SpawnRequest};
 
 use super::admission::{AdmissionError, Slot};
+use super::primed;
 use super::record::Record;
+use super::warm::Warm;
 use super::{Supervisor, Worker, WorkerError};
 use crate::cgroups::{CgroupLimits, Cgroups, WorkerCgroup};
 use crate::claude::prepare::GatewaySetup;
@@ -23,7 +25,7 @@ use crate::claude::session::{self, Session, Start};
 use crate::disk::{Disk, DiskPromise};
 use crate::events::{clip, logged_command, millis, EventKind, StageTime, Written, MAX_FIELD};
 use crate::io::Stdin;
-use crate::launcher::{Io, LaunchError, Launched, Launcher, Pending};
+use crate::launcher::{Io, LaunchError, Launched, Launcher};
 use crate::limits::Bucket;
 use crate::net::gateway::Gateway;
 use crate::net::Egress;
@@ -39,7 +41,7 @@ fn rate_error(who: String, limit: &'static str, wait: Duration) -> WorkerError {
 }
 
 /// Tightening limits a request may ask for (None: keep the profile's).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RequestedLimits {
     pub memory: Option<u64>,
     pub memory_swap: Option<u64>,
@@ -105,16 +107,19 @@ impl Supervisor {
         let mut marks = vec![mark("admitted")];
         let profile = resolve(&self.profiles.current(), &p)?;
         let name = profile.name.clone();
-        // A warm init, when one is ready, spares this spawn the making of
+        let key = primed::Key::of(&p, self.profiles.generation());
+        // For a plain profile, the next spawn like this one gets an init
+        // primed after it.
+        let again = (self.primed.wanted > 0 && profile.claude.is_none()).then(|| profile.clone());
+        // An init primed for a spawn like this one spares it building its
+        // sandbox; else a warm init, when one is ready, spares it making
         // its cgroup and namespaces.
-        let warm = self.take_warm();
-        let made = warm.as_ref().map(|w| (w.id.clone(), w.cgroup.clone()));
+        let ahead = self.take_ahead(&key).await;
+        let made = ahead.made();
         let mut prepared = match self.prepare(profile, p.clone(), made).await {
             Ok(prepared) => prepared,
             Err(e) => {
-                if let Some(w) = warm {
-                    tokio::task::spawn_blocking(move || w.discard());
-                }
+                tokio::task::spawn_blocking(move || ahead.discard());
                 if let WorkerError::Disk(_) = e {
                     self.spawn_failed(None, &p.user, &name, ("disk".into(), 0, e.to_string()))
                         .await;
@@ -123,7 +128,7 @@ impl Supervisor {
             }
         };
         marks.push(mark("prepared"));
-        let (mut launched, init) = self.launch(&prepared, warm.map(|w| w.pending)).await?;
+        let (mut launched, init) = self.launch(&prepared, ahead).await?;
         marks.push(init);
         marks.extend(launched.enforced.marks.iter().cloned());
         // The launcher's report ends when the worker's exec closes it.
@@ -141,10 +146,107 @@ impl Supervisor {
             .collect();
         let (worker, started) = self.register(&mut prepared, &mut launched, &p, slot, (begun, stages));
         let timeout = prepared.spec.timeout_secs.map(Duration::from_secs);
-        self.watch(&worker, launched, prepared.session, p.interactive, timeout);
+        let interactive = p.interactive;
+        let again = again.map(|profile| (key, profile, p));
+        self.watch(&worker, launched, prepared.session, interactive, timeout, again);
         // The caller hears of the worker once its start is in the log.
         started.written().await;
         Ok(worker)
+    }
+
+    /// What a spawn starts from: an init primed for its key, else a warm
+    /// init, else nothing made ahead.
+    async fn take_ahead(&self, key: &primed::Key) -> Ahead {
+        let (found, ended) = self.primed.take(key);
+        if let Some(e) = ended {
+            tokio::task::spawn_blocking(move || e.discard());
+        }
+        let primed = match found {
+            primed::Found::Ready(e) => Some(e),
+            primed::Found::Coming(rx) => tokio::time::timeout(primed::WAIT, rx).await.ok().and_then(Result::ok),
+            primed::Found::None => None,
+        };
+        match primed {
+            Some(e) => Ahead::Primed(e),
+            None => self.take_warm().map_or(Ahead::Cold, Ahead::Warm),
+        }
+    }
+
+    /// Has an init primed, in the background, for the next spawn with
+    /// `key` (prepared from `profile` and `p`), unless one is ready or
+    /// being made for it or `primed_inits` are.
+    fn prime(self: &Arc<Self>, key: primed::Key, profile: Profile, p: SpawnParams) {
+        if self.shutting_down.load(Ordering::SeqCst) || !self.primed.reserve(&key) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let warm = this.take_warm();
+            let maker = this.clone();
+            match tokio::task::spawn_blocking(move || maker.make_primed(&profile, &p, warm)).await {
+                Ok(Ok(e)) => {
+                    if let Some(e) = this.primed.put(key, e) {
+                        let _ = tokio::task::spawn_blocking(move || e.discard()).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    this.primed.cancel(&key);
+                    tracing::info!(error = %e, "cannot prime an init; spawns build their own");
+                }
+                Err(_) => this.primed.cancel(&key),
+            }
+        });
+    }
+
+    /// An init for spawns like `p`, primed (blocking): `warm`'s, or a new
+    /// one, prepared as the spawn is and built up to the command.
+    fn make_primed(
+        &self,
+        profile: &Profile,
+        p: &SpawnParams,
+        warm: Option<Warm>,
+    ) -> Result<primed::Entry, WorkerError> {
+        let (id, made, pending) = match warm {
+            Some(w) => (w.id, Some(w.cgroup), Some(w.pending)),
+            None => (self.new_id(), None, None),
+        };
+        let mut prepared = match prepare(&self.host(), &id, made.clone(), profile, p) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                if let (Some(cgroup), Some(pending)) = (made, pending) {
+                    Warm { id, cgroup, pending }.discard();
+                }
+                return Err(e);
+            }
+        };
+        // The disk promise is the spawn's to make: nothing of the user runs
+        // in a primed init.
+        drop(prepared.disk.take());
+        let pending = match pending {
+            Some(pending) => pending,
+            None => match self
+                .launcher
+                .start(Some(&prepared.cgroup), Io::Pipe, Io::Pipe, Io::Pipe)
+            {
+                Ok(pending) => pending,
+                Err(e) => {
+                    prepared.abandon();
+                    return Err(e.into());
+                }
+            },
+        };
+        match pending.prime(&prepared.spec) {
+            Ok(init) => Ok(primed::Entry {
+                id,
+                cgroup: prepared.cgroup.clone(),
+                init,
+                made: Instant::now(),
+            }),
+            Err(e) => {
+                prepared.abandon();
+                Err(e.into())
+            }
+        }
     }
 
     /// Admission: refuses a user in debt with its audit budget or past its
@@ -250,7 +352,7 @@ impl Supervisor {
     /// and waits for its report; returns it with the mark of the init
     /// ready. A failure removes what prepare made and is a `spawn_failed`
     /// event.
-    async fn launch(&self, prepared: &Prepared, warm: Option<Pending>) -> Result<(Launched, Mark), WorkerError> {
+    async fn launch(&self, prepared: &Prepared, ahead: Ahead) -> Result<(Launched, Mark), WorkerError> {
         let spec = &prepared.spec;
         let logs = self.logs_dir();
         let setup = || -> Result<(), WorkerError> {
@@ -274,21 +376,37 @@ impl Supervisor {
             Ok(()) => {
                 let (launcher, spec, cgroup) = (self.launcher.clone(), spec.clone(), prepared.cgroup.clone());
                 tokio::task::spawn_blocking(move || {
-                    let pending = match warm {
-                        Some(p) => p,
-                        None => launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?,
-                    };
-                    let init = Mark {
+                    let init = || Mark {
                         stage: "init".into(),
                         at_ns: crate::sys::monotonic_ns(),
                     };
+                    let pending = match ahead {
+                        // Built from this spawn's sandbox, byte for byte
+                        // (else let go): only the command is missing.
+                        Ahead::Primed(e) => {
+                            let init = init();
+                            match e.init.go(&spec) {
+                                Err(LaunchError::Mismatch) => {
+                                    tracing::info!(worker = %spec.worker_id, "the primed init was built for another sandbox (the user or profile changed); building this one");
+                                    launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?
+                                }
+                                launched => return launched.map(|l| (l, init)),
+                            }
+                        }
+                        Ahead::Warm(w) => w.pending,
+                        Ahead::Cold => launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?,
+                    };
+                    let init = init();
                     pending.run(&spec).map(|l| (l, init))
                 })
                 .await
                 .map_err(WorkerError::from)
                 .and_then(|r| r.map_err(WorkerError::from))
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                tokio::task::spawn_blocking(move || ahead.discard_init());
+                Err(e)
+            }
         };
         if let Err(e) = &result {
             prepared.abandon();
@@ -408,7 +526,8 @@ impl Supervisor {
 
     /// What runs alongside the worker until it ends: the denial reporter,
     /// the Claude Code session, the output pumps, the waiter that records
-    /// the exit (a timeout when it ran for `timeout`), and the limit monitor.
+    /// the exit (a timeout when it ran for `timeout`) and then has an init
+    /// primed for the next spawn like it (`again`), and the limit monitor.
     fn watch(
         self: &Arc<Self>,
         worker: &Arc<Worker>,
@@ -416,6 +535,7 @@ impl Supervisor {
         session: Option<Start>,
         interactive: bool,
         timeout: Option<Duration>,
+        again: Option<(primed::Key, Profile, SpawnParams)>,
     ) {
         if let Some(pipe) = launched.denials.take() {
             self.report_denials(worker, pipe);
@@ -477,6 +597,12 @@ impl Supervisor {
             // No thread per running worker: its exit is awaited on a pidfd.
             let status = crate::sys::wait_process(process).await;
             let mut stages = vec![w.stage("exited")];
+            // The next spawn like this one finds an init primed, made while
+            // this one's end is reported (not while it ran: on few cores
+            // that would slow it).
+            if let Some((key, profile, p)) = again {
+                this.prime(key, profile, p);
+            }
             for p in pumps.into_iter().flatten() {
                 let _ = p.await;
             }
@@ -520,6 +646,50 @@ impl Supervisor {
             users: &self.users,
             cgroups: &self.cgroups,
             disk: &self.disk,
+        }
+    }
+}
+
+/// What a spawn starts from, made ahead of it.
+#[derive(Debug)]
+enum Ahead {
+    /// An init built up to the command, for a spawn like this one.
+    Primed(primed::Entry),
+    /// An init in its cgroup and namespaces, waiting for a spec.
+    Warm(Warm),
+    /// Nothing made ahead.
+    Cold,
+}
+
+impl Ahead {
+    /// The worker id and cgroup made ahead.
+    fn made(&self) -> Option<(String, WorkerCgroup)> {
+        match self {
+            Ahead::Primed(e) => Some((e.id.clone(), e.cgroup.clone())),
+            Ahead::Warm(w) => Some((w.id.clone(), w.cgroup.clone())),
+            Ahead::Cold => None,
+        }
+    }
+
+    /// Lets go of what was made ahead, its cgroup included (blocking).
+    fn discard(self) {
+        match self {
+            Ahead::Primed(e) => e.discard(),
+            Ahead::Warm(w) => w.discard(),
+            Ahead::Cold => {}
+        }
+    }
+
+    /// Lets go of the init made ahead; its cgroup is the spawn's to remove
+    /// (blocking).
+    fn discard_init(self) {
+        match self {
+            Ahead::Primed(e) => e.init.discard(),
+            Ahead::Warm(mut w) => {
+                let _ = w.pending.process.signal(nix::sys::signal::Signal::SIGKILL);
+                let _ = w.pending.process.wait_until(Instant::now() + Duration::from_secs(10));
+            }
+            Ahead::Cold => {}
         }
     }
 }
