@@ -268,38 +268,44 @@ fn a_garbage_spec_is_a_typed_spec_failure() {
     use nix::fcntl::OFlag;
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    let server = raw_server();
-    let null = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .unwrap();
-    let (spec_r, spec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
-    let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
-    let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
-    let fds = [
-        null.as_raw_fd(),
-        null.as_raw_fd(),
-        null.as_raw_fd(),
-        report_w.as_raw_fd(),
-        status_w.as_raw_fd(),
-        spec_r.as_raw_fd(),
-    ];
-    let (reply, pidfds) = server.ask(br#"{"cgroups":0,"into_cgroup":false}"#, &fds);
-    assert!(reply.contains(r#""kind":"started""#), "{reply}");
-    assert_eq!(pidfds, 1, "the init's pidfd comes with the answer");
-    drop((spec_r, report_w, status_w));
-    std::fs::File::from(spec_w).write_all(b"{not json").unwrap();
-    let mut report = String::new();
-    std::fs::File::from(report_r).read_to_string(&mut report).unwrap();
-    assert!(
-        report.contains(r#""kind":"failed","stage":"spec","errno":22"#),
-        "{report}"
-    );
-    // No status: the worker never ran.
-    let mut status = Vec::new();
-    std::fs::File::from(status_r).read_to_end(&mut status).unwrap();
-    assert!(status.is_empty(), "{status:?}");
+    // Not a frame (its first four bytes, as a length, are far past the
+    // largest frame); a frame of what is not JSON.
+    let mut framed = (9u32).to_le_bytes().to_vec();
+    framed.extend_from_slice(b"{not json");
+    for garbage in [b"{not json".to_vec(), framed] {
+        let server = raw_server();
+        let null = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let (spec_r, spec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        let fds = [
+            null.as_raw_fd(),
+            null.as_raw_fd(),
+            null.as_raw_fd(),
+            report_w.as_raw_fd(),
+            status_w.as_raw_fd(),
+            spec_r.as_raw_fd(),
+        ];
+        let (reply, pidfds) = server.ask(br#"{"cgroups":0,"into_cgroup":false}"#, &fds);
+        assert!(reply.contains(r#""kind":"started""#), "{reply}");
+        assert_eq!(pidfds, 1, "the init's pidfd comes with the answer");
+        drop((spec_r, report_w, status_w));
+        std::fs::File::from(spec_w).write_all(&garbage).unwrap();
+        let mut report = String::new();
+        std::fs::File::from(report_r).read_to_string(&mut report).unwrap();
+        assert!(
+            report.contains(r#""kind":"failed","stage":"spec","errno":22"#),
+            "{report}"
+        );
+        // No status: the worker never ran.
+        let mut status = Vec::new();
+        std::fs::File::from(status_r).read_to_end(&mut status).unwrap();
+        assert!(status.is_empty(), "{status:?}");
+    }
 }
 
 #[test]
