@@ -794,6 +794,11 @@ impl Supervisor {
             primed.into_iter().for_each(primed::Entry::discard);
         })
         .await;
+        // Those being primed are let go as they are made (a few ms).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.primed.making_len() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let stops = self.running().into_iter().map(|w| {
             let this = self.clone();
             tokio::spawn(async move { this.stop(&w.id, None).await })

@@ -164,13 +164,14 @@ impl Pool {
     }
 
     /// Adds one made for `key` (reserved before); after [`Pool::drain`]
-    /// it is handed back, to discard.
+    /// it is handed back, to discard and then [`Pool::cancel`] (until then
+    /// it counts as being made, which the daemon's end waits for).
     pub fn put(&self, key: Key, e: Entry) -> Option<Entry> {
         let mut s = self.state();
-        let waiter = s.making.remove(&key).flatten();
         if s.closed {
             return Some(e);
         }
+        let waiter = s.making.remove(&key).flatten();
         // The spawn waiting for it, if it still does; else it waits here.
         let e = match waiter {
             Some(tx) => match tx.send(e) {
@@ -199,6 +200,11 @@ impl Pool {
             .map(|(k, _)| k.clone())
             .collect();
         old.iter().filter_map(|k| s.ready.remove(k)).collect()
+    }
+
+    /// How many are being made.
+    pub fn making_len(&self) -> usize {
+        self.state().making.len()
     }
 
     /// How many are ready.

@@ -185,8 +185,9 @@ impl Supervisor {
             let maker = this.clone();
             match tokio::task::spawn_blocking(move || maker.make_primed(&profile, &p, warm)).await {
                 Ok(Ok(e)) => {
-                    if let Some(e) = this.primed.put(key, e) {
+                    if let Some(e) = this.primed.put(key.clone(), e) {
                         let _ = tokio::task::spawn_blocking(move || e.discard()).await;
+                        this.primed.cancel(&key);
                     }
                 }
                 Ok(Err(e)) => {
