@@ -974,8 +974,8 @@ fn warm_inits_serve_spawns_and_are_made_again() {
 }
 
 /// An init primed after a spawn (built up to the command, as the worker's
-/// uid under its landlock rules, its worker waiting under the seccomp
-/// filter, nothing of the user's command in it) serves the next spawn with the same user,
+/// uid under its landlock rules, no seccomp filter yet, nothing of the
+/// user's command in it) serves the next spawn with the same user,
 /// project, profile and limits: that spawn's own command and env run in it,
 /// and the worker_started event shows the stages before the command at 0.
 /// Another user's spawn does not get it; a profile reload lets it go; the
@@ -1016,27 +1016,22 @@ fn primed_inits_serve_spawns_like_the_last_one() {
     assert!(first.status.success(), "{}", text(&first.stderr));
     let first = text(&first.stdout);
     let alice_uid = first.lines().nth(1).unwrap().to_string();
-    // One init primed for the next spawn like it, in a cgroup of its own:
-    // the init outside the filter (it answers it) and its worker under
-    // it, waiting for its command, both as alice's uid with no_new_privs,
-    // and no command of alice's run.
-    let (primed, statuses) = eventually("an init primed", || {
+    // One init primed for the next spawn like it: alone in its cgroup, as
+    // alice's uid, no_new_privs, no seccomp filter (the worker installs
+    // it after the command arrives), and no command of alice's.
+    let (primed, pid, status) = eventually("an init primed", || {
         let c = d.cgroup_children();
-        let pids = (c.len() == 1).then(|| procs(&c[0])).filter(|p| p.len() == 2)?;
-        let statuses: Vec<String> = pids.iter().map(|p| status_of(p)).collect();
-        let mut filters: Vec<String> = statuses.iter().map(|s| field(s, "Seccomp:")).collect();
-        filters.sort();
-        // Built up to the command (it must come to this, or the wait
-        // fails): the init unfiltered, its worker filtered.
-        (filters == ["0", "2"]
-            && statuses
-                .iter()
-                .all(|s| field(s, "Uid:") == alice_uid && field(s, "NoNewPrivs:") == "1"))
-        .then(|| (c[0].clone(), statuses))
+        let pid = (c.len() == 1).then(|| procs(&c[0])).filter(|p| p.len() == 1)?.remove(0);
+        let status = status_of(&pid);
+        // Built up to the command: as alice's uid, with no_new_privs (it
+        // must come to this, or the wait fails).
+        (field(&status, "Uid:") == alice_uid && field(&status, "NoNewPrivs:") == "1")
+            .then(|| (c[0].clone(), pid, status))
     });
-    assert!(
-        statuses.iter().all(|s| field(s, "Name:") == "warden-launch"),
-        "{statuses:?}"
+    assert_eq!(field(&status, "Seccomp:"), "0", "{status}");
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim(),
+        "warden-launch"
     );
     // Another user's spawn is not served by it.
     let bob = text(&d.ctl(&["spawn", "--user", "bob", "--", "true"]).stdout)
@@ -1082,7 +1077,7 @@ fn primed_inits_serve_spawns_like_the_last_one() {
     let again = eventually("another init primed", || {
         d.cgroup_children()
             .into_iter()
-            .find(|c| *c != second && *c != bob && procs(c).len() == 2)
+            .find(|c| *c != second && *c != bob && procs(c).len() == 1)
     });
     assert!(d.ctl(&["profile", "reload"]).status.success());
     eventually("the primed init let go at the reload", || {

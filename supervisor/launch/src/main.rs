@@ -54,7 +54,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use std::os::fd::AsFd;
 use std::time::Instant;
-use warden_policy::{LaunchReport, LaunchSpec, Mark, MAX_FRAME, SPEC_VERSION};
+use warden_policy::{LaunchCommand, LaunchReport, LaunchSpec, Mark, MAX_FRAME, SPEC_VERSION};
 
 use sandbox::{SetupError, Stage};
 
@@ -221,19 +221,25 @@ fn read_frame(file: &mut File) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-/// Waits for the worker's command, the second frame of the spec pipe (the
-/// worker parses it); `None` when the daemon closed the pipe instead (it
-/// let a primed init go).
-pub fn read_command(file: &mut File) -> Result<Option<Vec<u8>>, SetupError> {
-    match read_frame(file) {
-        Ok(bytes) => Ok(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(SetupError::new(
-            Stage::Command,
-            Errno::EINVAL,
-            format!("Cannot read the command: {e}"),
-        )),
-        Err(e) => Err(SetupError::io(Stage::Command, &e, "Cannot read the command")),
-    }
+/// Waits for the worker's command, the second frame of the spec pipe;
+/// `None` when the daemon closed the pipe instead (it let a primed init
+/// go).
+pub fn read_command(file: &mut File) -> Result<Option<LaunchCommand>, SetupError> {
+    let bytes = match read_frame(file) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(SetupError::new(
+                Stage::Command,
+                Errno::EINVAL,
+                format!("Cannot read the command: {e}"),
+            ))
+        }
+        Err(e) => return Err(SetupError::io(Stage::Command, &e, "Cannot read the command")),
+    };
+    LaunchCommand::from_json(&bytes)
+        .map(Some)
+        .map_err(|e| SetupError::new(Stage::Command, Errno::EINVAL, format!("Cannot parse the command: {e}")))
 }
 
 /// The init's first steps, in its cgroup: a cgroup namespace rooted there,

@@ -379,20 +379,34 @@ fn setup(
     let (landlock_abi, landlock_scoped) = restrict_landlock(spec)?;
     marks.push(crate::mark(Stage::Landlock));
 
+    // --- The command. Everything above is built from the sandbox part of
+    // the spec alone; a primed init waits here, as the worker's uid under
+    // its landlock rules, until a spawn with the same sandbox part takes
+    // it (or the daemon lets it go: EOF). ---
+    report
+        .write_all(&LaunchReport::Primed.to_line())
+        .at(Stage::Command, || "Cannot report the sandbox built".into())?;
+    let Some(cmd) = crate::read_command(&mut command)? else {
+        std::process::exit(crate::EXIT_SETUP_FAILED);
+    };
+    drop(command);
+    spec.argv = cmd.argv;
+    spec.env = cmd.env;
+    marks.push(crate::mark(Stage::Command));
+
     // --- The worker: a child that installs the seccomp filter on itself,
-    // hands its listener to us and waits for its command. The init stays
-    // outside the filter (it answers the listener: a call of its own that
-    // the filter held would wait on itself) but inside everything else.
+    // last, and hands its listener to us. The init stays outside the
+    // filter (it answers the listener: a call of its own that the filter
+    // held would wait on itself) but inside everything else.
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
         .at(Stage::Seccomp, || "Cannot create the listener socket pair".into())?;
-    let (cmd_r, cmd_w) = pipe2(OFlag::O_CLOEXEC).at(Stage::Seccomp, || "Cannot create the command pipe".into())?;
-    // SAFETY: this process is single-threaded; the child installs the
-    // filter, sends one message, reads its command and execs.
+    // SAFETY: this process is single-threaded; the child only installs the
+    // filter, sends one message and execs.
     #[allow(unsafe_code)]
     let forked = unsafe { fork() };
     let worker = match forked.at(Stage::Spawn, || "Cannot fork the worker".into())? {
         ForkResult::Child => {
-            drop((ours, cmd_w, command));
+            drop(ours);
             drop(listeners);
             let listener = match sys::install_seccomp(&spec.seccomp.program) {
                 Ok(l) => l,
@@ -411,11 +425,11 @@ fn setup(
             }
             drop(listener);
             drop(theirs);
-            run_command(spec, report, File::from(cmd_r))
+            exec_worker(spec, report)
         }
         ForkResult::Parent { child } => child,
     };
-    drop((theirs, cmd_r));
+    drop(theirs);
     // Nobody may take the listener from us (ptrace, /proc/1/fd, pidfd_getfd
     // all need the init to be dumpable).
     nix::sys::prctl::set_dumpable(false).at(Stage::Seccomp, || "Cannot make the init non-dumpable".into())?;
@@ -429,28 +443,6 @@ fn setup(
     };
     drop(ours);
     marks.push(crate::mark(Stage::Seccomp));
-
-    // --- The command. Everything above is built from the sandbox part of
-    // the spec alone; a primed init waits here, as the worker's uid under
-    // its landlock rules with its worker waiting under the seccomp filter,
-    // until a spawn with the same sandbox part takes it (or the daemon lets
-    // it go: EOF, and the worker goes with the init). The worker reads the
-    // command and execs it. ---
-    report
-        .write_all(&LaunchReport::Primed.to_line())
-        .at(Stage::Command, || "Cannot report the sandbox built".into())?;
-    let Some(cmd) = crate::read_command(&mut command)? else {
-        std::process::exit(crate::EXIT_SETUP_FAILED);
-    };
-    drop(command);
-    marks.push(crate::mark(Stage::Command));
-    {
-        let mut cmd_w = File::from(cmd_w);
-        if let Err(e) = cmd_w.write_all(&cmd) {
-            let _ = nix::sys::signal::kill(worker, Signal::SIGKILL);
-            return Err(SetupError::io(Stage::Command, &e, "Cannot hand the worker its command"));
-        }
-    }
 
     // Reports of denied calls go to the daemon on a pipe of their own,
     // never blocking the init.
@@ -921,40 +913,6 @@ fn restrict_landlock(spec: &LaunchSpec) -> Result<(u32, bool), SetupError> {
 }
 
 /// In the forked child: becomes the worker. Never returns.
-/// The worker, under its seccomp filter: reads its command (the whole
-/// pipe; nothing at all: the init was let go) and execs it.
-fn run_command(spec: &mut LaunchSpec, report: &mut File, mut from: File) -> ! {
-    let mut bytes = Vec::new();
-    if let Err(e) = std::io::Read::read_to_end(&mut from, &mut bytes) {
-        crate::fail(
-            report,
-            &SetupError::io(Stage::Command, &e, "Cannot read the command"),
-            crate::EXIT_SETUP_FAILED,
-        );
-    }
-    drop(from);
-    if bytes.is_empty() {
-        std::process::exit(crate::EXIT_SETUP_FAILED);
-    }
-    match warden_policy::LaunchCommand::from_json(&bytes) {
-        Ok(cmd) if !cmd.argv.is_empty() => {
-            spec.argv = cmd.argv;
-            spec.env = cmd.env;
-        }
-        Ok(_) => crate::fail(
-            report,
-            &SetupError::new(Stage::Command, Errno::EINVAL, "The command is empty"),
-            crate::EXIT_SETUP_FAILED,
-        ),
-        Err(e) => crate::fail(
-            report,
-            &SetupError::new(Stage::Command, Errno::EINVAL, format!("Cannot parse the command: {e}")),
-            crate::EXIT_SETUP_FAILED,
-        ),
-    }
-    exec_worker(spec, report)
-}
-
 fn exec_worker(spec: &LaunchSpec, report: &mut File) -> ! {
     // No controlling terminal shared with anyone outside.
     let _ = setsid();
