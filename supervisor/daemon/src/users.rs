@@ -523,21 +523,32 @@ fn step(parent: &OwnedFd, path: &mut PathBuf, name: &str, (uid, gid): (u32, u32)
             })
         }
     };
-    fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|source| UserError::Dir {
+    // Owner and mode are set only where they differ: a change dirties the
+    // inode in the file system's journal, and every spawn passes here
+    // (the audit log's fdatasync would wait for those blocks too).
+    let st = nix::sys::stat::fstat(&fd).map_err(|source| UserError::Dir {
         path: path.clone(),
         source,
     })?;
-    fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(|source| UserError::Dir {
-        path: path.clone(),
-        source,
-    })?;
+    if st.st_uid != uid || st.st_gid != gid {
+        fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|source| UserError::Dir {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    if st.st_mode & 0o7777 != 0o700 {
+        fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(|source| UserError::Dir {
+            path: path.clone(),
+            source,
+        })?;
+    }
     Ok(fd)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -617,6 +628,29 @@ mod tests {
         let users_dir = std::fs::metadata(state.join("users")).unwrap();
         assert_eq!((users_dir.uid(), users_dir.mode() & 0o777), (0, 0o700));
         assert_eq!(users.prepare("alice", "base", "demo").unwrap(), dirs, "idempotent");
+        // What is already right is left untouched (no inode change for the
+        // journal on every spawn); what is not is made right again.
+        let ctime = |p: &Path| std::fs::metadata(p).unwrap().ctime_nsec();
+        let before = ctime(&dirs.workspace);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        users.prepare("alice", "base", "demo").unwrap();
+        assert_eq!(
+            ctime(&dirs.workspace),
+            before,
+            "an unchanged directory is not chowned again"
+        );
+        std::os::unix::fs::chown(&dirs.home, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(&dirs.workspace, std::fs::Permissions::from_mode(0o755)).unwrap();
+        users.prepare("alice", "base", "demo").unwrap();
+        for p in [&dirs.home, &dirs.workspace] {
+            let m = std::fs::metadata(p).unwrap();
+            assert_eq!(
+                (m.uid(), m.gid(), m.mode() & 0o7777),
+                (300_000, 300_000, 0o700),
+                "{}",
+                p.display()
+            );
+        }
         assert!(matches!(users.prepare("alice", "base", ".."), Err(UserError::Name(_))));
         assert!(matches!(users.prepare("alice", "base", "a/b"), Err(UserError::Name(_))));
         assert!(matches!(

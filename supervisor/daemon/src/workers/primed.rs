@@ -1,8 +1,9 @@
 //! Primed inits: a worker's init built up to its command, for the next
 //! spawn like a recent one.
 //!
-//! A spawn of a plain profile (no `[claude]` section) asks for one more
-//! init primed for its key: the same user, project, profile, requested
+//! A worker of a plain profile (no `[claude]` section), once its end is
+//! reported, asks for an init primed for its key (not earlier: on few
+//! cores the making would slow its run and the writing of its exit): the same user, project, profile, requested
 //! limits and profile set. The primer takes a warm init (or makes one),
 //! prepares it as that spawn was prepared (the user's directories, the
 //! cgroup's limits, the compiled spec) and has it build the sandbox up to

@@ -598,18 +598,18 @@ impl Supervisor {
             // No thread per running worker: its exit is awaited on a pidfd.
             let status = crate::sys::wait_process(process).await;
             let mut stages = vec![w.stage("exited")];
-            // The next spawn like this one finds an init primed, made while
-            // this one's end is reported (not while it ran: on few cores
-            // that would slow it).
-            if let Some((key, profile, p)) = again {
-                this.prime(key, profile, p);
-            }
             for p in pumps.into_iter().flatten() {
                 let _ = p.await;
             }
             stages.push(w.stage("output"));
             let timed_out = timeout.is_some_and(|t| begun.elapsed() >= t);
             this.finish(&w, Some(status), timed_out, stages).await;
+            // The next spawn like this one finds an init primed, made once
+            // this one's end is reported (not while it ran, nor while its
+            // exit event was written: on few cores either would wait).
+            if let Some((key, profile, p)) = again {
+                this.prime(key, profile, p);
+            }
             // Its sandbox's mounts go once its end is reported (tearing
             // them down waits for the kernel).
             tokio::task::spawn_blocking(move || drop(mount_ns));
