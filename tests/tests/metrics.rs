@@ -52,7 +52,11 @@ fn prometheus_scrapes_the_daemons_metrics() {
         return;
     }
     let port = free_port();
-    let d = Daemon::start_with(&[("metrics_listen", value(vec![value(format!("127.0.0.1:{port}"))]))]);
+    let d = Daemon::start_with(&[
+        ("metrics_listen", value(vec![value(format!("127.0.0.1:{port}"))])),
+        // One primed init for alice's next spawn shows in its gauge.
+        ("primed_inits", value(1)),
+    ]);
     // Workers that run, fail to start, and are refused a system call.
     for _ in 0..3 {
         assert!(d
@@ -154,6 +158,7 @@ fn prometheus_scrapes_the_daemons_metrics() {
         ("warden_spawn_seconds_count", 4.0),
         ("warden_workers{state=\"exited\",profile=\"base\"}", 4.0),
         ("warden_audit_bytes_written_total", 1.0),
+        ("warden_primed_inits", 1.0),
     ] {
         let got = query(series);
         assert!(got.iter().any(|r| value_of(r) >= least), "{series}: {got:?}");
