@@ -21,7 +21,9 @@
 //!   a cgroup namespace of its own, builds what every sandbox has
 //!   ([`sandbox::prepare_root`]), waits for its spec (a warm init, made
 //!   ahead of its spawn, waits there), builds the rest in
-//!   [`sandbox::setup`], forks the worker, answers the worker's denied
+//!   [`sandbox::setup`] from the spec's first frame, the sandbox, up to
+//!   landlock, then waits for the second, the command (a primed init waits
+//!   there, as the worker's uid), forks the worker, answers the worker's denied
 //!   system calls ([`denials`]), reaps zombies, forwards signals and exits
 //!   with the worker's status (128+signal when it was killed), which it
 //!   first writes on the status pipe: wardend is not its parent;
