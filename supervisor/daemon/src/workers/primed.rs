@@ -44,7 +44,7 @@ use super::spawn::{RequestedLimits, SpawnParams};
 pub const IDLE: Duration = Duration::from_secs(60);
 
 /// How long a spawn waits for the one being made for its key.
-pub const WAIT: Duration = Duration::from_millis(100);
+pub const WAIT: Duration = Duration::from_millis(20);
 
 /// What a spawn must share with the one an init was primed after.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
