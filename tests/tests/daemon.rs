@@ -978,8 +978,9 @@ fn warm_inits_serve_spawns_and_are_made_again() {
 /// user's command in it) serves the next spawn with the same user,
 /// project, profile and limits: that spawn's own command and env run in it,
 /// and the worker_started event shows the stages before the command at 0.
-/// Another user's spawn does not get it; a profile reload lets it go; the
-/// daemon's end takes it with it.
+/// Another user's spawn does not get it; a profile reload lets it go; no
+/// more than `primed_inits` exist whoever spawns; the daemon's end takes
+/// them with it.
 #[test]
 fn primed_inits_serve_spawns_like_the_last_one() {
     if !root() {
@@ -1083,9 +1084,23 @@ fn primed_inits_serve_spawns_like_the_last_one() {
     eventually("the primed init let go at the reload", || {
         (!d.cgroup_children().contains(&again)).then_some(())
     });
+    // However many users and projects end workers, no more than
+    // primed_inits (2) are primed or being primed at once.
+    for (user, project) in [
+        ("alice", "default"),
+        ("carol", "a"),
+        ("carol", "b"),
+        ("dave", "default"),
+    ] {
+        let out = d.ctl(&["spawn", "--user", user, "--project", project, "-w", "--", "true"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    for _ in 0..20 {
+        let c = d.cgroup_children();
+        assert!(c.len() <= 2, "more than primed_inits: {c:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
     // The daemon's end takes the primed inits with it.
-    let out = d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
     eventually("an init primed again", || {
         (!d.cgroup_children().is_empty()).then_some(())
     });
