@@ -584,6 +584,13 @@ impl WorkerCgroup {
         }
     }
 
+    /// Kills what is in the cgroup (waiting up to 5 s) and removes it: the
+    /// end of a cgroup made ahead for a worker that did not run.
+    pub fn discard(&self) -> Result<(), CgroupError> {
+        let _ = self.kill_all(Duration::from_secs(5));
+        self.remove()
+    }
+
     /// Removes the cgroup (after [`kill_all`](Self::kill_all)); a cgroup that
     /// is already gone is fine.
     pub fn remove(&self) -> Result<(), CgroupError> {

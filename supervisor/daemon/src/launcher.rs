@@ -164,8 +164,7 @@ impl Pending {
             report,
         } = self;
         let ended = |process: &mut Process, e: LaunchError| {
-            let _ = process.signal(Signal::SIGKILL);
-            let _ = process.wait_until(Instant::now() + SERVER_TIMEOUT);
+            let _ = process.kill(SERVER_TIMEOUT);
             e
         };
         let sandbox = spec.sandbox_json();
@@ -234,8 +233,7 @@ impl Primed {
     pub fn discard(self) {
         let Primed { mut process, spec, .. } = self;
         drop(spec);
-        let _ = process.signal(Signal::SIGKILL);
-        let _ = process.wait_until(Instant::now() + SERVER_TIMEOUT);
+        let _ = process.kill(SERVER_TIMEOUT);
     }
 }
 
@@ -730,6 +728,12 @@ impl Process {
     /// Sends `sig` to the init (it forwards the usual ones to the worker).
     pub fn signal(&self, sig: Signal) -> std::io::Result<()> {
         crate::sys::pidfd_send_signal(self.pidfd.as_fd(), sig)
+    }
+
+    /// Sends it SIGKILL and waits up to `timeout` for it to end.
+    pub fn kill(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let _ = self.signal(Signal::SIGKILL);
+        self.wait_until(Instant::now() + timeout)
     }
 
     /// Its status, if it has ended.

@@ -472,8 +472,7 @@ impl Supervisor {
         match self.launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe) {
             Ok(pending) => Ok(warm::Warm { id, cgroup, pending }),
             Err(e) => {
-                let _ = cgroup.kill_all(Duration::from_secs(5));
-                let _ = cgroup.remove();
+                let _ = cgroup.discard();
                 Err(e.into())
             }
         }

@@ -91,8 +91,7 @@ impl Entry {
     pub fn discard(self) {
         let Entry { id, cgroup, init, .. } = self;
         init.discard();
-        let _ = cgroup.kill_all(Duration::from_secs(5));
-        if let Err(e) = cgroup.remove() {
+        if let Err(e) = cgroup.discard() {
             tracing::error!(primed = %id, error = %e, "cannot remove the cgroup of a primed init");
         }
     }

@@ -687,8 +687,7 @@ impl Ahead {
         match self {
             Ahead::Primed(e) => e.init.discard(),
             Ahead::Warm(mut w) => {
-                let _ = w.pending.process.signal(nix::sys::signal::Signal::SIGKILL);
-                let _ = w.pending.process.wait_until(Instant::now() + Duration::from_secs(10));
+                let _ = w.pending.process.kill(Duration::from_secs(10));
             }
             Ahead::Cold => {}
         }
@@ -832,8 +831,7 @@ impl Prepared {
     /// Undoes [`prepare`] for a worker that will not run: kills anything in
     /// its cgroup and removes it.
     pub fn abandon(&self) {
-        let _ = self.cgroup.kill_all(Duration::from_secs(5));
-        if let Err(e) = self.cgroup.remove() {
+        if let Err(e) = self.cgroup.discard() {
             tracing::error!(worker = %self.spec.worker_id, error = %e, "cannot remove the cgroup of a worker that did not start");
         }
     }

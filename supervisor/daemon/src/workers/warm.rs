@@ -37,12 +37,8 @@ impl Warm {
             mut pending,
             ..
         } = self;
-        let _ = pending.process.signal(nix::sys::signal::Signal::SIGKILL);
-        let _ = pending
-            .process
-            .wait_until(std::time::Instant::now() + std::time::Duration::from_secs(10));
-        let _ = cgroup.kill_all(std::time::Duration::from_secs(5));
-        if let Err(e) = cgroup.remove() {
+        let _ = pending.process.kill(std::time::Duration::from_secs(10));
+        if let Err(e) = cgroup.discard() {
             tracing::error!(warm = %id, error = %e, "cannot remove the cgroup of a warm init");
         }
     }
