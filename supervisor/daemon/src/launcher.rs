@@ -123,9 +123,8 @@ pub struct Launched {
 #[derive(Debug)]
 pub struct Pending {
     pub process: Process,
-    stdin: Option<File>,
-    stdout: Option<File>,
-    stderr: Option<File>,
+    /// Our ends of the worker's stdin, stdout and stderr pipes.
+    stdio: [Option<File>; 3],
     spec: File,
     report: OwnedFd,
 }
@@ -136,9 +135,7 @@ impl Pending {
     pub fn run(self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         let Pending {
             process,
-            stdin,
-            stdout,
-            stderr,
+            stdio,
             spec: mut w,
             report,
         } = self;
@@ -148,7 +145,7 @@ impl Pending {
         frames.extend(warden_policy::frame(&spec.command().to_json()));
         let wrote = w.write_all(&frames);
         drop(w);
-        finish(process, [stdin, stdout, stderr], report, wrote, spec)
+        finish(process, stdio, report, wrote, spec)
     }
 
     /// Hands the init the sandbox part of `spec` and waits until it has
@@ -157,9 +154,7 @@ impl Pending {
     pub fn prime(self, spec: &LaunchSpec) -> Result<Primed, LaunchError> {
         let Pending {
             mut process,
-            stdin,
-            stdout,
-            stderr,
+            stdio,
             spec: mut w,
             report,
         } = self;
@@ -174,7 +169,7 @@ impl Pending {
         match read_line(&report, Instant::now() + SERVER_TIMEOUT) {
             Ok(Some(LaunchReport::Primed)) => Ok(Primed {
                 process,
-                stdio: [stdin, stdout, stderr],
+                stdio,
                 spec: w,
                 report,
                 sandbox,
@@ -518,9 +513,7 @@ impl Launcher {
         };
         Ok(Pending {
             process,
-            stdin: stdin_ours,
-            stdout: stdout_ours,
-            stderr: stderr_ours,
+            stdio: [stdin_ours, stdout_ours, stderr_ours],
             spec: File::from(spec_w),
             report: report_r,
         })

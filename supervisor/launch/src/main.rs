@@ -170,11 +170,6 @@ pub fn init(mut marks: Vec<Mark>) -> ! {
         Ok(Some(bytes)) => bytes,
         // The daemon let this warm init go without a spawn.
         Ok(None) => std::process::exit(EXIT_SETUP_FAILED),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => fail(
-            &mut report,
-            &SetupError::new(Stage::Spec, Errno::EINVAL, format!("Cannot read the launch spec: {e}")),
-            EXIT_SETUP_FAILED,
-        ),
         Err(e) => fail(
             &mut report,
             &SetupError::io(Stage::Spec, &e, "Cannot read the launch spec"),
@@ -230,13 +225,6 @@ pub fn read_command(file: &mut File) -> Result<Option<LaunchCommand>, SetupError
     let bytes = match read_frame(file) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            return Err(SetupError::new(
-                Stage::Command,
-                Errno::EINVAL,
-                format!("Cannot read the command: {e}"),
-            ))
-        }
         Err(e) => return Err(SetupError::io(Stage::Command, &e, "Cannot read the command")),
     };
     LaunchCommand::from_json(&bytes)

@@ -93,8 +93,13 @@ impl SetupError {
         }
     }
 
+    /// An I/O error: its errno; EINVAL for data that is not what it must
+    /// be (a spec frame past its size), EIO for anything else without one.
     pub fn io(stage: Stage, e: &std::io::Error, message: impl Into<String>) -> Self {
-        let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        let errno = Errno::from_raw(e.raw_os_error().unwrap_or(match e.kind() {
+            std::io::ErrorKind::InvalidData => libc::EINVAL,
+            _ => libc::EIO,
+        }));
         Self::new(stage, errno, format!("{}: {e}", message.into()))
     }
 }
