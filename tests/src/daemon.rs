@@ -285,6 +285,15 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// The pids in this daemon's cgroup `id` (none if it is gone).
+    pub fn cgroup_procs(&self, id: &str) -> Vec<String> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", self.cgroup_name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = i32::try_from(self.child.as_ref().unwrap().id()).expect("a pid fits pid_t");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();

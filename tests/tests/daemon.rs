@@ -919,20 +919,13 @@ fn warm_inits_serve_spawns_and_are_made_again() {
         return;
     }
     let mut d = Daemon::start_with(&[("warm_inits", value(2))]);
-    let procs = |id: &str| -> Vec<String> {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", d.cgroup_name))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    };
     // Two inits made ahead, each alone in a cgroup of its own.
     let warm = eventually("two warm inits", || {
         let c = d.cgroup_children();
-        (c.len() == 2 && c.iter().all(|id| procs(id).len() == 1)).then_some(c)
+        (c.len() == 2 && c.iter().all(|id| d.cgroup_procs(id).len() == 1)).then_some(c)
     });
     for id in &warm {
-        let pid = &procs(id)[0];
+        let pid = &d.cgroup_procs(id)[0];
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
         assert_eq!(comm.trim(), "warden-launch", "the init of {id}");
     }
@@ -987,13 +980,6 @@ fn primed_inits_serve_spawns_like_the_last_one() {
         return;
     }
     let mut d = Daemon::start_with(&[("primed_inits", value(2))]);
-    let procs = |id: &str| -> Vec<String> {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", d.cgroup_name))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    };
     let status_of = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |status: &str, name: &str| -> String {
         status
@@ -1022,7 +1008,10 @@ fn primed_inits_serve_spawns_like_the_last_one() {
     // it after the command arrives), and no command of alice's.
     let (primed, pid, status) = eventually("an init primed", || {
         let c = d.cgroup_children();
-        let pid = (c.len() == 1).then(|| procs(&c[0])).filter(|p| p.len() == 1)?.remove(0);
+        let pid = (c.len() == 1)
+            .then(|| d.cgroup_procs(&c[0]))
+            .filter(|p| p.len() == 1)?
+            .remove(0);
         let status = status_of(&pid);
         // Built up to the command: as alice's uid, with no_new_privs (it
         // must come to this, or the wait fails).
@@ -1078,7 +1067,7 @@ fn primed_inits_serve_spawns_like_the_last_one() {
     let again = eventually("another init primed", || {
         d.cgroup_children()
             .into_iter()
-            .find(|c| *c != second && *c != bob && procs(c).len() == 1)
+            .find(|c| *c != second && *c != bob && d.cgroup_procs(c).len() == 1)
     });
     assert!(d.ctl(&["profile", "reload"]).status.success());
     eventually("the primed init let go at the reload", || {
