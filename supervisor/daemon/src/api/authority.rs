@@ -74,9 +74,8 @@ impl<S> AnyAuthority<S> {
 /// The inbound half: the client's bytes in, the rewritten bytes out.
 pub struct Rewriter {
     decoder: loona_hpack::Decoder<'static>,
-    /// Preface bytes still to pass.
-    preface: usize,
-    /// Bytes of the current frame still to pass through unread.
+    /// Bytes still to pass through unread: the preface, then those of the
+    /// current frame.
     passing: usize,
     /// A header block being gathered: its stream, whether it ends the
     /// stream, and its fragments so far.
@@ -107,8 +106,8 @@ impl Rewriter {
         decoder.set_max_allowed_table_size(TABLE_SIZE);
         Rewriter {
             decoder,
-            preface: PREFACE.len(),
-            passing: 0,
+            // The preface passes as it is (h2 checks it).
+            passing: PREFACE.len(),
             block: None,
             out: BytesMut::new(),
         }
@@ -118,15 +117,6 @@ impl Rewriter {
     /// there) and adds the result to what [`Rewriter::take`] gives.
     pub fn feed(&mut self, raw: &mut BytesMut) -> io::Result<()> {
         loop {
-            if self.preface > 0 {
-                // The preface passes as it is (h2 checks it).
-                let n = self.preface.min(raw.len());
-                self.out.extend_from_slice(&raw.split_to(n));
-                self.preface -= n;
-                if self.preface > 0 {
-                    return Ok(());
-                }
-            }
             if self.passing > 0 {
                 let n = self.passing.min(raw.len());
                 self.out.extend_from_slice(&raw.split_to(n));
