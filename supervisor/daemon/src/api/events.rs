@@ -222,7 +222,7 @@ impl pb::events_server::Events for EventsApi {
     type WatchStream = Out<pb::WatchResponse>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
         let filter = watch_filter(&r)?;
         if !r.user.is_empty() && !c.may_act_for(&r.user) {

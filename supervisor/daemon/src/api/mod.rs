@@ -14,10 +14,9 @@ pub mod workers;
 
 use tonic::{Code, Request, Status};
 
-use crate::auth::{identify, Caller};
+use crate::auth::Caller;
 use crate::events::{clip, EventKind};
 use crate::workers::{Supervisor, WorkerError};
-use warden_policy::config::Config;
 use warden_policy::PolicyError;
 
 /// Runs `work` to its end even if the client goes away meanwhile (a
@@ -34,14 +33,23 @@ pub async fn to_completion<T: Send + 'static>(
     })
 }
 
-/// The authenticated caller of a request (from SO_PEERCRED).
-pub fn caller<T>(req: &Request<T>, config: &Config) -> Result<Caller, Status> {
+/// The authenticated caller of a request (from SO_PEERCRED), its role
+/// from the account database (asked off the async threads, see
+/// [`crate::auth::Accounts`]).
+pub fn caller<T>(
+    req: &Request<T>,
+    sup: &Supervisor,
+) -> impl std::future::Future<Output = Result<Caller, Status>> + Send + 'static {
     let cred = req
         .extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|i| i.peer_cred)
-        .ok_or_else(|| Status::unauthenticated("Peer credentials are unavailable"))?;
-    Ok(identify(cred.uid(), cred.pid(), config))
+        .ok_or_else(|| Status::unauthenticated("Peer credentials are unavailable"));
+    let accounts = sup.accounts.clone();
+    async move {
+        let cred = cred?;
+        Ok(accounts.caller(cred.uid(), cred.pid()).await)
+    }
 }
 
 /// Refuses a caller who may not act for `user`, and audits the refusal.

@@ -29,10 +29,13 @@ fn to_pb(p: &Profile) -> pb::Profile {
 #[tonic::async_trait]
 impl pb::profiles_server::Profiles for ProfilesApi {
     async fn list(&self, req: Request<pb::ListProfilesRequest>) -> Result<Response<pb::ListProfilesResponse>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let set = self.sup.profiles.current();
         // A caller acting for one warden user sees the profiles it may use.
-        let groups = c.default_user().map(crate::auth::group_names_of).unwrap_or_default();
+        let groups = match c.default_user() {
+            Some(user) => self.sup.accounts.group_names(user).await,
+            None => Default::default(),
+        };
         let usable = |p: &&warden_policy::Profile| match c.default_user() {
             _ if c.may_act_for_everyone() => true,
             Some(user) => p.access.allows(user, &groups),
@@ -44,7 +47,7 @@ impl pb::profiles_server::Profiles for ProfilesApi {
     }
 
     async fn get(&self, req: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let set = self.sup.profiles.current();
         let p = set.get(&req.get_ref().name).map_err(|e| match e {
             // The one call where the profile is the thing looked up.
@@ -55,7 +58,7 @@ impl pb::profiles_server::Profiles for ProfilesApi {
     }
 
     async fn validate(&self, req: Request<pb::ValidateProfileRequest>) -> Result<Response<pb::Profile>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
         let name = if r.name.is_empty() {
             "unnamed".to_string()
@@ -76,7 +79,7 @@ impl pb::profiles_server::Profiles for ProfilesApi {
         &self,
         req: Request<pb::ReloadProfilesRequest>,
     ) -> Result<Response<pb::ReloadProfilesResponse>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         if !c.is_admin() {
             return Err(super::denied(
                 &self.sup,

@@ -22,7 +22,7 @@ fn totals(t: &Totals) -> Option<pb::ApiTotals> {
 #[tonic::async_trait]
 impl pb::usage_server::Usage for UsageApi {
     async fn get(&self, req: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let asked = req.into_inner().user;
         let ledger = &self.sup.ledger;
         let users: Vec<String> = if asked.is_empty() {

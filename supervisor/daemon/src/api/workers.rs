@@ -310,7 +310,7 @@ pub fn spawn_params(c: &Caller, default_profile: &str, r: pb::SpawnRequest) -> R
 #[tonic::async_trait]
 impl pb::workers_server::Workers for WorkersApi {
     async fn spawn(&self, req: Request<pb::SpawnRequest>) -> Result<Response<pb::Worker>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let params = spawn_params(&c, &self.sup.config.default_profile, req.into_inner())?;
         authorize(&self.sup, &c, &params.user, "Workers.Spawn")?;
         // Which warden users may use the profile (an unknown one is the
@@ -318,7 +318,7 @@ impl pb::workers_server::Workers for WorkersApi {
         if let Ok(p) = self.sup.profiles.current().get(&params.profile) {
             if !p
                 .access
-                .allows(&params.user, &crate::auth::group_names_of(&params.user))
+                .allows(&params.user, &self.sup.accounts.group_names(&params.user).await)
             {
                 let message = format!(
                     "warden user {:?} may not use profile {:?} (see its users and groups)",
@@ -335,13 +335,13 @@ impl pb::workers_server::Workers for WorkersApi {
     }
 
     async fn get(&self, req: Request<pb::GetWorkerRequest>) -> Result<Response<pb::Worker>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let w = self.visible(&c, &req.get_ref().id, "Workers.Get")?;
         Ok(Response::new(to_pb(&w)))
     }
 
     async fn list(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
         let listed: Vec<Arc<Worker>> = self
             .sup
@@ -363,7 +363,7 @@ impl pb::workers_server::Workers for WorkersApi {
     }
 
     async fn signal(&self, req: Request<pb::SignalRequest>) -> Result<Response<pb::Worker>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
         self.visible(&c, &r.id, "Workers.Signal")?;
         let w = self
@@ -374,7 +374,7 @@ impl pb::workers_server::Workers for WorkersApi {
     }
 
     async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::Worker>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
         let w = self.visible(&c, &r.id, "Workers.Stop")?;
         let grace = (r.grace_seconds > 0).then(|| Duration::from_secs(u64::from(r.grace_seconds)));
@@ -387,7 +387,7 @@ impl pb::workers_server::Workers for WorkersApi {
     }
 
     async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::ApproveResponse>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
         let w = self.visible(&c, &r.id, "Workers.Approve")?;
         if r.request_id.is_empty() || r.request_id.len() > 256 || r.message.len() > 4096 {
@@ -405,7 +405,7 @@ impl pb::workers_server::Workers for WorkersApi {
     }
 
     async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::Worker>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let w = self.visible(&c, &req.get_ref().id, "Workers.Wait")?;
         w.wait().await;
         Ok(Response::new(to_pb(&w)))
@@ -414,7 +414,7 @@ impl pb::workers_server::Workers for WorkersApi {
     type AttachStream = Out<pb::AttachResponse>;
 
     async fn attach(&self, req: Request<Streaming<pb::AttachRequest>>) -> Result<Response<Self::AttachStream>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let mut input = req.into_inner();
         let start = match input.next().await {
             Some(Ok(pb::AttachRequest {
@@ -508,7 +508,7 @@ impl pb::workers_server::Workers for WorkersApi {
     type LogsStream = Out<pb::OutputChunk>;
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        let c = caller(&req, &self.sup.config)?;
+        let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
         let w = self.visible(&c, &r.id, "Workers.Logs")?;
         let (out, stream) = outbox(QUEUE, self.sup.client_timeout());

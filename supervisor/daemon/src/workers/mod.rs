@@ -308,6 +308,8 @@ struct Registry {
 #[derive(Debug)]
 pub struct Supervisor {
     pub config: Config,
+    /// Callers' roles and users' groups, from the account database.
+    pub accounts: Arc<crate::auth::Accounts>,
     pub users: Users,
     pub cgroups: Cgroups,
     pub profiles: Profiles,
@@ -365,6 +367,7 @@ impl Supervisor {
             next: AtomicU64::new(millis(SystemTime::now())),
             warm: warm::Pool::new(config.warm_inits),
             primed: primed::Pool::new(config.primed_inits),
+            accounts: Arc::new(crate::auth::Accounts::new(&config)),
             config,
             users,
             cgroups,
