@@ -274,7 +274,7 @@ impl Host {
             disk: &self.disk,
         };
         let worker_id = format!("w{}", NEXT.fetch_add(1, Ordering::SeqCst));
-        spawn::prepare(&host, &worker_id, None, &profile, &params).expect("prepare")
+        spawn::prepare(&host, &worker_id, None, None, &profile, &params).expect("prepare")
     }
 
     /// A worker of `prepared`, launched, as [`Host::spawn`] returns it.

@@ -172,7 +172,7 @@ impl Pending {
                 stdio,
                 spec: w,
                 report,
-                sandbox,
+                built: Box::new(spec.clone()),
             }),
             Ok(Some(LaunchReport::Failed { stage, errno, message })) => {
                 Err(ended(&mut process, LaunchError::setup(stage, errno, message)))
@@ -197,17 +197,24 @@ pub struct Primed {
     stdio: [Option<File>; 3],
     spec: File,
     report: OwnedFd,
-    /// The sandbox part of the spec it was primed with.
-    sandbox: Vec<u8>,
+    /// The spec it was primed with (only its sandbox part went to the
+    /// init).
+    built: Box<LaunchSpec>,
 }
 
 impl Primed {
+    /// The spec the init was primed with.
+    pub fn built(&self) -> &LaunchSpec {
+        &self.built
+    }
+
     /// Gives the init the command of `spec` and waits until it is exec'd
-    /// (blocking). Only where the sandbox part of `spec` is, byte for byte,
-    /// the one the init was primed with; otherwise the init is let go and
-    /// this is [`LaunchError::Mismatch`].
+    /// (blocking). Only where `spec` builds the sandbox the init was primed
+    /// with ([`LaunchSpec::same_sandbox`]: what was written to it is then
+    /// the sandbox part of `spec` byte for byte); otherwise the init is let
+    /// go and this is [`LaunchError::Mismatch`].
     pub fn go(self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
-        if spec.sandbox_json() != self.sandbox {
+        if !spec.same_sandbox(&self.built) {
             self.discard();
             return Err(LaunchError::Mismatch);
         }

@@ -28,7 +28,7 @@ pub use profile::{
     MAX_LANDLOCK_ABI, RLIMITS, VARIABLES,
 };
 pub use spec::{
-    compile, frame, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchCommand, LaunchReply,
+    command, compile, frame, policy_digest, Bind, DenialReport, Enforced, LandlockSpec, LaunchCommand, LaunchReply,
     LaunchReport, LaunchRequest, LaunchSpec, Listener, ListenerKind, Mark, Rlimit, SeccompSpec, SpawnRequest,
     SyntheticFile, MAX_FRAME, SPEC_VERSION,
 };

@@ -235,6 +235,68 @@ fn rlimits(limits: &crate::profile::Limits) -> Vec<Rlimit> {
     map.into_iter().map(|(name, value)| Rlimit { name, value }).collect()
 }
 
+/// The worker's home and workspace inside its sandbox, and the variables
+/// profile paths and values may use.
+fn places(req: &SpawnRequest) -> (String, String, BTreeMap<&'static str, String>) {
+    let home = format!("/home/{}", req.user);
+    let workspace = format!("/workspace/{}", req.project);
+    let vars = BTreeMap::from([
+        ("HOME", home.clone()),
+        ("WORKSPACE", workspace.clone()),
+        ("TMP", "/tmp".to_string()),
+        ("USER", req.user.clone()),
+    ]);
+    (home, workspace, vars)
+}
+
+/// The command part of the spec [`compile`] makes for `req` under
+/// `profile`: the argv (checked) and the environment: the profile's fixed
+/// values, then what the client may pass, then the identity warden
+/// guarantees (and, in mode `proxy`, the proxy's address). A spawn served
+/// by an init primed for its sandbox needs only this.
+pub fn command(profile: &Profile, req: &SpawnRequest) -> Result<LaunchCommand, PolicyError> {
+    let bad = |m: String| PolicyError::Request(m);
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(bad("the command is empty".into()));
+    }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(bad("an argument contains NUL".into()));
+    }
+    let (home, workspace, vars) = places(req);
+    let mut env: BTreeMap<String, String> = profile
+        .environment
+        .set
+        .iter()
+        .map(|(k, v)| (k.clone(), substitute(v, &vars)))
+        .collect();
+    for (k, v) in &req.env {
+        if !profile.environment.pass.contains(k) {
+            return Err(bad(format!(
+                "environment variable {k} is not allowed by profile {}",
+                profile.name
+            )));
+        }
+        if v.contains('\0') {
+            return Err(bad(format!("environment variable {k} contains NUL")));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    env.insert("HOME".into(), home);
+    env.insert("USER".into(), req.user.clone());
+    env.insert("LOGNAME".into(), req.user.clone());
+    env.insert("PWD".into(), workspace);
+    env.entry("TMPDIR".into()).or_insert_with(|| "/tmp".into());
+    if profile.network.mode == NetworkMode::Proxy {
+        for (k, v) in proxy_env() {
+            env.insert(k.into(), v);
+        }
+    }
+    Ok(LaunchCommand {
+        argv: req.argv.clone(),
+        env: env.into_iter().collect(),
+    })
+}
+
 pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<LaunchSpec, PolicyError> {
     let bad = |m: String| PolicyError::Request(m);
     names::check_user(&req.user).map_err(|e| bad(e.to_string()))?;
@@ -242,21 +304,8 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
     if req.uid == 0 || req.gid == 0 {
         return Err(bad("a worker never runs as uid or gid 0".into()));
     }
-    if req.argv.is_empty() || req.argv[0].is_empty() {
-        return Err(bad("the command is empty".into()));
-    }
-    if req.argv.iter().any(|a| a.contains('\0')) {
-        return Err(bad("an argument contains NUL".into()));
-    }
-
-    let home = format!("/home/{}", req.user);
-    let workspace = format!("/workspace/{}", req.project);
-    let vars: BTreeMap<&str, String> = BTreeMap::from([
-        ("HOME", home.clone()),
-        ("WORKSPACE", workspace.clone()),
-        ("TMP", "/tmp".to_string()),
-        ("USER", req.user.clone()),
-    ]);
+    let LaunchCommand { argv, env } = command(profile, req)?;
+    let (home, workspace, vars) = places(req);
 
     // Landlock rules: every profile path, variables resolved.
     let mut rules: Vec<FsRule> = profile
@@ -348,37 +397,9 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
     }
     binds.sort_by(|a, b| a.target.cmp(&b.target));
 
-    // Environment: fixed values, then what the client may pass, then the
-    // identity warden guarantees.
-    let mut env: BTreeMap<String, String> = profile
-        .environment
-        .set
-        .iter()
-        .map(|(k, v)| (k.clone(), substitute(v, &vars)))
-        .collect();
-    for (k, v) in &req.env {
-        if !profile.environment.pass.contains(k) {
-            return Err(bad(format!(
-                "environment variable {k} is not allowed by profile {}",
-                profile.name
-            )));
-        }
-        if v.contains('\0') {
-            return Err(bad(format!("environment variable {k} contains NUL")));
-        }
-        env.insert(k.clone(), v.clone());
-    }
-    env.insert("HOME".into(), home.clone());
-    env.insert("USER".into(), req.user.clone());
-    env.insert("LOGNAME".into(), req.user.clone());
-    env.insert("PWD".into(), workspace.clone());
-    env.entry("TMPDIR".into()).or_insert_with(|| "/tmp".into());
     let net = &profile.network;
     let mut listeners = Vec::new();
     if net.mode == NetworkMode::Proxy {
-        for (k, v) in proxy_env() {
-            env.insert(k.into(), v);
-        }
         listeners.push(Listener {
             kind: ListenerKind::HttpProxy,
             port: HTTP_PROXY_PORT,
@@ -451,8 +472,8 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
         uid: req.uid,
         gid: req.gid,
         hostname,
-        argv: req.argv.clone(),
-        env: env.into_iter().collect(),
+        argv,
+        env,
         cwd: workspace,
         binds,
         tmp_size: profile.limits.tmpfs_size,
@@ -495,12 +516,23 @@ impl LaunchSpec {
     /// arrives. Two specs whose sandbox parts are equal, byte for byte,
     /// build the same sandbox.
     pub fn sandbox_json(&self) -> Vec<u8> {
-        let sandbox = LaunchSpec {
+        self.sandbox().to_json()
+    }
+
+    /// The spec without its command (argv and env empty).
+    fn sandbox(&self) -> LaunchSpec {
+        LaunchSpec {
             argv: Vec::new(),
             env: Vec::new(),
             ..self.clone()
-        };
-        sandbox.to_json()
+        }
+    }
+
+    /// Whether `other` builds the same sandbox as this spec: all of it but
+    /// the command is equal (what [`sandbox_json`](Self::sandbox_json)
+    /// writes is then equal byte for byte).
+    pub fn same_sandbox(&self, other: &LaunchSpec) -> bool {
+        self.sandbox() == other.sandbox()
     }
 
     /// The second frame on the spec pipe.
@@ -557,6 +589,33 @@ mod tests {
                 let back = LaunchSpec::from_json(&spec.to_json()).unwrap();
                 assert_eq!(back, spec);
             }
+        }
+    }
+
+    #[test]
+    fn the_command_alone_is_what_compile_makes_and_leaves_the_sandbox_as_it_is() {
+        let set = ProfileSet::embedded().unwrap();
+        for profile in set.iter() {
+            let first = compile(profile, &req(), Arch::X86_64).unwrap();
+            let mut other = req();
+            other.argv = vec!["/bin/echo".into(), "hi".into()];
+            if let Some(k) = profile.environment.pass.iter().next() {
+                other.env.insert(k.clone(), "x".into());
+            }
+            let second = compile(profile, &other, Arch::X86_64).unwrap();
+            assert_eq!(command(profile, &other).unwrap(), second.command(), "{}", profile.name);
+            assert!(first.same_sandbox(&second), "{}", profile.name);
+            assert_eq!(first.sandbox_json(), second.sandbox_json());
+            let mut uid = req();
+            uid.uid += 1;
+            assert!(!first.same_sandbox(&compile(profile, &uid, Arch::X86_64).unwrap()));
+            // The command's own checks are compile's.
+            let mut empty = req();
+            empty.argv.clear();
+            assert!(command(profile, &empty).unwrap_err().to_string().contains("empty"));
+            let mut smuggled = req();
+            smuggled.env.insert("LD_PRELOAD".into(), "/x.so".into());
+            assert!(command(profile, &smuggled).is_err());
         }
     }
 

@@ -10,11 +10,16 @@
 //! the command: the user's binds and files, the listeners, the new root,
 //! the rlimits, the worker's uid, no_new_privs and the landlock rules
 //! ([`crate::launcher::Pending::prime`]). The next spawn with that key
-//! takes it, is prepared as every spawn is (with the primed init's worker
-//! id and cgroup), and, where the sandbox part of its spec is the one the
-//! init was primed with byte for byte, hands over only its command: the
-//! init forks, the worker installs its seccomp filter and execs. Otherwise
-//! the primed init is let go and the spawn builds its own in that cgroup.
+//! takes it and is prepared from the spec it was built from (the
+//! worker id, cgroup and limits are the init's; the uid is checked, the
+//! directories made where missing, the disk limit promised, and only the
+//! command, argv and environment, is compiled: [`warden_policy::command`]),
+//! and, where its spec builds the sandbox the init was primed with
+//! ([`warden_policy::LaunchSpec::same_sandbox`]), hands over only its
+//! command: the init forks, the worker installs its seccomp filter and
+//! execs. Otherwise (the user's uid changed) the spawn is prepared in
+//! full, the primed init is let go and the spawn builds its own in that
+//! cgroup.
 //!
 //! A spawn that finds the one for its key being made waits for it (at
 //! most [`WAIT`]): what is left of its making is less than building
@@ -25,7 +30,7 @@
 //! (it would not match).
 //!
 //! Must never: hand a spawn an init whose sandbox differs from the spawn's
-//! (byte-equal sandbox part, or a new init), hand one init to two spawns,
+//! (the same sandbox part, or a new init), hand one init to two spawns,
 //! hold more than `primed_inits`, or run anything of the user in a primed
 //! init before a spawn takes it.
 

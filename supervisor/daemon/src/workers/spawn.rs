@@ -116,7 +116,11 @@ impl Supervisor {
         // its cgroup and namespaces.
         let ahead = self.take_ahead(&key).await;
         let made = ahead.made();
-        let mut prepared = match self.prepare(profile, p.clone(), made).await {
+        let built = match &ahead {
+            Ahead::Primed(e) => Some(e.init.built().clone()),
+            _ => None,
+        };
+        let mut prepared = match self.prepare(profile, p.clone(), made, built).await {
             Ok(prepared) => prepared,
             Err(e) => {
                 tokio::task::spawn_blocking(move || ahead.discard());
@@ -211,7 +215,7 @@ impl Supervisor {
             Some(w) => (w.id, Some(w.cgroup), Some(w.pending)),
             None => (self.new_id(), None, None),
         };
-        let mut prepared = match prepare(&self.host(), &id, made.clone(), profile, p) {
+        let mut prepared = match prepare(&self.host(), &id, made.clone(), None, profile, p) {
             Ok(prepared) => prepared,
             Err(e) => {
                 if let (Some(cgroup), Some(pending)) = (made, pending) {
@@ -304,14 +308,16 @@ impl Supervisor {
         );
     }
 
-    /// The user's directories, Claude Code's files, the cgroup (the warm
-    /// init's `made`, or a new one) and the spec (blocking file system
-    /// work, off the async threads).
+    /// The user's directories, Claude Code's files, the cgroup (the one
+    /// `made` ahead, or a new one) and the spec (from the spec `built` for
+    /// a primed init, or compiled): blocking file system work, off the
+    /// async threads.
     async fn prepare(
         self: &Arc<Self>,
         profile: Profile,
         p: SpawnParams,
         made: Option<(String, WorkerCgroup)>,
+        built: Option<LaunchSpec>,
     ) -> Result<Prepared, WorkerError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -319,7 +325,7 @@ impl Supervisor {
                 Some((id, cgroup)) => (id, Some(cgroup)),
                 None => (this.new_id(), None),
             };
-            prepare(&this.host(), &id, cgroup, &profile, &p)
+            prepare(&this.host(), &id, cgroup, built.as_ref(), &profile, &p)
         })
         .await?
     }
@@ -722,12 +728,17 @@ fn tighten(field: &'static str, profile: Option<u64>, asked: Option<u64>) -> Res
 
 /// Prepares worker `id` on `host`: the user's uid and directories, Claude
 /// Code's files for a `[claude]` profile, the cgroup with the profile's
-/// limits (`made` ahead for a warm init, or new), and the compiled spec.
-/// Blocking.
+/// limits (`made` ahead for a warm or primed init, or new), and the spec.
+/// For an init primed for this spawn's key, `built` is the spec it was
+/// built from, which a spawn like this one compiled: its cgroup has the
+/// key's limits, and only the command is this spawn's own (unless the
+/// user's uid is not the one it was built for: then all is prepared, and
+/// the init is let go at launch). Blocking.
 pub fn prepare(
     host: &Host<'_>,
     id: &str,
     made: Option<WorkerCgroup>,
+    built: Option<&LaunchSpec>,
     profile: &Profile,
     p: &SpawnParams,
 ) -> Result<Prepared, WorkerError> {
@@ -763,8 +774,10 @@ pub fn prepare(
         Some(c) => (c.argv.clone(), c.binds.clone()),
         None => (p.command.clone(), Vec::new()),
     };
+    let built = built.filter(|b| b.uid == identity.uid && b.worker_id == id && claude.is_none() && made.is_some());
     let limits = CgroupLimits::from(&profile.limits);
     let cgroup = match made {
+        Some(cg) if built.is_some() => cg,
         Some(cg) => {
             cg.limit(&limits)?;
             cg
@@ -785,8 +798,19 @@ pub fn prepare(
         protected: host.config.protected_paths(),
         extra_binds,
     };
-    let arch = Arch::host().ok_or(WorkerError::Arch);
-    let mut spec = match arch.and_then(|a| Ok(warden_policy::compile(profile, &req, a)?)) {
+    let spec = match built {
+        Some(built) => warden_policy::command(profile, &req)
+            .map(|c| LaunchSpec {
+                argv: c.argv,
+                env: c.env,
+                ..built.clone()
+            })
+            .map_err(WorkerError::from),
+        None => Arch::host()
+            .ok_or(WorkerError::Arch)
+            .and_then(|a| Ok(warden_policy::compile(profile, &req, a)?)),
+    };
+    let mut spec = match spec {
         Ok(spec) => spec,
         Err(e) => {
             let _ = cgroup.remove();
