@@ -115,24 +115,22 @@ impl Supervisor {
         // sandbox; else a warm init, when one is ready, spares it making
         // its cgroup and namespaces.
         let ahead = self.take_ahead(&key).await;
-        let made = ahead.made();
-        let built = match &ahead {
-            Ahead::Primed(e) => Some(e.init.built().clone()),
-            _ => None,
-        };
-        let mut prepared = match self.prepare(profile, p.clone(), made, built).await {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                tokio::task::spawn_blocking(move || ahead.discard());
-                if let WorkerError::Disk(_) = e {
-                    self.spawn_failed(None, &p.user, &name, ("disk".into(), 0, e.to_string()))
-                        .await;
+        // Prepared and launched in one blocking task, with no hop back to
+        // the async threads between the two.
+        let this = self.clone();
+        let params = p.clone();
+        let started = tokio::task::spawn_blocking(move || this.start(&profile, &params, ahead)).await?;
+        let (mut prepared, prepared_at, mut launched, init) = match started {
+            Ok(started) => started,
+            Err(failed) => {
+                let Failed { error, worker, failure } = *failed;
+                if let Some(failure) = failure {
+                    self.spawn_failed(worker.as_deref(), &p.user, &name, failure).await;
                 }
-                return Err(e);
+                return Err(error);
             }
         };
-        marks.push(mark("prepared"));
-        let (mut launched, init) = self.launch(&prepared, ahead).await?;
+        marks.push(prepared_at);
         marks.push(init);
         marks.extend(launched.enforced.marks.iter().cloned());
         // The launcher's report ends when the worker's exec closes it.
@@ -308,26 +306,53 @@ impl Supervisor {
         );
     }
 
-    /// The user's directories, Claude Code's files, the cgroup (the one
-    /// `made` ahead, or a new one) and the spec (from the spec `built` for
-    /// a primed init, or compiled): blocking file system work, off the
-    /// async threads.
-    async fn prepare(
-        self: &Arc<Self>,
-        profile: Profile,
-        p: SpawnParams,
-        made: Option<(String, WorkerCgroup)>,
-        built: Option<LaunchSpec>,
-    ) -> Result<Prepared, WorkerError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let (id, cgroup) = match made {
-                Some((id, cgroup)) => (id, Some(cgroup)),
-                None => (this.new_id(), None),
-            };
-            prepare(&this.host(), &id, cgroup, built.as_ref(), &profile, &p)
-        })
-        .await?
+    /// Prepares the worker, from what was made `ahead` of it, and launches
+    /// it (blocking: file system work and the launch server, off the async
+    /// threads). A failure leaves nothing of the worker and says what its
+    /// `spawn_failed` event reports, if it has one.
+    fn start(&self, profile: &Profile, p: &SpawnParams, ahead: Ahead) -> Result<Started, Box<Failed>> {
+        let (id, made) = match ahead.made() {
+            Some((id, cgroup)) => (id, Some(cgroup)),
+            None => (self.new_id(), None),
+        };
+        let built = match &ahead {
+            Ahead::Primed(e) => Some(e.init.built()),
+            _ => None,
+        };
+        let prepared = match prepare(&self.host(), &id, made, built, profile, p) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                ahead.discard();
+                let failure = matches!(error, WorkerError::Disk(_)).then(|| ("disk".into(), 0, error.to_string()));
+                return Err(Box::new(Failed {
+                    error,
+                    worker: None,
+                    failure,
+                }));
+            }
+        };
+        let at = Mark {
+            stage: "prepared".into(),
+            at_ns: crate::sys::monotonic_ns(),
+        };
+        match self.launch(&prepared, ahead) {
+            Ok((launched, init)) => Ok((prepared, at, launched, init)),
+            Err(error) => {
+                prepared.abandon();
+                self.records.remove(&prepared.spec.worker_id);
+                let failure = match &error {
+                    WorkerError::Launch(LaunchError::Setup {
+                        stage, errno, message, ..
+                    }) => (stage.clone(), *errno, message.clone()),
+                    other => ("spawn".to_string(), 0, other.to_string()),
+                };
+                Err(Box::new(Failed {
+                    error,
+                    worker: Some(prepared.spec.worker_id.clone()),
+                    failure: Some(failure),
+                }))
+            }
+        }
     }
 
     /// A `spawn_failed` event (on disk when this returns): the stage that
@@ -355,11 +380,10 @@ impl Supervisor {
     }
 
     /// Persists the worker's record, then has the launch server create the
-    /// worker's init (unless `warm` is one made ahead), hands it the spec
-    /// and waits for its report; returns it with the mark of the init
-    /// ready. A failure removes what prepare made and is a `spawn_failed`
-    /// event.
-    async fn launch(&self, prepared: &Prepared, ahead: Ahead) -> Result<(Launched, Mark), WorkerError> {
+    /// worker's init (unless one was made `ahead`), hands it the spec and
+    /// waits for its report (blocking); returns it with the mark of the
+    /// init ready. The cgroup is the caller's to remove on failure.
+    fn launch(&self, prepared: &Prepared, ahead: Ahead) -> Result<(Launched, Mark), WorkerError> {
         let spec = &prepared.spec;
         let logs = self.logs_dir();
         let setup = || -> Result<(), WorkerError> {
@@ -379,55 +403,35 @@ impl Supervisor {
             })?;
             Ok(())
         };
-        let result = match setup() {
-            Ok(()) => {
-                let (launcher, spec, cgroup) = (self.launcher.clone(), spec.clone(), prepared.cgroup.clone());
-                tokio::task::spawn_blocking(move || {
-                    let init = || Mark {
-                        stage: "init".into(),
-                        at_ns: crate::sys::monotonic_ns(),
-                    };
-                    let pending = match ahead {
-                        // Built from this spawn's sandbox, byte for byte
-                        // (else let go): only the command is missing.
-                        Ahead::Primed(e) => {
-                            let init = init();
-                            match e.init.go(&spec) {
-                                Err(LaunchError::Mismatch) => {
-                                    tracing::info!(worker = %spec.worker_id, "the primed init was built for another sandbox (the user or profile changed); building this one");
-                                    launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?
-                                }
-                                launched => return launched.map(|l| (l, init)),
-                            }
-                        }
-                        Ahead::Warm(w) => w.pending,
-                        Ahead::Cold => launcher.start(Some(&cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?,
-                    };
-                    let init = init();
-                    pending.run(&spec).map(|l| (l, init))
-                })
-                .await
-                .map_err(WorkerError::from)
-                .and_then(|r| r.map_err(WorkerError::from))
-            }
-            Err(e) => {
-                tokio::task::spawn_blocking(move || ahead.discard_init());
-                Err(e)
-            }
-        };
-        if let Err(e) = &result {
-            prepared.abandon();
-            self.records.remove(&spec.worker_id);
-            let failure = match e {
-                WorkerError::Launch(LaunchError::Setup {
-                    stage, errno, message, ..
-                }) => (stage.clone(), *errno, message.clone()),
-                other => ("spawn".to_string(), 0, other.to_string()),
-            };
-            self.spawn_failed(Some(&spec.worker_id), &spec.user, &spec.profile, failure)
-                .await;
+        if let Err(e) = setup() {
+            ahead.discard_init();
+            return Err(e);
         }
-        result
+        let init = || Mark {
+            stage: "init".into(),
+            at_ns: crate::sys::monotonic_ns(),
+        };
+        let pending = match ahead {
+            // Built from this spawn's sandbox, byte for byte (else let
+            // go): only the command is missing.
+            Ahead::Primed(e) => {
+                let init = init();
+                match e.init.go(spec) {
+                    Err(LaunchError::Mismatch) => {
+                        tracing::info!(worker = %spec.worker_id, "the primed init was built for another sandbox (the user or profile changed); building this one");
+                        self.launcher
+                            .start(Some(&prepared.cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?
+                    }
+                    launched => return Ok((launched?, init)),
+                }
+            }
+            Ahead::Warm(w) => w.pending,
+            Ahead::Cold => self
+                .launcher
+                .start(Some(&prepared.cgroup), Io::Pipe, Io::Pipe, Io::Pipe)?,
+        };
+        let init = init();
+        Ok((pending.run(spec)?, init))
     }
 
     /// Builds the [`Worker`], adds it to the registry and publishes what the
@@ -655,6 +659,19 @@ impl Supervisor {
             disk: &self.disk,
         }
     }
+}
+
+/// A worker prepared and launched: what was prepared, its mark, the
+/// launch and the mark of its init ready.
+type Started = (Prepared, Mark, Launched, Mark);
+
+/// A spawn that failed before its worker ran: the error, and what its
+/// `spawn_failed` event reports (the worker id, if it had one; the stage,
+/// errno and message), if it has one.
+struct Failed {
+    error: WorkerError,
+    worker: Option<String>,
+    failure: Option<(String, i32, String)>,
 }
 
 /// What a spawn starts from, made ahead of it.
