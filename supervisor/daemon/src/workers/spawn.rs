@@ -115,11 +115,11 @@ impl Supervisor {
         // sandbox; else a warm init, when one is ready, spares it making
         // its cgroup and namespaces.
         let ahead = self.take_ahead(&key).await;
-        // Prepared and launched in one blocking task, with no hop back to
-        // the async threads between the two.
+        // Prepared and launched in one blocking stretch, on this thread:
+        // no hand-over to another thread and back.
         let this = self.clone();
         let params = p.clone();
-        let started = tokio::task::spawn_blocking(move || this.start(&profile, &params, ahead)).await?;
+        let started = crate::sys::blocking(move || this.start(&profile, &params, ahead)).await?;
         let (mut prepared, prepared_at, mut launched, init) = match started {
             Ok(started) => started,
             Err(failed) => {
