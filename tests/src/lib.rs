@@ -389,11 +389,12 @@ struct LandlockLog {
 fn landlock_log() -> &'static std::sync::Mutex<LandlockLog> {
     static LOG: std::sync::OnceLock<std::sync::Mutex<LandlockLog>> = std::sync::OnceLock::new();
     LOG.get_or_init(|| {
-        if let Ok(sock) = warden_daemon::landlock_audit::open() {
+        if let Ok((sock, _)) = warden_daemon::landlock_audit::open(false) {
             std::thread::spawn(move || {
                 let log = || landlock_log().lock().unwrap_or_else(|p| p.into_inner());
                 warden_daemon::landlock_audit::read(
                     &sock,
+                    false,
                     || false,
                     |domain, pid| {
                         log().domains.insert(domain.to_string(), pid.to_string());

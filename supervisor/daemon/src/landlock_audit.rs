@@ -8,6 +8,17 @@
 //! daemons, and auditd, can read at once), maps each denied pid to its
 //! worker through `/proc/<pid>/cgroup`, and reports path and access.
 //!
+//! Audit, once on (even once turned off again), gives every process the
+//! kernel creates a syscall audit context: each of its system calls takes
+//! the audit path, on the whole host (about 10 ns more a call here, and
+//! some 50 ns more for an open). When wardend is the one turning audit on
+//! (no auditd runs), it adds the task rule `never`, as distributions'
+//! audit rules do, so that no process gets one, and deletes it when it
+//! stops ([`Exemption`]): landlock's records then come alone (no SYSCALL
+//! record names the denied pid; the denial is placed by its domain's
+//! creator) and are reported at once. Where audit was already on, its
+//! rules are the admin's, and wardend leaves them alone.
+//!
 //! Must never: report a denial for a process it cannot place in one of its
 //! own workers.
 
@@ -30,7 +41,20 @@ pub trait Placement {
     fn user_of(&self, id: &str) -> Option<String>;
 }
 
+const AUDIT_GET: u16 = 1000;
 const AUDIT_SET: u16 = 1001;
+const AUDIT_ADD_RULE: u16 = 1011;
+const AUDIT_DEL_RULE: u16 = 1012;
+const AUDIT_LIST_RULES: u16 = 1013;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+/// struct audit_rule_data: the task filter, the `never` action, the
+/// number of fields (and bitmask words) it has room for.
+const AUDIT_FILTER_TASK: u32 = 0x01;
+const AUDIT_NEVER: u32 = 0;
+const AUDIT_FIELDS: usize = 64;
 const AUDIT_SYSCALL: u16 = 1300;
 const AUDIT_EOE: u16 = 1320;
 const AUDIT_LANDLOCK_ACCESS: u16 = 1423;
@@ -41,8 +65,159 @@ const AUDIT_BACKLOG: u32 = 8192;
 /// The read-only log multicast group (AUDIT_NLGRP_READLOG).
 const AUDIT_NLGRP_READLOG: u32 = 1;
 
-/// Turns kernel audit on and subscribes to its read-only log group.
-pub fn open() -> nix::Result<OwnedFd> {
+/// A netlink message to the kernel's audit: header, then `payload`.
+fn audit_message(kind: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(16 + payload.len()).unwrap_or(u32::MAX);
+    let mut msg = Vec::with_capacity(16 + payload.len());
+    msg.extend_from_slice(&len.to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    msg.extend_from_slice(payload);
+    msg
+}
+
+/// A socket for requests to the kernel's audit (not subscribed to its log).
+fn control() -> nix::Result<OwnedFd> {
+    socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkAudit,
+    )
+}
+
+/// Sends `kind` with `payload` on `sock` and returns the first reply.
+fn ask(sock: &OwnedFd, kind: u16, flags: u16, payload: &[u8]) -> nix::Result<(u16, Vec<u8>)> {
+    sendto(
+        sock.as_raw_fd(),
+        &audit_message(kind, flags, payload),
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    let mut buf = vec![0u8; 8192];
+    let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+    if n < 16 {
+        return Err(nix::errno::Errno::EPROTO);
+    }
+    buf.truncate(n);
+    Ok((u16::from_ne_bytes([buf[4], buf[5]]), buf.split_off(16)))
+}
+
+/// Whether kernel audit is on.
+fn enabled(sock: &OwnedFd) -> nix::Result<bool> {
+    match ask(sock, AUDIT_GET, NLM_F_REQUEST, &[])? {
+        // struct audit_status: mask, then enabled.
+        (AUDIT_GET, status) if status.len() >= 8 => Ok(status[4..8] != [0; 4]),
+        (NLMSG_ERROR, e) => Err(acknowledged(&e).err().unwrap_or(nix::errno::Errno::EPROTO)),
+        _ => Err(nix::errno::Errno::EPROTO),
+    }
+}
+
+/// What an NLMSG_ERROR payload says: an acknowledgement, or an errno.
+fn acknowledged(payload: &[u8]) -> nix::Result<()> {
+    let code = payload
+        .get(0..4)
+        .map_or(-libc::EPROTO, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    match code {
+        0 => Ok(()),
+        c => Err(nix::errno::Errno::from_raw(-c)),
+    }
+}
+
+/// struct audit_rule_data of the task rule `never` (no field: every
+/// process).
+fn never_rule() -> Vec<u8> {
+    let mut r = Vec::with_capacity(4 * (4 + 4 * AUDIT_FIELDS));
+    let mut put = |v: u32| r.extend_from_slice(&v.to_ne_bytes());
+    put(AUDIT_FILTER_TASK);
+    put(AUDIT_NEVER);
+    put(0); // field_count
+    (0..AUDIT_FIELDS).for_each(|_| put(u32::MAX)); // mask: every call
+    (0..3 * AUDIT_FIELDS).for_each(|_| put(0)); // fields, values, fieldflags
+    put(0); // buflen
+    r
+}
+
+/// The task rule `never` wardend added when it turned audit on: no process
+/// the kernel creates gets a syscall audit context. Deleted by
+/// [`Exemption::remove`].
+#[derive(Debug)]
+pub struct Exemption(());
+
+impl Exemption {
+    /// Adds the rule.
+    fn add(sock: &OwnedFd) -> nix::Result<Exemption> {
+        match ask(sock, AUDIT_ADD_RULE, NLM_F_REQUEST | NLM_F_ACK, &never_rule())? {
+            (NLMSG_ERROR, e) => acknowledged(&e).map(|()| Exemption(())),
+            _ => Err(nix::errno::Errno::EPROTO),
+        }
+    }
+
+    /// Deletes the rule (the kernel's default returns: every new process
+    /// gets a syscall audit context while audit is on).
+    pub fn remove(self) {
+        let deleted = control()
+            .and_then(|sock| ask(&sock, AUDIT_DEL_RULE, NLM_F_REQUEST | NLM_F_ACK, &never_rule()))
+            .and_then(|reply| match reply {
+                (NLMSG_ERROR, e) => acknowledged(&e),
+                _ => Err(nix::errno::Errno::EPROTO),
+            });
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "cannot delete wardend's audit task rule");
+        }
+    }
+}
+
+/// How many task rules `never` the kernel's audit has (to check on
+/// [`Exemption`]).
+pub fn never_task_rules() -> nix::Result<usize> {
+    let sock = control()?;
+    let dump = NLM_F_REQUEST | 0x300; // NLM_F_ROOT | NLM_F_MATCH
+    sendto(
+        sock.as_raw_fd(),
+        &audit_message(AUDIT_LIST_RULES, dump, &[]),
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    let never = never_rule();
+    let mut found = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            match u16::from_ne_bytes([buf[at + 4], buf[at + 5]]) {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => return acknowledged(&buf[at + 16..n]).map(|()| found),
+                _ if buf.get(at + 16..at + 28) == never.get(0..12) => found += 1,
+                _ => {}
+            }
+            at += (len.max(16) + 3) & !3;
+        }
+    }
+}
+
+/// Turns kernel audit on or off (what an admin's `auditctl -e` does; for
+/// tests that need a host without auditd).
+pub fn set_enabled(on: bool) -> nix::Result<()> {
+    let mut status = [0u8; 44];
+    status[0..4].copy_from_slice(&AUDIT_STATUS_ENABLED.to_ne_bytes());
+    status[4..8].copy_from_slice(&u32::from(on).to_ne_bytes());
+    match ask(&control()?, AUDIT_SET, NLM_F_REQUEST | NLM_F_ACK, &status)? {
+        (NLMSG_ERROR, e) => acknowledged(&e),
+        _ => Err(nix::errno::Errno::EPROTO),
+    }
+}
+
+/// Turns kernel audit on and subscribes to its read-only log group. If
+/// audit was off and `exempt` says so, no process gets a syscall audit
+/// context from now on (see [`Exemption`]).
+pub fn open(exempt: bool) -> nix::Result<(OwnedFd, Option<Exemption>)> {
+    let ctl = control()?;
+    let was_on = enabled(&ctl)?;
     let sock = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -70,7 +245,19 @@ pub fn open() -> nix::Result<OwnedFd> {
     // end-of-event record never comes.
     let timeout = nix::sys::time::TimeVal::new(0, 250_000);
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
-    Ok(sock)
+    let exemption = match (exempt, was_on) {
+        (true, false) => match Exemption::add(&ctl) {
+            Ok(e) => Some(e),
+            // Someone's rule `never` is there already: not ours to delete.
+            Err(nix::errno::Errno::EEXIST) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot add the audit task rule `never`; every new process on the host takes the audit path while audit is on");
+                None
+            }
+        },
+        _ => None,
+    };
+    Ok((sock, exemption))
 }
 
 /// `key=value` of an audit record (values may be quoted).
@@ -112,9 +299,12 @@ pub struct LandlockDenial {
 
 /// Reads the audit stream until `stop` says so (checked between records and
 /// on receive timeouts). `on_domain(domain, creator_pid)` sees each landlock
-/// domain's creation; `on_denial` each denial.
+/// domain's creation; `on_denial` each denial: at its event's end, or at
+/// once when records come `alone` (no process has a syscall audit context:
+/// [`Exemption`]).
 pub fn read(
     sock: &OwnedFd,
+    alone: bool,
     stop: impl Fn() -> bool,
     mut on_domain: impl FnMut(&str, &str),
     mut on_denial: impl FnMut(LandlockDenial),
@@ -184,6 +374,11 @@ pub fn read(
                     .unwrap_or_default();
                 current.domain = field(&text, "domain").map(str::to_string);
                 current.access.push((blockers, object));
+                if alone {
+                    if let Some(mut p) = pending.remove(&this_serial) {
+                        flush(&mut p, &mut on_denial);
+                    }
+                }
             }
             AUDIT_LANDLOCK_DOMAIN => {
                 if let (Some(d), Some(pid)) = (field(&text, "domain"), field(&text, "pid")) {
@@ -221,7 +416,13 @@ const MAX_DEFERRED: usize = 1024;
 /// from the spawn, so it works after the worker is gone), or else by the
 /// denied process's cgroup. A record read before the spawn registered its
 /// worker is retried for a few seconds.
-pub fn serve(sock: OwnedFd, events: Arc<Events>, workers: Arc<dyn Placement + Send + Sync>, rate: warden_policy::Rate) {
+pub fn serve(
+    sock: OwnedFd,
+    alone: bool,
+    events: Arc<Events>,
+    workers: Arc<dyn Placement + Send + Sync>,
+    rate: warden_policy::Rate,
+) {
     let limits = Keyed::<String>::new(rate);
     let domains = std::cell::RefCell::new(HashMap::<String, String>::new());
     let deferred = std::cell::RefCell::new(Vec::<(std::time::Instant, LandlockDenial)>::new());
@@ -262,6 +463,7 @@ pub fn serve(sock: OwnedFd, events: Arc<Events>, workers: Arc<dyn Placement + Se
     };
     read(
         &sock,
+        alone,
         || {
             retry();
             false
@@ -300,5 +502,50 @@ mod tests {
         let sc = "audit(1795472990.340:5): arch=c000003e syscall=257 success=no exit=-13 ppid=8501 pid=8505 auid=1";
         assert_eq!(field(sc, "pid"), Some("8505"));
         assert_eq!(field(sc, "ppid"), Some("8501"));
+    }
+
+    #[test]
+    fn the_never_rule_is_a_task_rule_with_no_field() {
+        let r = never_rule();
+        let word = |i: usize| u32::from_ne_bytes([r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3]]);
+        // flags, action, field_count, mask[64], fields[64], values[64],
+        // fieldflags[64], buflen.
+        assert_eq!(r.len(), 4 * (3 + 4 * AUDIT_FIELDS + 1));
+        assert_eq!((word(0), word(1), word(2)), (AUDIT_FILTER_TASK, AUDIT_NEVER, 0));
+        assert!((3..3 + AUDIT_FIELDS).all(|i| word(i) == u32::MAX));
+        assert!((3 + AUDIT_FIELDS..r.len() / 4).all(|i| word(i) == 0));
+    }
+
+    #[test]
+    fn turning_audit_on_adds_the_never_task_rule_and_its_end_deletes_it() {
+        if !crate::privileged("changes the kernel's audit status and rules") {
+            return;
+        }
+        // A host without auditd: audit off (whether or not it was ever on).
+        set_enabled(false).unwrap();
+        let before = never_task_rules().unwrap();
+        if before > 0 {
+            // Someone's rule is there (auditd's, or a daemon that died
+            // before deleting its own): it stays, and is not wardend's.
+            let (_sock, exemption) = open(true).unwrap();
+            assert!(exemption.is_none());
+            assert_eq!(never_task_rules().unwrap(), before);
+            return;
+        }
+        let (_sock, exemption) = open(true).unwrap();
+        let exemption = exemption.expect("audit was off: wardend turned it on and added the rule");
+        assert!(enabled(&control().unwrap()).unwrap());
+        assert_eq!(never_task_rules().unwrap(), before + 1, "the kernel took the rule");
+        // Audit on already (auditd, or another daemon): its rules are left alone.
+        let (_sock2, again) = open(true).unwrap();
+        assert!(again.is_none());
+        assert_eq!(never_task_rules().unwrap(), before + 1);
+        // A reader that asks for none adds none.
+        set_enabled(false).unwrap();
+        let (_sock3, none) = open(false).unwrap();
+        assert!(none.is_none());
+        assert_eq!(never_task_rules().unwrap(), before + 1);
+        exemption.remove();
+        assert_eq!(never_task_rules().unwrap(), before, "the rule is gone at the end");
     }
 }

@@ -286,14 +286,18 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     }
     warden_daemon::api::metrics::serve(metrics, sup.clone());
 
+    // Task rules wardend added to the kernel's audit, deleted at its end.
+    let mut exemption = None;
     if config.landlock_audit {
-        match warden_daemon::landlock_audit::open() {
-            Ok(sock) => {
+        match warden_daemon::landlock_audit::open(true) {
+            Ok((sock, exempted)) => {
+                let alone = exempted.is_some();
+                exemption = exempted;
                 sup.landlock_audit.store(true, std::sync::atomic::Ordering::SeqCst);
                 let (events, workers, rate) = (events.clone(), sup.clone(), config.rate_limits.worker_denials);
                 std::thread::Builder::new()
                     .name("landlock-audit".into())
-                    .spawn(move || warden_daemon::landlock_audit::serve(sock, events, workers, rate))
+                    .spawn(move || warden_daemon::landlock_audit::serve(sock, alone, events, workers, rate))
                     .context("Cannot start the audit reader")?;
             }
             Err(e) => {
@@ -408,6 +412,9 @@ async fn run(config: Config, profiles: Profiles) -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(move || bus.flush()).await;
     if owns_socket && config.socket.exists() {
         let _ = std::fs::remove_file(&config.socket);
+    }
+    if let Some(e) = exemption {
+        e.remove();
     }
     tracing::info!("wardend stopped");
     Ok(())
