@@ -105,6 +105,11 @@ fn ask(sock: &OwnedFd, kind: u16, flags: u16, payload: &[u8]) -> nix::Result<(u1
     Ok((u16::from_ne_bytes([buf[4], buf[5]]), buf.split_off(16)))
 }
 
+/// Whether kernel audit is on now.
+pub fn is_enabled() -> nix::Result<bool> {
+    enabled(&control()?)
+}
+
 /// Whether kernel audit is on.
 fn enabled(sock: &OwnedFd) -> nix::Result<bool> {
     match ask(sock, AUDIT_GET, NLM_F_REQUEST, &[])? {
@@ -147,6 +152,12 @@ fn never_rule() -> Vec<u8> {
 pub struct Exemption(());
 
 impl Exemption {
+    /// Adds the rule now (what [`open`] does when it turns audit on; for
+    /// the bench, which measures the host with and without it).
+    pub fn add_now() -> nix::Result<Exemption> {
+        Self::add(&control()?)
+    }
+
     /// Adds the rule.
     fn add(sock: &OwnedFd) -> nix::Result<Exemption> {
         match ask(sock, AUDIT_ADD_RULE, NLM_F_REQUEST | NLM_F_ACK, &never_rule())? {
@@ -158,15 +169,18 @@ impl Exemption {
     /// Deletes the rule (the kernel's default returns: every new process
     /// gets a syscall audit context while audit is on).
     pub fn remove(self) {
-        let deleted = control()
-            .and_then(|sock| ask(&sock, AUDIT_DEL_RULE, NLM_F_REQUEST | NLM_F_ACK, &never_rule()))
-            .and_then(|reply| match reply {
-                (NLMSG_ERROR, e) => acknowledged(&e),
-                _ => Err(nix::errno::Errno::EPROTO),
-            });
-        if let Err(e) = deleted {
+        if let Err(e) = delete_never_rule() {
             tracing::warn!(error = %e, "cannot delete wardend's audit task rule");
         }
+    }
+}
+
+/// Deletes a task rule `never` ([`Exemption::remove`]; for tests, the one
+/// a wardend killed with SIGKILL left).
+pub fn delete_never_rule() -> nix::Result<()> {
+    match ask(&control()?, AUDIT_DEL_RULE, NLM_F_REQUEST | NLM_F_ACK, &never_rule())? {
+        (NLMSG_ERROR, e) => acknowledged(&e),
+        _ => Err(nix::errno::Errno::EPROTO),
     }
 }
 

@@ -84,14 +84,20 @@ fn main() {
             return;
         }
         Some("syscalls") => {
+            // Before anything of warden's turns audit on.
+            let audit = audit_rows("2000000");
             let host = warden_tests::Host::new(&[]);
             let bin = host.install_attack("bench", "demo");
             print_syscall_rows(&syscall_rows(&host, &bin, "2000000"));
+            print_audit_rows(audit);
             return;
         }
         _ => {}
     }
     let runs = 20;
+    let n = "2000000";
+    // Before anything of warden's turns audit on.
+    let audit = audit_rows(n);
     let host = warden_tests::Host::new(&[]);
     let bin = host.install_attack("bench", "demo");
     host.run("bench", "demo", "claude-code", &["/bin/true"]); // warm caches
@@ -116,7 +122,6 @@ fn main() {
         })
         .collect();
 
-    let n = "2000000";
     let syscalls = syscall_rows(&host, &bin, n);
 
     let through_daemon = spawn_rows();
@@ -143,6 +148,7 @@ fn main() {
         median(plain.clone()).as_secs_f64() * 1e3
     );
     print_syscall_rows(&syscalls);
+    print_audit_rows(audit);
     for (what, proxied, direct, unit) in net {
         println!("{what:<58} {proxied:>9.2} {unit} {direct:>9.2} {unit}");
     }
@@ -173,21 +179,73 @@ fn main() {
 fn syscall_rows(host: &warden_tests::Host, bin: &str, n: &str) -> Vec<(String, f64, f64, f64)> {
     let inside = host.run("bench", "demo", "claude-code", &[bin, "bench_syscalls", n]);
     let inside = parse(inside.result());
-    let on_host = |mode: &str| {
-        let out = std::process::Command::new(warden_tests::bin_dir().join("warden-attack"))
-            .args([mode, n])
-            .output()
-            .expect("warden-attack on the host");
-        let text = String::from_utf8_lossy(&out.stdout);
-        parse(text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or(""))
-    };
-    let (outside, allow_all) = (on_host("bench_syscalls"), on_host("bench_syscalls_allow_all"));
+    let (outside, allow_all) = (
+        attack_on_host("bench_syscalls", n),
+        attack_on_host("bench_syscalls_allow_all", n),
+    );
     inside
         .into_iter()
         .zip(outside)
         .zip(allow_all)
         .map(|(((call, ns_in), (_, ns_out)), (_, ns_allow))| (call, ns_in, ns_out, ns_allow))
         .collect()
+}
+
+/// Nanoseconds per call of `warden-attack <mode> <n>` on the host, by call.
+fn attack_on_host(mode: &str, n: &str) -> Vec<(String, f64)> {
+    let out = std::process::Command::new(warden_tests::bin_dir().join("warden-attack"))
+        .args([mode, n])
+        .output()
+        .expect("warden-attack on the host");
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse(text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or(""))
+}
+
+/// The host's system calls with kernel audit on, without and with the
+/// task rule `never` that wardend adds when it turns audit on (medians of
+/// 5 runs each, interleaved), by call. Only where audit is off and no such
+/// rule exists (no auditd to disturb); leaves audit off, without the rule.
+fn audit_rows(n: &str) -> Option<Vec<(String, f64, f64)>> {
+    use warden_daemon::landlock_audit::{is_enabled, never_task_rules, set_enabled, Exemption};
+    if is_enabled().ok()? || never_task_rules().ok()? > 0 {
+        return None;
+    }
+    set_enabled(true).ok()?;
+    let (mut plain, mut never) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        plain.push(attack_on_host("bench_syscalls", n));
+        let Ok(rule) = Exemption::add_now() else { break };
+        never.push(attack_on_host("bench_syscalls", n));
+        rule.remove();
+    }
+    let _ = set_enabled(false);
+    let calls: Vec<String> = plain.first()?.iter().map(|(c, _)| c.clone()).collect();
+    let med = |runs: &[Vec<(String, f64)>], i: usize| {
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).map(|(_, x)| *x)).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Some(
+        calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (c, med(&plain, i), med(&never, i)))
+            .collect(),
+    )
+}
+
+fn print_audit_rows(rows: Option<Vec<(String, f64, f64)>>) {
+    let Some(rows) = rows else {
+        println!("host system calls under audit: not measured (audit is on, or a task rule `never` exists)");
+        return;
+    };
+    println!(
+        "{:<58} {:>12} {:>12}",
+        "ns per system call on the host, audit on", "no rule", "task never"
+    );
+    for (call, plain, never) in rows {
+        println!("{call:<58} {plain:>9.1} ns {never:>9.1} ns");
+    }
 }
 
 fn print_syscall_rows(rows: &[(String, f64, f64, f64)]) {
