@@ -385,16 +385,18 @@ struct LandlockLog {
 }
 
 /// One reader of the kernel audit stream for this test process, as wardend
-/// has one.
+/// has one. Like wardend, if it turns audit on it adds the task rule
+/// `never`; it stays when the process ends (a later test deletes it).
 fn landlock_log() -> &'static std::sync::Mutex<LandlockLog> {
     static LOG: std::sync::OnceLock<std::sync::Mutex<LandlockLog>> = std::sync::OnceLock::new();
     LOG.get_or_init(|| {
-        if let Ok((sock, _)) = warden_daemon::landlock_audit::open(false) {
+        if let Ok((sock, exempted)) = warden_daemon::landlock_audit::open(true) {
+            let alone = exempted.is_some();
             std::thread::spawn(move || {
                 let log = || landlock_log().lock().unwrap_or_else(|p| p.into_inner());
                 warden_daemon::landlock_audit::read(
                     &sock,
-                    false,
+                    alone,
                     || false,
                     |domain, pid| {
                         log().domains.insert(domain.to_string(), pid.to_string());
