@@ -270,19 +270,3 @@ pub fn set_project_quota(fd: BorrowedFd<'_>, id: u32, bytes: u64, files: u64) ->
     };
     quotactl_prj(fd, Q_SETQUOTA, id, &mut q)
 }
-
-/// Runs blocking `work` (file system work, the launch server) for an async
-/// caller. On the multi-threaded runtime it runs on the calling thread,
-/// whose other tasks move to another (`block_in_place`): the caller goes
-/// on without waking another thread and being woken back, which on a
-/// busy or idle machine costs more than the hand-over of the queue. Else
-/// (a current-thread runtime) it runs on a blocking thread.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-        Ok(tokio::task::block_in_place(work))
-    } else {
-        tokio::task::spawn_blocking(work).await
-    }
-}
