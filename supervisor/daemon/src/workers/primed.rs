@@ -62,6 +62,11 @@ pub struct Key {
 }
 
 impl Key {
+    /// The profile set's generation it was made in.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn of(p: &SpawnParams, generation: u64) -> Key {
         Key {
             user: p.user.clone(),
