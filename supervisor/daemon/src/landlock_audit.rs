@@ -214,13 +214,27 @@ pub fn never_task_rules() -> nix::Result<usize> {
     }
 }
 
+/// struct audit_status { mask, enabled, failure, pid, rate_limit,
+/// backlog_limit, lost, backlog, ... } setting `enabled` and, if given,
+/// `backlog_limit`.
+fn audit_status(on: bool, backlog_limit: Option<u32>) -> [u8; 44] {
+    let mut status = [0u8; 44];
+    let mask = AUDIT_STATUS_ENABLED | backlog_limit.map_or(0, |_| AUDIT_STATUS_BACKLOG_LIMIT);
+    status[0..4].copy_from_slice(&mask.to_ne_bytes());
+    status[4..8].copy_from_slice(&u32::from(on).to_ne_bytes());
+    status[20..24].copy_from_slice(&backlog_limit.unwrap_or(0).to_ne_bytes());
+    status
+}
+
 /// Turns kernel audit on or off (what an admin's `auditctl -e` does; for
 /// tests that need a host without auditd).
 pub fn set_enabled(on: bool) -> nix::Result<()> {
-    let mut status = [0u8; 44];
-    status[0..4].copy_from_slice(&AUDIT_STATUS_ENABLED.to_ne_bytes());
-    status[4..8].copy_from_slice(&u32::from(on).to_ne_bytes());
-    match ask(&control()?, AUDIT_SET, NLM_F_REQUEST | NLM_F_ACK, &status)? {
+    match ask(
+        &control()?,
+        AUDIT_SET,
+        NLM_F_REQUEST | NLM_F_ACK,
+        &audit_status(on, None),
+    )? {
         (NLMSG_ERROR, e) => acknowledged(&e),
         _ => Err(nix::errno::Errno::EPROTO),
     }
@@ -232,29 +246,15 @@ pub fn set_enabled(on: bool) -> nix::Result<()> {
 pub fn open(exempt: bool) -> nix::Result<(OwnedFd, Option<Exemption>)> {
     let ctl = control()?;
     let was_on = enabled(&ctl)?;
-    let sock = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkAudit,
-    )?;
+    let sock = control()?;
     bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1 << (AUDIT_NLGRP_READLOG - 1)))?;
-    // struct audit_status { mask, enabled, failure, pid, rate_limit, backlog_limit, lost, backlog, ... }
-    const STATUS_LEN: u32 = 44;
-    const HEADER_LEN: u32 = 16;
-    let mut status = [0u8; STATUS_LEN as usize];
-    status[0..4].copy_from_slice(&(AUDIT_STATUS_ENABLED | AUDIT_STATUS_BACKLOG_LIMIT).to_ne_bytes());
-    status[4..8].copy_from_slice(&1u32.to_ne_bytes());
     // The default backlog of 64 records drops denials of busy workers.
-    status[20..24].copy_from_slice(&AUDIT_BACKLOG.to_ne_bytes());
-    let mut msg = Vec::with_capacity((HEADER_LEN + STATUS_LEN) as usize);
-    msg.extend_from_slice(&(HEADER_LEN + STATUS_LEN).to_ne_bytes());
-    msg.extend_from_slice(&AUDIT_SET.to_ne_bytes());
-    msg.extend_from_slice(&1u16.to_ne_bytes()); // NLM_F_REQUEST
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-    msg.extend_from_slice(&status);
-    sendto(sock.as_raw_fd(), &msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    sendto(
+        sock.as_raw_fd(),
+        &audit_message(AUDIT_SET, NLM_F_REQUEST, &audit_status(true, Some(AUDIT_BACKLOG))),
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
     // Wake up regularly even when nothing arrives, to flush events whose
     // end-of-event record never comes.
     let timeout = nix::sys::time::TimeVal::new(0, 250_000);
