@@ -160,6 +160,13 @@ fn auth_denials_are_events() {
     let d = Daemon::start();
     let out = d.ctl_as_nobody(&["spawn", "--user", "alice", "--", "true"]);
     assert!(text(&out.stderr).contains("PermissionDenied"));
+    // In the audit log before the refusal was answered.
+    let on_disk = d
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "auth_denied")
+        .count();
+    assert_eq!(on_disk, 1, "{:?}", d.audit_events());
     let ev = events_until(&d, &["--kind", "auth_denied"], "auth_denied", |e| !e.is_empty());
     assert_eq!(ev[0]["peer_uid"], 65534);
     assert_eq!(ev[0]["method"], "Workers.Spawn");

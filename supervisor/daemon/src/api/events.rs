@@ -232,7 +232,8 @@ impl pb::events_server::Events for EventsApi {
                 "Events.Watch",
                 Some(&r.user),
                 format!("uid {} may not watch warden user {:?}", c.uid, r.user),
-            ));
+            )
+            .await);
         }
         let events = self.sup.events.clone();
         // 0: only what comes next (from the end of the log as it is now).

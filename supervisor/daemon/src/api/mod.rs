@@ -53,32 +53,37 @@ pub fn caller<T>(
 }
 
 /// Refuses a caller who may not act for `user`, and audits the refusal.
-pub fn authorize(sup: &Supervisor, caller: &Caller, user: &str, method: &str) -> Result<(), Status> {
+pub async fn authorize(sup: &Supervisor, caller: &Caller, user: &str, method: &str) -> Result<(), Status> {
     if caller.may_act_for(user) {
         Ok(())
     } else {
         let message = format!("uid {} may not act for warden user {:?}", caller.uid, clip(user, 256));
-        Err(denied(sup, caller, method, Some(user), message))
+        Err(denied(sup, caller, method, Some(user), message).await)
     }
 }
 
 /// Logs and audits a refused call (at most as often as the calling uid's
 /// `auth_denied_per_peer` limit allows; each report counts those left out
-/// since the last); returns the PERMISSION_DENIED status.
-pub fn denied(sup: &Supervisor, caller: &Caller, method: &str, user: Option<&str>, message: String) -> Status {
+/// since the last); returns the PERMISSION_DENIED status once the report
+/// is on disk, so that no refusal is answered before it is in the audit
+/// log (each costs the writer a sync, bounded by the same limit).
+pub async fn denied(sup: &Supervisor, caller: &Caller, method: &str, user: Option<&str>, message: String) -> Status {
     if let Some(suppressed) = sup.limiters.auth_denied_per_peer.admit(&caller.uid) {
         tracing::warn!(uid = caller.uid, pid = ?caller.pid, method, user, suppressed, "permission denied");
-        sup.events.publish(
-            None,
-            None,
-            EventKind::AuthDenied {
-                peer_uid: caller.uid,
-                peer_pid: caller.pid,
-                method: method.to_string(),
-                target_user: user.map(|u| clip(u, 256)),
-                suppressed,
-            },
-        );
+        sup.events
+            .submit(
+                None,
+                None,
+                EventKind::AuthDenied {
+                    peer_uid: caller.uid,
+                    peer_pid: caller.pid,
+                    method: method.to_string(),
+                    target_user: user.map(|u| clip(u, 256)),
+                    suppressed,
+                },
+            )
+            .written()
+            .await;
     }
     Status::permission_denied(message)
 }

@@ -87,7 +87,8 @@ impl pb::profiles_server::Profiles for ProfilesApi {
                 "Profiles.Reload",
                 None,
                 "Only admins may reload profiles".into(),
-            ));
+            )
+            .await);
         }
         match self.sup.profiles.reload() {
             Ok(loaded) => {

@@ -38,7 +38,7 @@ impl pb::usage_server::Usage for UsageApi {
             }
         } else {
             warden_policy::names::check_user(&asked).map_err(|e| Status::invalid_argument(format!("user: {e}")))?;
-            authorize(&self.sup, &c, &asked, "Usage.Get")?;
+            authorize(&self.sup, &c, &asked, "Usage.Get").await?;
             vec![asked]
         };
         let now = SystemTime::now();

@@ -133,9 +133,11 @@ fn network_pb(policy: &NetworkPolicy, usage: &NetUsage) -> pb::Network {
 impl WorkersApi {
     /// The worker `id`, if the caller may act for its user. An unauthorized
     /// caller learns nothing about whether it exists.
-    fn visible(&self, c: &Caller, id: &str, method: &str) -> Result<Arc<Worker>, Status> {
+    async fn visible(&self, c: &Caller, id: &str, method: &str) -> Result<Arc<Worker>, Status> {
         let w = self.sup.get(id).map_err(|e| status(&e, c))?;
-        authorize(&self.sup, c, &w.user, method).map_err(|_| Status::not_found(format!("Unknown worker {id}")))?;
+        authorize(&self.sup, c, &w.user, method)
+            .await
+            .map_err(|_| Status::not_found(format!("Unknown worker {id}")))?;
         Ok(w)
     }
 }
@@ -312,7 +314,7 @@ impl pb::workers_server::Workers for WorkersApi {
     async fn spawn(&self, req: Request<pb::SpawnRequest>) -> Result<Response<pb::Worker>, Status> {
         let c = caller(&req, &self.sup).await?;
         let params = spawn_params(&c, &self.sup.config.default_profile, req.into_inner())?;
-        authorize(&self.sup, &c, &params.user, "Workers.Spawn")?;
+        authorize(&self.sup, &c, &params.user, "Workers.Spawn").await?;
         // Which warden users may use the profile (an unknown one is the
         // spawn's own error, later).
         if let Ok(p) = self.sup.profiles.current().get(&params.profile) {
@@ -324,7 +326,7 @@ impl pb::workers_server::Workers for WorkersApi {
                     "warden user {:?} may not use profile {:?} (see its users and groups)",
                     params.user, params.profile
                 );
-                return Err(denied(&self.sup, &c, "Workers.Spawn", Some(&params.user), message));
+                return Err(denied(&self.sup, &c, "Workers.Spawn", Some(&params.user), message).await);
             }
         }
         let sup = self.sup.clone();
@@ -336,7 +338,7 @@ impl pb::workers_server::Workers for WorkersApi {
 
     async fn get(&self, req: Request<pb::GetWorkerRequest>) -> Result<Response<pb::Worker>, Status> {
         let c = caller(&req, &self.sup).await?;
-        let w = self.visible(&c, &req.get_ref().id, "Workers.Get")?;
+        let w = self.visible(&c, &req.get_ref().id, "Workers.Get").await?;
         Ok(Response::new(to_pb(&w)))
     }
 
@@ -365,7 +367,7 @@ impl pb::workers_server::Workers for WorkersApi {
     async fn signal(&self, req: Request<pb::SignalRequest>) -> Result<Response<pb::Worker>, Status> {
         let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
-        self.visible(&c, &r.id, "Workers.Signal")?;
+        self.visible(&c, &r.id, "Workers.Signal").await?;
         let w = self
             .sup
             .signal(&r.id, signal_of(r.signal)?)
@@ -376,7 +378,7 @@ impl pb::workers_server::Workers for WorkersApi {
     async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::Worker>, Status> {
         let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
-        let w = self.visible(&c, &r.id, "Workers.Stop")?;
+        let w = self.visible(&c, &r.id, "Workers.Stop").await?;
         let grace = (r.grace_seconds > 0).then(|| Duration::from_secs(u64::from(r.grace_seconds)));
         let sup = self.sup.clone();
         let id = r.id.clone();
@@ -389,7 +391,7 @@ impl pb::workers_server::Workers for WorkersApi {
     async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::ApproveResponse>, Status> {
         let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
-        let w = self.visible(&c, &r.id, "Workers.Approve")?;
+        let w = self.visible(&c, &r.id, "Workers.Approve").await?;
         if r.request_id.is_empty() || r.request_id.len() > 256 || r.message.len() > 4096 {
             return Err(Status::invalid_argument(
                 "request_id must be 1-256 bytes and message at most 4096",
@@ -406,7 +408,7 @@ impl pb::workers_server::Workers for WorkersApi {
 
     async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::Worker>, Status> {
         let c = caller(&req, &self.sup).await?;
-        let w = self.visible(&c, &req.get_ref().id, "Workers.Wait")?;
+        let w = self.visible(&c, &req.get_ref().id, "Workers.Wait").await?;
         w.wait().await;
         Ok(Response::new(to_pb(&w)))
     }
@@ -423,7 +425,7 @@ impl pb::workers_server::Workers for WorkersApi {
             Some(Err(e)) => return Err(e),
             _ => return Err(Status::invalid_argument("the first Attach message must be `start`")),
         };
-        let w = self.visible(&c, &start.id, "Workers.Attach")?;
+        let w = self.visible(&c, &start.id, "Workers.Attach").await?;
         // stdin: the client's messages, until it closes stdin or goes away.
         // A Claude Code session takes whole lines, and only those a client
         // may send (user messages, interrupts); others are refused, audited.
@@ -455,7 +457,8 @@ impl pb::workers_server::Workers for WorkersApi {
                                         "Workers.Attach",
                                         Some(&stdin_worker.user),
                                         format!("stdin of Claude Code session {}: refused {why}", stdin_worker.id),
-                                    );
+                                    )
+                                    .await;
                                 }
                             }
                         }
@@ -510,7 +513,7 @@ impl pb::workers_server::Workers for WorkersApi {
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
         let c = caller(&req, &self.sup).await?;
         let r = req.into_inner();
-        let w = self.visible(&c, &r.id, "Workers.Logs")?;
+        let w = self.visible(&c, &r.id, "Workers.Logs").await?;
         let (out, stream) = outbox(QUEUE, self.sup.client_timeout());
         tokio::spawn(async move {
             let wrap = |c| c;
