@@ -95,14 +95,18 @@ impl pb::profiles_server::Profiles for ProfilesApi {
                 tracing::info!(?loaded, "profiles reloaded");
                 self.sup
                     .events
-                    .publish(None, None, EventKind::ProfilesReloaded { loaded: loaded.clone() });
+                    .submit(None, None, EventKind::ProfilesReloaded { loaded: loaded.clone() })
+                    .written()
+                    .await;
                 Ok(Response::new(pb::ReloadProfilesResponse { loaded }))
             }
             Err(e) => {
                 tracing::error!(error = %e, "profile reload failed; keeping the old set");
                 self.sup
                     .events
-                    .publish(None, None, EventKind::ProfileReloadFailed { error: e.to_string() });
+                    .submit(None, None, EventKind::ProfileReloadFailed { error: e.to_string() })
+                    .written()
+                    .await;
                 Err(policy_status(&e, &c))
             }
         }

@@ -103,7 +103,7 @@ impl Supervisor {
             stage: stage.to_string(),
             at_ns: crate::sys::monotonic_ns(),
         };
-        let slot = self.admit(&p)?;
+        let slot = self.admit(&p).await?;
         let mut marks = vec![mark("admitted")];
         let profile = resolve(&self.profiles.current(), &p)?;
         let name = profile.name.clone();
@@ -257,8 +257,9 @@ impl Supervisor {
     /// Admission: refuses a user in debt with its audit budget or past its
     /// spawn rate (or a caller past its own), then reserves the worker's
     /// slot under the caps. A rate refusal is a `rate_limited` event (at
-    /// most one per key every 10 s, counting the refusals in between).
-    fn admit(&self, p: &SpawnParams) -> Result<Slot, WorkerError> {
+    /// most one per key every 10 s, counting the refusals in between), in
+    /// the audit log before the refusal is answered.
+    async fn admit(&self, p: &SpawnParams) -> Result<Slot, WorkerError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(WorkerError::ShuttingDown);
         }
@@ -278,13 +279,17 @@ impl Supervisor {
         });
         if !user_wait.is_zero() {
             if let Some(n) = l.spawns_per_user.with(&p.user, |b| b.reports.refused(now)) {
-                self.rate_limited("spawns_per_user", Some(&p.user), None, n);
+                self.rate_limited("spawns_per_user", Some(&p.user), None, n)
+                    .written()
+                    .await;
             }
             return Err(rate_error(format!("user {}", p.user), "spawns_per_user", user_wait));
         }
         if let Some(uid) = p.caller_uid.filter(|_| !caller_wait.is_zero()) {
             if let Some(n) = l.spawns_per_caller.with(&uid, |b| b.reports.refused(now)) {
-                self.rate_limited("spawns_per_caller", None, Some(uid), n);
+                self.rate_limited("spawns_per_caller", None, Some(uid), n)
+                    .written()
+                    .await;
             }
             return Err(rate_error(format!("uid {uid}"), "spawns_per_caller", caller_wait));
         }
@@ -296,8 +301,8 @@ impl Supervisor {
         Ok(slot)
     }
 
-    fn rate_limited(&self, limit: &str, user: Option<&str>, peer_uid: Option<u32>, suppressed: u64) {
-        self.events.publish(
+    fn rate_limited(&self, limit: &str, user: Option<&str>, peer_uid: Option<u32>, suppressed: u64) -> Written {
+        self.events.submit(
             None,
             user,
             EventKind::RateLimited {
@@ -305,7 +310,7 @@ impl Supervisor {
                 suppressed,
                 peer_uid,
             },
-        );
+        )
     }
 
     /// Prepares the worker, from what was made `ahead` of it, and launches
