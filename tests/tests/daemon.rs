@@ -531,6 +531,11 @@ fn a_workers_bytes_never_drive_the_operators_terminal() {
         assert!(clean(&out.stdout), "{args:?}: {}", text(&out.stdout));
     }
     assert!(text(&d.ctl(&["ps", "-a"]).stdout).contains("\\u{1b}]52;c;ZXZpbA==\\u{7}"));
+    // inspect stays readable: one field a line, and the same JSON.
+    let shown = text(&d.ctl(&["inspect", &id]).stdout);
+    assert!(shown.lines().count() > 10 && !shown.contains("\\u000a"), "{shown}");
+    let back: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(back["id"], id.as_str());
     // Nor do error lines that quote a request.
     let out = d.ctl(&["inspect", evil]);
     assert!(!out.status.success());
@@ -698,6 +703,32 @@ fn a_client_cannot_answer_claudes_permission_requests_through_stdin() {
     assert!(log.contains("refused a control_response"), "{log}");
     assert!(log.contains("refused a control_request (set_permission_mode)"), "{log}");
     assert!(d.ctl(&["stop", &id]).status.success());
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_wardenctl_quietly() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    assert!(d
+        .ctl(&["spawn", "--user", "alice", "-w", "--", "true"])
+        .status
+        .success());
+    // `wardenctl ps | head` where head has already left: a pipe whose
+    // reading end is closed before wardenctl writes.
+    for args in [vec!["ps", "-a"], vec!["ps", "-a", "--output", "json"], vec!["events"]] {
+        let (r, w) = nix::unistd::pipe().expect("a pipe");
+        drop(r);
+        let out = d
+            .ctl_command(&args)
+            .stdout(std::process::Stdio::from(w))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("wardenctl runs");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {}", text(&out.stderr));
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
+    }
 }
 
 #[test]

@@ -218,6 +218,15 @@ enum ProfileCmd {
     Reload,
 }
 
+/// `println!` that hands back the error instead of panicking: a reader
+/// that went away (`wardenctl ps | head`) ends wardenctl quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+    }};
+}
+
 async fn connect(socket: &std::path::Path) -> anyhow::Result<Channel> {
     let path = socket.to_path_buf();
     Endpoint::try_from("http://wardend.invalid")?
@@ -312,7 +321,7 @@ fn budget_json(b: Option<&pb::Budget>) -> serde_json::Value {
     })
 }
 
-fn print_usage(r: &pb::UsageResponse, output: Output) {
+fn print_usage(r: &pb::UsageResponse, output: Output) -> std::io::Result<()> {
     let totals = |t: &Option<pb::ApiTotals>| api_json(&t.unwrap_or_default());
     if output == Output::Json {
         let users: Vec<_> = r
@@ -336,11 +345,11 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
             .iter()
             .map(|w| serde_json::json!({"worker": w.worker, "user": w.user, "totals": totals(&w.totals)}))
             .collect();
-        println!(
+        outln!(
             "{}",
             json_safe(&serde_json::json!({"users": users, "workers": workers}).to_string())
-        );
-        return;
+        )?;
+        return Ok(());
     }
     // Tokens as a budget counts them: input, output and cache creation.
     let tokens = |t: &Option<pb::ApiTotals>| {
@@ -358,13 +367,19 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
         Some(d) if d.limit_bytes == 0 => format!("{} MiB", d.bytes >> 20),
         Some(d) => format!("{}/{} MiB", d.bytes >> 20, d.limit_bytes >> 20),
     };
-    println!(
+    outln!(
         "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12} {:>16}",
-        "USER", "TODAY", "THIS MONTH", "ALL TIME", "PER DAY", "PER MONTH", "DISK"
-    );
+        "USER",
+        "TODAY",
+        "THIS MONTH",
+        "ALL TIME",
+        "PER DAY",
+        "PER MONTH",
+        "DISK"
+    )?;
     for u in &r.users {
         let b = u.budget.unwrap_or_default();
-        println!(
+        outln!(
             "{:<14} {:<24} {:<24} {:<24} {:>12} {:>12} {:>16}",
             plain(&u.user),
             tokens(&u.today),
@@ -373,29 +388,35 @@ fn print_usage(r: &pb::UsageResponse, output: Output) {
             limit(b.tokens_per_day),
             limit(b.tokens_per_month),
             disk(&u.disk)
-        );
+        )?;
     }
+    Ok(())
 }
 
-fn print_workers(ws: &[pb::Worker], output: Output) {
+fn print_workers(ws: &[pb::Worker], output: Output) -> std::io::Result<()> {
     if output == Output::Json {
-        println!(
+        outln!(
             "{}",
             json_safe(&serde_json::Value::Array(ws.iter().map(worker_json).collect()).to_string())
-        );
-        return;
+        )?;
+        return Ok(());
     }
-    println!(
+    outln!(
         "{:<16} {:<12} {:<12} {:<12} {:<8} {:>6} COMMAND",
-        "ID", "USER", "PROJECT", "PROFILE", "STATE", "EXIT"
-    );
+        "ID",
+        "USER",
+        "PROJECT",
+        "PROFILE",
+        "STATE",
+        "EXIT"
+    )?;
     for w in ws {
         let exit = if state_name(w) == "running" {
             String::new()
         } else {
             w.exit_code.to_string()
         };
-        println!(
+        outln!(
             "{:<16} {:<12} {:<12} {:<12} {:<8} {:>6} {}",
             plain(&w.id),
             plain(&w.user),
@@ -404,25 +425,26 @@ fn print_workers(ws: &[pb::Worker], output: Output) {
             state_name(w),
             exit,
             plain(&w.command.join(" "))
-        );
+        )?;
     }
+    Ok(())
 }
 
-fn print_worker(w: &pb::Worker, output: Output) {
+fn print_worker(w: &pb::Worker, output: Output) -> std::io::Result<()> {
     if output == Output::Json {
-        println!("{}", json_safe(&worker_json(w).to_string()));
+        outln!("{}", json_safe(&worker_json(w).to_string()))
     } else {
-        println!(
+        outln!(
             "{}",
             json_safe(&serde_json::to_string_pretty(&worker_json(w)).unwrap_or_default())
-        );
+        )
     }
 }
 
-fn print_event(e: &pb::Event, output: Output) {
+fn print_event(e: &pb::Event, output: Output) -> std::io::Result<()> {
     if output == Output::Json {
-        println!("{}", json_safe(&e.json));
-        return;
+        outln!("{}", json_safe(&e.json))?;
+        return Ok(());
     }
     let mut details: serde_json::Value = serde_json::from_str(&e.json).unwrap_or_default();
     if let Some(obj) = details.as_object_mut() {
@@ -432,7 +454,7 @@ fn print_event(e: &pb::Event, output: Output) {
     }
     let secs = e.time_ms / 1000;
     let time = format!("{}.{:03}", secs, e.time_ms % 1000);
-    println!(
+    outln!(
         "{:>6} {:<24} {:<22} {:<14} {:<10} {}",
         e.seq,
         time,
@@ -440,7 +462,7 @@ fn print_event(e: &pb::Event, output: Output) {
         plain(&e.worker),
         plain(&e.user),
         plain(&details.to_string())
-    );
+    )
 }
 
 /// Streams a worker's output to ours until it exits; returns its exit code.
@@ -639,9 +661,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 return attach(&mut workers, &w.id, interactive, interactive, raw).await;
             }
             if output == Output::Json {
-                println!("{}", json_safe(&worker_json(&w).to_string()));
+                outln!("{}", json_safe(&worker_json(&w).to_string()))?;
             } else {
-                println!("{}", plain(&w.id));
+                outln!("{}", plain(&w.id))?;
             }
         }
         Cmd::Ps { all, user } => {
@@ -653,7 +675,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 })
                 .await?
                 .into_inner();
-            print_workers(&r.workers, output);
+            print_workers(&r.workers, output)?;
         }
         Cmd::Top {
             user,
@@ -667,7 +689,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             top::run(&mut workers, opts).await?;
         }
-        Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output),
+        Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output)?,
         Cmd::Attach { id, text, raw } => return attach(&mut workers, &id, true, text, raw).await,
         Cmd::Logs { id, follow, from, raw } => {
             let mut sink = Sink::new(raw);
@@ -688,13 +710,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     } else {
                         "stdout"
                     };
-                    println!(
+                    outln!(
                         "{}",
                         json_safe(
                             &serde_json::json!({"stream": stream, "offset": c.offset, "data": String::from_utf8_lossy(&c.data)})
                                 .to_string()
                         )
-                    );
+                    )?;
                 } else {
                     sink.write(&c)?;
                 }
@@ -708,7 +730,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 })
                 .await?
                 .into_inner();
-            print_worker(&w, output);
+            print_worker(&w, output)?;
         }
         Cmd::Kill { id, signal } => {
             workers
@@ -745,7 +767,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Wait { id } => {
             let w = workers.wait(pb::WaitRequest { id }).await?.into_inner();
             if output == Output::Json {
-                println!("{}", json_safe(&worker_json(&w).to_string()));
+                outln!("{}", json_safe(&worker_json(&w).to_string()))?;
             }
             return Ok(w.exit_code);
         }
@@ -767,14 +789,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await?
                 .into_inner();
             if output == Output::Table {
-                println!(
+                outln!(
                     "{:>6} {:<24} {:<22} {:<14} {:<10} DETAILS",
-                    "SEQ", "TIME", "KIND", "WORKER", "USER"
-                );
+                    "SEQ",
+                    "TIME",
+                    "KIND",
+                    "WORKER",
+                    "USER"
+                )?;
             }
             while let Some(msg) = s.next().await {
                 match msg?.msg {
-                    Some(pb::watch_response::Msg::Event(e)) => print_event(&e, output),
+                    Some(pb::watch_response::Msg::Event(e)) => print_event(&e, output)?,
                     Some(pb::watch_response::Msg::Lagged(l)) => {
                         bail!(
                             "Fell behind the live events after seq {}; resume with --since {}",
@@ -793,7 +819,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 })
                 .await?
                 .into_inner();
-            print_usage(&r, output);
+            print_usage(&r, output)?;
         }
         Cmd::Profile { command } => match command {
             ProfileCmd::List => {
@@ -804,16 +830,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         .iter()
                         .map(|p| serde_json::json!({"name": p.name, "origin": p.origin, "description": p.description, "extends": p.extends, "digest": p.digest}))
                         .collect();
-                    println!("{}", json_safe(&serde_json::Value::Array(v).to_string()));
+                    outln!("{}", json_safe(&serde_json::Value::Array(v).to_string()))?;
                 } else {
-                    println!("{:<16} {:<32} DESCRIPTION", "NAME", "ORIGIN");
+                    outln!("{:<16} {:<32} DESCRIPTION", "NAME", "ORIGIN")?;
                     for p in r.profiles {
-                        println!(
+                        outln!(
                             "{:<16} {:<32} {}",
                             plain(&p.name),
                             plain(&p.origin),
                             plain(&p.description)
-                        );
+                        )?;
                     }
                 }
             }
@@ -838,14 +864,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         )
                     })?
                     .into_inner();
-                println!(
+                outln!(
                     "{}: ok (digest {})",
                     plain(&file.display().to_string()),
                     plain(&p.digest)
-                );
+                )?;
             }
             ProfileCmd::Explain { name } => {
-                println!(
+                outln!(
                     "{}",
                     json_safe(
                         &profiles
@@ -854,11 +880,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                             .into_inner()
                             .resolved_json
                     )
-                );
+                )?;
             }
             ProfileCmd::Reload => {
                 let r = profiles.reload(pb::ReloadProfilesRequest {}).await?.into_inner();
-                println!("reloaded: {}", plain(&r.loaded.join(", ")));
+                outln!("reloaded: {}", plain(&r.loaded.join(", ")))?;
             }
         },
         Cmd::Completions { .. } | Cmd::Man => {}
@@ -871,6 +897,15 @@ async fn main() {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => std::process::exit(code),
+        // Our reader went away (`wardenctl ps | head`): end quietly, with
+        // the status of a process SIGPIPE ended, as coreutils do.
+        Err(e)
+            if e.chain()
+                .filter_map(|c| c.downcast_ref::<std::io::Error>())
+                .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            std::process::exit(128 + 13)
+        }
         Err(e) => {
             let msg = match e.downcast_ref::<tonic::Status>() {
                 Some(s) => format!("{:?}: {}", s.code(), s.message()),

@@ -16,9 +16,10 @@ fn acts(c: char) -> bool {
     c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
 }
 
-/// `s` with each character that acts written by `escape` instead.
-fn escaped(s: &str, escape: impl Fn(char, &mut String)) -> String {
-    if !s.chars().any(acts) {
+/// `s` with each character that acts (per `acts`) written by `escape`
+/// instead.
+fn escaped(s: &str, acts: impl Fn(char) -> bool, escape: impl Fn(char, &mut String)) -> String {
+    if !s.chars().any(&acts) {
         return s.to_string();
     }
     let mut out = String::with_capacity(s.len() + 8);
@@ -35,15 +36,21 @@ fn escaped(s: &str, escape: impl Fn(char, &mut String)) -> String {
 /// One line of a table or a message: every control character, newlines
 /// and tabs included, shown escaped (`\u{1b}`).
 pub fn plain(s: &str) -> String {
-    escaped(s, |c, out| out.extend(c.escape_unicode()))
+    escaped(s, acts, |c, out| out.extend(c.escape_unicode()))
 }
 
 /// A JSON text with the characters JSON leaves raw that would act on a
 /// terminal (DEL, C1, bidirectional overrides; JSON already escapes C0)
-/// escaped as `\uXXXX`: still the same JSON.
+/// escaped as `\uXXXX`: still the same JSON. A raw newline in a JSON text
+/// is only ever a pretty-printer's line break (JSON escapes C0 in strings),
+/// so it stays.
 pub fn json_safe(s: &str) -> String {
     // Only characters of the Basic Multilingual Plane act: one \uXXXX each.
-    escaped(s, |c, out| out.push_str(&format!("\\u{:04x}", u32::from(c))))
+    escaped(
+        s,
+        |c| acts(c) && c != '\n',
+        |c, out| out.push_str(&format!("\\u{:04x}", u32::from(c))),
+    )
 }
 
 /// A stream of a worker's output on its way to a terminal: text, newlines,
@@ -135,6 +142,13 @@ mod tests {
         assert!(!text.chars().any(acts), "{text}");
         let back: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(back, v);
+        // Pretty-printed (inspect, stop): one line per field, as printed.
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        let text = json_safe(&pretty);
+        assert_eq!(text.lines().count(), pretty.lines().count(), "{text}");
+        assert!(!text.contains("\\u000a"), "{text}");
+        assert!(!text.chars().any(|c| acts(c) && c != '\n'), "{text}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);
     }
 
     #[test]

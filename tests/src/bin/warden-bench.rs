@@ -613,12 +613,23 @@ fn bwrap_true() {
 /// Spawns after an idle pause, for the idle row.
 const IDLE_RUNS: usize = 7;
 
+/// How a client waits for the end of a worker it spawned.
+#[derive(Clone, Copy)]
+enum Until {
+    /// `Wait`: its exit.
+    Wait,
+    /// `Attach` with stdin closed, as `wardenctl spawn -w` does: its
+    /// output to the end, then its exit.
+    Attach,
+}
+
 /// `runs` pairs of a spawn-to-exit of /bin/true over gRPC (Spawn, then
-/// Wait) and a bubblewrap run, each after `pause`.
+/// `until`) and a bubblewrap run, each after `pause`.
 async fn rpc_pairs(
     c: &mut warden_proto::v1::workers_client::WorkersClient<tonic::transport::Channel>,
     runs: usize,
     pause: Duration,
+    until: Until,
 ) -> (Vec<Duration>, Vec<Duration>) {
     use warden_proto::v1 as pb;
     let (mut warden, mut bwrap) = (Vec::new(), Vec::new());
@@ -634,7 +645,29 @@ async fn rpc_pairs(
             .await
             .expect("Spawn")
             .into_inner();
-        c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+        match until {
+            Until::Wait => {
+                c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+            }
+            Until::Attach => {
+                let requests = [
+                    pb::attach_request::Msg::Start(pb::AttachStart {
+                        id: w.id,
+                        ..Default::default()
+                    }),
+                    pb::attach_request::Msg::CloseStdin(true),
+                ]
+                .map(|m| pb::AttachRequest { msg: Some(m) });
+                // The request stream stays open until the answer ends.
+                let requests = tokio_stream::StreamExt::chain(tokio_stream::iter(requests), tokio_stream::pending());
+                let mut out = c.attach(requests).await.expect("Attach").into_inner();
+                while let Some(m) = tokio_stream::StreamExt::next(&mut out).await {
+                    if let Some(pb::attach_response::Msg::Exited(_)) = m.expect("Attach").msg {
+                        break;
+                    }
+                }
+            }
+        }
         warden.push(t.elapsed());
         tokio::time::sleep(pause).await;
         bwrap.push(timed(bwrap_true));
@@ -664,11 +697,12 @@ fn spawn_rows() -> SpawnRows {
     // Over gRPC, right after each other; then after the machine sat idle
     // (the other's pause, each of the pair): a spawn then finds its warm
     // init ready, against bubblewrap after the same pause.
-    let ((w_rpc, b_rpc), (w_idle, b_idle)) = rt.block_on(async {
+    let ((w_rpc, b_rpc), (w_attach, b_attach), (w_idle, b_idle)) = rt.block_on(async {
         let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
-        let busy = rpc_pairs(&mut c, runs, Duration::ZERO).await;
-        let idle = rpc_pairs(&mut c, IDLE_RUNS, Duration::from_millis(1500)).await;
-        (busy, idle)
+        let busy = rpc_pairs(&mut c, runs, Duration::ZERO, Until::Wait).await;
+        let attach = rpc_pairs(&mut c, runs, Duration::ZERO, Until::Attach).await;
+        let idle = rpc_pairs(&mut c, IDLE_RUNS, Duration::from_millis(1500), Until::Wait).await;
+        (busy, attach, idle)
     });
     // Where the time went: each stage's own share, median over the runs.
     // The exit path's stages (worker_exited) continue on the same clock.
@@ -756,6 +790,11 @@ fn spawn_rows() -> SpawnRows {
                 "the same over gRPC (Spawn, then Wait)",
                 ms(median(w_rpc)),
                 ms(median(b_rpc)),
+            ),
+            (
+                "the same over gRPC (Spawn, then Attach, as wardenctl)",
+                ms(median(w_attach)),
+                ms(median(b_attach)),
             ),
             (
                 "the same after 1.5 s idle (each of the pair)",
