@@ -574,6 +574,10 @@ struct SpawnRows {
     pairs: Vec<(&'static str, f64, f64)>,
     /// The slowest of the pairs' warden runs, ms.
     max: Vec<(&'static str, f64)>,
+    /// /bin/true on the host after the idle row's pause, median, ms: the
+    /// machine's own cost of waking up (on a VM that pages out what sat
+    /// unused, every binary is read again).
+    host_idle: f64,
     /// Stage, median of its own time (since the stage before), ms.
     stages: Vec<(String, f64)>,
     /// Cycles a second at concurrency 16, and their p50 and p99, ms.
@@ -704,6 +708,15 @@ fn spawn_rows() -> SpawnRows {
         let idle = rpc_pairs(&mut c, IDLE_RUNS, Duration::from_millis(1500), Until::Wait).await;
         (busy, attach, idle)
     });
+    let host_idle = (0..IDLE_RUNS)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(1500));
+            timed(|| {
+                let s = std::process::Command::new("/bin/true").status().expect("/bin/true");
+                assert!(s.success());
+            })
+        })
+        .collect();
     // Where the time went: each stage's own share, median over the runs.
     // The exit path's stages (worker_exited) continue on the same clock.
     // Each stage's own time and its end, by name (the order of stages
@@ -780,6 +793,7 @@ fn spawn_rows() -> SpawnRows {
     SpawnRows {
         runs,
         max: vec![("wardenctl", max(&w_ctl)), ("gRPC", max(&w_rpc))],
+        host_idle: ms(median(host_idle)),
         pairs: vec![
             (
                 "wardenctl spawn -w -- /bin/true (base, through wardend)",
@@ -818,6 +832,10 @@ fn print_spawn_rows(r: &SpawnRows) {
     for (what, warden, bwrap) in &r.pairs {
         println!("{what:<58} {warden:>9.2} ms {bwrap:>9.2} ms {:>8.2}", warden / bwrap);
     }
+    println!(
+        "{:<58} {:>9.2} ms",
+        "  /bin/true on the host after the same pause", r.host_idle
+    );
     for (what, max) in &r.max {
         println!("{:<58} {max:>9.2} ms", format!("  slowest run ({what})"));
     }

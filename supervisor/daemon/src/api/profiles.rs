@@ -33,8 +33,8 @@ impl pb::profiles_server::Profiles for ProfilesApi {
         let set = self.sup.profiles.current();
         // A caller acting for one warden user sees the profiles it may use.
         let groups = match c.default_user() {
-            Some(user) => self.sup.accounts.group_names(user).await,
-            None => Default::default(),
+            Some(user) if set.iter().any(|p| p.access.needs_groups(user)) => self.sup.accounts.group_names(user).await,
+            _ => Default::default(),
         };
         let usable = |p: &&warden_policy::Profile| match c.default_user() {
             _ if c.may_act_for_everyone() => true,

@@ -179,6 +179,13 @@ impl ProfileAccess {
         self.users.is_none() && self.groups.is_none()
     }
 
+    /// Whether deciding for `user` needs the groups of its account (an
+    /// account database lookup): only when groups are listed and the user
+    /// is not listed by name.
+    pub fn needs_groups(&self, user: &str) -> bool {
+        self.groups.is_some() && !self.users.as_ref().is_some_and(|u| u.contains(user))
+    }
+
     /// Whether warden user `user`, whose account is in `user_groups`, may.
     pub fn allows(&self, user: &str, user_groups: &[String]) -> bool {
         self.is_everyone()
@@ -382,6 +389,15 @@ groups = ["default"]
         assert!(child.allows("bob", &[]));
         assert!(child.allows("carol", &["devs".to_string()]));
         assert!(!child.allows("carol", &["users".to_string()]));
+        // The account database is asked only when groups decide.
+        assert!(!set.get("open").unwrap().access.needs_groups("anyone"));
+        assert!(!child.needs_groups("bob"));
+        assert!(child.needs_groups("carol"));
+        let users_only = ProfileAccess {
+            users: Some(["bob".to_string()].into()),
+            groups: None,
+        };
+        assert!(!users_only.needs_groups("carol") && !users_only.allows("carol", &[]));
         let e = err_of(vec![src("bad", &format!("users = [\"../x\"]\n{MINIMAL}"))]);
         assert!(e.starts_with("bad.toml:1:"), "{e}");
         let e = err_of(vec![src("bad", &format!("groups = [\"a b\"]\n{MINIMAL}"))]);
