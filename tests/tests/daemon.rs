@@ -990,6 +990,20 @@ fn warm_inits_serve_spawns_and_are_made_again() {
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), started.len(), "a worker id served twice: {started:?}");
+    // A spawn its profile refuses once it has taken a warm init (base does
+    // not pass that variable): the init goes with it, in full, and the warm
+    // inits are made again.
+    let refused = d.ctl(&["spawn", "--user", "bob", "-e", "NOT_PASSED=1", "--", "true"]);
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("environment variable NOT_PASSED is not allowed by profile base"),
+        "{err}"
+    );
+    eventually("two warm inits again", || {
+        let c = d.cgroup_children();
+        (c.len() == 2 && c.iter().all(|id| d.cgroup_procs(id).len() == 1)).then_some(())
+    });
+    assert!(!d.log().contains("cannot remove"), "{}", d.log());
     // The daemon's end takes the warm inits with it.
     d.signal(nix::sys::signal::Signal::SIGTERM);
     let status = d.child.take().unwrap().wait().unwrap();

@@ -807,6 +807,9 @@ pub fn prepare(
     };
     let built = built.filter(|b| b.uid == identity.uid && b.worker_id == id && claude.is_none() && made.is_some());
     let limits = CgroupLimits::from(&profile.limits);
+    // A cgroup made ahead holds its init: the caller's discard of what was
+    // made ahead kills the init and removes both.
+    let ours = made.is_none();
     let cgroup = match made {
         Some(cg) if built.is_some() => cg,
         Some(cg) => {
@@ -844,7 +847,9 @@ pub fn prepare(
     let mut spec = match spec {
         Ok(spec) => spec,
         Err(e) => {
-            let _ = cgroup.remove();
+            if ours {
+                let _ = cgroup.remove();
+            }
             return Err(e);
         }
     };
