@@ -162,6 +162,8 @@ pub struct Worker {
     stop_requested: AtomicBool,
     cgroup: Option<WorkerCgroup>,
     reported: Mutex<Reported>,
+    /// When its usage was last sampled (or it started).
+    sampled: Mutex<Instant>,
     /// A non-interactive Claude Code session: the daemon closes its stdin
     /// when Claude reports the result, clients cannot close it earlier.
     pub one_shot_session: bool,
@@ -208,6 +210,7 @@ impl Worker {
             stop_requested: AtomicBool::new(false),
             cgroup: None,
             reported: Mutex::default(),
+            sampled: Mutex::new(Instant::now()),
             approvals: Arc::default(),
             one_shot_session: false,
             session: false,
@@ -295,6 +298,67 @@ impl Worker {
     }
 }
 
+/// How often the monitor looks at every running worker's counters of
+/// limits hit.
+const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// What one look at a running worker found.
+struct Look {
+    worker: Arc<Worker>,
+    /// Its counters of limits hit.
+    hits: Usage,
+    /// Its user's tree, where a disk limit was promised.
+    disk: Option<Option<DiskUse>>,
+    /// Its usage, when a sample was due.
+    sample: Option<(Usage, Option<DiskUse>)>,
+}
+
+impl Look {
+    /// Reads `w`'s cgroup files (blocking): the counters of limits hit
+    /// every time, the rest when a sample is due.
+    fn at(worker: Arc<Worker>, sample_every: Duration) -> Option<Look> {
+        let hits = worker.limits_hit()?;
+        let disk = worker.has_disk_limit().then(|| worker.disk_usage());
+        let due = {
+            let mut sampled = worker.sampled.lock().unwrap_or_else(|p| p.into_inner());
+            let due = sampled.elapsed() >= sample_every;
+            if due {
+                *sampled = Instant::now();
+            }
+            due
+        };
+        let sample = due.then(|| (worker.usage().unwrap_or_default(), worker.disk_usage()));
+        Some(Look {
+            worker,
+            hits,
+            disk,
+            sample,
+        })
+    }
+}
+
+/// Looks at every running worker twice a second (v1 has no group OOM
+/// kill: when the OOM counter moves, the rest of the worker is killed
+/// here) and samples each one's usage every `sample_interval_seconds`:
+/// one thread and one pass for all of them, no task, timer or thread per
+/// worker, and the cgroup files are read off the async threads. Ends with
+/// the supervisor.
+fn monitor(sup: &std::sync::Weak<Supervisor>, runtime: &tokio::runtime::Handle) {
+    let mut next = Instant::now();
+    loop {
+        next += LOOK_EVERY;
+        // Late (a long pass, a stopped VM): one look at once, then every
+        // period from there, never a burst to catch up.
+        next = next.max(Instant::now());
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let Some(this) = sup.upgrade() else { break };
+        let every = Duration::from_secs(this.config.sample_interval_seconds);
+        for l in this.monitored().into_iter().filter_map(|w| Look::at(w, every)) {
+            this.report_look(l, runtime);
+        }
+    }
+}
+
 /// The workers, by id and in the order they started; the exited ones
 /// also in the order they exited.
 #[derive(Debug, Default)]
@@ -334,6 +398,8 @@ pub struct Supervisor {
     /// Workers' inits built up to the command for a spawn like a recent one.
     primed: primed::Pool,
     shutting_down: AtomicBool,
+    /// Whether the monitor of running workers has been started.
+    monitoring: AtomicBool,
     /// Spawn rates per user and caller, refused-call reports per peer.
     pub limiters: Limiters,
 }
@@ -377,6 +443,7 @@ impl Supervisor {
             launcher,
             registry: Mutex::default(),
             shutting_down: AtomicBool::new(false),
+            monitoring: AtomicBool::new(false),
         }
     }
 
@@ -565,48 +632,61 @@ impl Supervisor {
         lost
     }
 
-    /// Checks a running worker's limits twice a second (v1 has no group OOM
-    /// kill: when the OOM counter moves, the rest of the worker is killed
-    /// here) and samples its usage every `sample_interval_seconds`.
-    async fn monitor(&self, w: &Worker) {
-        let every = Duration::from_secs(self.config.sample_interval_seconds);
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let mut last_sample = Instant::now();
-        loop {
-            tick.tick().await;
-            if w.exit_info().is_some() {
-                break;
+    /// Starts the monitor of running workers, once (the first spawn does).
+    fn start_monitor(self: &Arc<Self>) {
+        if !self.monitoring.swap(true, Ordering::SeqCst) {
+            let (sup, runtime) = (Arc::downgrade(self), tokio::runtime::Handle::current());
+            let started = std::thread::Builder::new()
+                .name("monitor".into())
+                .spawn(move || monitor(&sup, &runtime));
+            if let Err(e) = started {
+                self.monitoring.store(false, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot start the monitor of running workers; the next spawn tries again");
             }
-            // Twice a second only the counters of limits hit (and the
-            // tree's use where a disk limit was promised); the rest at
-            // each sample.
-            let Some(hits) = w.limits_hit() else { break };
-            let oom = self.report_limits(w, &hits);
-            if w.has_disk_limit() {
-                self.report_disk(w, w.disk_usage());
+        }
+    }
+
+    /// Running workers with a cgroup: what the monitor looks at.
+    fn monitored(&self) -> Vec<Arc<Worker>> {
+        self.registry()
+            .by_id
+            .values()
+            .filter(|w| w.cgroup.is_some() && w.exit_info().is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// Reports what one look at a worker found (events are queued; a v1
+    /// OOM kill goes to the runtime's blocking threads, so that it holds up
+    /// no other worker's look). On the monitor's thread.
+    fn report_look(&self, l: Look, runtime: &tokio::runtime::Handle) {
+        let w = &l.worker;
+        if w.exit_info().is_some() {
+            // Its end reports its last counters.
+            return;
+        }
+        let oom = self.report_limits(w, &l.hits);
+        if let Some(disk) = l.disk {
+            self.report_disk(w, disk);
+        }
+        if oom && !self.cgroups.is_v2() {
+            if let Some(cg) = w.cgroup.clone() {
+                runtime.spawn_blocking(move || cg.kill_all(Duration::from_secs(5)));
             }
-            if oom && !self.cgroups.is_v2() {
-                if let Some(cg) = w.cgroup.clone() {
-                    let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
-                }
-            }
-            if last_sample.elapsed() >= every && w.exit_info().is_none() {
-                last_sample = Instant::now();
-                let Some(usage) = w.usage() else { break };
-                let disk = w.disk_usage();
-                self.events.publish(
-                    Some(&w.id),
-                    Some(&w.user),
-                    EventKind::ResourceSample {
-                        memory_current: usage.memory_current,
-                        memory_peak: usage.memory_peak,
-                        cpu_usage_us: usage.cpu_usage_ns / 1000,
-                        pids: usage.pids_current,
-                        network: w.net_usage().map(|n| n.totals()),
-                        disk,
-                    },
-                );
-            }
+        }
+        if let Some((usage, disk)) = l.sample {
+            self.events.publish(
+                Some(&w.id),
+                Some(&w.user),
+                EventKind::ResourceSample {
+                    memory_current: usage.memory_current,
+                    memory_peak: usage.memory_peak,
+                    cpu_usage_us: usage.cpu_usage_ns / 1000,
+                    pids: usage.pids_current,
+                    network: w.net_usage().map(|n| n.totals()),
+                    disk,
+                },
+            );
         }
     }
 

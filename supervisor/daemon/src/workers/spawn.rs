@@ -638,8 +638,7 @@ impl Supervisor {
             // them down waits for the kernel).
             tokio::task::spawn_blocking(move || drop(mount_ns));
         });
-        let (this, w) = (self.clone(), worker.clone());
-        tokio::spawn(async move { this.monitor(&w).await });
+        self.start_monitor();
     }
 
     /// Makes the worker's denial reports (its init answers the calls)
