@@ -398,8 +398,8 @@ fn main() {
             }
             format!("ALLOCATED {}", chunks.len())
         }
-        "bench_syscalls" | "bench_syscalls_allow_all" => {
-            if args[1] == "bench_syscalls_allow_all" {
+        "bench_syscalls" | "bench_syscalls_allow_all" | "bench_syscalls_landlock" => {
+            if args[1] != "bench_syscalls" {
                 // The cost of seccomp itself: a one-instruction filter that
                 // allows everything (the kernel's action cache skips it).
                 let allow = [libc::sock_filter {
@@ -419,6 +419,19 @@ fn main() {
                         && libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog) == 0
                 };
                 assert!(installed, "cannot install the allow-all filter: {}", last());
+            }
+            if args[1] == "bench_syscalls_landlock" {
+                // The cost of landlock itself: every file system access
+                // handled, and /dev granted, as a worker's rules do.
+                use landlock::{Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI};
+                let all = AccessFs::from_all(ABI::V7);
+                let status = Ruleset::default()
+                    .handle_access(all)
+                    .and_then(|r| r.create())
+                    .and_then(|r| r.add_rule(PathBeneath::new(PathFd::new("/dev").expect("/dev"), all)))
+                    .and_then(|r| r.restrict_self())
+                    .expect("landlock");
+                assert_eq!(status.ruleset, landlock::RulesetStatus::FullyEnforced, "landlock");
             }
             // Nanoseconds per call: calls the kernel's seccomp action cache
             // lets through (getppid, getrandom, read, openat and close),

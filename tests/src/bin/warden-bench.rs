@@ -176,18 +176,40 @@ fn main() {
 
 /// Nanoseconds per call in the claude-code sandbox, on the host, and on
 /// the host under a one-instruction allow-all seccomp filter, by call.
-fn syscall_rows(host: &warden_tests::Host, bin: &str, n: &str) -> Vec<(String, f64, f64, f64)> {
+/// A system call's ns: in a worker, on the host, on the host under a
+/// one-instruction allow-all seccomp filter (the floor of any filter), and
+/// under that filter and a landlock ruleset that grants /dev (the floor
+/// of landlock's path checks).
+struct SyscallRow {
+    call: String,
+    sandboxed: f64,
+    host: f64,
+    allow_all: f64,
+    landlock: f64,
+}
+
+fn syscall_rows(host: &warden_tests::Host, bin: &str, n: &str) -> Vec<SyscallRow> {
     let inside = host.run("bench", "demo", "claude-code", &[bin, "bench_syscalls", n]);
     let inside = parse(inside.result());
-    let (outside, allow_all) = (
+    let (outside, allow_all, landlock) = (
         attack_on_host("bench_syscalls", n),
         attack_on_host("bench_syscalls_allow_all", n),
+        attack_on_host("bench_syscalls_landlock", n),
     );
     inside
         .into_iter()
         .zip(outside)
         .zip(allow_all)
-        .map(|(((call, ns_in), (_, ns_out)), (_, ns_allow))| (call, ns_in, ns_out, ns_allow))
+        .zip(landlock)
+        .map(
+            |((((call, sandboxed), (_, host)), (_, allow_all)), (_, landlock))| SyscallRow {
+                call,
+                sandboxed,
+                host,
+                allow_all,
+                landlock,
+            },
+        )
         .collect()
 }
 
@@ -248,19 +270,22 @@ fn print_audit_rows(rows: Option<Vec<(String, f64, f64)>>) {
     }
 }
 
-fn print_syscall_rows(rows: &[(String, f64, f64, f64)]) {
+fn print_syscall_rows(rows: &[SyscallRow]) {
     println!(
-        "{:<58} {:>12} {:>12} {:>12}",
-        "ns per system call", "sandboxed", "host", "allow-all"
+        "{:<58} {:>12} {:>12} {:>12} {:>12}",
+        "ns per system call", "sandboxed", "host", "allow-all", "+landlock"
     );
-    for (call, ns_in, ns_out, ns_allow) in rows {
-        let what = match call.as_str() {
+    for r in rows {
+        let what = match r.call.as_str() {
             "ioctl" => "ioctl FIONREAD (its request is checked by the filter)",
             "openat_close" => "openat + close of /dev/null",
             "read" => "read of 1 byte from /dev/zero",
             other => other,
         };
-        println!("{what:<58} {ns_in:>9.1} ns {ns_out:>9.1} ns {ns_allow:>9.1} ns");
+        println!(
+            "{what:<58} {:>9.1} ns {:>9.1} ns {:>9.1} ns {:>9.1} ns",
+            r.sandboxed, r.host, r.allow_all, r.landlock
+        );
     }
 }
 
