@@ -717,7 +717,13 @@ fn a_reader_that_goes_away_ends_wardenctl_quietly() {
         .success());
     // `wardenctl ps | head` where head has already left: a pipe whose
     // reading end is closed before wardenctl writes.
-    for args in [vec!["ps", "-a"], vec!["ps", "-a", "--output", "json"], vec!["events"]] {
+    for args in [
+        vec!["ps", "-a"],
+        vec!["ps", "-a", "--output", "json"],
+        vec!["events"],
+        vec!["completions", "bash"],
+        vec!["man"],
+    ] {
         let (r, w) = nix::unistd::pipe().expect("a pipe");
         drop(r);
         let out = d

@@ -601,7 +601,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let output = cli.output;
     match cli.command {
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "wardenctl", &mut std::io::stdout());
+            // Into memory first: clap_complete panics when a write fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "wardenctl", &mut script);
+            std::io::stdout().write_all(&script)?;
             return Ok(0);
         }
         Cmd::Man => {
