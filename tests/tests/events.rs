@@ -217,13 +217,31 @@ fn live_watch_continues_the_replay_without_gap_or_duplicate() {
         d.ctl(&["spawn", "--user", "alice", "-w", "--", "true"]);
     }
     let total = d.audit_events().len();
-    std::thread::sleep(Duration::from_millis(500));
+    // Read what the watcher prints until it has printed as many events as
+    // the log holds (however long a loaded machine takes), then a moment
+    // more for any duplicate.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watcher.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let seq = serde_json::from_str::<Value>(&line).unwrap()["seq"].as_u64().unwrap();
+            if tx.send(seq).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < total {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(seq) => got.push(seq),
+            Err(_) => break,
+        }
+    }
+    got.extend(rx.recv_timeout(Duration::from_millis(300)));
     watcher.kill().unwrap();
-    let out = watcher.wait_with_output().unwrap();
-    let got: Vec<u64> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap())
-        .collect();
+    let _ = watcher.wait();
     assert_eq!(got, (1..=total as u64).collect::<Vec<_>>());
 }
 
@@ -249,16 +267,32 @@ fn kill_9_during_a_burst_loses_nothing_published_and_seq_continues() {
                 .output();
         }
     });
+    // What the watcher prints, as it prints it: the crash comes once it has
+    // printed something (however long a loaded machine takes to start it),
+    // in the middle of the burst.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watcher.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(seq) = serde_json::from_str::<Value>(&line)
+                .ok()
+                .and_then(|v| v["seq"].as_u64())
+            {
+                let _ = tx.send(seq);
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the watcher prints events");
     std::thread::sleep(Duration::from_millis(400));
     d.crash();
     burst.join().unwrap();
     let _ = watcher.kill();
-    let out = watcher.wait_with_output().unwrap();
-    let published: Vec<u64> = text(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["seq"].as_u64())
-        .collect();
-    assert!(!published.is_empty());
+    let _ = watcher.wait();
+    reader.join().unwrap();
+    let published: Vec<u64> = std::iter::once(first).chain(rx.try_iter()).collect();
     // Every line on disk parses (audit_events panics otherwise), and every
     // event a client saw is on disk.
     let on_disk = seqs(&d.audit_events());
@@ -349,18 +383,26 @@ fn a_subscriber_that_stops_reading_is_cut_off_while_a_fast_one_keeps_up() {
     // The slow one's stdout is a pipe nobody reads: it stops reading its stream.
     let mut slow = watch(std::process::Stdio::piped());
     let mut fast = watch(std::process::Stdio::piped());
+    // The fast one's lines as they come; it says when it has all of them.
+    let n = 8000;
+    let (all_in, has_all) = std::sync::mpsc::channel();
     let fast_reader = {
-        let mut out = fast.stdout.take().unwrap();
+        let out = fast.stdout.take().unwrap();
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut out, &mut s);
-            s
+            use std::io::BufRead;
+            let mut count = 0;
+            for _ in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                count += 1;
+                if count == n {
+                    let _ = all_in.send(());
+                }
+            }
+            count
         })
     };
     std::thread::sleep(Duration::from_millis(300));
     // Enough to overflow the pipe, both HTTP/2 windows, the per-subscriber
-    // queue and the 16-event live buffer.
-    let n = 8000;
+    // queue and the 16-event live buffer: n.
     let sock = d.socket();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -396,15 +438,17 @@ fn a_subscriber_that_stops_reading_is_cut_off_while_a_fast_one_keeps_up() {
         .as_u64()
         .unwrap();
     assert!(err.contains(&format!("resume with from_seq {}", last + 1)), "{err}");
-    // The fast one saw all of them.
+    // The fast one saw all of them (however long a loaded machine takes
+    // to print them), and no more.
+    let _ = has_all.recv_timeout(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(fast.id()).expect("a pid fits pid_t")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .ok();
     let _ = fast.wait();
-    let fast_out = fast_reader.join().unwrap();
-    assert_eq!(fast_out.lines().count(), n, "the fast subscriber kept up");
+    assert_eq!(fast_reader.join().unwrap(), n, "the fast subscriber kept up");
 }
 
 #[test]
