@@ -112,15 +112,17 @@ fn hostile_tool_calls_are_denied_inside_and_reported() {
         "spawn",
         "--user",
         "bob",
+        "-w",
         "--",
         "sh",
         "-c",
         "echo bob-private > /workspace/default/notes; mkdir -p ~/.claude; echo bob-claude > ~/.claude/secret",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    std::thread::sleep(Duration::from_millis(500));
     let bob_ws = workspace(&d, "bob", "base", "default").join("notes");
     let bob_claude = d.tree("bob", "base").join("home/.claude/secret");
+    // Bob's files are there: what alice cannot read below exists.
+    assert!(bob_ws.exists() && bob_claude.exists(), "{bob_ws:?} {bob_claude:?}");
     let creds = d.dir.path().join("credentials/alice");
 
     let api = FakeAnthropic::start(vec![

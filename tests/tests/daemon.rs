@@ -63,11 +63,14 @@ fn stop_escalates_to_sigkill_after_the_grace_period() {
         "--",
         "sh",
         "-c",
-        "trap '' TERM; while :; do sleep 0.1; done",
+        "trap '' TERM; echo ignoring; while :; do sleep 0.1; done",
     ]);
     let id = text(&out.stdout).trim().to_string();
     assert!(id.starts_with('w'), "{} {}", text(&out.stderr), d.log());
-    std::thread::sleep(Duration::from_millis(300));
+    // Once it ignores SIGTERM (however long a loaded machine takes).
+    eventually("the worker ignores SIGTERM", || {
+        text(&d.ctl(&["logs", &id]).stdout).contains("ignoring").then_some(())
+    });
     let t = Instant::now();
     let stop = d.ctl(&["stop", &id, "--output", "json"]);
     let w: serde_json::Value = serde_json::from_slice(&stop.stdout).unwrap();
