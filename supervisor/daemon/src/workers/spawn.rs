@@ -555,9 +555,7 @@ impl Supervisor {
         timeout: Option<Duration>,
         again: Option<(primed::Key, SpawnParams)>,
     ) {
-        if let Some(pipe) = launched.denials.take() {
-            self.report_denials(worker, pipe);
-        }
+        let denials = launched.denials.take().map(|pipe| self.report_denials(worker, pipe));
         // The proxy and the API gateway, on listeners in the worker's own
         // network namespace.
         let tasks = crate::net::serve(
@@ -618,6 +616,15 @@ impl Supervisor {
             for p in pumps.into_iter().flatten() {
                 let _ = p.await;
             }
+            // Its last denial reports (the init's count of those it left
+            // out comes at its end) are queued before its exit event: a
+            // client that saw the exit has every report of the worker.
+            // (Its pipe ends with the init; bounded all the same.)
+            if let Some(relay) = denials {
+                if tokio::time::timeout(Duration::from_secs(2), relay).await.is_err() {
+                    tracing::warn!(worker = %w.id, "its denial reports did not end with its init; its exit is reported before them");
+                }
+            }
             stages.push(w.stage("output"));
             let timed_out = timeout.is_some_and(|t| begun.elapsed() >= t);
             this.finish(&w, Some(status), timed_out, stages).await;
@@ -642,8 +649,9 @@ impl Supervisor {
     }
 
     /// Makes the worker's denial reports (its init answers the calls)
-    /// `sandbox_denial` events, until its init is gone.
-    fn report_denials(&self, worker: &Worker, pipe: std::os::fd::OwnedFd) {
+    /// `sandbox_denial` events, until its init is gone (the task that
+    /// does, to be awaited before its exit is reported).
+    fn report_denials(&self, worker: &Worker, pipe: std::os::fd::OwnedFd) -> tokio::task::JoinHandle<()> {
         let events = self.events.clone();
         let limit = Bucket::new(self.config.rate_limits.worker_denials);
         let (id, user) = (worker.id.clone(), worker.user.clone());
@@ -660,7 +668,7 @@ impl Supervisor {
                     suppressed: d.suppressed,
                 },
             );
-        }));
+        }))
     }
 
     /// The host side of this daemon, for [`prepare`].
