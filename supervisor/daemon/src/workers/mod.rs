@@ -302,41 +302,6 @@ impl Worker {
 /// limits hit.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
 
-/// What one look at a running worker found.
-struct Look {
-    worker: Arc<Worker>,
-    /// Its counters of limits hit.
-    hits: Usage,
-    /// Its user's tree, where a disk limit was promised.
-    disk: Option<Option<DiskUse>>,
-    /// Its usage, when a sample was due.
-    sample: Option<(Usage, Option<DiskUse>)>,
-}
-
-impl Look {
-    /// Reads `w`'s cgroup files (blocking): the counters of limits hit
-    /// every time, the rest when a sample is due.
-    fn at(worker: Arc<Worker>, sample_every: Duration) -> Option<Look> {
-        let hits = worker.limits_hit()?;
-        let disk = worker.has_disk_limit().then(|| worker.disk_usage());
-        let due = {
-            let mut sampled = worker.sampled.lock().unwrap_or_else(|p| p.into_inner());
-            let due = sampled.elapsed() >= sample_every;
-            if due {
-                *sampled = Instant::now();
-            }
-            due
-        };
-        let sample = due.then(|| (worker.usage().unwrap_or_default(), worker.disk_usage()));
-        Some(Look {
-            worker,
-            hits,
-            disk,
-            sample,
-        })
-    }
-}
-
 /// Looks at every running worker twice a second (v1 has no group OOM
 /// kill: when the OOM counter moves, the rest of the worker is killed
 /// here) and samples each one's usage every `sample_interval_seconds`:
@@ -353,8 +318,8 @@ fn monitor(sup: &std::sync::Weak<Supervisor>, runtime: &tokio::runtime::Handle) 
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         let Some(this) = sup.upgrade() else { break };
         let every = Duration::from_secs(this.config.sample_interval_seconds);
-        for l in this.monitored().into_iter().filter_map(|w| Look::at(w, every)) {
-            this.report_look(l, runtime);
+        for w in this.running() {
+            this.look(&w, every, runtime);
         }
     }
 }
@@ -646,35 +611,36 @@ impl Supervisor {
         }
     }
 
-    /// Running workers with a cgroup: what the monitor looks at.
-    fn monitored(&self) -> Vec<Arc<Worker>> {
-        self.registry()
-            .by_id
-            .values()
-            .filter(|w| w.cgroup.is_some() && w.exit_info().is_none())
-            .cloned()
-            .collect()
-    }
-
-    /// Reports what one look at a worker found (events are queued; a v1
-    /// OOM kill goes to the runtime's blocking threads, so that it holds up
-    /// no other worker's look). On the monitor's thread.
-    fn report_look(&self, l: Look, runtime: &tokio::runtime::Handle) {
-        let w = &l.worker;
+    /// One look at running worker `w`, on the monitor's thread: its
+    /// counters of limits hit (and the tree's use where a disk limit was
+    /// promised) every time, its usage when a sample is due. A v1 OOM kill
+    /// goes to the runtime's blocking threads, so that it holds up no other
+    /// worker's look.
+    fn look(&self, w: &Worker, sample_every: Duration, runtime: &tokio::runtime::Handle) {
+        // Its end reports its last counters.
         if w.exit_info().is_some() {
-            // Its end reports its last counters.
             return;
         }
-        let oom = self.report_limits(w, &l.hits);
-        if let Some(disk) = l.disk {
-            self.report_disk(w, disk);
+        let Some(hits) = w.limits_hit() else { return };
+        let oom = self.report_limits(w, &hits);
+        if w.has_disk_limit() {
+            self.report_disk(w, w.disk_usage());
         }
         if oom && !self.cgroups.is_v2() {
             if let Some(cg) = w.cgroup.clone() {
                 runtime.spawn_blocking(move || cg.kill_all(Duration::from_secs(5)));
             }
         }
-        if let Some((usage, disk)) = l.sample {
+        let due = {
+            let mut sampled = w.sampled.lock().unwrap_or_else(|p| p.into_inner());
+            let due = sampled.elapsed() >= sample_every;
+            if due {
+                *sampled = Instant::now();
+            }
+            due
+        };
+        if due && w.exit_info().is_none() {
+            let Some(usage) = w.usage() else { return };
             self.events.publish(
                 Some(&w.id),
                 Some(&w.user),
@@ -684,7 +650,7 @@ impl Supervisor {
                     cpu_usage_us: usage.cpu_usage_ns / 1000,
                     pids: usage.pids_current,
                     network: w.net_usage().map(|n| n.totals()),
-                    disk,
+                    disk: w.disk_usage(),
                 },
             );
         }
