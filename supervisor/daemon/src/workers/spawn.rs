@@ -634,11 +634,9 @@ impl Supervisor {
             // Its profile is resolved again, from the set of its key (a
             // resolved profile is kilobytes: not held by every running
             // worker).
-            if let Some((key, p)) = again {
+            if let Some((key, p)) = again.filter(|(key, _)| this.profiles.generation() == key.generation()) {
                 if let Ok(profile) = resolve(&this.profiles.current(), &p) {
-                    if this.profiles.generation() == key.generation() {
-                        this.prime(key, profile, p);
-                    }
+                    this.prime(key, profile, p);
                 }
             }
             // Its sandbox's mounts go once its end is reported (tearing
