@@ -95,6 +95,12 @@ fn check_steps(s: &[Value], client: &str) {
     let kinds = step(s, "watch")["kinds"].as_array().unwrap().clone();
     assert_eq!(kinds.first(), Some(&Value::from("worker_started")), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&Value::from("worker_exited")), "{kinds:?}");
+    let one = step(s, "spawn_attach");
+    assert_eq!(
+        (&one["first"], &one["stdout"], &one["exit_code"]),
+        (&Value::from("started"), &Value::from("one call\n"), &Value::from(4)),
+        "{one}"
+    );
     let approval = step(s, "approval");
     assert_eq!(approval["tool"], "Bash");
     assert!(

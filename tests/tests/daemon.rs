@@ -393,6 +393,115 @@ fn attach_carries_stdin_and_output_and_a_vanished_client_blocks_nothing() {
     assert!(logs.ends_with("line 19999\n"), "all output kept: {} bytes", logs.len());
 }
 
+/// One Attach that starts its worker (what `wardenctl spawn -w` sends):
+/// the worker first, once its start is in the audit log, then its output
+/// from the first byte, then its exit; asking for an id, offsets or a
+/// live-only view with it is refused before anything starts.
+#[test]
+fn attach_with_spawn_starts_the_worker_and_streams_it_whole() {
+    if !root() {
+        return;
+    }
+    use warden_proto::v1 as pb;
+    let d = Daemon::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = d.socket();
+    let attach = |start: pb::AttachStart| {
+        let socket = socket.clone();
+        rt.block_on(async move {
+            let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(socket).await);
+            let requests = [
+                pb::attach_request::Msg::Start(start),
+                pb::attach_request::Msg::CloseStdin(true),
+            ]
+            .map(|m| pb::AttachRequest { msg: Some(m) });
+            let requests = tokio_stream::StreamExt::chain(tokio_stream::iter(requests), tokio_stream::pending());
+            let mut out = c.attach(requests).await?.into_inner();
+            let mut got = Vec::new();
+            while let Some(m) = tokio_stream::StreamExt::next(&mut out).await {
+                let m = m?.msg.expect("a message");
+                let end = matches!(m, pb::attach_response::Msg::Exited(_));
+                got.push(m);
+                if end {
+                    break;
+                }
+            }
+            Ok::<_, tonic::Status>(got)
+        })
+    };
+    let request = || pb::SpawnRequest {
+        user: "alice".into(),
+        command: ["sh", "-c", "echo out; echo err >&2; exit 3"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    let got = attach(pb::AttachStart {
+        spawn: Some(request()),
+        ..Default::default()
+    })
+    .expect("Attach with spawn");
+    let Some(pb::attach_response::Msg::Started(started)) = got.first() else {
+        panic!("the first message is not the worker: {got:?}")
+    };
+    assert!(started.id.starts_with('w') && started.user == "alice", "{started:?}");
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    for m in &got[1..got.len() - 1] {
+        let pb::attach_response::Msg::Output(c) = m else {
+            panic!("between the start and the exit, only output: {got:?}")
+        };
+        match pb::Stream::try_from(c.stream) {
+            Ok(pb::Stream::Stdout) => stdout.extend_from_slice(&c.data),
+            _ => stderr.extend_from_slice(&c.data),
+        }
+    }
+    assert_eq!((text(&stdout), text(&stderr)), ("out\n".into(), "err\n".into()));
+    let Some(pb::attach_response::Msg::Exited(exited)) = got.last() else {
+        panic!("{got:?}")
+    };
+    assert_eq!((exited.id.as_str(), exited.exit_code), (started.id.as_str(), 3));
+    let events = d.audit_events();
+    let seq_of = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["kind"] == kind && e["worker"] == started.id.as_str())
+            .map(|e| e["seq"].as_u64().unwrap())
+    };
+    assert!(seq_of("worker_started") < seq_of("worker_exited") && seq_of("worker_started").is_some());
+
+    // Nothing to attach to but the worker it starts.
+    let before = d.ctl(&["ps", "-a"]);
+    for bad in [
+        pb::AttachStart {
+            id: started.id.clone(),
+            spawn: Some(request()),
+            ..Default::default()
+        },
+        pb::AttachStart {
+            stdout_offset: 4,
+            spawn: Some(request()),
+            ..Default::default()
+        },
+        pb::AttachStart {
+            live_only: true,
+            spawn: Some(request()),
+            ..Default::default()
+        },
+    ] {
+        let e = attach(bad).expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("attaches from the start"), "{e:?}");
+    }
+    assert_eq!(
+        text(&d.ctl(&["ps", "-a"]).stdout),
+        text(&before.stdout),
+        "no worker started"
+    );
+}
+
 #[test]
 fn oversized_requests_are_refused() {
     if !root() {
@@ -767,6 +876,24 @@ fn a_profile_is_used_only_by_the_users_and_groups_it_names() {
         .into_iter()
         .find(|e| e["kind"] == "auth_denied" && e["method"] == "Workers.Spawn" && e["target_user"] == "alice");
     assert!(refused.is_some(), "{:?}", d.audit_events());
+    // The same when the spawn comes in an Attach (`-w`), and for a caller
+    // who may not act for the user at all.
+    let out = d.ctl(&["spawn", "--user", "alice", "--profile", "bobs", "-w", "--", "true"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("may not use profile \"bobs\""),
+        "{err}"
+    );
+    let out = d.ctl_as_nobody(&["spawn", "--user", "alice", "-w", "--", "true"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("PermissionDenied"), "{err}");
+    let refusals = d
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "auth_denied" && e["method"] == "Workers.Spawn" && e["target_user"] == "alice")
+        .count();
+    assert_eq!(refusals, 3, "{:?}", d.audit_events());
+    assert!(!text(&d.ctl(&["ps", "-a", "--user", "alice"]).stdout).contains("alice"));
     // Listed by name, or through a group of the account of that name.
     assert!(d
         .ctl(&["spawn", "--user", "bob", "--profile", "bobs", "-w", "--", "true"])

@@ -717,6 +717,20 @@ fn clients_that_vanish_mid_spawn_or_mid_stop_leave_nothing_half_done() {
                 gave_up += 1;
             }
         }
+        // The same for spawns that come in an Attach (`wardenctl spawn -w`).
+        for i in 0..10u64 {
+            let start = pb::AttachStart {
+                spawn: Some(spawn_request("alice", &["sh", "-c", "trap '' TERM; sleep 30"])),
+                ..Default::default()
+            };
+            let requests = tokio_stream::iter([pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Start(start)),
+            }]);
+            let r = tokio::time::timeout(Duration::from_millis(1 + i % 7), c.attach(requests)).await;
+            if r.is_err() {
+                gave_up += 1;
+            }
+        }
         assert!(gave_up > 0, "no client gave up mid-spawn");
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Every spawn that started finished: each worker is registered.

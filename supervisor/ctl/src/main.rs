@@ -471,7 +471,7 @@ fn print_event(e: &pb::Event, output: Output) -> std::io::Result<()> {
 /// `as_messages`.
 async fn attach(
     client: &mut WorkersClient<Channel>,
-    id: &str,
+    start: pb::AttachStart,
     forward_stdin: bool,
     as_messages: bool,
     raw: bool,
@@ -479,10 +479,7 @@ async fn attach(
     let mut sink = Sink::new(raw);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::AttachRequest {
-        msg: Some(pb::attach_request::Msg::Start(pb::AttachStart {
-            id: id.to_string(),
-            ..Default::default()
-        })),
+        msg: Some(pb::attach_request::Msg::Start(start)),
     })
     .await?;
     if forward_stdin {
@@ -547,7 +544,7 @@ async fn attach(
         match msg?.msg {
             Some(pb::attach_response::Msg::Output(c)) => sink.write(&c)?,
             Some(pb::attach_response::Msg::Exited(w)) => return Ok(w.exit_code),
-            None => {}
+            Some(pb::attach_response::Msg::Started(_)) | None => {}
         }
     }
     bail!("The daemon closed the stream before the worker exited")
@@ -641,28 +638,31 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .with_context(|| format!("-e {kv}: expected KEY=VALUE"))?;
                 vars.insert(k.to_string(), v.to_string());
             }
-            let w = workers
-                .spawn(pb::SpawnRequest {
-                    user: user.unwrap_or_default(),
-                    project,
-                    profile: profile.unwrap_or_default(),
-                    command,
-                    env: vars,
-                    limits: None,
-                    interactive,
-                    claude: Some(pb::ClaudeOptions {
-                        model: model.unwrap_or_default(),
-                        max_turns: max_turns.unwrap_or(0),
-                        disallowed_tools: disallow_tools,
-                        append_system_prompt: append_system_prompt.unwrap_or_default(),
-                        permission_mode: permission_mode.unwrap_or_default(),
-                    }),
-                })
-                .await?
-                .into_inner();
+            let request = pb::SpawnRequest {
+                user: user.unwrap_or_default(),
+                project,
+                profile: profile.unwrap_or_default(),
+                command,
+                env: vars,
+                limits: None,
+                interactive,
+                claude: Some(pb::ClaudeOptions {
+                    model: model.unwrap_or_default(),
+                    max_turns: max_turns.unwrap_or(0),
+                    disallowed_tools: disallow_tools,
+                    append_system_prompt: append_system_prompt.unwrap_or_default(),
+                    permission_mode: permission_mode.unwrap_or_default(),
+                }),
+            };
             if wait {
-                return attach(&mut workers, &w.id, interactive, interactive, raw).await;
+                // Started and attached to in one call.
+                let start = pb::AttachStart {
+                    spawn: Some(request),
+                    ..Default::default()
+                };
+                return attach(&mut workers, start, interactive, interactive, raw).await;
             }
+            let w = workers.spawn(request).await?.into_inner();
             if output == Output::Json {
                 outln!("{}", json_safe(&worker_json(&w).to_string()))?;
             } else {
@@ -693,7 +693,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             top::run(&mut workers, opts).await?;
         }
         Cmd::Inspect { id } => print_worker(&workers.get(pb::GetWorkerRequest { id }).await?.into_inner(), output)?,
-        Cmd::Attach { id, text, raw } => return attach(&mut workers, &id, true, text, raw).await,
+        Cmd::Attach { id, text, raw } => {
+            let start = pb::AttachStart {
+                id,
+                ..Default::default()
+            };
+            return attach(&mut workers, start, true, text, raw).await;
+        }
         Cmd::Logs { id, follow, from, raw } => {
             let mut sink = Sink::new(raw);
             let mut s = workers

@@ -1,8 +1,9 @@
 // A Node gRPC client of wardend (@grpc/grpc-js, @grpc/proto-loader) with
 // the default options. Run by tests/tests/clients.rs against a real
-// wardend: health, reflection, Spawn, Attach with stdin, Wait,
-// Events.Watch with replay and, given a profile that asks for approvals, a
-// Claude Code approval round trip. Prints one JSON object per step.
+// wardend: health, reflection, Spawn, Attach with stdin, Wait, Attach
+// with spawn, Events.Watch with replay and, given a profile that asks for
+// approvals, a Claude Code approval round trip. Prints one JSON object per
+// step.
 //
 // usage: node check.js SOCKET PROTO_DIR USER [CLAUDE_PROFILE]
 'use strict';
@@ -79,6 +80,24 @@ async function main() {
   const events = new warden.Events(target, creds);
   const replay = await collect(events.Watch({ from_seq: 1, worker: worker.id, replay_only: true }));
   say('watch', { kinds: replay.filter((r) => r.msg === 'event').map((r) => r.event.kind) });
+
+  // Started and attached to in one call.
+  const one = workers.Attach();
+  one.write({ start: { spawn: { user, command: ['sh', '-c', 'echo one call; exit 4'] } } });
+  one.write({ close_stdin: true });
+  const seen = [];
+  let oneOut = '';
+  let oneExit = null;
+  one.on('data', (m) => {
+    seen.push(m.msg);
+    if (m.msg === 'output') oneOut += m.output.data.toString();
+    else if (m.msg === 'exited') {
+      oneExit = m.exited.exit_code;
+      one.end();
+    }
+  });
+  await new Promise((resolve, reject) => { one.on('end', resolve); one.on('error', reject); });
+  say('spawn_attach', { first: seen[0], stdout: oneOut, exit_code: oneExit });
 
   if (claudeProfile) {
     const session = await call(workers, 'Spawn', { user, profile: claudeProfile, command: ['make a file'] });

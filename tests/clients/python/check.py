@@ -1,7 +1,7 @@
 """A Python gRPC client of wardend with grpcio's default options.
 
 Run by tests/tests/clients.rs against a real wardend: health, reflection,
-Spawn, Attach with stdin, Wait, Events.Watch with replay and, given a
+Spawn, Attach with stdin, Wait, Attach with spawn, Events.Watch with replay and, given a
 profile that asks for approvals, a Claude Code approval round trip. Prints
 one JSON object per step on stdout; the test checks them.
 
@@ -74,6 +74,19 @@ watch = events_pb2_grpc.EventsStub(channel).Watch(
 )
 kinds = [r.event.kind for r in watch if r.HasField("event")]
 say("watch", kinds=kinds)
+
+# Started and attached to in one call.
+one = workers_pb2.AttachStart(spawn=workers_pb2.SpawnRequest(user=user, command=["sh", "-c", "echo one call; exit 4"]))
+seen, out, exited = [], b"", None
+for msg in workers.Attach(
+    iter([workers_pb2.AttachRequest(start=one), workers_pb2.AttachRequest(close_stdin=True)]), timeout=30
+):
+    seen.append(msg.WhichOneof("msg"))
+    if msg.HasField("output"):
+        out += msg.output.data
+    elif msg.HasField("exited"):
+        exited = msg.exited.exit_code
+say("spawn_attach", first=seen[0], stdout=out.decode(), exit_code=exited)
 
 if claude_profile:
     # A Claude Code session whose tool call waits for a client's answer.

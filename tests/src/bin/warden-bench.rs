@@ -642,58 +642,77 @@ fn bwrap_true() {
 /// Spawns after an idle pause, for the idle row.
 const IDLE_RUNS: usize = 7;
 
-/// How a client waits for the end of a worker it spawned.
+/// How a client starts a worker and waits for its end.
 #[derive(Clone, Copy)]
 enum Until {
-    /// `Wait`: its exit.
+    /// `Spawn`, then `Wait`: its exit.
     Wait,
-    /// `Attach` with stdin closed, as `wardenctl spawn -w` does: its
-    /// output to the end, then its exit.
+    /// `Spawn`, then `Attach` with stdin closed: its output to the end,
+    /// then its exit.
     Attach,
+    /// One `Attach` whose start has `spawn`, stdin closed, as `wardenctl
+    /// spawn -w` does.
+    SpawnAttach,
 }
 
-/// `runs` pairs of a spawn-to-exit of /bin/true over gRPC (Spawn, then
-/// `until`) and a bubblewrap run, each after `pause`.
+/// `runs` pairs of a spawn-to-exit of /bin/true over gRPC (as `until`
+/// says) and a bubblewrap run, each after `pause`. With `fresh`, each
+/// spawn connects anew (inside the time), as a `wardenctl` does.
 async fn rpc_pairs(
     c: &mut warden_proto::v1::workers_client::WorkersClient<tonic::transport::Channel>,
     runs: usize,
     pause: Duration,
     until: Until,
+    fresh: Option<&std::path::Path>,
 ) -> (Vec<Duration>, Vec<Duration>) {
     use warden_proto::v1 as pb;
+    let request = || pb::SpawnRequest {
+        user: "bench".into(),
+        command: vec!["/bin/true".into()],
+        ..Default::default()
+    };
     let (mut warden, mut bwrap) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         tokio::time::sleep(pause).await;
         let t = Instant::now();
-        let w = c
-            .spawn(pb::SpawnRequest {
-                user: "bench".into(),
-                command: vec!["/bin/true".into()],
-                ..Default::default()
-            })
-            .await
-            .expect("Spawn")
-            .into_inner();
-        match until {
+        let mut own;
+        let c = match fresh {
+            Some(socket) => {
+                own = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(socket.into()).await);
+                &mut own
+            }
+            None => &mut *c,
+        };
+        let start = match until {
             Until::Wait => {
+                let w = c.spawn(request()).await.expect("Spawn").into_inner();
                 c.wait(pb::WaitRequest { id: w.id }).await.expect("Wait");
+                None
             }
             Until::Attach => {
-                let requests = [
-                    pb::attach_request::Msg::Start(pb::AttachStart {
-                        id: w.id,
-                        ..Default::default()
-                    }),
-                    pb::attach_request::Msg::CloseStdin(true),
-                ]
-                .map(|m| pb::AttachRequest { msg: Some(m) });
-                // The request stream stays open until the answer ends.
-                let requests = tokio_stream::StreamExt::chain(tokio_stream::iter(requests), tokio_stream::pending());
-                let mut out = c.attach(requests).await.expect("Attach").into_inner();
-                while let Some(m) = tokio_stream::StreamExt::next(&mut out).await {
-                    if let Some(pb::attach_response::Msg::Exited(_)) = m.expect("Attach").msg {
-                        break;
-                    }
+                let w = c.spawn(request()).await.expect("Spawn").into_inner();
+                Some(pb::AttachStart {
+                    id: w.id,
+                    ..Default::default()
+                })
+            }
+            Until::SpawnAttach => Some(pb::AttachStart {
+                spawn: Some(request()),
+                ..Default::default()
+            }),
+        };
+        if let Some(start) = start {
+            let requests = [
+                pb::attach_request::Msg::Start(start),
+                pb::attach_request::Msg::CloseStdin(true),
+            ]
+            .map(|m| pb::AttachRequest { msg: Some(m) });
+            // The request stream stays open until the answer ends.
+            let requests = tokio_stream::StreamExt::chain(tokio_stream::iter(requests), tokio_stream::pending());
+            let mut out = c.attach(requests).await.expect("Attach").into_inner();
+            while let Some(m) = tokio_stream::StreamExt::next(&mut out).await {
+                if let Some(pb::attach_response::Msg::Exited(_)) = m.expect("Attach").msg {
+                    break;
                 }
             }
         }
@@ -726,13 +745,16 @@ fn spawn_rows() -> SpawnRows {
     // Over gRPC, right after each other; then after the machine sat idle
     // (the other's pause, each of the pair): a spawn then finds its warm
     // init ready, against bubblewrap after the same pause.
-    let ((w_rpc, b_rpc), (w_attach, b_attach), (w_idle, b_idle)) = rt.block_on(async {
-        let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
-        let busy = rpc_pairs(&mut c, runs, Duration::ZERO, Until::Wait).await;
-        let attach = rpc_pairs(&mut c, runs, Duration::ZERO, Until::Attach).await;
-        let idle = rpc_pairs(&mut c, IDLE_RUNS, Duration::from_millis(1500), Until::Wait).await;
-        (busy, attach, idle)
-    });
+    let ((w_rpc, b_rpc), (w_attach, b_attach), (w_one, b_one), (w_fresh, b_fresh), (w_idle, b_idle)) =
+        rt.block_on(async {
+            let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+            let busy = rpc_pairs(&mut c, runs, Duration::ZERO, Until::Wait, None).await;
+            let attach = rpc_pairs(&mut c, runs, Duration::ZERO, Until::Attach, None).await;
+            let one = rpc_pairs(&mut c, runs, Duration::ZERO, Until::SpawnAttach, None).await;
+            let fresh = rpc_pairs(&mut c, runs, Duration::ZERO, Until::SpawnAttach, Some(&d.socket())).await;
+            let idle = rpc_pairs(&mut c, IDLE_RUNS, Duration::from_millis(1500), Until::Wait, None).await;
+            (busy, attach, one, fresh, idle)
+        });
     let host_idle = (0..IDLE_RUNS)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(1500));
@@ -831,9 +853,19 @@ fn spawn_rows() -> SpawnRows {
                 ms(median(b_rpc)),
             ),
             (
-                "the same over gRPC (Spawn, then Attach, as wardenctl)",
+                "the same over gRPC (Spawn, then Attach)",
                 ms(median(w_attach)),
                 ms(median(b_attach)),
+            ),
+            (
+                "the same over gRPC (Attach with spawn, as wardenctl)",
+                ms(median(w_one)),
+                ms(median(b_one)),
+            ),
+            (
+                "  each on a new connection (wardenctl less its start)",
+                ms(median(w_fresh)),
+                ms(median(b_fresh)),
             ),
             (
                 "the same after 1.5 s idle (each of the pair)",

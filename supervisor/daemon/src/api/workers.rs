@@ -309,12 +309,13 @@ pub fn spawn_params(c: &Caller, default_profile: &str, r: pb::SpawnRequest) -> R
     })
 }
 
-#[tonic::async_trait]
-impl pb::workers_server::Workers for WorkersApi {
-    async fn spawn(&self, req: Request<pb::SpawnRequest>) -> Result<Response<pb::Worker>, Status> {
-        let c = caller(&req, &self.sup).await?;
-        let params = spawn_params(&c, &self.sup.config.default_profile, req.into_inner())?;
-        authorize(&self.sup, &c, &params.user, "Workers.Spawn").await?;
+impl WorkersApi {
+    /// A worker started for `c` as `r` asks (Spawn, and Attach with
+    /// `spawn`): the caller may act for the user, the user may use the
+    /// profile, and the spawn runs to its end even if the client goes.
+    async fn spawned(&self, c: &Caller, r: pb::SpawnRequest) -> Result<Arc<Worker>, Status> {
+        let params = spawn_params(c, &self.sup.config.default_profile, r)?;
+        authorize(&self.sup, c, &params.user, "Workers.Spawn").await?;
         // Which warden users may use the profile (an unknown one is the
         // spawn's own error, later).
         if let Ok(p) = self.sup.profiles.current().get(&params.profile) {
@@ -328,13 +329,21 @@ impl pb::workers_server::Workers for WorkersApi {
                     "warden user {:?} may not use profile {:?} (see its users and groups)",
                     params.user, params.profile
                 );
-                return Err(denied(&self.sup, &c, "Workers.Spawn", Some(&params.user), message).await);
+                return Err(denied(&self.sup, c, "Workers.Spawn", Some(&params.user), message).await);
             }
         }
         let sup = self.sup.clone();
-        let w = to_completion(async move { sup.spawn(params).await })
+        to_completion(async move { sup.spawn(params).await })
             .await?
-            .map_err(|e| status(&e, &c))?;
+            .map_err(|e| status(&e, c))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::workers_server::Workers for WorkersApi {
+    async fn spawn(&self, req: Request<pb::SpawnRequest>) -> Result<Response<pb::Worker>, Status> {
+        let c = caller(&req, &self.sup).await?;
+        let w = self.spawned(&c, req.into_inner()).await?;
         Ok(Response::new(to_pb(&w)))
     }
 
@@ -420,14 +429,28 @@ impl pb::workers_server::Workers for WorkersApi {
     async fn attach(&self, req: Request<Streaming<pb::AttachRequest>>) -> Result<Response<Self::AttachStream>, Status> {
         let c = caller(&req, &self.sup).await?;
         let mut input = req.into_inner();
-        let start = match input.next().await {
+        let mut start = match input.next().await {
             Some(Ok(pb::AttachRequest {
                 msg: Some(pb::attach_request::Msg::Start(s)),
             })) => s,
             Some(Err(e)) => return Err(e),
             _ => return Err(Status::invalid_argument("the first Attach message must be `start`")),
         };
-        let w = self.visible(&c, &start.id, "Workers.Attach").await?;
+        // With `spawn`, the worker is started here and its output sent
+        // from its first byte.
+        let (w, started) = match start.spawn.take() {
+            Some(r) => {
+                if !start.id.is_empty() || start.stdout_offset != 0 || start.stderr_offset != 0 || start.live_only {
+                    return Err(Status::invalid_argument(
+                        "an AttachStart with `spawn` names no id, offsets or live_only: it attaches from the start",
+                    ));
+                }
+                let w = self.spawned(&c, r).await?;
+                let started = to_pb(&w);
+                (w, Some(started))
+            }
+            None => (self.visible(&c, &start.id, "Workers.Attach").await?, None),
+        };
         // stdin: the client's messages, until it closes stdin or goes away.
         // A Claude Code session takes whole lines, and only those a client
         // may send (user messages, interrupts); others are refused, audited.
@@ -491,6 +514,16 @@ impl pb::workers_server::Workers for WorkersApi {
             let wrap = |c| pb::AttachResponse {
                 msg: Some(pb::attach_response::Msg::Output(c)),
             };
+            if let Some(started) = started {
+                let told = out
+                    .send(pb::AttachResponse {
+                        msg: Some(pb::attach_response::Msg::Started(started)),
+                    })
+                    .await;
+                if let Err(g) = told {
+                    return end_slow(out, Err(g));
+                }
+            }
             // The first stream the client cannot take ends both.
             let result = match tokio::try_join!(
                 send_output(&w.stdout, pb::Stream::Stdout, from_out, true, &out, wrap),
