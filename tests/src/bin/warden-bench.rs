@@ -835,6 +835,19 @@ fn spawn_rows() -> SpawnRows {
         }
     });
     let cycles = std::mem::take(&mut *cycles.lock().expect("cycles"));
+    // The same with the audit log in memory (tmpfs: no disk sync), for
+    // comparison only: what the log's durability costs a spawn (its start
+    // and its exit are each fdatasync'ed before a client hears of them).
+    let (w_mem, b_mem) = {
+        let shm = tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm");
+        let log = shm.path().join("audit.jsonl").display().to_string();
+        let d = load_daemon(256, &[("audit_log", warden_tests::daemon::value(log))]);
+        rt.block_on(async {
+            let mut c = pb::workers_client::WorkersClient::new(warden_tests::daemon::channel(d.socket()).await);
+            rpc_pairs(&mut c, 3, Duration::ZERO, Until::SpawnAttach, None).await; // warm
+            rpc_pairs(&mut c, runs, Duration::ZERO, Until::SpawnAttach, None).await
+        })
+    };
     let rate = cycles.len() as f64 / began.elapsed().as_secs_f64();
     let max = |v: &[Duration]| ms(*v.iter().max().expect("runs"));
     SpawnRows {
@@ -866,6 +879,11 @@ fn spawn_rows() -> SpawnRows {
                 "  each on a new connection (wardenctl less its start)",
                 ms(median(w_fresh)),
                 ms(median(b_fresh)),
+            ),
+            (
+                "  with the audit log on tmpfs (no disk sync; comparison)",
+                ms(median(w_mem)),
+                ms(median(b_mem)),
             ),
             (
                 "the same after 1.5 s idle (each of the pair)",
