@@ -68,7 +68,8 @@ enum Cmd {
         /// Environment variable KEY=VALUE (only those the profile passes).
         #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
-        /// Stream the worker's output and exit with its exit code.
+        /// Stream the worker's output and exit with its exit code (started
+        /// and attached to in one call).
         #[arg(short, long)]
         wait: bool,
         /// Claude Code profiles: keep the session open for more messages
