@@ -189,6 +189,11 @@ impl Daemon {
         self.status_bytes("VmRSS:")
     }
 
+    /// The most resident memory the daemon has had, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.status_bytes("VmHWM:")
+    }
+
     /// The daemon's resident anonymous memory (its heap and stacks, not
     /// the pages of its binary it has touched), in bytes.
     pub fn rss_anon(&self) -> u64 {

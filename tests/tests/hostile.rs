@@ -628,6 +628,85 @@ fn half_sent_requests_cannot_grow_the_daemon() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// HPACK bombs: a header block of 64 KB that adds one table entry of
+/// 4,000 bytes and then names it 60,000 times (240 MB of fields), and one
+/// of 64 KB of Huffman code, on 8 connections at once. Each connection is
+/// ended when its block's fields pass twice the largest block; wardend's
+/// memory never holds the fields, and it serves on.
+#[test]
+fn hpack_bombs_end_their_connection_and_cost_the_daemon_little() {
+    if !root() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let d = Daemon::start();
+    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    let before = d.peak_rss();
+    let frames = |block: &[u8]| {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+        let chunks: Vec<&[u8]> = block.chunks(16_384).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let kind = if i == 0 { 1 } else { 9 }; // HEADERS, CONTINUATION
+            let flags = if i + 1 == chunks.len() { 4 } else { 0 }; // END_HEADERS
+            let len = u32::try_from(c.len()).unwrap().to_be_bytes();
+            out.extend_from_slice(&[len[1], len[2], len[3], kind, flags, 0, 0, 0, 1]);
+            out.extend_from_slice(c);
+        }
+        out
+    };
+    // A literal with indexing: name "n", value of 4,000 bytes (127 + 3873).
+    let mut named = vec![0x40, 1, b'n', 0x7f, 0xa1, 0x1e];
+    named.extend_from_slice(&[b'v'; 4000]);
+    named.extend(std::iter::repeat_n(0x80 | 62, 60_000));
+    // A literal without indexing whose value is 64,000 bytes of Huffman
+    // code ('0' is five zero bits): 102,400 bytes decoded.
+    let mut huffman = vec![0x00, 1, b'h', 0xff];
+    let mut rest = 64_000 - 127;
+    while rest >= 128 {
+        huffman.push(u8::try_from(rest % 128).unwrap() | 0x80);
+        rest /= 128;
+    }
+    huffman.push(u8::try_from(rest).unwrap());
+    huffman.extend(std::iter::repeat_n(0u8, 64_000));
+    let socket = d.socket();
+    let attacks: Vec<_> = (0..8)
+        .map(|i| {
+            let bytes = frames(if i % 2 == 0 { &named } else { &huffman });
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let _ = s.write_all(&bytes);
+                // The daemon ends the connection (after its own SETTINGS
+                // and, maybe, a GOAWAY): read to the end.
+                let mut sink = Vec::new();
+                match s.read_to_end(&mut sink) {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        })
+        .collect();
+    for a in attacks {
+        assert_eq!(a.join().unwrap(), Ok(()), "a bomb's connection was not ended");
+    }
+    let peak = d.peak_rss();
+    eprintln!(
+        "wardend peak RSS {} MiB before, {} MiB after 8 HPACK bombs",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak.saturating_sub(before) < 32 << 20,
+        "wardend's peak grew by {} MiB",
+        (peak - before) >> 20
+    );
+    let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn connections_past_the_per_uid_cap_are_refused() {
     if !root() {

@@ -647,9 +647,14 @@ fn http2_target() -> Target {
     let mut split = PREFACE.to_vec();
     split.extend(h2_frame(0x1, 0x8 | 0x20, 5, &padded));
     split.extend(h2_frame(0x9, 0x4, 5, &first[4..]));
+    // A Huffman-coded value ("000": three 5-bit codes and a bit of padding).
+    let mut huffman_block = first.clone();
+    huffman_block.extend_from_slice(&[0x00, 1, b'h', 0x82, 0x00, 0x01]);
+    let mut huffman = PREFACE.to_vec();
+    huffman.extend(h2_frame(0x1, 0x5, 1, &huffman_block));
     Target {
         name: "http2",
-        seeds: vec![plain, split],
+        seeds: vec![plain, split, huffman],
         tokens: vec![
             b"\x00\x00\x05\x01\x04\x00\x00\x00\x01",
             b"\x09",

@@ -15,7 +15,10 @@
 //!
 //! Must never: hold more than a frame and one header block of a client's
 //! (a larger frame or block ends the connection), pass a header block on
-//! that it could not decode, or change anything but `:authority`.
+//! that it could not decode, or change anything but `:authority`; nor let
+//! a block cost more than a constant per byte (decoding is
+//! [`super::hpack`]'s, which holds the fields of a block to twice its
+//! largest size).
 
 use std::io;
 use std::pin::Pin;
@@ -73,7 +76,7 @@ impl<S> AnyAuthority<S> {
 
 /// The inbound half: the client's bytes in, the rewritten bytes out.
 pub struct Rewriter {
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: super::hpack::Decoder,
     /// Bytes still to pass through unread: the preface, then those of the
     /// current frame.
     passing: usize,
@@ -102,10 +105,8 @@ impl Default for Rewriter {
 
 impl Rewriter {
     pub fn new() -> Self {
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(TABLE_SIZE);
         Rewriter {
-            decoder,
+            decoder: super::hpack::Decoder::new(TABLE_SIZE),
             // The preface passes as it is (h2 checks it).
             passing: PREFACE.len(),
             block: None,
@@ -208,19 +209,17 @@ impl Rewriter {
     fn pass_block(&mut self, stream: u32, end_stream: bool, block: &[u8]) -> io::Result<()> {
         let mut encoded = Vec::with_capacity(block.len() + 64);
         let mut failed = false;
+        // Fields of at most twice the largest block: a few bytes may name
+        // a table entry of kilobytes, many times.
         self.decoder
-            .decode_with_cb(block, |name, value| {
-                let value: &[u8] = if name.as_ref() == b":authority" {
-                    AUTHORITY
-                } else {
-                    &value
-                };
-                if literal(&mut encoded, &name, value).is_err() {
+            .decode(block, MAX_BLOCK * 2, |name, value| {
+                let value = if name == b":authority" { AUTHORITY } else { value };
+                if literal(&mut encoded, name, value).is_err() {
                     failed = true;
                 }
             })
-            .map_err(|e| protocol(&format!("an undecodable header block ({e:?})")))?;
-        if failed || encoded.len() > MAX_BLOCK * 2 {
+            .map_err(|e| protocol(&format!("an undecodable header block ({e})")))?;
+        if failed {
             return Err(protocol("a header block larger than the daemon holds"));
         }
         let mut chunks = encoded.chunks(MAX_FRAME).peekable();

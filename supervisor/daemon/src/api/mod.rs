@@ -4,6 +4,7 @@
 
 pub mod authority;
 pub mod events;
+pub mod hpack;
 pub mod metered;
 pub mod metrics;
 pub mod outbox;
