@@ -605,6 +605,9 @@ struct SpawnRows {
     host_idle: f64,
     /// Stage, median of its own time (since the stage before), ms.
     stages: Vec<(String, f64)>,
+    /// `wardenctl spawn -w` with wardenctl built for musl and bubblewrap,
+    /// medians, ms, when that wardenctl is built.
+    musl: Option<(f64, f64)>,
     /// Cycles a second at concurrency 16, and their p50 and p99, ms.
     throughput: (f64, f64, f64),
 }
@@ -742,6 +745,27 @@ fn spawn_rows() -> SpawnRows {
         w_ctl.push(timed(|| ctl("bench")));
         b_ctl.push(timed(bwrap_true));
     }
+    // The same wardenctl built for musl (static: no glibc start-up, whose
+    // cpuid probes are slow on a VM), when it is built (README "What the
+    // sandbox costs" says how).
+    let musl = musl_wardenctl().map(|binary| {
+        let run = || {
+            let out = std::process::Command::new(&binary)
+                .arg("--socket")
+                .arg(d.socket())
+                .args(["spawn", "--user", "bench", "-w", "--", "/bin/true"])
+                .output()
+                .expect("wardenctl (musl)");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        };
+        run();
+        let (mut w, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            w.push(timed(run));
+            b.push(timed(bwrap_true));
+        }
+        (ms(median(w)), ms(median(b)))
+    });
     // Over gRPC, right after each other; then after the machine sat idle
     // (the other's pause, each of the pair): a spawn then finds its warm
     // init ready, against bubblewrap after the same pause.
@@ -893,7 +917,16 @@ fn spawn_rows() -> SpawnRows {
         ],
         stages,
         throughput: (rate, percentile(cycles.clone(), 500), percentile(cycles, 990)),
+        musl,
     }
+}
+
+/// `wardenctl` built for x86_64-unknown-linux-musl next to this build's
+/// binaries, if it is.
+fn musl_wardenctl() -> Option<std::path::PathBuf> {
+    let dir = warden_tests::bin_dir();
+    let binary = dir.parent()?.join("x86_64-unknown-linux-musl/release/wardenctl");
+    binary.exists().then_some(binary)
 }
 
 fn print_spawn_rows(r: &SpawnRows) {
@@ -904,8 +937,18 @@ fn print_spawn_rows(r: &SpawnRows) {
         "bwrap",
         "x bwrap"
     );
-    for (what, warden, bwrap) in &r.pairs {
+    for (i, (what, warden, bwrap)) in r.pairs.iter().enumerate() {
         println!("{what:<58} {warden:>9.2} ms {bwrap:>9.2} ms {:>8.2}", warden / bwrap);
+        if i == 0 {
+            match r.musl {
+                Some((warden, bwrap)) => println!(
+                    "{:<58} {warden:>9.2} ms {bwrap:>9.2} ms {:>8.2}",
+                    "  with wardenctl built for musl (static)",
+                    warden / bwrap
+                ),
+                None => println!("  (wardenctl built for musl: not built; see README \"What the sandbox costs\")"),
+            }
+        }
     }
     println!(
         "{:<58} {:>9.2} ms",
