@@ -237,7 +237,13 @@ fn rlimits(limits: &crate::profile::Limits) -> Vec<Rlimit> {
 
 /// The worker's home and workspace inside its sandbox, and the variables
 /// profile paths and values may use.
-fn places(req: &SpawnRequest) -> (String, String, BTreeMap<&'static str, String>) {
+struct Places {
+    home: String,
+    workspace: String,
+    vars: BTreeMap<&'static str, String>,
+}
+
+fn places(req: &SpawnRequest) -> Places {
     let home = format!("/home/{}", req.user);
     let workspace = format!("/workspace/{}", req.project);
     let vars = BTreeMap::from([
@@ -246,7 +252,7 @@ fn places(req: &SpawnRequest) -> (String, String, BTreeMap<&'static str, String>
         ("TMP", "/tmp".to_string()),
         ("USER", req.user.clone()),
     ]);
-    (home, workspace, vars)
+    Places { home, workspace, vars }
 }
 
 /// The command part of the spec [`compile`] makes for `req` under
@@ -255,6 +261,10 @@ fn places(req: &SpawnRequest) -> (String, String, BTreeMap<&'static str, String>
 /// guarantees (and, in mode `proxy`, the proxy's address). A spawn served
 /// by an init primed for its sandbox needs only this.
 pub fn command(profile: &Profile, req: &SpawnRequest) -> Result<LaunchCommand, PolicyError> {
+    command_in(profile, req, &places(req))
+}
+
+fn command_in(profile: &Profile, req: &SpawnRequest, places: &Places) -> Result<LaunchCommand, PolicyError> {
     let bad = |m: String| PolicyError::Request(m);
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(bad("the command is empty".into()));
@@ -262,12 +272,12 @@ pub fn command(profile: &Profile, req: &SpawnRequest) -> Result<LaunchCommand, P
     if req.argv.iter().any(|a| a.contains('\0')) {
         return Err(bad("an argument contains NUL".into()));
     }
-    let (home, workspace, vars) = places(req);
+    let vars = &places.vars;
     let mut env: BTreeMap<String, String> = profile
         .environment
         .set
         .iter()
-        .map(|(k, v)| (k.clone(), substitute(v, &vars)))
+        .map(|(k, v)| (k.clone(), substitute(v, vars)))
         .collect();
     for (k, v) in &req.env {
         if !profile.environment.pass.contains(k) {
@@ -281,10 +291,10 @@ pub fn command(profile: &Profile, req: &SpawnRequest) -> Result<LaunchCommand, P
         }
         env.insert(k.clone(), v.clone());
     }
-    env.insert("HOME".into(), home);
+    env.insert("HOME".into(), places.home.clone());
     env.insert("USER".into(), req.user.clone());
     env.insert("LOGNAME".into(), req.user.clone());
-    env.insert("PWD".into(), workspace);
+    env.insert("PWD".into(), places.workspace.clone());
     env.entry("TMPDIR".into()).or_insert_with(|| "/tmp".into());
     if profile.network.mode == NetworkMode::Proxy {
         for (k, v) in proxy_env() {
@@ -304,8 +314,9 @@ pub fn compile(profile: &Profile, req: &SpawnRequest, arch: Arch) -> Result<Laun
     if req.uid == 0 || req.gid == 0 {
         return Err(bad("a worker never runs as uid or gid 0".into()));
     }
-    let LaunchCommand { argv, env } = command(profile, req)?;
-    let (home, workspace, vars) = places(req);
+    let here = places(req);
+    let LaunchCommand { argv, env } = command_in(profile, req, &here)?;
+    let Places { home, workspace, vars } = here;
 
     // Landlock rules: every profile path, variables resolved.
     let mut rules: Vec<FsRule> = profile
