@@ -11,7 +11,9 @@
 //!
 //! Must never: send the real credential anywhere but the upstream, let a
 //! response carry it back, forward a request it did not check, or buffer a
-//! whole streamed answer.
+//! whole streamed answer; nor pass on what it cannot read (a body in a
+//! content encoding: what it checks, meters and scrubs it reads in plain,
+//! so it asks the upstream for `identity` and refuses anything else).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -228,7 +230,21 @@ const DROPPED: &[&str] = &[
     "upgrade",
     "content-length",
     "proxy-connection",
+    // The answer comes as the gateway asks (`identity`: it reads it).
+    "accept-encoding",
 ];
+
+/// Whether `headers` say their body is in a content encoding (anything
+/// but `identity`).
+fn encoded(headers: &HeaderMap) -> Option<String> {
+    let coding = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty() && v != "identity")
+        .collect::<Vec<_>>();
+    (!coding.is_empty()).then(|| coding.join(", "))
+}
 
 /// Bytes of request bodies one worker may have the gateway hold at once
 /// (at least one body of `max_request_bytes`): each of its connections
@@ -348,6 +364,19 @@ impl Gateway {
         }
         if endpoint == Endpoint::Hello {
             return Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+        }
+        // Its model and budget are read from the body: in plain only.
+        if let Some(coding) = encoded(req.headers()) {
+            self.refuse(
+                &path,
+                "encoding",
+                &format!("a request body in content encoding {coding}"),
+            );
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                &format!("warden: the gateway reads request bodies as they are; send this one without content-encoding (not {coding})"),
+            );
         }
         let (parts, body) = req.into_parts();
         // Held until the answer's head is back (the body has gone upstream).
@@ -525,6 +554,7 @@ impl Gateway {
                 headers.append(name.clone(), value.clone());
             }
         }
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         let secret = |prefix: &str| HeaderValue::from_str(&format!("{prefix}{}", self.setup.credential.secret())).ok();
         match &self.setup.credential {
             Credential::ApiKey(_) => {
@@ -562,6 +592,22 @@ impl Gateway {
     async fn respond(self: &Arc<Self>, resp: Response<Incoming>, mut meter: Meter) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         meter.status = parts.status.as_u16();
+        // Asked for `identity`; an answer in another encoding could be
+        // neither metered nor scrubbed, so none of it passes (the request
+        // counts, with no tokens read).
+        if let Some(coding) = encoded(&parts.headers) {
+            drop(meter);
+            self.refuse(
+                "answer",
+                "encoding",
+                &format!("an answer of the API in content encoding {coding}"),
+            );
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                &format!("warden: the API answered in content encoding {coding}, which the gateway does not pass on (it asks for none)"),
+            );
+        }
         let secret = self.setup.credential.secret().to_string();
         let mut kept = HeaderMap::new();
         for (name, value) in &parts.headers {
@@ -910,6 +956,128 @@ mod upstream_tests {
             }
         });
         (gateway, addr)
+    }
+
+    /// An upstream that answers every request with `reply` and keeps each
+    /// request's head.
+    async fn scripted_upstream(reply: String) -> (u16, Arc<Mutex<Vec<String>>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (kept, reply) = (kept.clone(), reply.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    kept.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&head).to_ascii_lowercase());
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        (port, heads)
+    }
+
+    /// The gateway's answer to one request of `extra` headers (each
+    /// ending in CRLF) and a small body.
+    async fn ask(addr: SocketAddr, extra: &str) -> String {
+        let body = r#"{"model":"m","max_tokens":1,"messages":[]}"#;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    /// The `network_denial` events of reason `reason` in the log so far.
+    fn denials(g: &Gateway, reason: &str) -> Vec<String> {
+        g.events.flush();
+        let mut found = Vec::new();
+        g.events.replay(1, |e| {
+            if let EventKind::NetworkDenial { reason: r, message, .. } = &e.kind {
+                if r == reason {
+                    found.push(message.clone());
+                }
+            }
+            true
+        });
+        found
+    }
+
+    /// What the gateway checks, meters and scrubs it reads in plain: it
+    /// asks the upstream for `identity` whatever the worker accepts,
+    /// refuses a request body in a content encoding (415), and passes on
+    /// nothing of an answer in one (502); each refusal a `network_denial`.
+    #[tokio::test]
+    async fn what_the_gateway_reads_it_reads_in_plain() {
+        let usage = r#"{"type":"message","usage":{"input_tokens":5,"output_tokens":6}}"#;
+        let reply = |coding: &str| {
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{coding}content-length: {}\r\nconnection: close\r\n\r\n{usage}",
+                usage.len()
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = warden_policy::config::Config::embedded();
+        let (port, heads) = scripted_upstream(reply("")).await;
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
+
+        // Claude Code's HTTP client accepts gzip and brotli: the upstream
+        // is asked for neither, and the answer is metered.
+        let answer = ask(addr, "accept-encoding: gzip, deflate, br\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let head = heads.lock().unwrap()[0].clone();
+        assert!(head.contains("accept-encoding: identity\r\n"), "{head}");
+        assert!(!head.contains("gzip") && !head.contains("br\r\n"), "{head}");
+        let metered = async {
+            while gateway.totals().tokens.output != 6 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), metered)
+            .await
+            .expect("the answer was metered");
+        assert_eq!(gateway.totals().tokens.input, 5);
+
+        // A request body in gzip: refused before anything goes upstream.
+        let answer = ask(addr, "content-encoding: gzip\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+        assert!(answer.contains("without content-encoding (not gzip)"), "{answer}");
+        assert_eq!(heads.lock().unwrap().len(), 1, "the request went upstream");
+        assert_eq!(
+            denials(&gateway, "encoding"),
+            ["/v1/messages: a request body in content encoding gzip"]
+        );
+
+        // An upstream that answers in gzip all the same: none of it passes.
+        let (port, _) = scripted_upstream(reply("content-encoding: gzip\r\n")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
+        let answer = ask(addr, "").await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(!answer.contains("input_tokens"), "{answer}");
+        assert!(!answer.to_ascii_lowercase().contains("content-encoding"), "{answer}");
+        assert_eq!(
+            denials(&gateway, "encoding"),
+            ["answer: an answer of the API in content encoding gzip"]
+        );
     }
 
     #[tokio::test]
