@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, with requests' repeated fields bounded (src/codec.rs).
+        .codec_path("crate::codec::Bounded")
         .compile_fds(fds)?;
     Ok(())
 }

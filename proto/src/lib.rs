@@ -8,6 +8,8 @@ pub mod v1 {
     tonic::include_proto!("warden.v1");
 }
 
+pub mod codec;
+
 /// The encoded descriptor set of every warden proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/warden_descriptor.bin"));
 

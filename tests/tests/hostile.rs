@@ -707,6 +707,62 @@ fn hpack_bombs_end_their_connection_and_cost_the_daemon_little() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Requests that decode to far more than their bytes: a SpawnRequest of
+/// 3.8 MB holds 1.9 million empty arguments (2 bytes each on the wire, 24
+/// in memory: 45 MB decoded). Eight at once are refused on the wire, before
+/// prost decodes them, and wardend's peak memory holds no more than their
+/// bytes (it grew by 116 MiB when they were decoded).
+#[test]
+fn requests_that_decode_to_far_more_than_their_bytes_are_refused_undecoded() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    let before = d.peak_rss();
+    let rt = runtime();
+    let socket = d.socket();
+    let answers = rt.block_on(async move {
+        let mut calls = Vec::new();
+        for _ in 0..8 {
+            let socket = socket.clone();
+            calls.push(tokio::spawn(async move {
+                let mut c = WorkersClient::new(channel(socket).await);
+                let mut command = vec![String::new(); 1_900_000];
+                command[0] = "true".into();
+                c.spawn(pb::SpawnRequest {
+                    user: "bob".into(),
+                    command,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+            }));
+        }
+        let mut answers = Vec::new();
+        for c in calls {
+            answers.push(c.await.unwrap());
+        }
+        answers
+    });
+    for a in answers {
+        let e = a.expect_err("refused");
+        assert_eq!(
+            (e.code(), e.message()),
+            (tonic::Code::InvalidArgument, "command: at most 65536 entries")
+        );
+    }
+    let peak = d.peak_rss();
+    eprintln!("wardend peak RSS {} MiB before, {} MiB after", before >> 20, peak >> 20);
+    assert!(
+        peak.saturating_sub(before) < 48 << 20,
+        "wardend's peak grew by {} MiB",
+        (peak - before) >> 20
+    );
+    let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn connections_past_the_per_uid_cap_are_refused() {
     if !root() {
