@@ -234,8 +234,8 @@ const DROPPED: &[&str] = &[
     "accept-encoding",
 ];
 
-/// Whether `headers` say their body is in a content encoding (anything
-/// but `identity`).
+/// The content encodings `headers` say their body is in (any but
+/// `identity`), if any.
 fn encoded(headers: &HeaderMap) -> Option<String> {
     let coding = headers
         .get_all(header::CONTENT_ENCODING)
@@ -891,35 +891,42 @@ mod upstream_tests {
     /// An upstream that answers every request with a 400 whose body and
     /// headers repeat the request's credential.
     async fn echoing_upstream() -> u16 {
+        let (port, _) = scripted_upstream(|head| {
+            let key = head.lines().find_map(|l| l.strip_prefix("x-api-key: ")).unwrap_or("");
+            let body = format!("{{\"type\":\"error\",\"error\":{{\"type\":\"invalid_request_error\",\"message\":\"bad key {key}\"}}}}");
+            format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nx-echo: {key}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .await;
+        port
+    }
+
+    /// An upstream that answers every request with `reply` of its head and
+    /// keeps each head (lowercase).
+    async fn scripted_upstream(
+        reply: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> (u16, Arc<Mutex<Vec<String>>>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (kept, reply) = (heads.clone(), Arc::new(reply));
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
+                let (kept, reply) = (kept.clone(), reply.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&head).to_string();
-                    let key = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("x-api-key: "))
-                        .unwrap_or("")
-                        .to_string();
-                    let body = format!("{{\"type\":\"error\",\"error\":{{\"type\":\"invalid_request_error\",\"message\":\"bad key {key}\"}}}}");
-                    let reply = format!(
-                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nx-echo: {key}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(reply.as_bytes()).await;
+                    let Some(head) = super::super::tests::request_head(&mut s).await else {
+                        return;
+                    };
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let answer = reply(&head);
+                    kept.lock().unwrap().push(head.to_ascii_lowercase());
+                    let _ = s.write_all(answer.as_bytes()).await;
                 });
             }
         });
-        port
+        (port, heads)
     }
 
     /// Worker w1's gateway (user alice, an API key) in front of the
@@ -956,35 +963,6 @@ mod upstream_tests {
             }
         });
         (gateway, addr)
-    }
-
-    /// An upstream that answers every request with `reply` and keeps each
-    /// request's head.
-    async fn scripted_upstream(reply: String) -> (u16, Arc<Mutex<Vec<String>>>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let kept = heads.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let (kept, reply) = (kept.clone(), reply.clone());
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    kept.lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&head).to_ascii_lowercase());
-                    let _ = s.write_all(reply.as_bytes()).await;
-                });
-            }
-        });
-        (port, heads)
     }
 
     /// The gateway's answer to one request of `extra` headers (each
@@ -1028,7 +1006,7 @@ mod upstream_tests {
     #[tokio::test]
     async fn what_the_gateway_reads_it_reads_in_plain() {
         let usage = r#"{"type":"message","usage":{"input_tokens":5,"output_tokens":6}}"#;
-        let reply = |coding: &str| {
+        let reply = move |coding: &str| {
             format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{coding}content-length: {}\r\nconnection: close\r\n\r\n{usage}",
                 usage.len()
@@ -1036,7 +1014,7 @@ mod upstream_tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let config = warden_policy::config::Config::embedded();
-        let (port, heads) = scripted_upstream(reply("")).await;
+        let (port, heads) = scripted_upstream(move |_| reply("")).await;
         let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
 
         // Claude Code's HTTP client accepts gzip and brotli: the upstream
@@ -1067,7 +1045,7 @@ mod upstream_tests {
         );
 
         // An upstream that answers in gzip all the same: none of it passes.
-        let (port, _) = scripted_upstream(reply("content-encoding: gzip\r\n")).await;
+        let (port, _) = scripted_upstream(move |_| reply("content-encoding: gzip\r\n")).await;
         let dir = tempfile::tempdir().unwrap();
         let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
         let answer = ask(addr, "").await;
@@ -1086,19 +1064,7 @@ mod upstream_tests {
         let dir = tempfile::tempdir().unwrap();
         let config = warden_policy::config::Config::embedded();
         let (_, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
-        let body = r#"{"model":"m","max_tokens":1,"messages":[]}"#;
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(
-            format!(
-                "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).await.unwrap();
+        let answer = ask(addr, "").await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(!answer.contains("sk-real-secret"), "{answer}");
         assert!(answer.contains("bad key [credential removed by warden]"), "{answer}");

@@ -47,6 +47,20 @@ async fn upstream(greeting: &'static [u8]) -> u16 {
     port
 }
 
+/// The head of the HTTP request on `s`, to its blank line (and whatever
+/// came with it); None if the client went away first.
+pub(super) async fn request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// An HTTP upstream on loopback that answers each request with the request
 /// head it received.
 async fn http_upstream() -> u16 {
@@ -55,14 +69,7 @@ async fn http_upstream() -> u16 {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = request_head(&mut s).await else { return };
                 let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
                 let _ = s.write_all(reply.as_bytes()).await;
                 let _ = s.write_all(&head).await;
