@@ -623,8 +623,10 @@ impl Supervisor {
         }
         let Some(hits) = w.limits_hit() else { return };
         let oom = self.report_limits(w, &hits);
-        if w.has_disk_limit() {
-            self.report_disk(w, w.disk_usage());
+        // The tree's use, read once a look (a sample reports it too).
+        let disk = w.has_disk_limit().then(|| w.disk_usage());
+        if let Some(d) = disk {
+            self.report_disk(w, d);
         }
         if oom && !self.cgroups.is_v2() {
             if let Some(cg) = w.cgroup.clone() {
@@ -650,7 +652,7 @@ impl Supervisor {
                     cpu_usage_us: usage.cpu_usage_ns / 1000,
                     pids: usage.pids_current,
                     network: w.net_usage().map(|n| n.totals()),
-                    disk: w.disk_usage(),
+                    disk: disk.unwrap_or_else(|| w.disk_usage()),
                 },
             );
         }
