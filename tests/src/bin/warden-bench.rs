@@ -605,9 +605,8 @@ struct SpawnRows {
     host_idle: f64,
     /// Stage, median of its own time (since the stage before), ms.
     stages: Vec<(String, f64)>,
-    /// `wardenctl spawn -w` with wardenctl built for musl and bubblewrap,
-    /// medians, ms, when that wardenctl is built.
-    musl: Option<(f64, f64)>,
+    /// Whether wardenctl built for musl is (else the table says how).
+    musl_built: bool,
     /// Cycles a second at concurrency 16, and their p50 and p99, ms.
     throughput: (f64, f64, f64),
 }
@@ -740,11 +739,16 @@ fn spawn_rows() -> SpawnRows {
         ctl("bench");
         bwrap_true();
     }
-    let (mut w_ctl, mut b_ctl) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        w_ctl.push(timed(|| ctl("bench")));
-        b_ctl.push(timed(bwrap_true));
-    }
+    // `runs` pairs of `run` and a bubblewrap run right after it.
+    let pairs = |run: &dyn Fn()| {
+        let (mut w, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            w.push(timed(run));
+            b.push(timed(bwrap_true));
+        }
+        (w, b)
+    };
+    let (w_ctl, b_ctl) = pairs(&|| ctl("bench"));
     // The same wardenctl built for musl (static: no glibc start-up, whose
     // cpuid probes are slow on a VM), when it is built (README "What the
     // sandbox costs" says how).
@@ -759,12 +763,7 @@ fn spawn_rows() -> SpawnRows {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         };
         run();
-        let (mut w, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            w.push(timed(run));
-            b.push(timed(bwrap_true));
-        }
-        (ms(median(w)), ms(median(b)))
+        pairs(&run)
     });
     // Over gRPC, right after each other; then after the machine sat idle
     // (the other's pause, each of the pair): a spawn then finds its warm
@@ -874,50 +873,36 @@ fn spawn_rows() -> SpawnRows {
     };
     let rate = cycles.len() as f64 / began.elapsed().as_secs_f64();
     let max = |v: &[Duration]| ms(*v.iter().max().expect("runs"));
+    let max = vec![("wardenctl", max(&w_ctl)), ("gRPC", max(&w_rpc))];
+    let row = |what, (w, b): (Vec<Duration>, Vec<Duration>)| (what, ms(median(w)), ms(median(b)));
+    let mut pairs = vec![row(
+        "wardenctl spawn -w -- /bin/true (base, through wardend)",
+        (w_ctl, b_ctl),
+    )];
+    let musl_built = musl.is_some();
+    pairs.extend(musl.map(|m| row("  with wardenctl built for musl (static)", m)));
+    pairs.extend([
+        row("the same over gRPC (Spawn, then Wait)", (w_rpc, b_rpc)),
+        row("the same over gRPC (Spawn, then Attach)", (w_attach, b_attach)),
+        row("the same over gRPC (Attach with spawn, as wardenctl)", (w_one, b_one)),
+        row(
+            "  each on a new connection (wardenctl less its start)",
+            (w_fresh, b_fresh),
+        ),
+        row(
+            "  with the audit log on tmpfs (no disk sync; comparison)",
+            (w_mem, b_mem),
+        ),
+        row("the same after 1.5 s idle (each of the pair)", (w_idle, b_idle)),
+    ]);
     SpawnRows {
         runs,
-        max: vec![("wardenctl", max(&w_ctl)), ("gRPC", max(&w_rpc))],
+        max,
         host_idle: ms(median(host_idle)),
-        pairs: vec![
-            (
-                "wardenctl spawn -w -- /bin/true (base, through wardend)",
-                ms(median(w_ctl)),
-                ms(median(b_ctl)),
-            ),
-            (
-                "the same over gRPC (Spawn, then Wait)",
-                ms(median(w_rpc)),
-                ms(median(b_rpc)),
-            ),
-            (
-                "the same over gRPC (Spawn, then Attach)",
-                ms(median(w_attach)),
-                ms(median(b_attach)),
-            ),
-            (
-                "the same over gRPC (Attach with spawn, as wardenctl)",
-                ms(median(w_one)),
-                ms(median(b_one)),
-            ),
-            (
-                "  each on a new connection (wardenctl less its start)",
-                ms(median(w_fresh)),
-                ms(median(b_fresh)),
-            ),
-            (
-                "  with the audit log on tmpfs (no disk sync; comparison)",
-                ms(median(w_mem)),
-                ms(median(b_mem)),
-            ),
-            (
-                "the same after 1.5 s idle (each of the pair)",
-                ms(median(w_idle)),
-                ms(median(b_idle)),
-            ),
-        ],
+        pairs,
+        musl_built,
         stages,
         throughput: (rate, percentile(cycles.clone(), 500), percentile(cycles, 990)),
-        musl,
     }
 }
 
@@ -937,18 +922,11 @@ fn print_spawn_rows(r: &SpawnRows) {
         "bwrap",
         "x bwrap"
     );
-    for (i, (what, warden, bwrap)) in r.pairs.iter().enumerate() {
+    for (what, warden, bwrap) in &r.pairs {
         println!("{what:<58} {warden:>9.2} ms {bwrap:>9.2} ms {:>8.2}", warden / bwrap);
-        if i == 0 {
-            match r.musl {
-                Some((warden, bwrap)) => println!(
-                    "{:<58} {warden:>9.2} ms {bwrap:>9.2} ms {:>8.2}",
-                    "  with wardenctl built for musl (static)",
-                    warden / bwrap
-                ),
-                None => println!("  (wardenctl built for musl: not built; see README \"What the sandbox costs\")"),
-            }
-        }
+    }
+    if !r.musl_built {
+        println!("  (wardenctl built for musl: not built; see README \"What the sandbox costs\")");
     }
     println!(
         "{:<58} {:>9.2} ms",
