@@ -234,14 +234,21 @@ const DROPPED: &[&str] = &[
     "accept-encoding",
 ];
 
-/// The content encodings `headers` say their body is in (any but
-/// `identity`), if any.
+/// The codings `headers` say their body is in beyond HTTP's own framing
+/// (any content coding but `identity`, any transfer coding but `chunked`),
+/// if any: such a body is not plain once hyper has taken the chunking off.
 fn encoded(headers: &HeaderMap) -> Option<String> {
-    let coding = headers
-        .get_all(header::CONTENT_ENCODING)
+    let coding = [header::CONTENT_ENCODING, header::TRANSFER_ENCODING]
         .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase())
-        .filter(|v| !v.is_empty() && v != "identity")
+        .flat_map(|name| headers.get_all(name))
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .to_ascii_lowercase()
+                .split(',')
+                .map(|c| c.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !matches!(c.as_str(), "" | "identity" | "chunked"))
         .collect::<Vec<_>>();
     (!coding.is_empty()).then(|| coding.join(", "))
 }
@@ -367,15 +374,11 @@ impl Gateway {
         }
         // Its model and budget are read from the body: in plain only.
         if let Some(coding) = encoded(req.headers()) {
-            self.refuse(
-                &path,
-                "encoding",
-                &format!("a request body in content encoding {coding}"),
-            );
+            self.refuse(&path, "encoding", &format!("a request body in coding {coding}"));
             return error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
-                &format!("warden: the gateway reads request bodies as they are; send this one without content-encoding (not {coding})"),
+                &format!("warden: the gateway reads request bodies as they are; send this one without a content or transfer coding (not {coding})"),
             );
         }
         let (parts, body) = req.into_parts();
@@ -600,12 +603,12 @@ impl Gateway {
             self.refuse(
                 "answer",
                 "encoding",
-                &format!("an answer of the API in content encoding {coding}"),
+                &format!("an answer of the API in coding {coding}"),
             );
             return error(
                 StatusCode::BAD_GATEWAY,
                 "api_error",
-                &format!("warden: the API answered in content encoding {coding}, which the gateway does not pass on (it asks for none)"),
+                &format!("warden: the API answered in coding {coding}, which the gateway does not pass on (it asks for none)"),
             );
         }
         let secret = self.setup.credential.secret().to_string();
@@ -969,16 +972,17 @@ mod upstream_tests {
     /// ending in CRLF) and a small body.
     async fn ask(addr: SocketAddr, extra: &str) -> String {
         let body = r#"{"model":"m","max_tokens":1,"messages":[]}"#;
+        let request = format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        send(addr, &request).await
+    }
+
+    /// The gateway's whole answer to `request`, sent as it is.
+    async fn send(addr: SocketAddr, request: &str) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(
-            format!(
-                "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).await.unwrap();
         answer
@@ -1037,11 +1041,30 @@ mod upstream_tests {
         // A request body in gzip: refused before anything goes upstream.
         let answer = ask(addr, "content-encoding: gzip\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
-        assert!(answer.contains("without content-encoding (not gzip)"), "{answer}");
+        assert!(
+            answer.contains("without a content or transfer coding (not gzip)"),
+            "{answer}"
+        );
+        // And in gzip under the chunking, which hyper takes off and
+        // leaves the gzip: refused the same way.
+        let body = r#"{"model":"m","max_tokens":1,"messages":[]}"#;
+        let answer = send(
+            addr,
+            &format!(
+                "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+        assert!(answer.contains("(not gzip)"), "{answer}");
         assert_eq!(heads.lock().unwrap().len(), 1, "the request went upstream");
         assert_eq!(
             denials(&gateway, "encoding"),
-            ["/v1/messages: a request body in content encoding gzip"]
+            [
+                "/v1/messages: a request body in coding gzip",
+                "/v1/messages: a request body in coding gzip"
+            ]
         );
 
         // An upstream that answers in gzip all the same: none of it passes.
@@ -1054,7 +1077,23 @@ mod upstream_tests {
         assert!(!answer.to_ascii_lowercase().contains("content-encoding"), "{answer}");
         assert_eq!(
             denials(&gateway, "encoding"),
-            ["answer: an answer of the API in content encoding gzip"]
+            ["answer: an answer of the API in coding gzip"]
+        );
+
+        // Or in a transfer coding under the chunking.
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: br, chunked\r\nconnection: close\r\n\r\n{:x}\r\n{usage}\r\n0\r\n\r\n",
+            usage.len()
+        );
+        let (port, _) = scripted_upstream(move |_| chunked.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
+        let answer = ask(addr, "").await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(!answer.contains("input_tokens"), "{answer}");
+        assert_eq!(
+            denials(&gateway, "encoding"),
+            ["answer: an answer of the API in coding br"]
         );
     }
 
