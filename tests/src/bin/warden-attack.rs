@@ -398,7 +398,7 @@ fn main() {
             }
             format!("ALLOCATED {}", chunks.len())
         }
-        "bench_syscalls" | "bench_syscalls_allow_all" | "bench_syscalls_landlock" => {
+        "bench_syscalls" | "bench_syscalls_allow_all" | "bench_syscalls_landlock" | "bench_syscalls_landlock_file" => {
             if args[1] != "bench_syscalls" {
                 // The cost of seccomp itself: a one-instruction filter that
                 // allows everything (the kernel's action cache skips it).
@@ -420,17 +420,30 @@ fn main() {
                 };
                 assert!(installed, "cannot install the allow-all filter: {}", last());
             }
-            if args[1] == "bench_syscalls_landlock" {
+            if args[1].starts_with("bench_syscalls_landlock") {
                 // The cost of landlock itself: every file system access
-                // handled, and /dev granted, as a worker's rules do.
+                // handled, and /dev granted, as a worker's rules do; or
+                // (`_file`) the two files the loop opens granted themselves,
+                // so that landlock's check walks no parent directory.
                 use landlock::{Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI};
                 let all = AccessFs::from_all(ABI::V7);
-                let status = Ruleset::default()
+                let grants: &[(&str, _)] = if args[1].ends_with("_file") {
+                    let file = AccessFs::from_file(ABI::V7);
+                    &[("/dev/null", file), ("/dev/zero", file)]
+                } else {
+                    &[("/dev", all)]
+                };
+                let mut ruleset = Ruleset::default()
                     .handle_access(all)
                     .and_then(|r| r.create())
-                    .and_then(|r| r.add_rule(PathBeneath::new(PathFd::new("/dev").expect("/dev"), all)))
-                    .and_then(|r| r.restrict_self())
                     .expect("landlock");
+                for (path, access) in grants {
+                    let fd = PathFd::new(path).expect("a path to grant");
+                    ruleset = ruleset
+                        .add_rule(PathBeneath::new(fd, *access))
+                        .expect("a landlock rule");
+                }
+                let status = ruleset.restrict_self().expect("landlock");
                 assert_eq!(status.ruleset, landlock::RulesetStatus::FullyEnforced, "landlock");
             }
             // Nanoseconds per call: calls the kernel's seccomp action cache
