@@ -309,6 +309,11 @@ pub enum EventKind {
         output_tokens: u64,
         cache_creation_input_tokens: u64,
         cache_read_input_tokens: u64,
+        /// `output_tokens` is the gateway's estimate: the stream ended
+        /// before the upstream's final count (the worker hung up, or the
+        /// upstream broke off), so it was counted from what was generated.
+        #[serde(default)]
+        output_estimated: bool,
         duration_ms: u64,
         /// Requests of this worker without an event since the last one
         /// (the `worker_api_events` limit); they still count in the usage

@@ -13,7 +13,8 @@
 //! response carry it back, forward a request it did not check, or buffer a
 //! whole streamed answer; nor pass on what it cannot read (a body in a
 //! content encoding: what it checks, meters and scrubs it reads in plain,
-//! so it asks the upstream for `identity` and refuses anything else).
+//! so it asks the upstream for `identity` and refuses anything else); nor
+//! let a worker's hang-up take a request's cost out of the meter.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -329,7 +330,7 @@ impl Gateway {
     pub async fn serve(self: Arc<Self>, stream: TcpStream) {
         // A streamed event goes out as it comes, not after a delayed ACK.
         let _ = stream.set_nodelay(true);
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             self.refuse(
                 "-",
                 "too-many-connections",
@@ -337,10 +338,12 @@ impl Gateway {
             );
             return;
         };
+        // Shared with the connection's exchanges, which may outlive it.
+        let slot = Arc::new(slot);
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let this = this.clone();
-            async move { Ok::<_, Infallible>(this.handle(req).await) }
+            let (this, slot) = (this.clone(), slot.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, slot).await) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .max_buf_size(super::proxy::MAX_HEAD)
@@ -350,7 +353,7 @@ impl Gateway {
             .await;
     }
 
-    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>, slot: Arc<OwnedSemaphorePermit>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let Some(endpoint) = Endpoint::of(req.method(), &path) else {
             let what = format!("{} {path}", req.method());
@@ -383,7 +386,7 @@ impl Gateway {
         }
         let (parts, body) = req.into_parts();
         // Held until the answer's head is back (the body has gone upstream).
-        let (body, _held) = match self.read_body(body).await {
+        let (body, held) = match self.read_body(body).await {
             Ok(b) => b,
             Err(refused) => return refused,
         };
@@ -463,9 +466,49 @@ impl Gateway {
             usage: UsageReader::default(),
             _ticket: Some(ticket),
         };
-        match self.upstream.client.request(upstream_req).await {
-            Ok(resp) => self.respond(resp, meter).await,
-            Err(e) => {
+        // The exchange is a task of its own: if the worker hangs up, it
+        // still learns what the request cost (see [`Gateway::exchange`]).
+        let (answer, head) = tokio::sync::oneshot::channel();
+        let exchange = self.clone().exchange(upstream_req, meter, answer, (held, slot));
+        tokio::spawn(exchange);
+        head.await.unwrap_or_else(|_| {
+            error(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "warden: the gateway lost this request's answer",
+            )
+        })
+    }
+
+    /// Sends one request upstream and its answer to `answer`, metered.
+    /// `held` (the request body's bytes in the worker's pool, its
+    /// connection's slot) is let go with the answer's head, and the slot
+    /// with the exchange: orphaned exchanges count as connections.
+    ///
+    /// A worker that hangs up does not take the cost of its request out of
+    /// the meter: the exchange goes on reading until the upstream has said
+    /// what the input cost (a stream's `message_start`, a whole answer's
+    /// usage), at most [`ORPHAN_READ`], then lets the upstream go (which
+    /// stops a stream's generation); a stream cut before its final usage
+    /// has its output estimated from what it generated.
+    async fn exchange(
+        self: Arc<Self>,
+        req: Request<Full<Bytes>>,
+        mut meter: Meter,
+        mut answer: tokio::sync::oneshot::Sender<Response<Body>>,
+        held: (Option<OwnedSemaphorePermit>, Arc<OwnedSemaphorePermit>),
+    ) {
+        let (body_bytes, _slot) = held;
+        let give_up = tokio::time::Instant::now() + ORPHAN_READ;
+        let sent = tokio::select! {
+            sent = self.upstream.client.request(req) => Some(sent),
+            // Gone before the answer's head: wait for it, at most so long.
+            () = async { answer.closed().await; tokio::time::sleep_until(give_up).await } => None,
+        };
+        drop(body_bytes);
+        let resp = match sent {
+            Some(Ok(resp)) => resp,
+            Some(Err(e)) => {
                 // Recorded with status 0: the request counts, nothing was used.
                 drop(meter);
                 tracing::warn!(worker = %self.worker, error = %e, "the API upstream failed");
@@ -474,8 +517,16 @@ impl Gateway {
                 } else {
                     format!("warden: the API upstream {} did not answer", self.setup.upstream.text)
                 };
-                error(StatusCode::BAD_GATEWAY, "api_error", &message)
+                let _ = answer.send(error(StatusCode::BAD_GATEWAY, "api_error", &message));
+                return;
             }
+            None => return,
+        };
+        meter.status = resp.status().as_u16();
+        let (head, relay) = self.respond(resp, meter).await;
+        let gone = answer.send(head).is_err();
+        if let Some((upstream, meter, to_worker)) = relay {
+            relay_answer(upstream, meter, to_worker, gone, give_up).await;
         }
     }
 
@@ -592,9 +643,8 @@ impl Gateway {
     /// The upstream's answer for the worker: a success streams through the
     /// meter as it arrives; an error is read whole (it is small) and any
     /// trace of the credential taken out.
-    async fn respond(self: &Arc<Self>, resp: Response<Incoming>, mut meter: Meter) -> Response<Body> {
+    async fn respond(self: &Arc<Self>, resp: Response<Incoming>, meter: Meter) -> (Response<Body>, Option<Relay>) {
         let (mut parts, body) = resp.into_parts();
-        meter.status = parts.status.as_u16();
         // Asked for `identity`; an answer in another encoding could be
         // neither metered nor scrubbed, so none of it passes (the request
         // counts, with no tokens read).
@@ -605,11 +655,12 @@ impl Gateway {
                 "encoding",
                 &format!("an answer of the API in coding {coding}"),
             );
-            return error(
+            let refused = error(
                 StatusCode::BAD_GATEWAY,
                 "api_error",
                 &format!("warden: the API answered in coding {coding}, which the gateway does not pass on (it asks for none)"),
             );
+            return (refused, None);
         }
         let secret = self.setup.credential.secret().to_string();
         let mut kept = HeaderMap::new();
@@ -624,8 +675,12 @@ impl Gateway {
         }
         parts.headers = kept;
         if parts.status.is_success() {
-            let body = Metered { inner: body, meter };
-            return Response::from_parts(parts, body.boxed());
+            let (to_worker, from_upstream) = tokio::sync::mpsc::channel(RELAY_FRAMES);
+            let relayed = Relayed(from_upstream);
+            return (
+                Response::from_parts(parts, relayed.boxed()),
+                Some((body, meter, to_worker)),
+            );
         }
         const MAX_ERROR: usize = 1 << 20;
         let bytes = Limited::new(body, MAX_ERROR)
@@ -636,7 +691,8 @@ impl Gateway {
         drop(meter);
         let text = String::from_utf8_lossy(&bytes).replace(&secret, "[credential removed by warden]");
         parts.headers.remove(header::CONTENT_LENGTH);
-        Response::from_parts(parts, Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed())
+        let body = Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed();
+        (Response::from_parts(parts, body), None)
     }
 
     /// Reports a refused request (rate-limited, like every denial).
@@ -676,6 +732,7 @@ impl Gateway {
                 output_tokens: tokens.output,
                 cache_creation_input_tokens: tokens.cache_creation,
                 cache_read_input_tokens: tokens.cache_read,
+                output_estimated: m.usage.estimated,
                 duration_ms: u64::try_from(m.started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 suppressed,
             },
@@ -721,33 +778,82 @@ impl Drop for Meter {
     }
 }
 
-/// A streamed answer, passed on frame by frame while its usage is read.
-struct Metered {
-    inner: Incoming,
-    meter: Meter,
-}
+/// How long an exchange whose worker hung up goes on reading the answer
+/// for its cost (a non-streamed answer can take minutes; a stream's
+/// `message_start` comes in seconds).
+const ORPHAN_READ: Duration = Duration::from_secs(600);
 
-impl hyper::body::Body for Metered {
+/// Frames of an answer on their way to the worker at once: the exchange
+/// reads the upstream no faster than the worker reads it.
+const RELAY_FRAMES: usize = 4;
+
+type Frames = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, hyper::Error>>;
+
+/// A successful answer's body, its meter, and the way to the worker.
+type Relay = (Incoming, Meter, Frames);
+
+/// An answer's body as the worker reads it: the frames its exchange
+/// passes on.
+struct Relayed(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, hyper::Error>>);
+
+impl hyper::body::Body for Relayed {
     type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.meter.usage.feed(data);
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Passes an answer to the worker frame by frame while its usage is read
+/// (`gone`: the worker hung up before its head). Once the worker has gone,
+/// reads on only until the usage has said what the input cost, at most
+/// until `give_up`; then lets the upstream go (a stream stops generating).
+async fn relay_answer(
+    mut upstream: Incoming,
+    mut meter: Meter,
+    to_worker: Frames,
+    mut gone: bool,
+    give_up: tokio::time::Instant,
+) {
+    loop {
+        if gone && meter.usage.settled() {
+            break;
+        }
+        let frame = if gone {
+            match tokio::time::timeout_at(give_up, upstream.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                frame = upstream.frame() => frame,
+                () = to_worker.closed() => {
+                    gone = true;
+                    continue;
+                }
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) => {
+                if !gone {
+                    let _ = to_worker.send(Err(e)).await;
+                }
+                break;
+            }
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    meter.usage.feed(data);
+                }
+                if !gone && to_worker.send(Ok(frame)).await.is_err() {
+                    gone = true;
+                }
             }
         }
-        polled
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
+    // The meter records as it goes (an estimate for a stream cut short).
+    drop(meter);
 }
 
 /// Reads `usage` from an answer as it passes: SSE (`message_start`'s
@@ -758,9 +864,27 @@ struct UsageReader {
     line: Vec<u8>,
     overlong: bool,
     whole: Vec<u8>,
+    /// A JSON answer past [`MAX_USAGE_LINE`]: its usage cannot be read.
+    whole_overflow: bool,
     sse: bool,
     tokens: Tokens,
+    /// `message_start` seen: the input's counts are known.
+    started: bool,
+    /// The final usage seen (`message_delta`, or the JSON answer's).
+    ended: bool,
+    /// `content_block_delta` events seen, and the bytes of what they
+    /// generated (text, thinking, tool input).
+    deltas: u64,
+    generated: u64,
+    /// The output count is the gateway's estimate (a stream that ended
+    /// before its final usage).
+    estimated: bool,
 }
+
+/// Bytes of generated content per output token, for a stream cut before
+/// its final usage: Claude's tokenizers average about 3.5 characters a
+/// token in English and fewer in code, so 3 errs toward counting more.
+const BYTES_PER_TOKEN: u64 = 3;
 
 /// The longest SSE line (and the largest JSON answer) read for usage.
 const MAX_USAGE_LINE: usize = 4 << 20;
@@ -773,6 +897,8 @@ impl UsageReader {
         if !self.sse {
             if self.whole.len() + data.len() <= MAX_USAGE_LINE {
                 self.whole.extend_from_slice(data);
+            } else {
+                self.whole_overflow = true;
             }
             // An SSE stream may start with a data line or a comment.
             if self.whole.starts_with(b"data:") || self.whole.starts_with(b":") {
@@ -798,8 +924,22 @@ impl UsageReader {
                 if let Some(json) = line.strip_prefix(b"data:") {
                     if let Ok(v) = serde_json::from_slice::<Value>(json.trim_ascii()) {
                         match v["type"].as_str() {
-                            Some("message_start") => self.take(&v["message"]["usage"]),
-                            Some("message_delta") => self.take(&v["usage"]),
+                            Some("message_start") => {
+                                self.take(&v["message"]["usage"]);
+                                self.started = true;
+                            }
+                            Some("message_delta") => {
+                                self.take(&v["usage"]);
+                                self.ended = true;
+                            }
+                            Some("content_block_delta") => {
+                                self.deltas += 1;
+                                let delta = &v["delta"];
+                                for key in ["text", "thinking", "partial_json"] {
+                                    let n = delta[key].as_str().map_or(0, str::len);
+                                    self.generated += n as u64;
+                                }
+                            }
                             _ => {}
                         }
                     }
@@ -808,13 +948,30 @@ impl UsageReader {
         }
     }
 
-    /// At the end of a non-streamed answer: its `usage`.
+    /// At the end of an answer: a non-streamed one's `usage`; for a stream
+    /// cut before its final usage (the worker went, the upstream broke
+    /// off), an estimate of its output from what it generated, at least
+    /// one token a delta and never less than the upstream said so far.
     fn finish(&mut self) {
-        if !self.sse && !self.whole.is_empty() {
+        if !self.sse && !self.whole.is_empty() && !self.ended {
             if let Ok(v) = serde_json::from_slice::<Value>(&self.whole) {
                 self.take(&v["usage"]);
+                self.ended = true;
             }
         }
+        if self.sse && self.started && !self.ended && !self.estimated {
+            let estimate = self.deltas.max(self.generated.div_ceil(BYTES_PER_TOKEN));
+            self.tokens.output = self.tokens.output.max(estimate);
+            self.estimated = true;
+        }
+    }
+
+    /// Whether the upstream has said what the input cost (a stream's
+    /// `message_start`, or a whole answer's usage), or never will (a JSON
+    /// answer too large to read): past that, an answer nobody reads is
+    /// not worth reading further.
+    fn settled(&self) -> bool {
+        self.ended || (self.sse && self.started) || self.whole_overflow
     }
 
     /// Takes the counts a usage object has (later ones are cumulative).
@@ -859,6 +1016,51 @@ mod tests {
         j.feed(br#""output_tokens":6}}"#);
         j.finish();
         assert_eq!((j.tokens.input, j.tokens.output), (5, 6));
+        assert!(!j.estimated && !r.estimated);
+    }
+
+    /// A stream cut before its final usage: its output is estimated from
+    /// what it generated (text, thinking, tool input: 3 bytes a token, at
+    /// least one a delta), never below what the upstream said so far; the
+    /// input it said is kept.
+    #[test]
+    fn the_output_of_a_stream_cut_short_is_estimated_from_what_it_generated() {
+        let start =
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n";
+        let delta = |kind: &str, key: &str, text: &str| {
+            format!(
+                "data: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"{kind}\",\"{key}\":\"{text}\"}}}}\n\n"
+            )
+        };
+        let mut r = UsageReader::default();
+        r.feed(start.as_bytes());
+        assert!(r.settled(), "the input is known at the start");
+        r.feed(delta("text_delta", "text", &"a".repeat(30)).as_bytes());
+        r.feed(delta("thinking_delta", "thinking", &"b".repeat(31)).as_bytes());
+        r.feed(delta("input_json_delta", "partial_json", "{}").as_bytes());
+        r.feed(delta("signature_delta", "signature", &"c".repeat(300)).as_bytes());
+        r.finish();
+        // 63 bytes: 21 tokens, more than the 4 deltas.
+        assert_eq!((r.tokens.input, r.tokens.output, r.estimated), (10, 21, true));
+        // Short deltas: one token each at least.
+        let mut r = UsageReader::default();
+        r.feed(start.as_bytes());
+        (0..5).for_each(|_| r.feed(delta("text_delta", "text", "a").as_bytes()));
+        r.finish();
+        assert_eq!((r.tokens.output, r.estimated), (5, true));
+        // Cut before its start: nothing is known, nothing estimated; a JSON
+        // answer is settled only when whole.
+        let mut r = UsageReader::default();
+        r.feed(b"event: ping\n");
+        assert!(!r.settled());
+        r.finish();
+        assert_eq!((r.tokens.output, r.estimated), (0, false));
+        let mut j = UsageReader::default();
+        j.feed(br#"{"type":"message","#);
+        assert!(!j.settled());
+        j.feed(br#""usage":{"input_tokens":5,"output_tokens":6}}"#);
+        j.finish();
+        assert!(j.settled() && !j.estimated);
     }
 
     #[test]
@@ -906,29 +1108,44 @@ mod upstream_tests {
         port
     }
 
+    /// An upstream on loopback that reads each request's head and hands
+    /// it, with the connection, to `answer`.
+    async fn upstream<F, A>(answer: F) -> u16
+    where
+        F: Fn(String, TcpStream) -> A + Send + Sync + 'static,
+        A: Future<Output = ()> + Send + 'static,
+    {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    if let Some(head) = super::super::tests::request_head(&mut s).await {
+                        answer(String::from_utf8_lossy(&head).to_string(), s).await;
+                    }
+                });
+            }
+        });
+        port
+    }
+
     /// An upstream that answers every request with `reply` of its head and
     /// keeps each head (lowercase).
     async fn scripted_upstream(
         reply: impl Fn(&str) -> String + Send + Sync + 'static,
     ) -> (u16, Arc<Mutex<Vec<String>>>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
         let heads = Arc::new(Mutex::new(Vec::new()));
-        let (kept, reply) = (heads.clone(), Arc::new(reply));
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let (kept, reply) = (kept.clone(), reply.clone());
-                tokio::spawn(async move {
-                    let Some(head) = super::super::tests::request_head(&mut s).await else {
-                        return;
-                    };
-                    let head = String::from_utf8_lossy(&head).to_string();
-                    let answer = reply(&head);
-                    kept.lock().unwrap().push(head.to_ascii_lowercase());
-                    let _ = s.write_all(answer.as_bytes()).await;
-                });
+        let kept = heads.clone();
+        let port = upstream(move |head, mut s| {
+            let answer = reply(&head);
+            kept.lock().unwrap().push(head.to_ascii_lowercase());
+            async move {
+                let _ = s.write_all(answer.as_bytes()).await;
             }
-        });
+        })
+        .await;
         (port, heads)
     }
 
@@ -1001,6 +1218,163 @@ mod upstream_tests {
             true
         });
         found
+    }
+
+    /// What a paced upstream did: the parts it wrote, and whether its
+    /// client (the gateway) let it go before the last.
+    #[derive(Debug, Default)]
+    struct Paced {
+        written: usize,
+        let_go: bool,
+    }
+
+    /// An upstream that answers every request with `parts`, each after its
+    /// pause, and notices when the gateway hangs up on it.
+    async fn paced_upstream(parts: Vec<(u64, String)>) -> (u16, Arc<Mutex<Paced>>) {
+        let seen = Arc::new(Mutex::new(Paced::default()));
+        let (kept, parts) = (seen.clone(), Arc::new(parts));
+        let port = upstream(move |_, mut s| {
+            let (kept, parts) = (kept.clone(), parts.clone());
+            async move {
+                for (pause, part) in parts.iter() {
+                    // The pause is also a look for the gateway's hang-up.
+                    let mut b = [0u8; 1024];
+                    let heard = tokio::time::timeout(Duration::from_millis(*pause), s.read(&mut b)).await;
+                    if matches!(heard, Ok(Ok(0) | Err(_))) || s.write_all(part.as_bytes()).await.is_err() {
+                        kept.lock().unwrap().let_go = true;
+                        return;
+                    }
+                    kept.lock().unwrap().written += 1;
+                }
+            }
+        })
+        .await;
+        (port, seen)
+    }
+
+    /// The `api_usage` events so far: (input, output, whether estimated).
+    fn usage_events(g: &Gateway) -> Vec<(u64, u64, bool)> {
+        g.events.flush();
+        let mut found = Vec::new();
+        g.events.replay(1, |e| {
+            if let EventKind::ApiUsage {
+                input_tokens,
+                output_tokens,
+                output_estimated,
+                ..
+            } = &e.kind
+            {
+                found.push((*input_tokens, *output_tokens, *output_estimated));
+            }
+            true
+        });
+        found
+    }
+
+    /// Waits (at most 10 s) until the gateway has recorded `n` requests.
+    async fn recorded(g: &Gateway, n: u64) -> Totals {
+        let wait = async {
+            while g.totals().requests < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the request was recorded");
+        g.totals()
+    }
+
+    /// A worker that hangs up does not take its request's cost out of the
+    /// meter (and so out of its user's budget): before the answer's head,
+    /// the gateway reads on until the upstream says what the input cost,
+    /// then lets the upstream go; in the middle of a stream, it lets the
+    /// upstream go at once (generation stops) and counts the output from
+    /// what was generated; a non-streamed answer is read to its usage.
+    #[tokio::test]
+    async fn a_worker_that_hangs_up_still_pays_for_its_request() {
+        let sse_head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+        let start = chunk("event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":9000,\"output_tokens\":1}}}\n\n");
+        // 30 bytes of text each.
+        let delta = chunk("event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"012345678901234567890123456789\"}}\n\n");
+        let mut stream = vec![(0, sse_head.to_string()), (0, start.clone())];
+        stream.extend((0..200).map(|_| (20, delta.clone())));
+        let config = warden_policy::config::Config::embedded();
+
+        // Mid-stream: the worker reads the start and some text, then goes.
+        let (port, upstream) = paced_upstream(stream.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
+        let post = |body: &str| {
+            format!(
+                "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let request = post(r#"{"model":"m","max_tokens":9000,"stream":true,"messages":[]}"#);
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while got.windows(11).filter(|w| w == b"text_delta\"").count() < 5 {
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "the answer ended early");
+            got.extend_from_slice(&b[..n]);
+        }
+        drop(s);
+        let read = got.windows(11).filter(|w| w == b"text_delta\"").count() as u64;
+        let totals = recorded(&gateway, 1).await;
+        assert_eq!(totals.tokens.input, 9000);
+        // At least the deltas the worker read (30 bytes, 10 tokens each),
+        // and far from the 200 never generated.
+        let out = totals.tokens.output;
+        assert!(
+            out >= 10 * read && out < 1000,
+            "estimated output {out} after {read} deltas read"
+        );
+        assert_eq!(usage_events(&gateway), [(9000, out, true)]);
+        let paced = std::mem::take(&mut *upstream.lock().unwrap());
+        assert!(
+            paced.let_go && paced.written < 100,
+            "the upstream was let go: {paced:?}"
+        );
+
+        // Before the head: the worker sends and goes at once; the gateway
+        // reads to the stream's start and lets it go there.
+        let mut late = stream.clone();
+        late[0].0 = 300;
+        let (port, upstream) = paced_upstream(late).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(s);
+        let totals = recorded(&gateway, 1).await;
+        assert_eq!(totals.tokens.input, 9000);
+        let events = usage_events(&gateway);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].1 <= 10 && events[0].2, "{events:?}");
+        let paced = std::mem::take(&mut *upstream.lock().unwrap());
+        assert!(paced.let_go && paced.written < 20, "the upstream was let go: {paced:?}");
+
+        // Not streamed: the answer is read for its usage, exactly.
+        let usage = r#"{"type":"message","usage":{"input_tokens":700,"output_tokens":80}}"#;
+        let whole = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{usage}",
+            usage.len()
+        );
+        let (port, _) = paced_upstream(vec![(300, whole)]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let request = post(r#"{"model":"m","max_tokens":9000,"messages":[]}"#);
+        s.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(s);
+        let totals = recorded(&gateway, 1).await;
+        assert_eq!((totals.tokens.input, totals.tokens.output), (700, 80));
+        assert_eq!(usage_events(&gateway), [(700, 80, false)]);
     }
 
     /// What the gateway checks, meters and scrubs it reads in plain: it
