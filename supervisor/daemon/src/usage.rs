@@ -157,6 +157,10 @@ pub struct Ledger {
     dirty: std::sync::atomic::AtomicBool,
 }
 
+/// The most requests of one user in flight through the gateways at once,
+/// whatever its budget says (`concurrent_requests` may only be lower).
+pub const MAX_IN_FLIGHT: u32 = 1024;
+
 /// A request admitted under a user's budget: holds one of its concurrent
 /// requests until dropped.
 #[derive(Debug)]
@@ -253,17 +257,21 @@ impl Ledger {
                 return refuse("requests_per_minute", u64::from(limit), used, at, minute);
             }
         }
-        if let Some(limit) = budget.concurrent_requests {
-            if p.in_flight >= limit {
-                let second = unix_secs(now).to_string();
-                return refuse(
-                    "concurrent_requests",
-                    u64::from(limit),
-                    u64::from(p.in_flight),
-                    now,
-                    second,
-                );
-            }
+        // Whatever the budget, a user's requests in flight are bounded: an
+        // exchange outlives its worker's hang-up (and the worker) until the
+        // upstream has said what it cost.
+        let limit = budget
+            .concurrent_requests
+            .map_or(MAX_IN_FLIGHT, |l| l.min(MAX_IN_FLIGHT));
+        if p.in_flight >= limit {
+            let second = unix_secs(now).to_string();
+            return refuse(
+                "concurrent_requests",
+                u64::from(limit),
+                u64::from(p.in_flight),
+                now,
+                second,
+            );
         }
         p.recent.push_back(instant);
         p.in_flight += 1;
@@ -489,6 +497,18 @@ mod tests {
         );
         drop(a);
         assert!(ledger.admit("alice", &two, false, now).is_ok());
+        // No budget: still at most MAX_IN_FLIGHT at once.
+        let none = Budget::default();
+        let held: Vec<_> = (0..MAX_IN_FLIGHT)
+            .map(|_| ledger.admit("dave", &none, false, now).unwrap())
+            .collect();
+        let over = ledger.admit("dave", &none, false, now).unwrap_err();
+        assert_eq!(
+            (over.budget, over.limit),
+            ("concurrent_requests", u64::from(MAX_IN_FLIGHT))
+        );
+        drop(held);
+        assert!(ledger.admit("dave", &none, false, now).is_ok());
         let rpm = Budget {
             requests_per_minute: Some(3),
             ..Budget::default()
