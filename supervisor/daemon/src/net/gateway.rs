@@ -481,9 +481,9 @@ impl Gateway {
     }
 
     /// Sends one request upstream and its answer to `answer`, metered.
-    /// `held` (the request body's bytes in the worker's pool, its
-    /// connection's slot) is let go with the answer's head, and the slot
-    /// with the exchange: orphaned exchanges count as connections.
+    /// `held`: the request body's bytes in the worker's pool, let go once
+    /// the answer's head is back, and the connection's slot, kept until the
+    /// exchange ends (an orphaned exchange counts as a connection).
     ///
     /// A worker that hangs up does not take the cost of its request out of
     /// the meter: the exchange goes on reading until the upstream has said
