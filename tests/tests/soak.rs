@@ -320,4 +320,8 @@ fn thousands_of_workers_and_a_crash_leak_nothing_and_lose_no_event() {
 fn let_primed_go(d: &Daemon) {
     let out = d.ctl(&["profile", "reload"]);
     assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    // Until the daemon's next sweep has let them go (on a blocking thread,
+    // which then idles for its 10 s like the rest: a count of threads
+    // taken sooner would catch it or not by chance).
+    std::thread::sleep(warden_daemon::workers::primed::SWEEP + Duration::from_secs(2));
 }

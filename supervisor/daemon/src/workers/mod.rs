@@ -476,7 +476,7 @@ impl Supervisor {
         });
     }
 
-    /// Lets go, every few seconds until the daemon stops, the primed inits
+    /// Lets go, every [`primed::SWEEP`] until the daemon stops, the primed inits
     /// unused for [`primed::IDLE`] or primed under an older profile set.
     pub fn keep_primed(self: &Arc<Self>) {
         if self.primed.wanted == 0 {
@@ -484,7 +484,7 @@ impl Supervisor {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(primed::SWEEP);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !this.shutting_down.load(Ordering::SeqCst) {
                 tick.tick().await;

@@ -48,6 +48,10 @@ use super::spawn::{RequestedLimits, SpawnParams};
 /// How long a primed init waits for a spawn before it is let go.
 pub const IDLE: Duration = Duration::from_secs(60);
 
+/// How often the daemon lets go of the primed inits that are stale (unused
+/// for [`IDLE`], or primed under an older profile set).
+pub const SWEEP: Duration = Duration::from_secs(5);
+
 /// How long a spawn waits for the one being made for its key.
 pub const WAIT: Duration = Duration::from_millis(20);
 
