@@ -1252,6 +1252,22 @@ mod upstream_tests {
         (port, seen)
     }
 
+    /// What the paced upstream did, once it has noticed the gateway let it
+    /// go or has written all its `parts` (at most 10 s).
+    async fn let_go(upstream: &Mutex<Paced>, parts: usize) -> Paced {
+        let ended = || {
+            let p = upstream.lock().unwrap();
+            p.let_go || p.written == parts
+        };
+        let wait = async {
+            while !ended() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+        std::mem::take(&mut *upstream.lock().unwrap())
+    }
+
     /// The `api_usage` events so far: (input, output, whether estimated).
     fn usage_events(g: &Gateway) -> Vec<(u64, u64, bool)> {
         g.events.flush();
@@ -1333,7 +1349,7 @@ mod upstream_tests {
             "estimated output {out} after {read} deltas read"
         );
         assert_eq!(usage_events(&gateway), [(9000, out, true)]);
-        let paced = std::mem::take(&mut *upstream.lock().unwrap());
+        let paced = let_go(&upstream, stream.len()).await;
         assert!(
             paced.let_go && paced.written < 100,
             "the upstream was let go: {paced:?}"
@@ -1355,7 +1371,7 @@ mod upstream_tests {
         let events = usage_events(&gateway);
         assert_eq!(events.len(), 1);
         assert!(events[0].1 <= 10 && events[0].2, "{events:?}");
-        let paced = std::mem::take(&mut *upstream.lock().unwrap());
+        let paced = let_go(&upstream, stream.len()).await;
         assert!(paced.let_go && paced.written < 20, "the upstream was let go: {paced:?}");
 
         // Not streamed: the answer is read for its usage, exactly.
