@@ -176,7 +176,7 @@ fn a_flooding_claude_worker_cannot_grow_the_daemon() {
     let d = Daemon::start_with(&[("claude_binary", value(claude.display().to_string()))]);
     d.set_credentials("mallory", "sk-test");
     // The daemon, warmed up: a worker of another user has run.
-    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    runs_a_worker(&d);
     let before = d.rss();
     let mut ids = Vec::new();
     for mode in ["lines", "one-line", "approvals"] {
@@ -587,7 +587,7 @@ fn half_sent_requests_cannot_grow_the_daemon() {
     }
     let d = Daemon::start_with(&[("max_connections_per_caller", value(64))]);
     let rt = runtime();
-    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    runs_a_worker(&d);
     let before = d.rss();
     // One uid (root, this test) opens 16 connections with 20 requests each,
     // every one a Spawn of 4 MiB (the largest message) short of its last
@@ -624,8 +624,7 @@ fn half_sent_requests_cannot_grow_the_daemon() {
     // Once they go, the uid's pool is whole again.
     drop(rt);
     drop(held);
-    let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    runs_a_worker(&d);
 }
 
 /// HPACK bombs: a header block of 64 KB that adds one table entry of
@@ -640,7 +639,7 @@ fn hpack_bombs_end_their_connection_and_cost_the_daemon_little() {
     }
     use std::io::{Read, Write};
     let d = Daemon::start();
-    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    runs_a_worker(&d);
     let before = d.peak_rss();
     let frames = |block: &[u8]| {
         let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -695,6 +694,12 @@ fn hpack_bombs_end_their_connection_and_cost_the_daemon_little() {
     grew_less_than(&d, before, 32 << 20, "8 HPACK bombs");
 }
 
+/// wardend runs a worker (of bob's, `true`) to its end: it serves.
+fn runs_a_worker(d: &Daemon) {
+    let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// wardend's peak memory grew by less than `most` bytes since `before`
 /// (what `what` did), and it serves on.
 fn grew_less_than(d: &Daemon, before: u64, most: u64, what: &str) {
@@ -709,8 +714,7 @@ fn grew_less_than(d: &Daemon, before: u64, most: u64, what: &str) {
         "wardend's peak grew by {} MiB",
         (peak - before) >> 20
     );
-    let out = d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    runs_a_worker(d);
 }
 
 /// Requests that decode to far more than their bytes: a SpawnRequest of
@@ -724,7 +728,7 @@ fn requests_that_decode_to_far_more_than_their_bytes_are_refused_undecoded() {
         return;
     }
     let d = Daemon::start();
-    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    runs_a_worker(&d);
     let before = d.peak_rss();
     let rt = runtime();
     let socket = d.socket();
@@ -928,7 +932,7 @@ fn running_workers_hold_no_daemon_thread() {
         return;
     }
     let d = Daemon::start_with(&[("max_workers_per_user", value(8))]);
-    assert!(d.ctl(&["spawn", "--user", "bob", "-w", "--", "true"]).status.success());
+    runs_a_worker(&d);
     std::thread::sleep(Duration::from_secs(1));
     let before = threads_of(d.pid());
     let mut ids = Vec::new();

@@ -469,7 +469,7 @@ impl Gateway {
         // The exchange is a task of its own: if the worker hangs up, it
         // still learns what the request cost (see [`Gateway::exchange`]).
         let (answer, head) = tokio::sync::oneshot::channel();
-        let exchange = self.clone().exchange(upstream_req, meter, answer, (held, slot));
+        let exchange = self.clone().exchange(upstream_req, meter, answer, held, slot);
         tokio::spawn(exchange);
         head.await.unwrap_or_else(|_| {
             error(
@@ -481,9 +481,9 @@ impl Gateway {
     }
 
     /// Sends one request upstream and its answer to `answer`, metered.
-    /// `held`: the request body's bytes in the worker's pool, let go once
-    /// the answer's head is back, and the connection's slot, kept until the
-    /// exchange ends (an orphaned exchange counts as a connection).
+    /// `held` (the request body's bytes in the worker's pool) is let go
+    /// once the answer's head is back; the connection's `_slot` is kept
+    /// until the exchange ends (an orphaned exchange counts as a connection).
     ///
     /// A worker that hangs up does not take the cost of its request out of
     /// the meter: the exchange goes on reading until the upstream has said
@@ -496,16 +496,16 @@ impl Gateway {
         req: Request<Full<Bytes>>,
         mut meter: Meter,
         mut answer: tokio::sync::oneshot::Sender<Response<Body>>,
-        held: (Option<OwnedSemaphorePermit>, Arc<OwnedSemaphorePermit>),
+        held: Option<OwnedSemaphorePermit>,
+        _slot: Arc<OwnedSemaphorePermit>,
     ) {
-        let (body_bytes, _slot) = held;
         let give_up = tokio::time::Instant::now() + ORPHAN_READ;
         let sent = tokio::select! {
             sent = self.upstream.client.request(req) => Some(sent),
             // Gone before the answer's head: wait for it, at most so long.
             () = async { answer.closed().await; tokio::time::sleep_until(give_up).await } => None,
         };
-        drop(body_bytes);
+        drop(held);
         let resp = match sent {
             Some(Ok(resp)) => resp,
             Some(Err(e)) => {
@@ -1185,15 +1185,19 @@ mod upstream_tests {
         (gateway, addr)
     }
 
-    /// The gateway's answer to one request of `extra` headers (each
-    /// ending in CRLF) and a small body.
-    async fn ask(addr: SocketAddr, extra: &str) -> String {
-        let body = r#"{"model":"m","max_tokens":1,"messages":[]}"#;
-        let request = format!(
+    /// A request of the worker's: `extra` headers (each ending in CRLF)
+    /// and `body`.
+    fn post(extra: &str, body: &str) -> String {
+        format!(
             "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
-        );
-        send(addr, &request).await
+        )
+    }
+
+    /// The gateway's answer to one request of `extra` headers and a small
+    /// body.
+    async fn ask(addr: SocketAddr, extra: &str) -> String {
+        send(addr, &post(extra, r#"{"model":"m","max_tokens":1,"messages":[]}"#)).await
     }
 
     /// The gateway's whole answer to `request`, sent as it is.
@@ -1205,19 +1209,23 @@ mod upstream_tests {
         answer
     }
 
-    /// The `network_denial` events of reason `reason` in the log so far.
-    fn denials(g: &Gateway, reason: &str) -> Vec<String> {
+    /// What `pick` takes of each event in the log so far.
+    fn events_of<T>(g: &Gateway, mut pick: impl FnMut(&EventKind) -> Option<T>) -> Vec<T> {
         g.events.flush();
         let mut found = Vec::new();
         g.events.replay(1, |e| {
-            if let EventKind::NetworkDenial { reason: r, message, .. } = &e.kind {
-                if r == reason {
-                    found.push(message.clone());
-                }
-            }
+            found.extend(pick(&e.kind));
             true
         });
         found
+    }
+
+    /// The `network_denial` events of reason `reason` in the log so far.
+    fn denials(g: &Gateway, reason: &str) -> Vec<String> {
+        events_of(g, |kind| match kind {
+            EventKind::NetworkDenial { reason: r, message, .. } if r == reason => Some(message.clone()),
+            _ => None,
+        })
     }
 
     /// What a paced upstream did: the parts it wrote, and whether its
@@ -1252,51 +1260,46 @@ mod upstream_tests {
         (port, seen)
     }
 
-    /// What the paced upstream did, once it has noticed the gateway let it
-    /// go or has written all its `parts` (at most 10 s).
-    async fn let_go(upstream: &Mutex<Paced>, parts: usize) -> Paced {
-        let ended = || {
-            let p = upstream.lock().unwrap();
-            p.let_go || p.written == parts
-        };
+    /// Waits until `done` (looked at every 10 ms, at most 5 s), or fails
+    /// saying `what` did not happen.
+    async fn until(what: &str, done: impl Fn() -> bool) {
         let wait = async {
-            while !ended() {
+            while !done() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"));
+    }
+
+    /// What the paced upstream did, once it has noticed the gateway let it
+    /// go or has written all its `parts`.
+    async fn let_go(upstream: &Mutex<Paced>, parts: usize) -> Paced {
+        until("the upstream ended", || {
+            let p = upstream.lock().unwrap();
+            p.let_go || p.written == parts
+        })
+        .await;
         std::mem::take(&mut *upstream.lock().unwrap())
     }
 
     /// The `api_usage` events so far: (input, output, whether estimated).
     fn usage_events(g: &Gateway) -> Vec<(u64, u64, bool)> {
-        g.events.flush();
-        let mut found = Vec::new();
-        g.events.replay(1, |e| {
-            if let EventKind::ApiUsage {
+        events_of(g, |kind| match kind {
+            EventKind::ApiUsage {
                 input_tokens,
                 output_tokens,
                 output_estimated,
                 ..
-            } = &e.kind
-            {
-                found.push((*input_tokens, *output_tokens, *output_estimated));
-            }
-            true
-        });
-        found
+            } => Some((*input_tokens, *output_tokens, *output_estimated)),
+            _ => None,
+        })
     }
 
-    /// Waits (at most 10 s) until the gateway has recorded `n` requests.
+    /// The gateway's totals once it has recorded `n` requests.
     async fn recorded(g: &Gateway, n: u64) -> Totals {
-        let wait = async {
-            while g.totals().requests < n {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .expect("the request was recorded");
+        until("the request was recorded", || g.totals().requests >= n).await;
         g.totals()
     }
 
@@ -1321,13 +1324,7 @@ mod upstream_tests {
         let (port, upstream) = paced_upstream(stream.clone()).await;
         let dir = tempfile::tempdir().unwrap();
         let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
-        let post = |body: &str| {
-            format!(
-                "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: warden-test\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-        };
-        let request = post(r#"{"model":"m","max_tokens":9000,"stream":true,"messages":[]}"#);
+        let request = post("", r#"{"model":"m","max_tokens":9000,"stream":true,"messages":[]}"#);
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
         let mut got = Vec::new();
@@ -1384,7 +1381,7 @@ mod upstream_tests {
         let dir = tempfile::tempdir().unwrap();
         let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
-        let request = post(r#"{"model":"m","max_tokens":9000,"messages":[]}"#);
+        let request = post("", r#"{"model":"m","max_tokens":9000,"messages":[]}"#);
         s.write_all(request.as_bytes()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(s);
@@ -1418,14 +1415,7 @@ mod upstream_tests {
         let head = heads.lock().unwrap()[0].clone();
         assert!(head.contains("accept-encoding: identity\r\n"), "{head}");
         assert!(!head.contains("gzip") && !head.contains("br\r\n"), "{head}");
-        let metered = async {
-            while gateway.totals().tokens.output != 6 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), metered)
-            .await
-            .expect("the answer was metered");
+        until("the answer was metered", || gateway.totals().tokens.output == 6).await;
         assert_eq!(gateway.totals().tokens.input, 5);
 
         // A request body in gzip: refused before anything goes upstream.
