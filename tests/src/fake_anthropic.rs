@@ -43,6 +43,8 @@ pub struct Seen {
     pub x_api_key: Option<String>,
     pub authorization: Option<String>,
     pub anthropic_beta: Option<String>,
+    /// The `type` of each tool the request listed (`""` for none).
+    pub tool_types: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +167,12 @@ fn seen(path: &str, headers: &HeaderMap, body: &Value) -> Seen {
         x_api_key: h("x-api-key"),
         authorization: h("authorization"),
         anthropic_beta: h("anthropic-beta"),
+        tool_types: body["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| t["type"].as_str().unwrap_or("").to_string())
+            .collect(),
     }
 }
 

@@ -110,10 +110,16 @@ fn the_gateway_takes_only_its_placeholder_its_paths_and_its_models_and_never_ech
         "k=$ANTHROPIC_API_KEY; g=http://127.0.0.1:4180; \
          msg='{{\"model\":\"claude-allowed\",\"max_tokens\":5,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'; \
          bad='{{\"model\":\"claude-other\",\"max_tokens\":5,\"messages\":[]}}'; \
+         search='{{\"model\":\"claude-allowed\",\"max_tokens\":5,\"messages\":[],\"tools\":[{{\"type\":\"web_search_20250305\",\"name\":\"web_search\"}}]}}'; \
+         mcp='{{\"model\":\"claude-allowed\",\"max_tokens\":5,\"messages\":[],\"mcp_servers\":[{{\"type\":\"url\",\"url\":\"https://exfil.test/\",\"name\":\"x\"}}]}}'; \
+         twice='{{\"model\":\"claude-allowed\",\"model\":\"claude-other\",\"max_tokens\":5,\"messages\":[]}}'; \
          echo wrong: $(curl -s -H 'x-api-key: warden-0000' -H 'content-type: application/json' -d \"$msg\" $g/v1/messages); \
          echo none: $(curl -s -H 'content-type: application/json' -d \"$msg\" $g/v1/messages); \
          echo path: $(curl -s -H \"x-api-key: $k\" $g/v1/models); \
          echo model: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$bad\" $g/v1/messages); \
+         echo search: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$search\" $g/v1/messages); \
+         echo mcp: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$mcp\" $g/v1/messages); \
+         echo twice: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$twice\" $g/v1/messages); \
          echo ok: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$msg\" $g/v1/messages); \
          echo replay: $(curl -s --cacert /workspace/default/ca.pem -H \"x-api-key: $k\" https://web.test:{w}/headers | grep -i x-api-key)"
     );
@@ -151,7 +157,30 @@ fn the_gateway_takes_only_its_placeholder_its_paths_and_its_models_and_never_ech
             && line("model:").contains("model \\\"claude-other\\\" is not allowed by profile cc-probe"),
         "{o}"
     );
+    // The API's own tools would reach the network outside the profile:
+    // refused before anything goes upstream.
+    for (prefix, tool) in [
+        ("search:", "web_search (web_search_20250305)"),
+        ("mcp:", "mcp (mcp_servers)"),
+    ] {
+        assert!(
+            line(prefix).contains("\"type\":\"invalid_request_error\"")
+                && line(prefix).contains(&format!(
+                    "its own tool {tool} outside the sandbox, which profile cc-probe does not allow"
+                )),
+            "{o}"
+        );
+    }
+    assert!(line("twice:").contains("duplicate field `model`"), "{o}");
     assert!(line("ok:").contains("\"type\":\"message\""), "{o}");
+    // Claude Code's own requests and the probe's allowed one reached the
+    // API, listing no tool the API runs; the refused ones never did.
+    let seen = api2.seen();
+    assert!(
+        seen.iter()
+            .all(|s| s.model == "claude-allowed" && s.tool_types.iter().all(|t| t.is_empty() || t == "custom")),
+        "{seen:#?}"
+    );
     // The placeholder sent elsewhere is only the placeholder.
     let replay = line("replay:");
     assert!(replay.contains("x-api-key: warden-") && !o.contains("sk-alice"), "{o}");
@@ -160,7 +189,7 @@ fn the_gateway_takes_only_its_placeholder_its_paths_and_its_models_and_never_ech
         .into_iter()
         .filter(|e| e["protocol"] == "gateway")
         .collect();
-    for reason in ["placeholder", "path", "model"] {
+    for reason in ["placeholder", "path", "model", "server-tool", "body"] {
         assert!(refused.iter().any(|e| e["reason"] == reason), "{reason}: {refused:#?}");
     }
 }

@@ -62,6 +62,101 @@ impl From<PermissionMode> for String {
     }
 }
 
+/// A tool the Messages API runs itself, on its own machines, when a
+/// request lists it: it reaches the network (a search, a fetch, an MCP
+/// server), runs code, or asks another model, outside the worker's sandbox
+/// and its profile's network rules, and is billed beyond the tokens the
+/// gateway meters. The gateway forwards a request that lists one only when
+/// the profile's `[claude] server_tools` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(into = "String")]
+pub enum ServerTool {
+    WebSearch,
+    WebFetch,
+    CodeExecution,
+    ToolSearch,
+    Advisor,
+    /// The MCP connector: the API connects to the MCP servers a request
+    /// names (`mcp_servers`, `mcp_toolset` tools).
+    Mcp,
+}
+
+impl ServerTool {
+    pub const ALL: [ServerTool; 6] = [
+        ServerTool::WebSearch,
+        ServerTool::WebFetch,
+        ServerTool::CodeExecution,
+        ServerTool::ToolSearch,
+        ServerTool::Advisor,
+        ServerTool::Mcp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerTool::WebSearch => "web_search",
+            ServerTool::WebFetch => "web_fetch",
+            ServerTool::CodeExecution => "code_execution",
+            ServerTool::ToolSearch => "tool_search",
+            ServerTool::Advisor => "advisor",
+            ServerTool::Mcp => "mcp",
+        }
+    }
+
+    /// Who runs a tool a request lists, by its `type`: the client (no
+    /// type, `custom`, and the client tools Anthropic defines: `bash_*`,
+    /// `text_editor_*`, `computer_*`, `memory_*`), the API, or nobody warden
+    /// knows: a type it does not know may be run by the API, and so is
+    /// never forwarded. A type's version (a trailing `_YYYYMMDD`) does not
+    /// matter.
+    pub fn of_type(kind: Option<&str>) -> RunsOn {
+        let Some(kind) = kind else { return RunsOn::Client };
+        let family = match kind.rsplit_once('_') {
+            Some((family, date)) if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) => family,
+            _ => kind,
+        };
+        match family {
+            "custom" | "bash" | "text_editor" | "computer" | "memory" => RunsOn::Client,
+            "web_search" => RunsOn::Api(ServerTool::WebSearch),
+            "web_fetch" => RunsOn::Api(ServerTool::WebFetch),
+            "code_execution" => RunsOn::Api(ServerTool::CodeExecution),
+            "tool_search_tool_regex" | "tool_search_tool_bm25" => RunsOn::Api(ServerTool::ToolSearch),
+            "advisor" => RunsOn::Api(ServerTool::Advisor),
+            "mcp_toolset" => RunsOn::Api(ServerTool::Mcp),
+            _ => RunsOn::Unknown,
+        }
+    }
+}
+
+/// Who runs a tool a Messages request lists ([`ServerTool::of_type`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunsOn {
+    Client,
+    Api(ServerTool),
+    Unknown,
+}
+
+impl std::fmt::Display for ServerTool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for ServerTool {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        ServerTool::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
+            let all: Vec<&str> = ServerTool::ALL.iter().map(|t| t.as_str()).collect();
+            format!("unknown server tool {s:?}; expected one of {}", all.join(", "))
+        })
+    }
+}
+
+impl From<ServerTool> for String {
+    fn from(t: ServerTool) -> String {
+        t.as_str().to_string()
+    }
+}
+
 /// A rule that decides a tool call without asking: `Tool` or
 /// `Tool(pattern)`, read as Claude Code reads its own rules (see
 /// `ToolRule::matches`); a compound shell command is never allowed by one.
@@ -185,7 +280,7 @@ impl From<HttpUrl> for String {
     }
 }
 
-deserialize_via!(String: PermissionMode, ToolRule, HttpUrl);
+deserialize_via!(String: PermissionMode, ServerTool, ToolRule, HttpUrl);
 
 /// How a `[claude]` profile runs the Claude Code CLI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -211,6 +306,9 @@ pub struct ClaudePolicy {
     /// Tool calls decided without asking. Deny rules win.
     pub auto_allow: Vec<ToolRule>,
     pub auto_deny: Vec<ToolRule>,
+    /// The API's own tools a request may list (see [`ServerTool`]).
+    #[serde(default)]
+    pub server_tools: std::collections::BTreeSet<ServerTool>,
 }
 
 impl ClaudePolicy {
@@ -256,6 +354,7 @@ impl Default for ClaudePolicy {
             approval_timeout_secs: 55,
             auto_allow: Vec::new(),
             auto_deny: Vec::new(),
+            server_tools: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -521,6 +620,50 @@ mod tests {
 
     fn rule(s: &str) -> ToolRule {
         ToolRule::try_from(s.to_string()).unwrap()
+    }
+
+    /// Who runs a tool a request lists goes by its type, whatever its
+    /// version; a type warden does not know is nobody's to allow.
+    #[test]
+    fn tool_types_say_who_runs_them() {
+        let client = [
+            None,
+            Some("custom"),
+            Some("bash"),
+            Some("bash_20250124"),
+            Some("text_editor_20250728"),
+            Some("computer_20251124"),
+            Some("memory_20250818"),
+        ];
+        for kind in client {
+            assert_eq!(ServerTool::of_type(kind), RunsOn::Client, "{kind:?}");
+        }
+        for (kind, tool) in [
+            ("web_search", ServerTool::WebSearch),
+            ("web_search_20250305", ServerTool::WebSearch),
+            ("web_search_20990101", ServerTool::WebSearch),
+            ("web_fetch_20250910", ServerTool::WebFetch),
+            ("code_execution_20250825", ServerTool::CodeExecution),
+            ("tool_search_tool_regex_20251119", ServerTool::ToolSearch),
+            ("tool_search_tool_bm25", ServerTool::ToolSearch),
+            ("advisor_20260301", ServerTool::Advisor),
+            ("mcp_toolset", ServerTool::Mcp),
+        ] {
+            assert_eq!(ServerTool::of_type(Some(kind)), RunsOn::Api(tool), "{kind}");
+        }
+        for unknown in [
+            "",
+            "browser_20270101",
+            "web_search_2025030",
+            "web_search_2025030x",
+            "Custom",
+            "custom_20250101x",
+        ] {
+            assert_eq!(ServerTool::of_type(Some(unknown)), RunsOn::Unknown, "{unknown:?}");
+        }
+        for t in ServerTool::ALL {
+            assert_eq!(ServerTool::try_from(t.as_str().to_string()), Ok(t));
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ mod spec;
 mod units;
 
 pub use bucket::Bucket;
-pub use claude::{ClaudePolicy, ClaudeRequest, HttpUrl, PermissionMode, ToolRule};
+pub use claude::{ClaudePolicy, ClaudeRequest, HttpUrl, PermissionMode, RunsOn, ServerTool, ToolRule};
 pub use error::{Location, PolicyError};
 pub use network::{Host, NetRule, NetworkMode, NetworkPolicy};
 pub use profile::{

@@ -1258,6 +1258,7 @@ fn gateway() -> Vec<(&'static str, f64, f64, &'static str)> {
         placeholder: placeholder.clone(),
         upstream: warden_policy::HttpUrl::try_from(format!("http://127.0.0.1:{}{path}", api.port())).expect("url"),
         models: None,
+        server_tools: std::collections::BTreeSet::new(),
     };
     let listen = |gateway: Arc<Gateway>| {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");

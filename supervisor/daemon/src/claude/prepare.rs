@@ -192,6 +192,8 @@ pub struct GatewaySetup {
     pub upstream: warden_policy::HttpUrl,
     /// The models requests may name (None: any).
     pub models: Option<std::collections::BTreeSet<String>>,
+    /// The API's own tools requests may list (the profile's `server_tools`).
+    pub server_tools: std::collections::BTreeSet<warden_policy::ServerTool>,
 }
 
 impl std::fmt::Debug for GatewaySetup {
@@ -200,6 +202,7 @@ impl std::fmt::Debug for GatewaySetup {
             .field("credential", &self.credential)
             .field("upstream", &self.upstream.text)
             .field("models", &self.models)
+            .field("server_tools", &self.server_tools)
             .finish_non_exhaustive()
     }
 }
@@ -287,6 +290,7 @@ pub fn prepare(
             .clone()
             .unwrap_or_else(|| config.gateway.upstream.clone()),
         models,
+        server_tools: policy.server_tools.clone(),
     };
     Ok(Prepared {
         argv: std::iter::once(BINARY_INSIDE.to_string())

@@ -16,7 +16,8 @@
 //! so it asks the upstream for `identity` and refuses anything else); nor
 //! let a worker's hang-up take a request's cost out of the meter.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -38,6 +39,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warden_policy::config::{Budget, Config, GatewayConfig};
+use warden_policy::{RunsOn, ServerTool};
 
 use crate::claude::prepare::{Credential, GatewaySetup};
 use crate::events::{clip, millis, EventKind, Events, NetProtocol};
@@ -261,14 +263,65 @@ fn encoded(headers: &HeaderMap) -> Option<String> {
 const BODY_POOL: usize = 64 << 20;
 const BODY_WAIT: Duration = Duration::from_secs(30);
 
-/// What the gateway reads of a request: its model and whether it streams,
-/// without building a tree of the rest.
+/// What the gateway reads of a request: its model, whether it streams and
+/// which tools it lists, without building a tree of the rest. A body that
+/// does not read into this (not a JSON object, a field of these twice) is
+/// refused: the API might read it otherwise than the gateway did.
 #[derive(Debug, Default, serde::Deserialize)]
 struct Head<'a> {
     #[serde(borrow, default)]
-    model: Option<std::borrow::Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(borrow, default)]
+    tools: Option<Vec<ToolHead<'a>>>,
+    /// The MCP connector's servers, which the API itself connects to.
+    #[serde(default)]
+    mcp_servers: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+/// A tool a request lists: who runs it depends on its type.
+#[derive(Debug, serde::Deserialize)]
+struct ToolHead<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+}
+
+impl Head<'_> {
+    /// Why the request may not go upstream because of a tool it asks the
+    /// API to run (a server tool `allowed` does not name, or a tool type
+    /// warden does not know), if it may not.
+    fn unallowed_tool(&self, allowed: &BTreeSet<ServerTool>, profile: &str) -> Option<String> {
+        let mut asked: Vec<(ServerTool, &str)> = Vec::new();
+        for tool in self.tools.iter().flatten() {
+            let kind = tool.kind.as_deref();
+            match ServerTool::of_type(kind) {
+                RunsOn::Client => {}
+                RunsOn::Api(t) => asked.push((t, kind.unwrap_or(""))),
+                RunsOn::Unknown => {
+                    return Some(format!(
+                        "the request lists a tool of type {:?}, which warden does not know: the API may run it \
+                         itself, outside the sandbox, so it is not forwarded",
+                        kind.unwrap_or("")
+                    ))
+                }
+            }
+        }
+        if self.mcp_servers.as_ref().is_some_and(|m| !m.is_empty()) {
+            asked.push((ServerTool::Mcp, "mcp_servers"));
+        }
+        let (tool, kind) = asked.into_iter().find(|(t, _)| !allowed.contains(t))?;
+        let names: Vec<&str> = allowed.iter().map(|t| t.as_str()).collect();
+        Some(format!(
+            "the request asks the API to run its own tool {tool} ({kind}) outside the sandbox, which profile \
+             {profile} does not allow (its [claude] server_tools: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ))
+    }
 }
 
 /// The beta flag the API wants with an OAuth token.
@@ -390,7 +443,17 @@ impl Gateway {
             Ok(b) => b,
             Err(refused) => return refused,
         };
-        let head: Head<'_> = serde_json::from_slice(&body).unwrap_or_default();
+        let head: Head<'_> = match serde_json::from_slice(&body) {
+            Ok(head) => head,
+            Err(e) => {
+                self.refuse(&path, "body", &format!("a request body the gateway cannot read: {e}"));
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    &format!("warden: the gateway reads a request's model, stream and tools from its JSON body and cannot read this one: {e}"),
+                );
+            }
+        };
         let model = head.model.as_deref().unwrap_or("").to_string();
         let streamed = head.stream == Some(true);
         if let Some(models) = &self.setup.models {
@@ -410,6 +473,18 @@ impl Gateway {
                     ),
                 );
             }
+        }
+        // Only a request for an answer runs tools; counting tokens runs none.
+        let refused_tool = (endpoint == Endpoint::Messages)
+            .then(|| head.unallowed_tool(&self.setup.server_tools, &self.profile))
+            .flatten();
+        if let Some(why) = refused_tool {
+            self.refuse(&path, "server-tool", &why);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("warden: {why}"),
+            );
         }
         let ticket = match self
             .ledger
@@ -1163,6 +1238,7 @@ mod upstream_tests {
             placeholder: "warden-test".into(),
             upstream: warden_policy::HttpUrl::try_from(format!("http://127.0.0.1:{port}")).unwrap(),
             models: None,
+            server_tools: BTreeSet::new(),
         };
         let gateway = Arc::new(adjust(Gateway::new(
             "w1",
@@ -1388,6 +1464,141 @@ mod upstream_tests {
         let totals = recorded(&gateway, 1).await;
         assert_eq!((totals.tokens.input, totals.tokens.output), (700, 80));
         assert_eq!(usage_events(&gateway), [(700, 80, false)]);
+    }
+
+    /// The API's own tools (a search, a fetch, an MCP server, code, another
+    /// model) run outside the sandbox and its network rules: a request for
+    /// an answer that lists one its profile does not allow, or a tool type
+    /// warden does not know, never reaches the upstream (400, a
+    /// `network_denial` `server-tool`); the client's own tools pass, and
+    /// counting tokens runs nothing. A body the gateway cannot read as the
+    /// API would (not a JSON object, a field twice) is refused (`body`)
+    /// rather than guessed at.
+    #[tokio::test]
+    async fn the_apis_own_tools_run_only_where_the_profile_allows_them() {
+        let ok =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+        let (port, heads) = scripted_upstream(move |_| ok.to_string()).await;
+        let config = Config::embedded();
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |g| g).await;
+        let body = |more: &str| format!(r#"{{"model":"m","max_tokens":1,"messages":[],{more}}}"#);
+
+        // Claude Code's own tools, and the client tools Anthropic defines.
+        let client = body(
+            r#""tools":[{"name":"Bash","input_schema":{}},{"type":"custom","name":"x","input_schema":{}},{"type":"text_editor_20250728","name":"str_replace_based_edit_tool"},{"type":"memory_20250818","name":"memory"},{"type":"bash_20250124","name":"bash"}],"mcp_servers":[]"#,
+        );
+        let answer = send(addr, &post("", &client)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        let server = [
+            (
+                r#""tools":[{"type":"web_search_20250305","name":"web_search","max_uses":8}]"#,
+                "web_search",
+            ),
+            (
+                r#""tools":[{"name":"Bash","input_schema":{}},{"type":"web_fetch_20250910","name":"web_fetch"}]"#,
+                "web_fetch",
+            ),
+            (
+                r#""tools":[{"type":"code_execution_20250825","name":"code_execution"}]"#,
+                "code_execution",
+            ),
+            (
+                r#""tools":[{"type":"tool_search_tool_regex_20251119","name":"tool_search_tool_regex"}]"#,
+                "tool_search",
+            ),
+            (
+                r#""tools":[{"type":"tool_search_tool_bm25","name":"tool_search_tool_bm25"}]"#,
+                "tool_search",
+            ),
+            (r#""tools":[{"type":"advisor_20260301","name":"advisor"}]"#, "advisor"),
+            (
+                r#""mcp_servers":[{"type":"url","url":"https://exfil.example/","name":"x"}]"#,
+                "mcp",
+            ),
+            (r#""tools":[{"type":"mcp_toolset","mcp_server_name":"x"}]"#, "mcp"),
+            // Spelled with an escape, as the API reads it all the same.
+            (
+                r#""tools":[{"t\u0079pe":"web_search_20250305","name":"web_search"}]"#,
+                "web_search",
+            ),
+        ];
+        for (more, tool) in server {
+            let answer = send(addr, &post("", &body(more))).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{more}: {answer}");
+            assert!(
+                answer.contains(&format!("its own tool {tool} ")) && answer.contains("server_tools: none"),
+                "{more}: {answer}"
+            );
+        }
+        let unknown = body(r#""tools":[{"type":"browser_20270101","name":"b"}]"#);
+        let answer = send(addr, &post("", &unknown)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400")
+                && answer.contains(r#"\"browser_20270101\", which warden does not know"#),
+            "{answer}"
+        );
+
+        // Read as the API might read it otherwise: refused, not guessed at.
+        let unreadable = [
+            r#"{"model":"m","tools":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
+            r#"{"model":"m","tools":[{"type":"custom","type":"web_search_20250305","name":"w"}]}"#,
+            r#"{"model":"m","tools":{"type":"web_search_20250305"}}"#,
+            r#"["model","m"]"#,
+            "not json",
+        ];
+        for bad in unreadable {
+            let answer = send(addr, &post("", bad)).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400") && answer.contains("cannot read this one"),
+                "{bad}: {answer}"
+            );
+        }
+
+        // Counting tokens runs no tool.
+        let count = post("", &body(server[0].0)).replacen("/v1/messages", "/v1/messages/count_tokens", 1);
+        let answer = send(addr, &count).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        let went: Vec<String> = heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| h.lines().next().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(
+            went,
+            ["post /v1/messages http/1.1", "post /v1/messages/count_tokens http/1.1"]
+        );
+        let refused = denials(&gateway, "server-tool");
+        assert_eq!(refused.len(), server.len() + 1, "{refused:?}");
+        assert!(refused[0].contains("web_search (web_search_20250305)"), "{refused:?}");
+        assert!(refused[6].contains("mcp (mcp_servers)"), "{refused:?}");
+        assert_eq!(denials(&gateway, "body").len(), unreadable.len());
+        assert_eq!(gateway.totals().requests, 2);
+
+        // A profile that allows web search forwards it, and nothing else.
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, addr) = serve_gateway(port, &config, dir.path(), |mut g| {
+            g.setup.server_tools = BTreeSet::from([ServerTool::WebSearch]);
+            g
+        })
+        .await;
+        let answer = send(addr, &post("", &body(server[0].0))).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let both = body(
+            r#""tools":[{"type":"web_search_20250305","name":"web_search"},{"type":"web_fetch_20250910","name":"web_fetch"}]"#,
+        );
+        let answer = send(addr, &post("", &both)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400")
+                && answer.contains("its own tool web_fetch ")
+                && answer.contains("server_tools: web_search)"),
+            "{answer}"
+        );
+        assert_eq!(heads.lock().unwrap().len(), 3);
+        assert_eq!(denials(&gateway, "server-tool").len(), 1);
     }
 
     /// What the gateway checks, meters and scrubs it reads in plain: it

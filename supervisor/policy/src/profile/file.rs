@@ -154,6 +154,8 @@ pub(crate) struct RawClaude {
     pub auto_allow: Vec<ToolRule>,
     #[serde(default)]
     pub auto_deny: Vec<ToolRule>,
+    #[serde(default)]
+    pub server_tools: Vec<crate::claude::ServerTool>,
 }
 
 // ---------------------------------------------------------------------------

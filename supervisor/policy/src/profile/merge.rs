@@ -157,6 +157,7 @@ fn merge(base: &mut Profile, r: &RawProfile) {
         claude.models.extend(c.models.iter().cloned());
         claude.allowed_tools.extend(c.allowed_tools.iter().cloned());
         claude.disallowed_tools.extend(c.disallowed_tools.iter().cloned());
+        claude.server_tools.extend(c.server_tools.iter().copied());
         if c.max_turns.is_some() {
             claude.max_turns = c.max_turns;
         }

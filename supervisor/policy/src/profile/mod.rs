@@ -410,7 +410,8 @@ groups = ["default"]
         let text = format!(
             "{MINIMAL}[landlock]\nmin_abi = 4\n[network]\nmode = \"none\"\ntcp_connect = [443]\n[claude]\npermission_mode = \"default\"\n\
              model = \"m1\"\nmodels = [\"m2\"]\nmax_turns = 20\nbase_url = \"http://127.0.0.1:8089/x\"\n\
-             approval_timeout = \"30s\"\nauto_allow = [\"Read\", \"Bash(git status*)\"]\nauto_deny = [\"Bash(*rm -rf*)\"]\n"
+             approval_timeout = \"30s\"\nauto_allow = [\"Read\", \"Bash(git status*)\"]\nauto_deny = [\"Bash(*rm -rf*)\"]\n\
+             server_tools = [\"web_search\", \"tool_search\"]\n"
         );
         let set = ProfileSet::from_sources(vec![src("c", &text)]).unwrap();
         let p = set.get("c").unwrap();
@@ -421,6 +422,15 @@ groups = ["default"]
         assert_eq!(p.claude.as_ref().unwrap().base_url.as_ref().unwrap().port, 8089);
         let c = p.claude.as_ref().unwrap();
         assert_eq!(c.approval_timeout_secs, 30);
+        assert_eq!(
+            c.server_tools.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            ["web_search", "tool_search"]
+        );
+        // Lists add up along `extends`.
+        let child = "extends = \"c\"\n[claude]\nserver_tools = [\"mcp\"]\n";
+        let set = ProfileSet::from_sources(vec![src("c", &text), src("d", child)]).unwrap();
+        let d = set.get("d").unwrap().claude.clone().unwrap();
+        assert_eq!(d.server_tools.len(), 3);
         let args = c.args().join(" ");
         assert!(
             args.contains("--permission-mode default --model m1 --max-turns 20"),
@@ -509,6 +519,16 @@ groups = ["default"]
             &format!("{MINIMAL}[claude]\napproval_timeout = \"soon\"\n"),
         )]);
         assert!(e.starts_with("c.toml:7:20: expected a duration"), "{e}");
+        let e = err_of(vec![src(
+            "c",
+            &format!("{MINIMAL}[claude]\nserver_tools = [\"web_search_20250305\"]\n"),
+        )]);
+        assert!(
+            e.starts_with(
+                "c.toml:7:17: unknown server tool \"web_search_20250305\"; expected one of web_search, web_fetch"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
