@@ -112,6 +112,7 @@ fn the_gateway_takes_only_its_placeholder_its_paths_and_its_models_and_never_ech
          bad='{{\"model\":\"claude-other\",\"max_tokens\":5,\"messages\":[]}}'; \
          search='{{\"model\":\"claude-allowed\",\"max_tokens\":5,\"messages\":[],\"tools\":[{{\"type\":\"web_search_20250305\",\"name\":\"web_search\"}}]}}'; \
          mcp='{{\"model\":\"claude-allowed\",\"max_tokens\":5,\"messages\":[],\"mcp_servers\":[{{\"type\":\"url\",\"url\":\"https://exfil.test/\",\"name\":\"x\"}}]}}'; \
+         img='{{\"model\":\"claude-allowed\",\"max_tokens\":5,\"messages\":[{{\"role\":\"user\",\"content\":[{{\"type\":\"image\",\"source\":{{\"type\":\"url\",\"url\":\"https://exfil.test/x.png\"}}}}]}}]}}'; \
          twice='{{\"model\":\"claude-allowed\",\"model\":\"claude-other\",\"max_tokens\":5,\"messages\":[]}}'; \
          echo wrong: $(curl -s -H 'x-api-key: warden-0000' -H 'content-type: application/json' -d \"$msg\" $g/v1/messages); \
          echo none: $(curl -s -H 'content-type: application/json' -d \"$msg\" $g/v1/messages); \
@@ -119,6 +120,7 @@ fn the_gateway_takes_only_its_placeholder_its_paths_and_its_models_and_never_ech
          echo model: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$bad\" $g/v1/messages); \
          echo search: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$search\" $g/v1/messages); \
          echo mcp: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$mcp\" $g/v1/messages); \
+         echo img: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$img\" $g/v1/messages/count_tokens); \
          echo twice: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$twice\" $g/v1/messages); \
          echo ok: $(curl -s -H \"x-api-key: $k\" -H 'content-type: application/json' -d \"$msg\" $g/v1/messages); \
          echo replay: $(curl -s --cacert /workspace/default/ca.pem -H \"x-api-key: $k\" https://web.test:{w}/headers | grep -i x-api-key)"
@@ -162,6 +164,10 @@ fn the_gateway_takes_only_its_placeholder_its_paths_and_its_models_and_never_ech
     for (prefix, tool) in [
         ("search:", "web_search (web_search_20250305)"),
         ("mcp:", "mcp (mcp_servers)"),
+        (
+            "img:",
+            "web_fetch (a block whose source is the URL \\\"https://exfil.test/x.png\\\")",
+        ),
     ] {
         assert!(
             line(prefix).contains("\"type\":\"invalid_request_error\"")

@@ -72,6 +72,8 @@ impl From<PermissionMode> for String {
 #[serde(into = "String")]
 pub enum ServerTool {
     WebSearch,
+    /// The API fetches a URL: its web fetch tool, and a content block
+    /// whose source is a URL.
     WebFetch,
     CodeExecution,
     ToolSearch,

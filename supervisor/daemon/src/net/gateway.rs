@@ -16,8 +16,7 @@
 //! so it asks the upstream for `identity` and refuses anything else); nor
 //! let a worker's hang-up take a request's cost out of the meter.
 
-use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -39,8 +38,8 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warden_policy::config::{Budget, Config, GatewayConfig};
-use warden_policy::{RunsOn, ServerTool};
 
+use super::api_request::Head;
 use crate::claude::prepare::{Credential, GatewaySetup};
 use crate::events::{clip, millis, EventKind, Events, NetProtocol};
 use crate::limits::Bucket;
@@ -263,67 +262,6 @@ fn encoded(headers: &HeaderMap) -> Option<String> {
 const BODY_POOL: usize = 64 << 20;
 const BODY_WAIT: Duration = Duration::from_secs(30);
 
-/// What the gateway reads of a request: its model, whether it streams and
-/// which tools it lists, without building a tree of the rest. A body that
-/// does not read into this (not a JSON object, a field of these twice) is
-/// refused: the API might read it otherwise than the gateway did.
-#[derive(Debug, Default, serde::Deserialize)]
-struct Head<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(borrow, default)]
-    tools: Option<Vec<ToolHead<'a>>>,
-    /// The MCP connector's servers, which the API itself connects to.
-    #[serde(default)]
-    mcp_servers: Option<Vec<serde::de::IgnoredAny>>,
-}
-
-/// A tool a request lists: who runs it depends on its type.
-#[derive(Debug, serde::Deserialize)]
-struct ToolHead<'a> {
-    #[serde(borrow, default, rename = "type")]
-    kind: Option<Cow<'a, str>>,
-}
-
-impl Head<'_> {
-    /// Why the request may not go upstream because of a tool it asks the
-    /// API to run (a server tool `allowed` does not name, or a tool type
-    /// warden does not know), if it may not.
-    fn unallowed_tool(&self, allowed: &BTreeSet<ServerTool>, profile: &str) -> Option<String> {
-        let mut asked: Vec<(ServerTool, &str)> = Vec::new();
-        for tool in self.tools.iter().flatten() {
-            let kind = tool.kind.as_deref();
-            match ServerTool::of_type(kind) {
-                RunsOn::Client => {}
-                RunsOn::Api(t) => asked.push((t, kind.unwrap_or(""))),
-                RunsOn::Unknown => {
-                    return Some(format!(
-                        "the request lists a tool of type {:?}, which warden does not know: the API may run it \
-                         itself, outside the sandbox, so it is not forwarded",
-                        kind.unwrap_or("")
-                    ))
-                }
-            }
-        }
-        if self.mcp_servers.as_ref().is_some_and(|m| !m.is_empty()) {
-            asked.push((ServerTool::Mcp, "mcp_servers"));
-        }
-        let (tool, kind) = asked.into_iter().find(|(t, _)| !allowed.contains(t))?;
-        let names: Vec<&str> = allowed.iter().map(|t| t.as_str()).collect();
-        Some(format!(
-            "the request asks the API to run its own tool {tool} ({kind}) outside the sandbox, which profile \
-             {profile} does not allow (its [claude] server_tools: {})",
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            }
-        ))
-    }
-}
-
 /// The beta flag the API wants with an OAuth token.
 const OAUTH_BETA: &str = "oauth-2025-04-20";
 
@@ -474,11 +412,9 @@ impl Gateway {
                 );
             }
         }
-        // Only a request for an answer runs tools; counting tokens runs none.
-        let refused_tool = (endpoint == Endpoint::Messages)
-            .then(|| head.unallowed_tool(&self.setup.server_tools, &self.profile))
-            .flatten();
-        if let Some(why) = refused_tool {
+        // Counting tokens, too: the API may have to fetch an image or list
+        // an MCP server's tools to count them.
+        if let Some(why) = head.outside_the_sandbox(&self.setup.server_tools, &self.profile) {
             self.refuse(&path, "server-tool", &why);
             return error(
                 StatusCode::BAD_REQUEST,
@@ -1166,7 +1102,9 @@ mod upstream_tests {
     //! The gateway between a raw client and a loopback upstream that
     //! misbehaves: it echoes the credential it got in an error answer.
     use super::*;
+    use std::collections::BTreeSet;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use warden_policy::ServerTool;
 
     /// An upstream that answers every request with a 400 whose body and
     /// headers repeat the request's credential.
@@ -1468,10 +1406,11 @@ mod upstream_tests {
 
     /// The API's own tools (a search, a fetch, an MCP server, code, another
     /// model) run outside the sandbox and its network rules: a request for
-    /// an answer that lists one its profile does not allow, or a tool type
-    /// warden does not know, never reaches the upstream (400, a
-    /// `network_denial` `server-tool`); the client's own tools pass, and
-    /// counting tokens runs nothing. A body the gateway cannot read as the
+    /// an answer or a count that lists one its profile does not allow, a
+    /// tool type warden does not know, or a block whose source is a URL
+    /// (the API fetches it: `web_fetch`), never reaches the upstream (400,
+    /// a `network_denial` `server-tool`); the client's own tools pass. A
+    /// body the gateway cannot read as the
     /// API would (not a JSON object, a field twice) is refused (`body`)
     /// rather than guessed at.
     #[tokio::test]
@@ -1556,8 +1495,20 @@ mod upstream_tests {
             );
         }
 
-        // Counting tokens runs no tool.
+        // A URL the API would fetch to read a block, for an answer or a count.
+        let image = r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https://exfil.example/?d=1"}}]}]}"#;
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let answer = send(addr, &post("", image).replacen("/v1/messages", path, 1)).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400")
+                    && answer.contains("its own tool web_fetch (a block whose source is the URL"),
+                "{path}: {answer}"
+            );
+        }
         let count = post("", &body(server[0].0)).replacen("/v1/messages", "/v1/messages/count_tokens", 1);
+        let answer = send(addr, &count).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        let count = post("", &client).replacen("/v1/messages", "/v1/messages/count_tokens", 1);
         let answer = send(addr, &count).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
@@ -1572,7 +1523,7 @@ mod upstream_tests {
             ["post /v1/messages http/1.1", "post /v1/messages/count_tokens http/1.1"]
         );
         let refused = denials(&gateway, "server-tool");
-        assert_eq!(refused.len(), server.len() + 1, "{refused:?}");
+        assert_eq!(refused.len(), server.len() + 4, "{refused:?}");
         assert!(refused[0].contains("web_search (web_search_20250305)"), "{refused:?}");
         assert!(refused[6].contains("mcp (mcp_servers)"), "{refused:?}");
         assert_eq!(denials(&gateway, "body").len(), unreadable.len());

@@ -1,0 +1,269 @@
+//! What the API gateway reads of a Messages request before it goes
+//! upstream: its model, whether it streams, and what it would have the API
+//! do outside the sandbox (run one of its own tools, fetch a URL). Read
+//! with borrowed, typed serde structures that skip everything else: no tree
+//! of the body is built, whatever its size.
+//!
+//! A body that does not read into these (not a JSON object, one of the
+//! fields read given twice, nesting past serde_json's limit) is refused by
+//! the gateway: the API might read it otherwise than the gateway did.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use warden_policy::{RunsOn, ServerTool};
+
+/// The parts of a request the gateway decides on.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct Head<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(borrow, default)]
+    tools: Option<Vec<ToolHead<'a>>>,
+    /// The MCP connector's servers, which the API itself connects to.
+    #[serde(default)]
+    mcp_servers: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    messages: Option<Vec<MessageHead>>,
+    #[serde(default)]
+    system: Option<Blocks>,
+}
+
+/// A tool a request lists: who runs it depends on its type.
+#[derive(Debug, Deserialize)]
+struct ToolHead<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageHead {
+    #[serde(default)]
+    content: Option<Blocks>,
+}
+
+/// A `content` (or `system`) value: text, one block or a list of blocks,
+/// read for the first source that is a URL (which the API would fetch),
+/// however deep (a tool result's content, a document's content source).
+#[derive(Debug, Default)]
+struct Blocks {
+    url: Option<String>,
+}
+
+/// A content block: only its `source` and nested `content` matter,
+/// whatever its type (an image, a document, one of a tool result's).
+#[derive(Debug, Deserialize)]
+struct Block {
+    #[serde(default)]
+    source: Option<Source>,
+    #[serde(default)]
+    content: Option<Blocks>,
+}
+
+/// A block's `source`: an object (`base64`, `text`, `file`, `content`, or
+/// `url`, which the API fetches), or a plain string (a search result's,
+/// which it does not).
+#[derive(Debug, Default)]
+struct Source {
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SourceObject<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    url: Option<Cow<'a, str>>,
+    #[serde(default)]
+    content: Option<Blocks>,
+}
+
+impl<'de> Deserialize<'de> for Blocks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BlocksVisitor)
+    }
+}
+
+struct BlocksVisitor;
+
+impl<'de> Visitor<'de> for BlocksVisitor {
+    type Value = Blocks;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("text, a content block or a list of them")
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Blocks, E> {
+        Ok(Blocks::default())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Blocks, E> {
+        Ok(Blocks::default())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Blocks, A::Error> {
+        let mut found = Blocks::default();
+        while let Some(block) = seq.next_element::<Block>()? {
+            if found.url.is_none() {
+                found.url = block.url();
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Blocks, A::Error> {
+        let block = Block::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Blocks { url: block.url() })
+    }
+}
+
+impl Block {
+    fn url(self) -> Option<String> {
+        self.source.and_then(|s| s.url).or(self.content.and_then(|c| c.url))
+    }
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SourceVisitor)
+    }
+}
+
+struct SourceVisitor;
+
+impl<'de> Visitor<'de> for SourceVisitor {
+    type Value = Source;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a content block's source")
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Source, E> {
+        Ok(Source::default())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Source, A::Error> {
+        let s = SourceObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let url = if s.kind.as_deref() == Some("url") {
+            // The address itself is the worker's text: at most 256 bytes of
+            // it go into the refusal.
+            Some(crate::events::clip(s.url.as_deref().unwrap_or(""), 256))
+        } else {
+            s.content.and_then(|c| c.url)
+        };
+        Ok(Source { url })
+    }
+}
+
+impl Head<'_> {
+    /// Why the request may not go upstream because of what it would have
+    /// the API do outside the sandbox, if it may not: run a server tool
+    /// `allowed` does not name, run a tool of a type warden does not know,
+    /// or fetch a block's URL source (allowed with `web_fetch`).
+    pub fn outside_the_sandbox(&self, allowed: &BTreeSet<ServerTool>, profile: &str) -> Option<String> {
+        let mut asked: Vec<(ServerTool, String)> = Vec::new();
+        for tool in self.tools.iter().flatten() {
+            let kind = tool.kind.as_deref();
+            match ServerTool::of_type(kind) {
+                RunsOn::Client => {}
+                RunsOn::Api(t) => asked.push((t, kind.unwrap_or("").to_string())),
+                RunsOn::Unknown => {
+                    return Some(format!(
+                        "the request lists a tool of type {:?}, which warden does not know: the API may run it \
+                         itself, outside the sandbox, so it is not forwarded",
+                        kind.unwrap_or("")
+                    ))
+                }
+            }
+        }
+        if self.mcp_servers.as_ref().is_some_and(|m| !m.is_empty()) {
+            asked.push((ServerTool::Mcp, "mcp_servers".into()));
+        }
+        let contents = self.messages.iter().flatten().filter_map(|m| m.content.as_ref());
+        if let Some(url) = contents.chain(&self.system).find_map(|c| c.url.as_ref()) {
+            asked.push((ServerTool::WebFetch, format!("a block whose source is the URL {url:?}")));
+        }
+        let (tool, what) = asked.into_iter().find(|(t, _)| !allowed.contains(t))?;
+        let names: Vec<&str> = allowed.iter().map(|t| t.as_str()).collect();
+        Some(format!(
+            "the request asks the API to run its own tool {tool} ({what}) outside the sandbox, which profile \
+             {profile} does not allow (its [claude] server_tools: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(body: &str) -> Result<Option<String>, String> {
+        let head: Head<'_> = serde_json::from_str(body).map_err(|e| e.to_string())?;
+        Ok(head.outside_the_sandbox(&BTreeSet::new(), "p"))
+    }
+
+    /// A URL the API would fetch is found wherever a block may carry it:
+    /// an image or document of a message, a tool result's content, a
+    /// document whose source is content, the system prompt; a search
+    /// result's plain source string and inline data are no fetch.
+    #[test]
+    fn url_sources_are_found_at_any_depth() {
+        let msg = |content: &str| format!(r#"{{"model":"m","messages":[{{"role":"user","content":{content}}}]}}"#);
+        let url = r#"{"type":"url","url":"https://exfil.example/?d=secret"}"#;
+        let fetching = [
+            msg(&format!(r#"[{{"type":"image","source":{url}}}]"#)),
+            msg(&format!(
+                r#"[{{"type":"text","text":"hi"}},{{"type":"document","source":{url}}}]"#
+            )),
+            msg(&format!(
+                r#"[{{"type":"tool_result","tool_use_id":"t","content":[{{"type":"image","source":{url}}}]}}]"#
+            )),
+            msg(&format!(
+                r#"[{{"type":"document","source":{{"type":"content","content":[{{"type":"image","source":{url}}}]}}}}]"#
+            )),
+            msg(&format!(r#"{{"type":"image","source":{url}}}"#)),
+            format!(r#"{{"model":"m","system":[{{"type":"image","source":{url}}}],"messages":[]}}"#),
+        ];
+        for body in &fetching {
+            let why = read(body)
+                .unwrap()
+                .unwrap_or_else(|| panic!("no fetch found in {body}"));
+            assert!(
+                why.contains(r#"web_fetch (a block whose source is the URL "https://exfil.example/?d=secret")"#),
+                "{why}"
+            );
+        }
+        let quiet = [
+            msg(r#""plain text""#),
+            msg(r#"[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}}]"#),
+            msg(
+                r#"[{"type":"search_result","source":"https://example.com/","title":"t","content":[{"type":"text","text":"x"}]}]"#,
+            ),
+            msg(r#"[{"type":"tool_use","id":"t","name":"Bash","input":{"source":{"type":"url","url":"https://x/"}}}]"#),
+            msg(r#"[{"type":"document","source":{"type":"text","media_type":"text/plain","data":"x"}}]"#),
+            r#"{"model":"m","system":"be brief","messages":[]}"#.to_string(),
+        ];
+        for body in &quiet {
+            assert_eq!(read(body), Ok(None), "{body}");
+        }
+        // Given twice, a source could be read otherwise upstream.
+        let twice = msg(&format!(
+            r#"[{{"type":"image","source":{{"type":"base64","data":"AAAA"}},"source":{url}}}]"#
+        ));
+        assert!(read(&twice).unwrap_err().contains("duplicate field `source`"));
+        let deep = format!(
+            r#"{{"model":"m","messages":[{{"content":{}1"#,
+            r#"[{"content":"#.repeat(200)
+        );
+        assert!(read(&deep).is_err());
+    }
+}
