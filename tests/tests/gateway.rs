@@ -424,3 +424,73 @@ fn an_upstream_whose_certificate_is_not_trusted_gets_no_request() {
         "{usage:#?}"
     );
 }
+
+/// Claude Code's WebSearch asks the API to search with its own tool,
+/// outside the sandbox and the profile's network rules: under a profile
+/// without `web_search` the gateway refuses that request, Claude reads why
+/// in its tool result, and the refusal is a `network_denial` event; under
+/// one with it, the request reaches the API listing the search tool.
+#[test]
+fn claude_codes_web_search_runs_only_where_the_profile_allows_it() {
+    if !root() {
+        return;
+    }
+    let search = || tool("WebSearch", json!({"query": "warden sandbox"}));
+    let api = FakeAnthropic::start(vec![search(), Turn::Text("done".into())]);
+    let d = daemon_for(&api, "bypassPermissions", "");
+    d.set_credentials("alice", "ANTHROPIC_API_KEY=sk-alice-real-key\n");
+    let out = run(&d, "alice", "search the web");
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let r = results(&api);
+    assert_eq!(r.len(), 1, "{r:#?}");
+    let why = "warden: the request asks the API to run its own tool web_search (web_search_20250305) outside \
+               the sandbox, which profile cc-test does not allow (its [claude] server_tools: none)";
+    assert!(r[0].1 && r[0].0.contains(why), "{r:#?}");
+    let seen = api.seen();
+    assert!(
+        seen.iter().all(|s| s.tool_types.iter().all(|t| t.is_empty())),
+        "{seen:#?}"
+    );
+    let refused: Vec<Value> = events(&d, "network_denial", "alice")
+        .into_iter()
+        .filter(|e| e["reason"] == "server-tool")
+        .collect();
+    assert!(
+        !refused.is_empty()
+            && refused
+                .iter()
+                .all(|e| e["message"] == format!("/v1/messages: {}", &why[8..])),
+        "{refused:#?}"
+    );
+
+    // Allowed: Claude Code's search request reaches the API (whose scripted
+    // answer to it is a text without results).
+    let api = FakeAnthropic::start(vec![
+        search(),
+        Turn::Text("nothing found".into()),
+        Turn::Text("done".into()),
+    ]);
+    add_test_profile(
+        &d,
+        "cc-search",
+        &api,
+        "bypassPermissions",
+        "server_tools = [\"web_search\"]",
+    );
+    let out = d.ctl(&[
+        "spawn",
+        "--user",
+        "alice",
+        "--profile",
+        "cc-search",
+        "-w",
+        "--",
+        "search",
+    ]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let seen = api.seen();
+    assert!(
+        seen.iter().any(|s| s.tool_types == ["web_search_20250305"]),
+        "{seen:#?}"
+    );
+}
