@@ -120,7 +120,7 @@ fn sse(event: &str, data: &Value) -> String {
 }
 
 /// The SSE stream for one assistant message.
-fn stream_of(model: &str, blocks: &[Value], stop: &str) -> String {
+fn stream_of(model: &str, blocks: &[Value], stop: &str, final_usage: &Value) -> String {
     let mut out = sse(
         "message_start",
         &json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
@@ -152,7 +152,7 @@ fn stream_of(model: &str, blocks: &[Value], stop: &str) -> String {
     }
     out += &sse(
         "message_delta",
-        &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": USAGE.1}}),
+        &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": final_usage}),
     );
     out += &sse("message_stop", &json!({"type": "message_stop"}));
     out
@@ -167,13 +167,18 @@ fn seen(path: &str, headers: &HeaderMap, body: &Value) -> Seen {
         x_api_key: h("x-api-key"),
         authorization: h("authorization"),
         anthropic_beta: h("anthropic-beta"),
-        tool_types: body["tools"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| t["type"].as_str().unwrap_or("").to_string())
-            .collect(),
+        tool_types: seen_tools(body),
     }
+}
+
+/// The `type` of each tool a request lists (`""` for none).
+fn seen_tools(body: &Value) -> Vec<String> {
+    body["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| t["type"].as_str().unwrap_or("").to_string())
+        .collect()
 }
 
 async fn messages(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
@@ -187,17 +192,29 @@ async fn messages(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, Js
         inner.seen.push(seen("/v1/messages", &headers, &body));
         answer(&mut inner, &body)
     };
+    // A request that lists the API's web search is answered as if it ran
+    // one search.
+    let searched = seen_tools(&body).iter().any(|t| t.starts_with("web_search_"));
+    let searches = json!({"web_search_requests": 1});
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        let mut last = json!({"output_tokens": USAGE.1});
+        if searched {
+            last["server_tool_use"] = searches;
+        }
         (
             [(header::CONTENT_TYPE, "text/event-stream")],
-            stream_of(&model, &blocks, stop),
+            stream_of(&model, &blocks, stop, &last),
         )
             .into_response()
     } else {
+        let mut usage = json!({"input_tokens": USAGE.0, "output_tokens": USAGE.1,
+            "cache_creation_input_tokens": USAGE.2, "cache_read_input_tokens": USAGE.3});
+        if searched {
+            usage["server_tool_use"] = searches;
+        }
         Json(
             json!({"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": blocks,
-            "stop_reason": stop, "stop_sequence": null, "usage": {"input_tokens": USAGE.0, "output_tokens": USAGE.1,
-                "cache_creation_input_tokens": USAGE.2, "cache_read_input_tokens": USAGE.3}}),
+            "stop_reason": stop, "stop_sequence": null, "usage": usage}),
         )
         .into_response()
     }

@@ -493,4 +493,10 @@ fn claude_codes_web_search_runs_only_where_the_profile_allows_it() {
         seen.iter().any(|s| s.tool_types == ["web_search_20250305"]),
         "{seen:#?}"
     );
+    // The search it ran, billed apart from tokens, is in its usage event.
+    let searched: Vec<Value> = events(&d, "api_usage", "alice")
+        .into_iter()
+        .filter(|e| e["server_tool_use"] == json!({"web_search_requests": 1}))
+        .collect();
+    assert_eq!(searched.len(), 1, "{:#?}", events(&d, "api_usage", "alice"));
 }

@@ -314,6 +314,11 @@ pub enum EventKind {
         /// upstream broke off), so it was counted from what was generated.
         #[serde(default)]
         output_estimated: bool,
+        /// The API's own tools the request ran, as its usage counts them
+        /// (`web_search_requests`, ...: billed apart from tokens; at most 8
+        /// kinds).
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        server_tool_use: std::collections::BTreeMap<String, u64>,
         duration_ms: u64,
         /// Requests of this worker without an event since the last one
         /// (the `worker_api_events` limit); they still count in the usage

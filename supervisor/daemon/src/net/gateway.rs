@@ -16,7 +16,7 @@
 //! so it asks the upstream for `identity` and refuses anything else); nor
 //! let a worker's hang-up take a request's cost out of the meter.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -744,6 +744,7 @@ impl Gateway {
                 cache_creation_input_tokens: tokens.cache_creation,
                 cache_read_input_tokens: tokens.cache_read,
                 output_estimated: m.usage.estimated,
+                server_tool_use: m.usage.server_tool_use.clone(),
                 duration_ms: u64::try_from(m.started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 suppressed,
             },
@@ -890,7 +891,14 @@ struct UsageReader {
     /// The output count is the gateway's estimate (a stream that ended
     /// before its final usage).
     estimated: bool,
+    /// The API's own tools the request ran, as its usage counts them
+    /// (`server_tool_use`: `web_search_requests`, ...): billed apart from
+    /// tokens.
+    server_tool_use: BTreeMap<String, u64>,
 }
+
+/// The kinds of `server_tool_use` counts an event carries at most.
+const MAX_SERVER_TOOL_COUNTS: usize = 8;
 
 /// Bytes of generated content per output token, for a stream cut before
 /// its final usage: Claude's tokenizers average about 3.5 characters a
@@ -996,6 +1004,12 @@ impl UsageReader {
         set("output_tokens", &mut self.tokens.output);
         set("cache_creation_input_tokens", &mut self.tokens.cache_creation);
         set("cache_read_input_tokens", &mut self.tokens.cache_read);
+        for (kind, n) in u["server_tool_use"].as_object().into_iter().flatten() {
+            let Some(n) = n.as_u64() else { continue };
+            if self.server_tool_use.len() < MAX_SERVER_TOOL_COUNTS || self.server_tool_use.contains_key(kind) {
+                self.server_tool_use.insert(clip(kind, 64), n);
+            }
+        }
     }
 }
 
@@ -1007,7 +1021,7 @@ mod tests {
     fn usage_is_read_from_sse_across_chunks_and_from_json() {
         let sse = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1,\"cache_creation_input_tokens\":3,\"cache_read_input_tokens\":7}}}\n\n\
                    event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\n\
-                   event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
+                   event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42,\"server_tool_use\":{\"web_search_requests\":2}}}\n\n";
         let mut r = UsageReader::default();
         for piece in sse.as_bytes().chunks(7) {
             r.feed(piece);
@@ -1024,10 +1038,30 @@ mod tests {
         );
         let mut j = UsageReader::default();
         j.feed(br#"{"type":"message","usage":{"input_tokens":5,"#);
-        j.feed(br#""output_tokens":6}}"#);
+        j.feed(br#""output_tokens":6,"server_tool_use":{"web_fetch_requests":1,"web_search_requests":"x"}}}"#);
         j.finish();
         assert_eq!((j.tokens.input, j.tokens.output), (5, 6));
         assert!(!j.estimated && !r.estimated);
+        // The API's own tools the request ran, billed apart from tokens.
+        assert_eq!(
+            r.server_tool_use,
+            BTreeMap::from([("web_search_requests".to_string(), 2)])
+        );
+        assert_eq!(
+            j.server_tool_use,
+            BTreeMap::from([("web_fetch_requests".to_string(), 1)])
+        );
+        let mut many = UsageReader::default();
+        let kinds: Vec<String> = (0..20).map(|i| format!("\"k{i:02}\":{i}")).collect();
+        many.feed(
+            format!(
+                r#"{{"usage":{{"input_tokens":1,"server_tool_use":{{{}}}}}}}"#,
+                kinds.join(",")
+            )
+            .as_bytes(),
+        );
+        many.finish();
+        assert_eq!(many.server_tool_use.len(), MAX_SERVER_TOOL_COUNTS);
     }
 
     /// A stream cut before its final usage: its output is estimated from
