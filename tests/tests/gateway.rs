@@ -444,7 +444,7 @@ fn claude_codes_web_search_runs_only_where_the_profile_allows_it() {
     let r = results(&api);
     assert_eq!(r.len(), 1, "{r:#?}");
     let why = "warden: the request asks the API to run its own tool web_search (web_search_20250305) outside \
-               the sandbox, which profile cc-test does not allow (its [claude] server_tools: none)";
+               the sandbox, which profile cc-test does not allow (its [claude] server_tools: tool_search)";
     assert!(r[0].1 && r[0].0.contains(why), "{r:#?}");
     let seen = api.seen();
     assert!(
