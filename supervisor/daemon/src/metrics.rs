@@ -84,6 +84,7 @@ struct Counts {
     audit_bytes: u64,
     api_requests: Family,
     api_tokens: Family,
+    api_server_tools: Family,
 }
 
 /// Everything counted since the daemon started.
@@ -114,6 +115,7 @@ impl Default for Metrics {
                 audit_bytes: 0,
                 api_requests: Family::default(),
                 api_tokens: Family::default(),
+                api_server_tools: Family::default(),
             }),
             streams: Streams::default(),
         }
@@ -163,11 +165,16 @@ impl Observer for Metrics {
 
 impl Metrics {
     /// One request through a worker's API gateway that the upstream
-    /// answered: its tokens by user and model. (Only answered requests
-    /// count, so that a worker's made-up model names make no series.)
-    pub fn api_request(&self, user: &str, model: &str, tokens: Tokens) {
+    /// answered: its tokens by user and model, and the API's own tools it
+    /// ran by user and kind (the upstream's `server_tool_use` counts).
+    /// (Only answered requests count, so that a worker's made-up model
+    /// names make no series.)
+    pub fn api_request(&self, user: &str, model: &str, tokens: Tokens, server_tools: &BTreeMap<String, u64>) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         c.api_requests.add(&[user, model], 1);
+        for (kind, n) in server_tools {
+            c.api_server_tools.add(&[user, kind], *n);
+        }
         for (kind, n) in [
             ("input", tokens.input),
             ("output", tokens.output),
@@ -257,6 +264,13 @@ impl Metrics {
             "Tokens of those requests, by user, model and type (input, output, cache_creation, cache_read).",
             &["user", "model", "type"],
             &c.api_tokens,
+        );
+        family(
+            "warden_api_server_tool_requests_total",
+            "counter",
+            "The API's own tools those requests ran (web searches, fetches, ...), billed apart from tokens, by user and kind (the API's usage names: web_search_requests, ...).",
+            &["user", "kind"],
+            &c.api_server_tools,
         );
         let h = &c.spawn_seconds;
         header(
@@ -418,6 +432,7 @@ mod tests {
                 cache_creation: 0,
                 cache_read: 1,
             },
+            &BTreeMap::from([("web_search_requests".to_string(), 2)]),
         );
         let text = m.render(&Gauges::default());
         assert!(
@@ -434,6 +449,10 @@ mod tests {
             text.contains("warden_api_tokens_total{user=\"alice\",model=\"claude-x\\\"y\",type=\"input\"} 10\n"),
             "{text}"
         );
+        assert!(
+            text.contains("warden_api_server_tool_requests_total{user=\"alice\",kind=\"web_search_requests\"} 2\n"),
+            "{text}"
+        );
         assert!(!text.contains("w1"), "a worker id in a series: {text}");
     }
 
@@ -441,7 +460,7 @@ mod tests {
     fn a_family_holds_at_most_max_series_label_sets() {
         let m = Metrics::default();
         for i in 0..MAX_SERIES + 50 {
-            m.api_request(&format!("user{i}"), "m", Tokens::default());
+            m.api_request(&format!("user{i}"), "m", Tokens::default(), &BTreeMap::new());
         }
         let text = m.render(&Gauges::default());
         let series = text

@@ -722,7 +722,7 @@ impl Gateway {
         self.totals.lock().unwrap_or_else(|p| p.into_inner()).add(tokens);
         self.ledger.record(&self.user, &self.worker, tokens, SystemTime::now());
         if (200..300).contains(&m.status) {
-            crate::metrics::global().api_request(&self.user, &m.model, tokens);
+            crate::metrics::global().api_request(&self.user, &m.model, tokens, &m.usage.server_tool_use);
         }
         // Every request counts above; its event is limited per worker.
         let admitted = self
