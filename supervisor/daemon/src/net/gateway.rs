@@ -388,7 +388,7 @@ impl Gateway {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request_error",
-                    &format!("warden: the gateway reads a request's model, stream and tools from its JSON body and cannot read this one: {e}"),
+                    &format!("warden: the gateway reads what a request asks of the API (its model, tools, sources) from its JSON body and cannot read this one: {e}"),
                 );
             }
         };
