@@ -9,29 +9,42 @@
 //! the gateway: the API might read it otherwise than the gateway did.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use warden_policy::{RunsOn, ServerTool};
 
-/// The parts of a request the gateway decides on.
+/// The parts of a request the gateway decides on. Lists are read element
+/// by element into what matters of them, never collected: a body of a
+/// million empty tools or messages holds no more than one.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct Head<'a> {
     #[serde(borrow, default)]
     pub model: Option<Cow<'a, str>>,
     #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(borrow, default)]
-    tools: Option<Vec<ToolHead<'a>>>,
-    /// The MCP connector's servers, which the API itself connects to.
+    #[serde(default)]
+    tools: Option<Tools>,
+    /// The MCP connector's servers, which the API itself connects to
+    /// (elements of no size: nothing of them is held).
     #[serde(default)]
     mcp_servers: Option<Vec<IgnoredAny>>,
+    /// A message reads as a block whose `content` holds blocks.
     #[serde(default)]
-    messages: Option<Vec<MessageHead>>,
+    messages: Option<Blocks>,
     #[serde(default)]
     system: Option<Blocks>,
+}
+
+/// The tools a request lists, by who runs them: the API's own (each with
+/// the first type that asked for it), and the first type warden does not
+/// know.
+#[derive(Debug, Default)]
+struct Tools {
+    api: BTreeMap<ServerTool, String>,
+    unknown: Option<String>,
 }
 
 /// A tool a request lists: who runs it depends on its type.
@@ -41,10 +54,39 @@ struct ToolHead<'a> {
     kind: Option<Cow<'a, str>>,
 }
 
-#[derive(Debug, Deserialize)]
-struct MessageHead {
-    #[serde(default)]
-    content: Option<Blocks>,
+impl<'de> Deserialize<'de> for Tools {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_seq(ToolsVisitor)
+    }
+}
+
+struct ToolsVisitor;
+
+impl<'de> Visitor<'de> for ToolsVisitor {
+    type Value = Tools;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of tools")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tools, A::Error> {
+        let mut tools = Tools::default();
+        while let Some(tool) = seq.next_element::<ToolHead<'de>>()? {
+            let kind = tool.kind.as_deref();
+            match ServerTool::of_type(kind) {
+                RunsOn::Client => {}
+                RunsOn::Api(t) => {
+                    tools.api.entry(t).or_insert_with(|| kind.unwrap_or("").to_string());
+                }
+                RunsOn::Unknown => {
+                    if tools.unknown.is_none() {
+                        tools.unknown = Some(crate::events::clip(kind.unwrap_or(""), 256));
+                    }
+                }
+            }
+        }
+        Ok(tools)
+    }
 }
 
 /// A `content` (or `system`) value: text, one block or a list of blocks,
@@ -166,26 +208,24 @@ impl Head<'_> {
     /// `allowed` does not name, run a tool of a type warden does not know,
     /// or fetch a block's URL source (allowed with `web_fetch`).
     pub fn outside_the_sandbox(&self, allowed: &BTreeSet<ServerTool>, profile: &str) -> Option<String> {
-        let mut asked: Vec<(ServerTool, String)> = Vec::new();
-        for tool in self.tools.iter().flatten() {
-            let kind = tool.kind.as_deref();
-            match ServerTool::of_type(kind) {
-                RunsOn::Client => {}
-                RunsOn::Api(t) => asked.push((t, kind.unwrap_or("").to_string())),
-                RunsOn::Unknown => {
-                    return Some(format!(
-                        "the request lists a tool of type {:?}, which warden does not know: the API may run it \
-                         itself, outside the sandbox, so it is not forwarded",
-                        kind.unwrap_or("")
-                    ))
-                }
-            }
+        let tools = self.tools.as_ref();
+        if let Some(kind) = tools.and_then(|t| t.unknown.as_ref()) {
+            return Some(format!(
+                "the request lists a tool of type {kind:?}, which warden does not know: the API may run it \
+                 itself, outside the sandbox, so it is not forwarded"
+            ));
         }
+        let mut asked: Vec<(ServerTool, String)> = tools
+            .map(|t| t.api.iter().map(|(t, kind)| (*t, kind.clone())).collect())
+            .unwrap_or_default();
         if self.mcp_servers.as_ref().is_some_and(|m| !m.is_empty()) {
             asked.push((ServerTool::Mcp, "mcp_servers".into()));
         }
-        let contents = self.messages.iter().flatten().filter_map(|m| m.content.as_ref());
-        if let Some(url) = contents.chain(&self.system).find_map(|c| c.url.as_ref()) {
+        if let Some(url) = [&self.messages, &self.system]
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.url.as_ref())
+        {
             asked.push((ServerTool::WebFetch, format!("a block whose source is the URL {url:?}")));
         }
         let (tool, what) = asked.into_iter().find(|(t, _)| !allowed.contains(t))?;
@@ -205,6 +245,89 @@ impl Head<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// The system allocator, counting what each thread holds and the most
+    /// it held: a test reads its own thread's figures, whatever the tests
+    /// beside it allocate.
+    struct Counting;
+
+    thread_local! {
+        static HELD: Cell<usize> = const { Cell::new(0) };
+        static PEAK: Cell<usize> = const { Cell::new(0) };
+    }
+
+    #[allow(unsafe_code)] // a test allocator: GlobalAlloc is an unsafe trait
+                          // SAFETY: every call is passed on to the system allocator unchanged;
+                          // the counts are thread-local cells that allocate nothing.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let held = HELD.with(|h| {
+                h.set(h.get() + layout.size());
+                h.get()
+            });
+            PEAK.with(|p| p.set(p.get().max(held)));
+            // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            HELD.with(|h| h.set(h.get().saturating_sub(layout.size())));
+            // SAFETY: ptr came from System.alloc with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    /// The most this thread held above what it held when `f` began.
+    fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        let base = HELD.with(Cell::get);
+        PEAK.with(|p| p.set(base));
+        let out = f();
+        (out, PEAK.with(Cell::get) - base)
+    }
+
+    /// Reading a request holds nothing per element of its lists: 32 MB of
+    /// empty tools, messages, blocks, or MCP servers is read holding less
+    /// than 64 KiB beside the body.
+    #[test]
+    fn reading_a_request_holds_nothing_per_element() {
+        // The count sees what is held: a MiB of it.
+        let (held, peak) = peak_of(|| vec![1u8; 1 << 20]);
+        assert!(peak >= held.len(), "{peak}");
+        drop(held);
+        let many = |item: &str| vec![item; (32 << 20) / (item.len() + 1)].join(",");
+        for (what, body) in [
+            (
+                "tools",
+                format!(
+                    r#"{{"model":"m","tools":[{}]}}"#,
+                    many(r#"{"type":"web_search_20250305"}"#)
+                ),
+            ),
+            ("messages", format!(r#"{{"model":"m","messages":[{}]}}"#, many("{}"))),
+            (
+                "blocks",
+                format!(
+                    r#"{{"model":"m","messages":[{{"content":[{}]}}]}}"#,
+                    many(r#"{"source":{}}"#)
+                ),
+            ),
+            (
+                "mcp_servers",
+                format!(r#"{{"model":"m","mcp_servers":[{}]}}"#, many("{}")),
+            ),
+        ] {
+            let (head, peak) = peak_of(|| {
+                serde_json::from_str::<Head<'_>>(&body).map(|h| h.outside_the_sandbox(&BTreeSet::new(), "p"))
+            });
+            assert!(head.unwrap().is_some() || what != "tools", "{what}");
+            assert!(peak < 64 << 10, "reading 32 MB of {what} held {peak} bytes");
+        }
+    }
 
     fn read(body: &str) -> Result<Option<String>, String> {
         let head: Head<'_> = serde_json::from_str(body).map_err(|e| e.to_string())?;
