@@ -702,6 +702,78 @@ fn http2_target() -> Target {
     }
 }
 
+/// Whether the API would fetch a URL somewhere in `v` (messages or a
+/// system prompt), found by walking the whole tree: the oracle the
+/// gateway's element-by-element reading is checked against.
+fn fetches_a_url(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Array(items) => items.iter().any(fetches_a_url),
+        serde_json::Value::Object(o) => {
+            let source = o.get("source").and_then(serde_json::Value::as_object);
+            source.is_some_and(|s| s.get("type") == Some(&serde_json::json!("url")))
+                || source.and_then(|s| s.get("content")).is_some_and(fetches_a_url)
+                || o.get("content").is_some_and(fetches_a_url)
+        }
+        _ => false,
+    }
+}
+
+fn gateway_target() -> Target {
+    let body = |more: &str| format!(r#"{{"model":"m","max_tokens":1,{more}}}"#).into_bytes();
+    let seeds = vec![
+        body(r#""messages":[{"role":"user","content":"hi"}],"tools":[{"name":"Bash","input_schema":{}}]"#),
+        body(r#""messages":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]"#),
+        body(r#""messages":[],"mcp_servers":[{"type":"url","url":"https://x/","name":"x"}]"#),
+        body(
+            r#""system":[{"type":"text","text":"s"}],"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"image","source":{"type":"url","url":"https://x/"}}]}]}]"#,
+        ),
+        body(
+            r#""messages":[{"role":"user","content":[{"type":"document","source":{"type":"content","content":[{"type":"text","text":"x"}]}},{"type":"search_result","source":"https://x/","content":[]}]}]"#,
+        ),
+    ];
+    Target {
+        name: "gateway",
+        seeds,
+        tokens: vec![
+            b"\"type\":\"url\"",
+            b"\"source\":{",
+            b"\"content\":[",
+            b"\"tools\":[{\"type\":\"",
+            b"_20250305\"",
+            b"\"mcp_servers\":[{}]",
+            b"\\u0074",
+            b"[[[[[[[[",
+        ],
+        run: Box::new(|input| {
+            let none = std::collections::BTreeSet::new();
+            let verdict = warden_daemon::net::api_request::verdict(input, &none, "fuzz");
+            // What it forwards asks the API for nothing outside the sandbox,
+            // as a walk of the whole tree finds it.
+            if let (Ok(None), Ok(tree)) = (&verdict, serde_json::from_slice::<serde_json::Value>(input)) {
+                for tool in tree["tools"].as_array().into_iter().flatten() {
+                    let kind = tool.get("type").and_then(serde_json::Value::as_str);
+                    assert_eq!(
+                        warden_policy::ServerTool::of_type(kind),
+                        warden_policy::RunsOn::Client,
+                        "a forwarded tool the client does not run: {kind:?}"
+                    );
+                }
+                let servers = tree["mcp_servers"].as_array().map_or(0, Vec::len);
+                assert_eq!(servers, 0, "forwarded MCP servers");
+                assert!(
+                    !fetches_a_url(&tree["messages"]) && !fetches_a_url(&tree["system"]),
+                    "a forwarded URL source"
+                );
+            }
+            match verdict {
+                Ok(None) => summary("forwarded"),
+                Ok(Some(why)) => summary(("refused", kind_of(&why))),
+                Err(e) => summary(("unreadable", kind_of(&e))),
+            }
+        }),
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut seconds = 10u64;
@@ -716,7 +788,7 @@ fn main() {
             "--crashes" => crashes = args.next().map(PathBuf::from).unwrap_or(crashes),
             _ => {
                 eprintln!(
-                    "usage: warden-fuzz [--seconds N] [--target profile|config|grpc|stream-json|proxy|http2]... [--seed N] [--crashes DIR]"
+                    "usage: warden-fuzz [--seconds N] [--target profile|config|grpc|stream-json|proxy|http2|gateway]... [--seed N] [--crashes DIR]"
                 );
                 std::process::exit(64);
             }
@@ -732,6 +804,7 @@ fn main() {
         stream_json_target(),
         proxy_target(),
         http2_target(),
+        gateway_target(),
     ];
     let mut rng = Rng(seed | 1);
     let mut failed = false;

@@ -202,6 +202,15 @@ impl<'de> Visitor<'de> for SourceVisitor {
     }
 }
 
+/// What the gateway decides of a request body by what it asks of the API
+/// outside the sandbox: `Err` for a body it cannot read (the reason),
+/// `Ok(Some(why))` for one it refuses, `Ok(None)` for one it forwards
+/// (as far as this goes: models and budgets are decided apart).
+pub fn verdict(body: &[u8], allowed: &BTreeSet<ServerTool>, profile: &str) -> Result<Option<String>, String> {
+    let head: Head<'_> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    Ok(head.outside_the_sandbox(allowed, profile))
+}
+
 impl Head<'_> {
     /// Why the request may not go upstream because of what it would have
     /// the API do outside the sandbox, if it may not: run a server tool

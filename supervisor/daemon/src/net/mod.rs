@@ -14,7 +14,7 @@
 //! worker count as another's, or let one worker hold more than its share
 //! of connections.
 
-mod api_request;
+pub mod api_request;
 pub mod gateway;
 pub mod proxy;
 pub mod resolve;
