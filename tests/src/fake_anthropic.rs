@@ -167,18 +167,13 @@ fn seen(path: &str, headers: &HeaderMap, body: &Value) -> Seen {
         x_api_key: h("x-api-key"),
         authorization: h("authorization"),
         anthropic_beta: h("anthropic-beta"),
-        tool_types: seen_tools(body),
+        tool_types: body["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| t["type"].as_str().unwrap_or("").to_string())
+            .collect(),
     }
-}
-
-/// The `type` of each tool a request lists (`""` for none).
-fn seen_tools(body: &Value) -> Vec<String> {
-    body["tools"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| t["type"].as_str().unwrap_or("").to_string())
-        .collect()
 }
 
 async fn messages(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
@@ -187,14 +182,15 @@ async fn messages(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, Js
         .and_then(Value::as_str)
         .unwrap_or("claude-fake")
         .to_string();
-    let (blocks, stop) = {
-        let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.seen.push(seen("/v1/messages", &headers, &body));
-        answer(&mut inner, &body)
-    };
+    let request = seen("/v1/messages", &headers, &body);
     // A request that lists the API's web search is answered as if it ran
     // one search.
-    let searched = seen_tools(&body).iter().any(|t| t.starts_with("web_search_"));
+    let searched = request.tool_types.iter().any(|t| t.starts_with("web_search_"));
+    let (blocks, stop) = {
+        let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.seen.push(request);
+        answer(&mut inner, &body)
+    };
     let searches = json!({"web_search_requests": 1});
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         let mut last = json!({"output_tokens": USAGE.1});

@@ -443,9 +443,9 @@ fn claude_codes_web_search_runs_only_where_the_profile_allows_it() {
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let r = results(&api);
     assert_eq!(r.len(), 1, "{r:#?}");
-    let why = "warden: the request asks the API to run its own tool web_search (web_search_20250305) outside \
-               the sandbox, which profile cc-test does not allow (its [claude] server_tools: tool_search)";
-    assert!(r[0].1 && r[0].0.contains(why), "{r:#?}");
+    let why = "the request asks the API to run its own tool web_search (web_search_20250305) outside the \
+               sandbox, which profile cc-test does not allow (its [claude] server_tools: tool_search)";
+    assert!(r[0].1 && r[0].0.contains(&format!("warden: {why}")), "{r:#?}");
     let seen = api.seen();
     assert!(
         seen.iter().all(|s| s.tool_types.iter().all(|t| t.is_empty())),
@@ -456,10 +456,7 @@ fn claude_codes_web_search_runs_only_where_the_profile_allows_it() {
         .filter(|e| e["reason"] == "server-tool")
         .collect();
     assert!(
-        !refused.is_empty()
-            && refused
-                .iter()
-                .all(|e| e["message"] == format!("/v1/messages: {}", &why[8..])),
+        !refused.is_empty() && refused.iter().all(|e| e["message"] == format!("/v1/messages: {why}")),
         "{refused:#?}"
     );
 

@@ -1006,8 +1006,9 @@ impl UsageReader {
         set("cache_read_input_tokens", &mut self.tokens.cache_read);
         for (kind, n) in u["server_tool_use"].as_object().into_iter().flatten() {
             let Some(n) = n.as_u64() else { continue };
-            if self.server_tool_use.len() < MAX_SERVER_TOOL_COUNTS || self.server_tool_use.contains_key(kind) {
-                self.server_tool_use.insert(clip(kind, 64), n);
+            let kind = clip(kind, 64);
+            if self.server_tool_use.len() < MAX_SERVER_TOOL_COUNTS || self.server_tool_use.contains_key(&kind) {
+                self.server_tool_use.insert(kind, n);
             }
         }
     }
@@ -1444,9 +1445,8 @@ mod upstream_tests {
     /// tool type warden does not know, or a block whose source is a URL
     /// (the API fetches it: `web_fetch`), never reaches the upstream (400,
     /// a `network_denial` `server-tool`); the client's own tools pass. A
-    /// body the gateway cannot read as the
-    /// API would (not a JSON object, a field twice) is refused (`body`)
-    /// rather than guessed at.
+    /// body the gateway cannot read as the API would (not a JSON object, a
+    /// field twice) is refused (`body`) rather than guessed at.
     #[tokio::test]
     async fn the_apis_own_tools_run_only_where_the_profile_allows_them() {
         let ok =
